@@ -1,0 +1,37 @@
+# Set-up, tests and the demo. Every target creates or reuses .venv with the pinned CPU stack.
+# GPU users: see README "Installing on a CUDA machine" (CUDA=1 is not automated here on purpose).
+PYTHON ?= python3.11
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+PIP    := $(VENV)/bin/pip
+STAMP  := $(VENV)/.mkt-installed
+
+# torch first, pinned: an unpinned torch pulls the CUDA build. The local `fbgemm-gpu` alias is installed in
+# the same command so torchrec's `fbgemm-gpu` requirement resolves to fbgemm-gpu-cpu (see README).
+CPU_STACK := torch==2.13.0 fbgemm-gpu-cpu==1.8.0 ./third_party/fbgemm_gpu_cpu_alias torchrec==1.8.0 torchx==0.7.0
+
+.PHONY: install test demo bench clean
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml third_party/fbgemm_gpu_cpu_alias/pyproject.toml Makefile
+	test -x $(PY) || $(PYTHON) -m venv $(VENV) || python3 -m venv $(VENV)
+	$(PIP) install --quiet --disable-pip-version-check $(CPU_STACK) pyarrow pandas numpy pyyaml tqdm \
+		scikit-learn matplotlib pytest
+	$(PIP) install --quiet --disable-pip-version-check --no-build-isolation --no-deps -e .
+	$(PIP) check
+	@if $(PIP) list 2>/dev/null | grep -qiE '^nvidia-|^triton '; then \
+		echo "error: a CUDA package was installed into $(VENV); see README 'Installing'" >&2; exit 1; fi
+	touch $(STAMP)
+
+test: install
+	$(PY) -m pytest -q tests
+
+demo: install
+	$(VENV)/bin/mkt run --config configs/quickstart.yaml --out out/quickstart
+
+bench: install
+	$(PY) tools/bench_data.py
+
+clean:
+	rm -rf $(VENV) out build *.egg-info

@@ -1,0 +1,429 @@
+"""Typed configuration: YAML is read here, once, and validated into dataclasses.
+
+A config file has one section per component (``schema``, ``data``, ``synth``, ``tenrec``, ``model``,
+``train``, ``eval``). Every section is a dataclass below; unknown keys, wrong types and values out of range
+fail at load time with a :class:`ConfigError` that names the dotted key, e.g.
+``schema.tables.item_id.rows: expected a positive int, got -3``.
+
+Overrides use the same dotted keys: ``--set data.batch_size=256`` (the value is parsed as YAML, so
+``--set model.cke.experts=[64,32]`` gives a list).
+
+Example:
+    >>> cfg = load_config("configs/quickstart.yaml", ["data.batch_size=128"])
+    >>> cfg.data.batch_size
+    128
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import types
+import typing
+from dataclasses import dataclass, field
+from typing import Any, Literal, Mapping, Optional, Sequence
+
+import yaml
+
+ENTITIES: tuple[str, str] = ("source", "target")
+GROUPS: tuple[str, ...] = ("user", "shared", "specific")
+
+
+class ConfigError(ValueError):
+    """A config file or override is invalid; the message names the dotted key."""
+
+
+# --------------------------------------------------------------------------------------------------------
+# Schema: tables, features, behaviour sequences
+# --------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class TableConfig:
+    """One embedding table.
+
+    Args:
+        rows: number of rows (hash buckets for hashed ids).
+        dim: embedding dimension D.
+        id_mapping: how a raw int64 id becomes a row: ``hash`` (splitmix64 of id and table name, modulo
+            rows: any int64 id is valid) or ``modulo`` (id % rows; ids must be >= 0).
+    """
+
+    rows: int
+    dim: int = 8
+    id_mapping: Literal["hash", "modulo"] = "hash"
+
+    def _validate(self, key: str) -> None:
+        _check(self.rows >= 1, f"{key}.rows", f"expected a positive int, got {self.rows}")
+        _check(self.dim >= 1, f"{key}.dim", f"expected a positive int, got {self.dim}")
+
+
+@dataclass
+class FeatureConfig:
+    """One single-valued categorical feature (a nullable int64 column of the same name).
+
+    Args:
+        group: ``user`` (profile), ``shared`` (present for both entities) or ``specific`` (one entity only).
+        table: embedding table name; defaults to the feature's own name. Several features may share one.
+        entity: for ``specific`` features, which entity has it (``source`` or ``target``).
+    """
+
+    group: Literal["user", "shared", "specific"]
+    table: Optional[str] = None
+    entity: Optional[Literal["source", "target"]] = None
+
+
+@dataclass
+class SequenceConfig:
+    """One behaviour sequence: the items a user engaged with before the impression (oldest first).
+
+    Stored as a non-null ``list<int64>`` column of the same name. It is embedded with the table of the
+    entity-shared feature it mirrors (``shared_feature``), so the candidate's value of that feature is the
+    attention query and both entities share the sequence encoder (paper 3.2.1).
+
+    Args:
+        entity: whose behaviour it records: ``source`` or ``target`` items.
+        shared_feature: the entity-shared feature whose table (and id space) the elements use.
+        max_len: the most recent ``max_len`` elements are kept.
+    """
+
+    entity: Literal["source", "target"]
+    shared_feature: str
+    max_len: int = 50
+
+
+@dataclass
+class DenseConfig:
+    """One dense float feature (a nullable float32 column of the same name; null reads as 0).
+
+    Args:
+        group: feature group as for :class:`FeatureConfig`.
+        entity: for ``specific`` features, which entity has it.
+    """
+
+    group: Literal["user", "shared", "specific"]
+    entity: Optional[Literal["source", "target"]] = None
+
+
+@dataclass
+class EntityNames:
+    """Display names of the two entities (the data always says ``source`` / ``target``)."""
+
+    source: str = "product"
+    target: str = "post"
+
+
+@dataclass
+class SchemaConfig:
+    """MKT's four feature groups and the tables behind them."""
+
+    tables: dict[str, TableConfig]
+    features: dict[str, FeatureConfig]
+    sequences: dict[str, SequenceConfig] = field(default_factory=dict)
+    dense: dict[str, DenseConfig] = field(default_factory=dict)
+    entities: EntityNames = field(default_factory=EntityNames)
+    user_id_feature: str = "user_id"
+
+    def _validate(self, key: str) -> None:
+        _check(len(self.features) > 0, f"{key}.features", "at least one feature is required")
+        used_tables: set[str] = set()
+        for name, f in self.features.items():
+            k = f"{key}.features.{name}"
+            if f.table is None:
+                f.table = name
+            _check(f.table in self.tables, f"{k}.table", f"unknown table {f.table!r}; tables: {sorted(self.tables)}")
+            used_tables.add(f.table)
+            if f.group == "specific":
+                _check(f.entity is not None, f"{k}.entity", "a specific feature needs entity: source|target")
+            else:
+                _check(f.entity is None, f"{k}.entity", f"only specific features have an entity (group {f.group!r})")
+        for name, s in self.sequences.items():
+            k = f"{key}.sequences.{name}"
+            _check(name not in self.features, k, "a sequence cannot have the same name as a feature")
+            sf = self.features.get(s.shared_feature)
+            _check(sf is not None, f"{k}.shared_feature", f"unknown feature {s.shared_feature!r}")
+            _check(sf.group == "shared", f"{k}.shared_feature", f"{s.shared_feature!r} is not an entity-shared feature")
+            _check(s.max_len >= 1, f"{k}.max_len", f"expected a positive int, got {s.max_len}")
+        for name, d in self.dense.items():
+            k = f"{key}.dense.{name}"
+            _check(name not in self.features and name not in self.sequences, k, "name already used")
+            if d.group == "specific":
+                _check(d.entity is not None, f"{k}.entity", "a specific feature needs entity: source|target")
+        unused = sorted(set(self.tables) - used_tables)
+        _check(not unused, f"{key}.tables", f"tables used by no feature: {unused}")
+        uf = self.features.get(self.user_id_feature)
+        _check(uf is not None and uf.group == "user", f"{key}.user_id_feature",
+               f"{self.user_id_feature!r} must name a user-group feature")
+
+    # Derived views used by the reader and the model -------------------------------------------------
+    def features_of(self, group: str, entity: Optional[str] = None) -> list[str]:
+        """Sparse feature names of a group (for ``specific``, of one entity), in config order."""
+        return [n for n, f in self.features.items() if f.group == group and (entity is None or f.entity == entity)]
+
+    def dense_of(self, group: str, entity: Optional[str] = None) -> list[str]:
+        return [n for n, d in self.dense.items() if d.group == group and (entity is None or d.entity == entity)]
+
+    @property
+    def sparse_keys(self) -> list[str]:
+        """Keys of the KeyedJaggedTensor, in order: features, then sequences."""
+        return list(self.features) + list(self.sequences)
+
+    def table_of(self, key: str) -> str:
+        """Table behind a sparse key (feature or sequence)."""
+        if key in self.features:
+            return self.features[key].table  # type: ignore[return-value]
+        return self.features[self.sequences[key].shared_feature].table  # type: ignore[return-value]
+
+
+# --------------------------------------------------------------------------------------------------------
+# Data, synthetic data, Tenrec conversion
+# --------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class DataConfig:
+    """How the reader batches and shuffles.
+
+    Args:
+        batch_size: rows per batch on each rank.
+        shuffle: shuffle row groups and rows (seeded) in training; evaluation never shuffles.
+        shuffle_row_groups: rows are shuffled within windows of this many row groups.
+        num_workers: DataLoader worker processes per rank (0: read in the training process).
+        seed: base seed of all shuffles.
+    """
+
+    batch_size: int = 512
+    shuffle: bool = True
+    shuffle_row_groups: int = 4
+    num_workers: int = 0
+    seed: int = 0
+
+    def _validate(self, key: str) -> None:
+        _check(self.batch_size >= 1, f"{key}.batch_size", f"expected a positive int, got {self.batch_size}")
+        _check(self.shuffle_row_groups >= 1, f"{key}.shuffle_row_groups", "expected a positive int")
+        _check(self.num_workers >= 0, f"{key}.num_workers", "expected an int >= 0")
+
+
+@dataclass
+class SynthConfig:
+    """Synthetic data with planted cross-entity structure (see ``mkt_torchrec.data.synth``).
+
+    Args:
+        users: number of users.
+        source_rows: total source-entity impressions; target rows are ``target_ratio`` of that.
+        target_ratio: target rows per source row (the paper's industrial data: 1/3).
+        source_items / target_items: catalogue sizes; ``categories``: categories shared by both entities.
+        latent_dim: dimension of the planted user / item interest vectors.
+        test_fraction: the last fraction of each user's impressions (time order) goes to the test split.
+        rows_per_file / row_group_rows: Parquet layout.
+        noise_features: entity-specific features that carry no signal, per entity.
+    """
+
+    users: int = 20000
+    source_rows: int = 300000
+    target_ratio: float = 0.33
+    source_items: int = 20000
+    target_items: int = 5000
+    categories: int = 64
+    latent_dim: int = 8
+    test_fraction: float = 0.2
+    rows_per_file: int = 200000
+    row_group_rows: int = 20000
+    seed: int = 0
+
+    def _validate(self, key: str) -> None:
+        for name in ("users", "source_rows", "source_items", "target_items", "categories", "latent_dim",
+                     "rows_per_file", "row_group_rows"):
+            v = getattr(self, name)
+            _check(v >= 1, f"{key}.{name}", f"expected a positive int, got {v}")
+        _check(0 < self.target_ratio <= 10, f"{key}.target_ratio", "expected a number in (0, 10]")
+        _check(0 <= self.test_fraction < 1, f"{key}.test_fraction", "expected a number in [0, 1)")
+
+
+@dataclass
+class TenrecConfig:
+    """Converting Tenrec's QK-video (source) and QK-article (target) CSVs.
+
+    Args:
+        split: ``per_user`` (each user's last ``test_fraction`` of rows in time order is test) or
+            ``global`` (the paper: the last ``test_fraction`` of each file).
+        test_fraction: share of rows in the test split.
+        chunk_rows: CSV rows read per streaming chunk.
+        rows_per_file / row_group_rows: Parquet layout.
+    """
+
+    split: Literal["per_user", "global"] = "per_user"
+    test_fraction: float = 0.2
+    chunk_rows: int = 1_000_000
+    rows_per_file: int = 2_000_000
+    row_group_rows: int = 100_000
+
+    def _validate(self, key: str) -> None:
+        _check(0 <= self.test_fraction < 1, f"{key}.test_fraction", "expected a number in [0, 1)")
+        _check(self.chunk_rows >= 1, f"{key}.chunk_rows", "expected a positive int")
+
+
+# --------------------------------------------------------------------------------------------------------
+# The whole file
+# --------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Config:
+    """A whole config file. Sections other than ``schema`` have defaults."""
+
+    schema: SchemaConfig
+    data: DataConfig = field(default_factory=DataConfig)
+    synth: SynthConfig = field(default_factory=SynthConfig)
+    tenrec: TenrecConfig = field(default_factory=TenrecConfig)
+    # Later components (model, train, eval) keep their raw sections here until their dataclasses land.
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def schema_digest(self) -> str:
+        """A short hash of the schema: datasets record it, readers compare it."""
+        blob = json.dumps(dataclasses.asdict(self.schema), sort_keys=True).encode()
+        return hashlib.sha256(blob).hexdigest()[:16]
+
+
+_SECTIONS_LATER = ("model", "train", "eval", "plan")
+
+
+def load_config(path: str | os.PathLike, overrides: Sequence[str] = ()) -> Config:
+    """Read a YAML config, apply ``dotted.key=value`` overrides, validate.
+
+    Raises:
+        ConfigError: naming the file and the dotted key that is wrong.
+    """
+    path = os.fspath(path)
+    try:
+        with open(path, encoding="utf-8") as f:
+            raw = yaml.safe_load(f)
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: config file not found") from None
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not valid YAML: {e}") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping of sections, got {type(raw).__name__}")
+    try:
+        apply_overrides(raw, overrides)
+        return config_from_dict(raw)
+    except ConfigError as e:
+        raise ConfigError(f"{path}: {e}") from None
+
+
+def apply_overrides(raw: dict[str, Any], overrides: Sequence[str]) -> None:
+    """Apply ``a.b.c=value`` strings to a raw config dict in place (value parsed as YAML)."""
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r}: expected dotted.key=value")
+        key, _, text = item.partition("=")
+        parts = key.strip().split(".")
+        if not all(parts):
+            raise ConfigError(f"override {item!r}: empty key segment")
+        try:
+            value = yaml.safe_load(text)
+        except yaml.YAMLError as e:
+            raise ConfigError(f"override {key}: value is not valid YAML: {e}") from None
+        node: Any = raw
+        for i, p in enumerate(parts[:-1]):
+            nxt = node.get(p) if isinstance(node, dict) else None
+            if nxt is None:
+                nxt = {}
+                node[p] = nxt
+            if not isinstance(nxt, dict):
+                raise ConfigError(f"override {key}: {'.'.join(parts[: i + 1])} is not a section")
+            node = nxt
+        node[parts[-1]] = value
+
+
+def config_from_dict(raw: Mapping[str, Any]) -> Config:
+    extra = {k: raw[k] for k in _SECTIONS_LATER if k in raw}
+    rest = {k: v for k, v in raw.items() if k not in _SECTIONS_LATER}
+    if "schema" not in rest:
+        raise ConfigError("schema: missing required section")
+    cfg = _build(Config, {**rest, "extra": extra}, "")
+    _validate_tree(cfg, "")
+    return cfg
+
+
+# --------------------------------------------------------------------------------------------------------
+# A small typed builder: dict -> dataclass, with errors that name the dotted key.
+# --------------------------------------------------------------------------------------------------------
+
+
+def _check(ok: bool, key: str, message: str) -> None:
+    if not ok:
+        raise ConfigError(f"{key}: {message}")
+
+
+def _join(prefix: str, name: str) -> str:
+    return f"{prefix}.{name}" if prefix else name
+
+
+def _build(tp: Any, value: Any, key: str) -> Any:
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if tp is Any:
+        return value
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        non_none = [a for a in args if a is not type(None)]
+        return _build(non_none[0], value, key)
+    if origin is Literal:
+        _check(value in args, key, f"expected one of {list(args)}, got {value!r}")
+        return value
+    if dataclasses.is_dataclass(tp):
+        if value is None:
+            value = {}
+        _check(isinstance(value, Mapping), key or "config", f"expected a mapping, got {type(value).__name__}")
+        hints = typing.get_type_hints(tp)
+        fields = {f.name: f for f in dataclasses.fields(tp)}
+        unknown = sorted(set(value) - set(fields))
+        _check(not unknown, _join(key, str(unknown[0])) if unknown else key,
+               f"unknown key; expected one of {sorted(fields)}")
+        kwargs = {}
+        for name, f in fields.items():
+            if name in value:
+                kwargs[name] = _build(hints[name], value[name], _join(key, name))
+            elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:  # type: ignore[misc]
+                raise ConfigError(f"{_join(key, name)}: missing required key")
+        return tp(**kwargs)
+    if origin is dict:
+        _check(isinstance(value, Mapping), key, f"expected a mapping, got {type(value).__name__}")
+        return {str(k): _build(args[1], v, _join(key, str(k))) for k, v in value.items()}
+    if origin is list:
+        _check(isinstance(value, list), key, f"expected a list, got {type(value).__name__}")
+        return [_build(args[0], v, f"{key}[{i}]") for i, v in enumerate(value)]
+    if tp is bool:
+        _check(isinstance(value, bool), key, f"expected true/false, got {value!r}")
+        return value
+    if tp is int:
+        _check(isinstance(value, int) and not isinstance(value, bool), key, f"expected an int, got {value!r}")
+        return value
+    if tp is float:
+        _check(isinstance(value, (int, float)) and not isinstance(value, bool), key,
+               f"expected a number, got {value!r}")
+        return float(value)
+    if tp is str:
+        _check(isinstance(value, str), key, f"expected a string, got {value!r}")
+        return value
+    raise TypeError(f"config type {tp!r} at {key} is not supported")  # a bug in this file, not user input
+
+
+def _validate_tree(obj: Any, key: str) -> None:
+    """Call ``_validate(key)`` on every dataclass in the tree that defines it."""
+    if dataclasses.is_dataclass(obj):
+        if hasattr(obj, "_validate"):
+            obj._validate(key)
+        for f in dataclasses.fields(obj):
+            _validate_tree(getattr(obj, f.name), _join(key, f.name))
+    elif isinstance(obj, dict):
+        for k, v in obj.items():
+            if dataclasses.is_dataclass(v):
+                _validate_tree(v, _join(key, str(k)))

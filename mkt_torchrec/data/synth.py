@@ -1,0 +1,231 @@
+"""Synthetic marketplace impressions with planted cross-entity structure.
+
+The generator plants what the MKT paper claims, so the claims can be tested:
+
+* **Shared user interests.** Each user has a latent interest vector z_u (``latent_dim``). Items of both
+  entities live in one space of ``categories`` category centres; an item's vector is its category centre
+  plus noise. The click logit of user u on item i is ``a * <z_u, w_i> / sqrt(k)`` plus biases, for both
+  entities, so what is learned about a user from products transfers to posts.
+* **A sparse target entity.** Target rows are ``target_ratio`` of source rows, and are spread more
+  unevenly over users (activity**1.5), so many users have few or no post impressions.
+* **Behaviour sequences** reveal z_u: each user's past source / target engagements are drawn from
+  categories by affinity softmax(<z_u, mu_c>). Sequences are the user's behaviour before the logging
+  window (they do not depend on the logged labels, so there is no leakage).
+* **Heterogeneous specific features.** Products: ``price_bucket`` (+``log_price`` dense) matter through a
+  per-user price preference; ``condition`` is noise. Posts: ``style`` matters through a per-user style
+  preference; ``post_length`` is noise. Different entity biases give different base rates.
+* **Known optimum.** Each row stores ``true_prob``; the AUC / GAUC of ``true_prob`` is the best any
+  model can reach on the data.
+
+Generation streams user chunks (about ``row_group_rows * 10`` rows each) to a :class:`DatasetWriter`, so any
+size fits in bounded memory. Feature names are those of ``configs/quickstart.yaml``; a schema without one
+of them is rejected with the missing name.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict
+from typing import Callable, Optional
+
+import numpy as np
+import pyarrow as pa
+
+from mkt_torchrec.config import Config
+from mkt_torchrec.data.dataset import DatasetWriter, Manifest
+from mkt_torchrec.data.jagged import gather_jagged
+
+REQUIRED = {
+    "features": ["user_id", "age", "gender", "item_id", "category", "price_bucket", "condition", "style",
+                 "post_length"],
+    "sequences": ["hist_source_items", "hist_target_items"],
+    "dense": ["log_price"],
+}
+TARGET_ID_OFFSET = 1 << 40  # post ids live in their own range of the shared item-id space
+ENTITY_BIAS = {0: -3.4, 1: -3.9}
+AFFINITY_SCALE = 2.0
+
+
+def _check_schema(cfg: Config) -> None:
+    s = cfg.schema
+    for kind, names in REQUIRED.items():
+        have = getattr(s, kind)
+        missing = [n for n in names if n not in have]
+        if missing:
+            raise ValueError(f"mkt synth: schema.{kind} lacks {missing}; the synthetic generator writes the "
+                             "features of configs/quickstart.yaml (copy its schema section)")
+
+
+class _World:
+    """The catalogue: categories and items of both entities (small, held in memory)."""
+
+    def __init__(self, cfg: Config) -> None:
+        sc = cfg.synth
+        rng = np.random.default_rng([sc.seed, 1])
+        k = sc.latent_dim
+        self.k = k
+        self.mu = rng.normal(size=(sc.categories, k))  # (C, k) category centres
+        cat_pop = 1.0 / np.arange(1, sc.categories + 1) ** 0.7
+        self.cat_pop = cat_pop / cat_pop.sum()
+        self.items = {}
+        for code, n in ((0, sc.source_items), (1, sc.target_items)):
+            cat = rng.choice(sc.categories, size=n, p=self.cat_pop)
+            w = self.mu[cat] + 0.6 * rng.normal(size=(n, k))  # (I, k)
+            bias = 0.3 * rng.normal(size=n)
+            order = np.argsort(cat, kind="stable")  # items grouped by category for sampling
+            cat, w, bias = cat[order], w[order], bias[order]
+            starts = np.searchsorted(cat, np.arange(sc.categories + 1))
+            item = {"cat": cat, "w": w, "bias": bias, "starts": starts}
+            if code == 0:
+                item["price_bucket"] = np.clip((rng.gamma(2.0, 2.5, size=n)).astype(np.int64), 0, 15)
+                item["log_price"] = (item["price_bucket"] + rng.uniform(size=n)) / 4.0 - 2.0
+                item["condition"] = rng.integers(0, 4, size=n)
+            else:
+                item["style"] = rng.integers(0, 8, size=n)
+                item["post_length"] = rng.integers(0, 8, size=n)
+            self.items[code] = item
+
+    def sample_items(self, rng: np.random.Generator, code: int, z: np.ndarray, temperature: float) -> np.ndarray:
+        """For each row of z (N, k): a category by affinity softmax, then a random item of it."""
+        logits = AFFINITY_SCALE * (z @ self.mu.T) / math.sqrt(self.k) / temperature + np.log(self.cat_pop)
+        gumbel = -np.log(-np.log(rng.uniform(size=logits.shape) + 1e-12) + 1e-12)
+        cats = np.argmax(logits + gumbel, axis=1)
+        starts = self.items[code]["starts"]
+        lo, hi = starts[cats], starts[cats + 1]
+        empty = hi == lo  # a category with no item of this entity: fall back to any item
+        n_items = len(self.items[code]["cat"])
+        lo = np.where(empty, 0, lo)
+        hi = np.where(empty, n_items, hi)
+        return lo + (rng.uniform(size=len(cats)) * (hi - lo)).astype(np.int64)
+
+
+def _item_ids(code: int, idx: np.ndarray) -> np.ndarray:
+    return idx.astype(np.int64) + (TARGET_ID_OFFSET if code == 1 else 0)
+
+
+def _jagged_list(lengths: np.ndarray, values: np.ndarray) -> pa.Array:
+    offsets = np.zeros(len(lengths) + 1, dtype=np.int32)
+    np.cumsum(lengths, out=offsets[1:])
+    return pa.ListArray.from_arrays(pa.array(offsets, pa.int32()), pa.array(values, pa.int64()))
+
+
+def _chunk_rows(world: _World, cfg: Config, chunk: int, user_lo: int, user_hi: int) -> tuple[pa.Table, np.ndarray]:
+    """Rows of users [user_lo, user_hi): returns (table, is_test)."""
+    sc = cfg.synth
+    rng = np.random.default_rng([sc.seed, 2, chunk])
+    n_users = user_hi - user_lo
+    k = world.k
+    z = rng.normal(size=(n_users, k))  # (U, k) latent interests
+    age = rng.integers(0, 7, size=n_users)
+    gender = rng.integers(0, 2, size=n_users)
+    price_pref = np.clip(age * 2 + rng.integers(-2, 3, size=n_users), 0, 15)  # informative, tied to age
+    style_pref = rng.integers(0, 8, size=n_users)
+    user_bias = 0.3 * rng.normal(size=n_users)
+    activity = rng.lognormal(mean=0.0, sigma=0.8, size=n_users)
+    mean_act = math.exp(0.8 ** 2 / 2)
+
+    # impressions per user and entity
+    src_rate = sc.source_rows / sc.users * activity / mean_act
+    tgt_w = activity ** 1.5
+    tgt_rate = sc.source_rows * sc.target_ratio / sc.users * tgt_w / math.exp(1.5 ** 2 * 0.8 ** 2 / 2)
+    counts = {0: rng.poisson(src_rate), 1: rng.poisson(tgt_rate)}
+
+    # behaviour sequences (before the logging window)
+    hist_len = {0: np.minimum(rng.poisson(12 * activity), 200), 1: np.minimum(rng.poisson(3 * activity), 200)}
+    hist = {}
+    for code in (0, 1):
+        owner = np.repeat(np.arange(n_users), hist_len[code])
+        items = world.sample_items(rng, code, z[owner], temperature=0.7)
+        hist[code] = (hist_len[code], _item_ids(code, items))
+    hist_offsets = {c: np.concatenate([[0], np.cumsum(hist[c][0])]) for c in (0, 1)}
+
+    tables = []
+    for code in (0, 1):
+        cnt = counts[code]
+        u = np.repeat(np.arange(n_users), cnt)  # (N,) local user index of each row
+        n = len(u)
+        if n == 0:
+            continue
+        it = world.items[code]
+        # half the candidates by affinity (what a recommender would show), half by popularity
+        by_aff = world.sample_items(rng, code, z[u], temperature=1.5)
+        by_pop = world.sample_items(rng, code, np.zeros((n, k)), temperature=1.0)
+        idx = np.where(rng.uniform(size=n) < 0.5, by_aff, by_pop)
+        logit = (AFFINITY_SCALE * np.einsum("nk,nk->n", z[u], it["w"][idx]) / math.sqrt(k)
+                 + it["bias"][idx] + user_bias[u] + ENTITY_BIAS[code])
+        if code == 0:
+            logit = logit - 0.25 * np.abs(it["price_bucket"][idx] - price_pref[u])
+        else:
+            logit = logit + np.where(it["style"][idx] == style_pref[u], 1.2, -0.2)
+        p = 1.0 / (1.0 + np.exp(-logit))
+        label = (rng.uniform(size=n) < p).astype(np.int8)
+        null = pa.nulls(n, pa.int64())
+        seqs = {}
+        for hc, name in ((0, "hist_source_items"), (1, "hist_target_items")):
+            lens = hist[hc][0][u]
+            seqs[name] = _jagged_list(lens, gather_jagged(hist_offsets[hc][u], lens, hist[hc][1]))
+        t = pa.table({
+            "entity": pa.array(np.full(n, code, np.int8)),
+            "label": pa.array(label),
+            "user_id": pa.array((user_lo + u).astype(np.int64)),
+            "age": pa.array(age[u].astype(np.int64)),
+            "gender": pa.array(gender[u].astype(np.int64)),
+            "item_id": pa.array(_item_ids(code, idx)),
+            "category": pa.array(it["cat"][idx].astype(np.int64)),
+            "price_bucket": pa.array(it["price_bucket"][idx]) if code == 0 else null,
+            "condition": pa.array(it["condition"][idx]) if code == 0 else null,
+            "style": pa.array(it["style"][idx]) if code == 1 else null,
+            "post_length": pa.array(it["post_length"][idx]) if code == 1 else null,
+            "hist_source_items": seqs["hist_source_items"],
+            "hist_target_items": seqs["hist_target_items"],
+            "log_price": (pa.array(it["log_price"][idx].astype(np.float32)) if code == 0
+                          else pa.nulls(n, pa.float32())),
+            "true_prob": pa.array(p.astype(np.float32)),
+            "activity": pa.array((hist_len[0][u] + hist_len[1][u]).astype(np.int32)),
+        })
+        tables.append((t, u))
+    if not tables:
+        return pa.table({}), np.zeros(0, bool)
+    table = pa.concat_tables([t for t, _ in tables], promote_options="permissive")
+    users = np.concatenate([u for _, u in tables])
+    # time order within each user: a random timestamp per row; the last test_fraction is the test split
+    ts = rng.uniform(size=len(users))
+    order = np.lexsort((ts, users))
+    sorted_users = users[order]
+    first = np.searchsorted(sorted_users, sorted_users, side="left")
+    rank_in_user = np.arange(len(users)) - first
+    n_user = np.bincount(users, minlength=n_users)[sorted_users]
+    is_test_sorted = rank_in_user >= np.floor((1.0 - sc.test_fraction) * n_user)
+    is_test = np.empty(len(users), dtype=bool)
+    is_test[order] = is_test_sorted
+    # rows of a chunk are written in random order, so row groups mix users and entities
+    shuffle = rng.permutation(len(users))
+    return table.take(pa.array(shuffle)), is_test[shuffle]
+
+
+def generate(cfg: Config, out_dir: str, overwrite: bool = False,
+             progress: Optional[Callable[[int], None]] = None) -> Manifest:
+    """Write a synthetic dataset for ``cfg`` to ``out_dir`` (atomically). Returns its manifest.
+
+    Args:
+        progress: called with the number of rows written after each chunk.
+    """
+    _check_schema(cfg)
+    sc = cfg.synth
+    rows_per_user = sc.source_rows * (1 + sc.target_ratio) / sc.users
+    users_per_chunk = max(1, int(sc.row_group_rows * 10 / max(rows_per_user, 1e-9)))
+    with DatasetWriter(out_dir, cfg.schema, optional=("true_prob", "activity"), rows_per_file=sc.rows_per_file,
+                       row_group_rows=sc.row_group_rows, overwrite=overwrite,
+                       schema_digest=cfg.schema_digest()) as writer:
+        world = _World(cfg)
+        for chunk, lo in enumerate(range(0, sc.users, users_per_chunk)):
+            hi = min(sc.users, lo + users_per_chunk)
+            table, is_test = _chunk_rows(world, cfg, chunk, lo, hi)
+            if table.num_rows == 0:
+                continue
+            writer.write("train", table.filter(pa.array(~is_test)))
+            writer.write("test", table.filter(pa.array(is_test)))
+            if progress is not None:
+                progress(table.num_rows)
+        writer.set_source({"kind": "synth", "synth": asdict(sc)})
+        return writer.close()
