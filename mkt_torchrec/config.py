@@ -189,20 +189,21 @@ class DataConfig:
     Args:
         batch_size: rows per batch on each rank.
         shuffle: shuffle row groups and rows (seeded) in training; evaluation never shuffles.
-        shuffle_row_groups: rows are shuffled within windows of this many row groups.
+        shuffle_window_rows: rows are shuffled within windows of consecutive (shuffled) row groups holding up
+            to this many rows (at least one row group each). It bounds the reader's memory.
         num_workers: DataLoader worker processes per rank (0: read in the training process).
         seed: base seed of all shuffles.
     """
 
     batch_size: int = 512
     shuffle: bool = True
-    shuffle_row_groups: int = 4
+    shuffle_window_rows: int = 131072
     num_workers: int = 0
     seed: int = 0
 
     def _validate(self, key: str) -> None:
         _check(self.batch_size >= 1, f"{key}.batch_size", f"expected a positive int, got {self.batch_size}")
-        _check(self.shuffle_row_groups >= 1, f"{key}.shuffle_row_groups", "expected a positive int")
+        _check(self.shuffle_window_rows >= 1, f"{key}.shuffle_window_rows", "expected a positive int")
         _check(self.num_workers >= 0, f"{key}.num_workers", "expected an int >= 0")
 
 

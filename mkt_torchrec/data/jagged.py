@@ -10,8 +10,10 @@ def gather_jagged(starts: np.ndarray, lens: np.ndarray, values: np.ndarray) -> n
     total = int(lens.sum())
     if total == 0:
         return values[:0]
-    out_start = np.cumsum(lens) - lens
-    idx = np.arange(total, dtype=np.int64) + np.repeat(starts - out_start, lens)
+    out_start = np.cumsum(lens)
+    out_start -= lens
+    idx = np.repeat(starts - out_start, lens)  # (total,) per element: start of its row minus its output start
+    idx += np.arange(total, dtype=np.int64)
     return values[idx]
 
 

@@ -3,7 +3,7 @@
 Work is split by row group. For each epoch the split's row groups are listed (shuffled with
 ``seed + epoch`` when training) and dealt round-robin to ``world_size * num_workers`` slots, so across all
 ranks and workers every row is read exactly once per epoch. A slot reads its row groups in windows of
-``shuffle_row_groups``; each window is read (only the needed columns), its ids are mapped to table rows,
+up to ``shuffle_window_rows`` rows; each window is read (only the needed columns), its ids are mapped to table rows,
 its sequences truncated to ``max_len``, and its rows permuted with a seed of (seed, epoch, slot, window).
 Batches are cut from the stream of windows (a batch may span two windows).
 
@@ -170,7 +170,7 @@ class _Plan:
     schema: SchemaConfig
     batch_size: int
     shuffle: bool
-    window_row_groups: int
+    window_rows: int
     seed: int
     drop_last: bool
     entity: Optional[int]  # keep only rows of this entity code (None: all)
@@ -186,12 +186,27 @@ def _units(plan: _Plan, epoch: int) -> list[tuple[int, int]]:
     return units
 
 
+def _windows(plan: _Plan, units: list[tuple[int, int]]) -> list[list[tuple[int, int]]]:
+    """Group consecutive units into windows of at most ``window_rows`` rows (at least one unit each)."""
+    files = plan.manifest.splits.get(plan.split, [])
+    windows: list[list[tuple[int, int]]] = []
+    rows = 0
+    for unit in units:
+        n = files[unit[0]].row_groups[unit[1]]
+        if not windows or rows + n > plan.window_rows:
+            windows.append([])
+            rows = 0
+        windows[-1].append(unit)
+        rows += n
+    return windows
+
+
 def _slot_stream(plan: _Plan, slot: int, num_slots: int, pos: dict[str, int],
                  decoder: _Decoder) -> Iterator[tuple[Batch, dict[str, int]]]:
     """Yield (batch, position after it) for one slot from ``pos`` to the end of ``pos['epoch']``."""
     epoch = pos["epoch"]
     mine = _units(plan, epoch)[slot::num_slots]
-    windows = [mine[i: i + plan.window_row_groups] for i in range(0, len(mine), plan.window_row_groups)]
+    windows = _windows(plan, mine)
     files: dict[int, pq.ParquetFile] = {}
     parts: list[tuple[_Window, int, int]] = []
     have = 0
@@ -288,7 +303,7 @@ class ParquetReader:
         self.plan = _Plan(
             data_dir=data_dir, manifest=self.manifest, split=split, schema=schema,
             batch_size=batch_size or data.batch_size, shuffle=training and data.shuffle,
-            window_row_groups=data.shuffle_row_groups if training and data.shuffle else 1,
+            window_rows=data.shuffle_window_rows if training and data.shuffle else 1,
             seed=data.seed, drop_last=drop_last,
             entity=None if entity is None else {"source": 0, "target": 1}[entity],
         )

@@ -74,14 +74,19 @@ def table_salt(table_name: str) -> np.uint64:
 
 
 def splitmix64(x: np.ndarray, salt: np.uint64) -> np.ndarray:
-    """splitmix64 finaliser of ``x + salt`` (uint64 arithmetic wraps, as intended)."""
+    """splitmix64 finaliser of ``x + salt`` as a new uint64 array (uint64 arithmetic wraps, as intended).
+
+    Works in place on one output array and one scratch array: this runs over every id the reader sees.
+    """
     z = x.astype(np.uint64, copy=True)
+    tmp = np.empty_like(z)
     z += salt + _GOLDEN
-    z ^= z >> np.uint64(30)
-    z *= _M1
-    z ^= z >> np.uint64(27)
-    z *= _M2
-    z ^= z >> np.uint64(31)
+    for shift, mult in ((30, _M1), (27, _M2)):
+        np.right_shift(z, np.uint64(shift), out=tmp)
+        z ^= tmp
+        z *= mult
+    np.right_shift(z, np.uint64(31), out=tmp)
+    z ^= tmp
     return z
 
 
@@ -94,7 +99,9 @@ def map_ids(ids: np.ndarray, table_name: str, table: TableConfig) -> np.ndarray:
             raise ValueError(f"table {table_name!r}: id_mapping 'modulo' needs ids >= 0, got {int(ids.min())}")
         return ids % table.rows
     with np.errstate(over="ignore"):
-        return (splitmix64(ids, table_salt(table_name)) % np.uint64(table.rows)).astype(np.int64)
+        z = splitmix64(ids, table_salt(table_name))
+        np.remainder(z, np.uint64(table.rows), out=z)
+    return z.view(np.int64)  # every value is < rows < 2**63
 
 
 def hash_strings(values: "pa.Array | list[str]", namespace: str = "") -> np.ndarray:

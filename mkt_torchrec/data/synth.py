@@ -195,7 +195,7 @@ def _chunk_rows(world: _World, cfg: Config, chunk: int, user_lo: int, user_hi: i
     first = np.searchsorted(sorted_users, sorted_users, side="left")
     rank_in_user = np.arange(len(users)) - first
     n_user = np.bincount(users, minlength=n_users)[sorted_users]
-    is_test_sorted = rank_in_user >= np.floor((1.0 - sc.test_fraction) * n_user)
+    is_test_sorted = rank_in_user >= np.ceil((1.0 - sc.test_fraction) * n_user - 1e-9)  # 1-row users: train
     is_test = np.empty(len(users), dtype=bool)
     is_test[order] = is_test_sorted
     # rows of a chunk are written in random order, so row groups mix users and entities

@@ -1,0 +1,1 @@
+"""Offline evaluation metrics (exact AUC and impression-weighted GAUC)."""

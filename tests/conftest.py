@@ -1,0 +1,30 @@
+"""Shared fixtures: a small synthetic dataset written once per session."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+from mkt_torchrec.config import Config, load_config
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+QUICKSTART = os.path.join(REPO, "configs", "quickstart.yaml")
+
+SMALL = [
+    "synth.users=400", "synth.source_rows=6000", "synth.source_items=2000", "synth.target_items=600",
+    "synth.row_group_rows=500", "synth.rows_per_file=2000", "data.batch_size=128",
+]
+
+
+def small_config(*extra: str) -> Config:
+    return load_config(QUICKSTART, [*SMALL, *extra])
+
+
+@pytest.fixture(scope="session")
+def small_dataset(tmp_path_factory) -> str:
+    from mkt_torchrec.data.synth import generate
+
+    out = str(tmp_path_factory.mktemp("data") / "small")
+    generate(small_config(), out)
+    return out

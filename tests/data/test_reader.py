@@ -1,0 +1,198 @@
+import collections
+import os
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+from mkt_torchrec.data.reader import ParquetReader
+from mkt_torchrec.data.schema import map_ids
+
+from tests.conftest import small_config
+
+
+def _rows(batch) -> list[tuple]:
+    """A hashable identity per row: (user_id, item row, label, entity, seq lengths...)."""
+    jt = batch.sparse_features.to_dict()
+    item = jt["item_id"].to_padded_dense(1)[:, 0]
+    hs = jt["hist_source_items"].lengths()
+    ht = jt["hist_target_items"].lengths()
+    return list(zip(batch.user_id.tolist(), item.tolist(), batch.labels.tolist(), batch.entity.tolist(),
+                    hs.tolist(), ht.tolist(), batch.true_prob.tolist()))
+
+
+def _all_rows(reader) -> list[tuple]:
+    return [r for b in reader for r in _rows(b)]
+
+
+@pytest.mark.parametrize("world_size, workers", [(1, 0), (2, 0), (3, 2)])
+def test_every_row_read_exactly_once_across_ranks_and_workers(small_dataset, world_size, workers):
+    cfg = small_config(f"data.num_workers={workers}")
+    reference = collections.Counter(_all_rows(ParquetReader(small_dataset, "train", cfg.schema,
+                                                            small_config().data, training=False)))
+    got = collections.Counter()
+    for rank in range(world_size):
+        got.update(_all_rows(ParquetReader(small_dataset, "train", cfg.schema, cfg.data, rank=rank,
+                                           world_size=world_size)))
+    assert got == reference
+    assert sum(reference.values()) == pq.ParquetDataset(os.path.join(small_dataset, "train")).read().num_rows
+
+
+def test_shuffle_is_seeded_and_changes_with_epoch(small_dataset):
+    cfg = small_config()
+    a = ParquetReader(small_dataset, "train", cfg.schema, cfg.data)
+    b = ParquetReader(small_dataset, "train", cfg.schema, cfg.data)
+    e0a, e0b = _all_rows(a), _all_rows(b)
+    assert e0a == e0b
+    e1 = _all_rows(a)
+    assert e1 != e0a and sorted(e1) == sorted(e0a)
+    plain = _all_rows(ParquetReader(small_dataset, "train", cfg.schema, cfg.data, training=False))
+    assert plain != e0a and sorted(plain) == sorted(e0a)
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_resume_from_saved_state_yields_the_same_stream(small_dataset, workers):
+    cfg = small_config(f"data.num_workers={workers}", "data.batch_size=100")
+    full = ParquetReader(small_dataset, "train", cfg.schema, cfg.data)
+    expected = [_rows(b) for b in full]
+    expected_next_epoch = [_rows(b) for b in full]
+
+    first = ParquetReader(small_dataset, "train", cfg.schema, cfg.data)
+    it = iter(first)
+    head = [_rows(next(it)) for _ in range(7)]
+    state = first.state_dict()
+    del it
+
+    resumed = ParquetReader(small_dataset, "train", cfg.schema, cfg.data)
+    resumed.load_state_dict(state)
+    tail = [_rows(b) for b in resumed]
+    assert head + tail == expected
+    assert [_rows(b) for b in resumed] == expected_next_epoch
+
+
+def test_resume_refuses_a_different_world_size(small_dataset):
+    cfg = small_config()
+    state = ParquetReader(small_dataset, "train", cfg.schema, cfg.data).state_dict()
+    other = ParquetReader(small_dataset, "train", cfg.schema, cfg.data, rank=0, world_size=2)
+    with pytest.raises(ValueError, match="world_size"):
+        other.load_state_dict(state)
+
+
+def test_batch_contents_match_the_parquet_rows(small_dataset):
+    """KJT values are the mapped ids, nulls are empty bags, sequences keep the last max_len elements."""
+    cfg = small_config("schema.sequences.hist_source_items.max_len=5", "data.batch_size=4000")
+    table = pq.ParquetFile(os.path.join(small_dataset, "train", "part-00000.parquet")).read_row_group(0)
+    reader = ParquetReader(small_dataset, "train", cfg.schema, cfg.data, training=False,
+                           batch_size=table.num_rows)
+    batch = next(iter(reader))
+    jt = batch.sparse_features.to_dict()
+    rows = table.to_pylist()
+    tables = cfg.schema.tables
+    for key in ("item_id", "price_bucket", "style"):
+        expect_vals, expect_lens = [], []
+        for r in rows:
+            if r[key] is None:
+                expect_lens.append(0)
+            else:
+                expect_lens.append(1)
+                expect_vals.append(r[key])
+        mapped = map_ids(np.array(expect_vals, dtype=np.int64), cfg.schema.table_of(key), tables[cfg.schema.table_of(key)])
+        assert jt[key].lengths().tolist() == expect_lens
+        assert jt[key].values().tolist() == mapped.tolist()
+    seq = jt["hist_source_items"]
+    expect = [r["hist_source_items"][-5:] for r in rows]
+    assert seq.lengths().tolist() == [len(s) for s in expect]
+    flat = np.array([x for s in expect for x in s], dtype=np.int64)
+    assert seq.values().tolist() == map_ids(flat, "item_id", tables["item_id"]).tolist()
+    assert int(seq.lengths().max()) <= 5
+    assert torch.equal(batch.labels, torch.tensor([float(r["label"]) for r in rows]))
+    dense = [r["log_price"] if r["log_price"] is not None else 0.0 for r in rows]
+    assert torch.allclose(batch.dense_features[:, 0], torch.tensor(dense))
+
+
+def test_mapped_ids_are_in_range():
+    cfg = small_config()
+    ids = np.random.default_rng(0).integers(-2**62, 2**62, size=10000)
+    rows = map_ids(ids, "item_id", cfg.schema.tables["item_id"])
+    assert rows.min() >= 0 and rows.max() < cfg.schema.tables["item_id"].rows
+    assert len(np.unique(rows)) > 0.8 * min(10000, cfg.schema.tables["item_id"].rows)
+    with pytest.raises(ValueError, match="modulo"):
+        map_ids(np.array([-1]), "age", cfg.schema.tables["age"])
+
+
+def test_entity_filter_keeps_one_entity(small_dataset):
+    cfg = small_config()
+    reader = ParquetReader(small_dataset, "train", cfg.schema, cfg.data, entity="target")
+    n = 0
+    for b in reader:
+        assert bool((b.entity == 1).all())
+        n += len(b)
+    assert n == reader.manifest.rows["train"]["target"]
+
+
+# ---------------------------------------------------------------------------------------------- bad input
+
+
+def _copy_dataset(src: str, dst) -> str:
+    import shutil
+
+    out = str(dst / "copy")
+    shutil.copytree(src, out)
+    return out
+
+
+def _rewrite(path: str, fn) -> None:
+    t = pq.read_table(path)
+    pq.write_table(fn(t), path, row_group_size=500)
+
+
+def test_missing_column_names_file_and_column(small_dataset, tmp_path):
+    ds = _copy_dataset(small_dataset, tmp_path)
+    path = os.path.join(ds, "train", "part-00001.parquet")
+    _rewrite(path, lambda t: t.drop_columns(["style"]))
+    cfg = small_config()
+    with pytest.raises(ValueError, match=r"part-00001\.parquet: missing column 'style'"):
+        ParquetReader(ds, "train", cfg.schema, cfg.data)
+
+
+def test_mistyped_column_names_file_and_column(small_dataset, tmp_path):
+    ds = _copy_dataset(small_dataset, tmp_path)
+    path = os.path.join(ds, "test", "part-00000.parquet")
+    _rewrite(path, lambda t: t.set_column(t.schema.get_field_index("age"), "age", t.column("age").cast(pa.string())))
+    cfg = small_config()
+    with pytest.raises(ValueError, match=r"part-00000\.parquet: column 'age' has type string"):
+        ParquetReader(ds, "test", cfg.schema, cfg.data)
+
+
+def test_unreadable_file_and_missing_manifest(small_dataset, tmp_path):
+    ds = _copy_dataset(small_dataset, tmp_path)
+    with open(os.path.join(ds, "train", "part-00000.parquet"), "wb") as f:
+        f.write(b"not parquet at all")
+    cfg = small_config()
+    with pytest.raises(ValueError, match=r"part-00000\.parquet: unreadable Parquet file"):
+        ParquetReader(ds, "train", cfg.schema, cfg.data)
+    os.remove(os.path.join(ds, "manifest.json"))
+    with pytest.raises(FileNotFoundError, match="manifest.json is missing"):
+        ParquetReader(ds, "train", cfg.schema, cfg.data)
+
+
+def test_schema_mismatch_with_config_is_reported(small_dataset):
+    cfg = small_config("schema.features.brand.group=shared", "schema.tables.brand.rows=10")
+    with pytest.raises(ValueError, match="missing column 'brand'"):
+        ParquetReader(small_dataset, "train", cfg.schema, cfg.data)
+
+
+def test_null_sequence_is_an_error_naming_the_row(small_dataset, tmp_path):
+    ds = _copy_dataset(small_dataset, tmp_path)
+    path = os.path.join(ds, "train", "part-00000.parquet")
+    t = pq.read_table(path)
+    seq = t.column("hist_target_items").to_pylist()
+    seq[3] = None
+    field = pa.field("hist_target_items", pa.list_(pa.int64()), nullable=True)
+    t = t.set_column(t.schema.get_field_index("hist_target_items"), field, pa.array(seq, pa.list_(pa.int64())))
+    pq.write_table(t, path, row_group_size=500)
+    cfg = small_config()
+    with pytest.raises(ValueError, match=r"'hist_target_items' row 3: null sequence"):
+        list(ParquetReader(ds, "train", cfg.schema, cfg.data, training=False))

@@ -1,0 +1,44 @@
+import json
+import os
+
+from mkt_torchrec.cli import main
+
+from tests.conftest import QUICKSTART, SMALL
+
+
+def _sets(*extra):
+    out = []
+    for s in (*SMALL, *extra):
+        out += ["--set", s]
+    return out
+
+
+def test_synth_then_inspect_reads_every_row(tmp_path, capsys):
+    out = str(tmp_path / "ds")
+    assert main(["synth", "--config", QUICKSTART, *_sets(), "--out", out, "--seed", "3"]) == 0
+    written = json.loads(capsys.readouterr().out.strip().splitlines()[-1])["rows"]
+    assert main(["inspect", "--config", QUICKSTART, *_sets(), "--data", out, "--split", "test"]) == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["rows"] == written["test"]
+    assert json.load(open(os.path.join(out, "manifest.json")))["source"]["synth"]["seed"] == 3
+
+
+def test_config_error_exits_2_and_names_the_key(tmp_path, capsys):
+    code = main(["synth", "--config", QUICKSTART, "--set", "synth.users=-1", "--out", str(tmp_path / "x")])
+    assert code == 2
+    assert "synth.users" in capsys.readouterr().err
+    assert not (tmp_path / "x").exists()
+
+
+def test_existing_output_exits_1_with_message(tmp_path, capsys):
+    (tmp_path / "x").mkdir()
+    code = main(["synth", "--config", QUICKSTART, *_sets(), "--out", str(tmp_path / "x")])
+    assert code == 1 and "already exists" in capsys.readouterr().err
+
+
+def test_run_writes_and_reads_back(tmp_path, capsys):
+    out = tmp_path / "job"
+    assert main(["run", "--config", QUICKSTART, *_sets(), "--out", str(out)]) == 0
+    summary = json.load(open(out / "data_summary.json"))
+    manifest = json.load(open(out / "data" / "manifest.json"))
+    assert summary["train"]["rows"] == manifest["rows"]["train"]

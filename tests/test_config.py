@@ -1,0 +1,60 @@
+import glob
+import os
+
+import pytest
+
+from mkt_torchrec.config import ConfigError, load_config
+
+from tests.conftest import QUICKSTART, REPO
+
+
+def _write(tmp_path, text: str) -> str:
+    p = tmp_path / "c.yaml"
+    p.write_text(text)
+    return str(p)
+
+
+def test_every_shipped_config_loads():
+    paths = sorted(glob.glob(os.path.join(REPO, "configs", "**", "*.yaml"), recursive=True))
+    assert len(paths) >= 3
+    for path in paths:
+        cfg = load_config(path)
+        assert cfg.schema.features, path
+
+
+def test_overrides_are_typed_and_applied():
+    cfg = load_config(QUICKSTART, ["data.batch_size=64", "schema.tables.item_id.rows=7", "data.shuffle=false"])
+    assert cfg.data.batch_size == 64 and cfg.schema.tables["item_id"].rows == 7 and cfg.data.shuffle is False
+
+
+@pytest.mark.parametrize(
+    "override, key",
+    [
+        ("data.batch_size=zero", "data.batch_size"),
+        ("data.batch_size=0", "data.batch_size"),
+        ("data.bogus=1", "data.bogus"),
+        ("schema.tables.item_id.rows=-3", "schema.tables.item_id.rows"),
+        ("schema.features.style.entity=null", "schema.features.style.entity"),
+        ("schema.features.age.table=nope", "schema.features.age.table"),
+        ("schema.sequences.hist_source_items.shared_feature=style", "schema.sequences.hist_source_items.shared_feature"),
+        ("schema.tables.item_id.id_mapping=md5", "schema.tables.item_id.id_mapping"),
+    ],
+)
+def test_bad_values_name_the_key(override, key):
+    with pytest.raises(ConfigError) as e:
+        load_config(QUICKSTART, [override])
+    assert key in str(e.value) and "quickstart.yaml" in str(e.value)
+
+
+def test_missing_schema_and_bad_yaml(tmp_path):
+    with pytest.raises(ConfigError, match="schema: missing"):
+        load_config(_write(tmp_path, "data: {batch_size: 3}\n"))
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(_write(tmp_path, "schema: [\n"))
+    with pytest.raises(ConfigError, match="not found"):
+        load_config(str(tmp_path / "missing.yaml"))
+
+
+def test_unused_table_is_rejected(tmp_path):
+    with pytest.raises(ConfigError, match="schema.tables: tables used by no feature"):
+        load_config(QUICKSTART, ["schema.tables.orphan.rows=3"])
