@@ -267,6 +267,117 @@ class TenrecConfig:
 
 
 # --------------------------------------------------------------------------------------------------------
+# Model
+# --------------------------------------------------------------------------------------------------------
+
+ABLATIONS = ("none", "no_hfa", "no_pdl", "no_mem_pretrain", "no_tem_finetune")
+
+
+@dataclass
+class SequenceEncoderConfig:
+    """Target attention of the candidate over each behaviour sequence.
+
+    Args:
+        encoder: ``din`` (DIN's activation unit over [q, k, q-k, q*k], softmax over valid positions) or
+            ``mha`` (multi-head attention with the candidate as the single query).
+        attention_mlp: hidden sizes of DIN's activation unit.
+        heads: heads for ``mha`` (must divide the embedding dim).
+    """
+
+    encoder: Literal["din", "mha"] = "din"
+    attention_mlp: list[int] = field(default_factory=lambda: [32])
+    heads: int = 2
+
+
+@dataclass
+class HFAConfig:
+    """Heterogeneous Feature Alignment (paper 3.2.2, Eq. 3-6).
+
+    Args:
+        cross_input: ``text`` crosses the specific features WITH the shared ones (user, sequence,
+            entity-shared), as the paper's text says; ``eq3`` crosses v_spec alone, as Eq. 3 is printed.
+        cross_layers: layers of the DCN cross network (explicit cross).
+        mlp: hidden sizes of the implicit-cross MLP.
+        align: layer sizes of the alignment MLP; its last size is the aligned width of both entities.
+    """
+
+    cross_input: Literal["text", "eq3"] = "text"
+    cross_layers: int = 2
+    mlp: list[int] = field(default_factory=lambda: [64, 32])
+    align: list[int] = field(default_factory=lambda: [32])
+
+
+@dataclass
+class CKEConfig:
+    """Common Knowledge Extractor: an MMoE over q (paper 3.2.3, Eq. 7).
+
+    Args:
+        experts: number of experts (paper: 3).
+        expert_layers: each expert's MLP; the last size is d_CKE (paper's shared network: [128, 64] public,
+            [1024, 512] industrial).
+    """
+
+    experts: int = 3
+    expert_layers: list[int] = field(default_factory=lambda: [128, 64])
+
+
+@dataclass
+class TEMConfig:
+    """Target Entity Model (paper 3.3).
+
+    Args:
+        dnn: layer sizes; the last is 1 (paper: [128, 64, 16, 1] public, [1024, 512, 64, 1] industrial).
+        cross_layer: index in ``dnn`` of the hidden layer whose output is the TEM's user-entity cross vector
+            g_cross (Eq. 12); default 1, the 64-wide layer, the width of the CKE output.
+    """
+
+    dnn: list[int] = field(default_factory=lambda: [128, 64, 16, 1])
+    cross_layer: int = 1
+
+
+@dataclass
+class ModelConfig:
+    """MEM + TEM. Layer sizes default to the paper's public set-up (4.1.3).
+
+    Args:
+        ablation: ``none`` or one of the paper's Table 4 ablations: ``no_hfa`` (specific features
+            zero-padded and concatenated without HFA), ``no_pdl`` (gamma = 0), ``no_mem_pretrain`` (TEM alone,
+            no knowledge), ``no_tem_finetune`` (the MEM's target tower is the final model).
+        extractor_layers: SKE / TKE MLPs (Eq. 8); the last size must equal the CKE's.
+        tower: each entity tower of the MEM (paper: [16, 1] public, [64, 1] industrial).
+        pdl_gamma: weight of the Polarized Distribution Loss (Eq. 11; paper 0.01).
+    """
+
+    ablation: Literal["none", "no_hfa", "no_pdl", "no_mem_pretrain", "no_tem_finetune"] = "none"
+    sequence: SequenceEncoderConfig = field(default_factory=SequenceEncoderConfig)
+    hfa: HFAConfig = field(default_factory=HFAConfig)
+    cke: CKEConfig = field(default_factory=CKEConfig)
+    extractor_layers: list[int] = field(default_factory=lambda: [128, 64])
+    tower: list[int] = field(default_factory=lambda: [16, 1])
+    pdl_gamma: float = 0.01
+    tem: TEMConfig = field(default_factory=TEMConfig)
+
+    def _validate(self, key: str) -> None:
+        for name, layers in (("sequence.attention_mlp", self.sequence.attention_mlp), ("hfa.mlp", self.hfa.mlp),
+                             ("hfa.align", self.hfa.align), ("cke.expert_layers", self.cke.expert_layers),
+                             ("extractor_layers", self.extractor_layers), ("tower", self.tower),
+                             ("tem.dnn", self.tem.dnn)):
+            _check(len(layers) > 0 and all(x >= 1 for x in layers), f"{key}.{name}",
+                   f"expected a non-empty list of positive ints, got {layers}")
+        _check(self.cke.experts >= 1, f"{key}.cke.experts", "expected a positive int")
+        _check(self.hfa.cross_layers >= 1, f"{key}.hfa.cross_layers", "expected a positive int")
+        _check(self.sequence.heads >= 1, f"{key}.sequence.heads", "expected a positive int")
+        _check(self.extractor_layers[-1] == self.cke.expert_layers[-1], f"{key}.extractor_layers",
+               f"the last size ({self.extractor_layers[-1]}) must equal cke.expert_layers' last "
+               f"({self.cke.expert_layers[-1]}): PDL compares the two vectors")
+        _check(self.tower[-1] == 1, f"{key}.tower", f"the last size must be 1 (a logit), got {self.tower}")
+        _check(self.tem.dnn[-1] == 1, f"{key}.tem.dnn", f"the last size must be 1 (a logit), got {self.tem.dnn}")
+        _check(0 <= self.tem.cross_layer < len(self.tem.dnn) - 1, f"{key}.tem.cross_layer",
+               f"expected a hidden-layer index in [0, {len(self.tem.dnn) - 2}], got {self.tem.cross_layer}")
+        _check(self.pdl_gamma >= 0, f"{key}.pdl_gamma", "expected a number >= 0")
+
+
+# --------------------------------------------------------------------------------------------------------
 # The whole file
 # --------------------------------------------------------------------------------------------------------
 
@@ -279,7 +390,8 @@ class Config:
     data: DataConfig = field(default_factory=DataConfig)
     synth: SynthConfig = field(default_factory=SynthConfig)
     tenrec: TenrecConfig = field(default_factory=TenrecConfig)
-    # Later components (model, train, eval) keep their raw sections here until their dataclasses land.
+    model: ModelConfig = field(default_factory=ModelConfig)
+    # Later components (train, eval) keep their raw sections here until their dataclasses land.
     extra: dict[str, Any] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
@@ -291,7 +403,7 @@ class Config:
         return hashlib.sha256(blob).hexdigest()[:16]
 
 
-_SECTIONS_LATER = ("model", "train", "eval", "plan")
+_SECTIONS_LATER = ("train", "eval", "plan")
 
 
 def load_config(path: str | os.PathLike, overrides: Sequence[str] = ()) -> Config:

@@ -5,11 +5,15 @@ from __future__ import annotations
 import os
 
 import pytest
+import torch
 
 from mkt_torchrec.config import Config, load_config
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 QUICKSTART = os.path.join(REPO, "configs", "quickstart.yaml")
+
+# Two cores: one intra-op thread per process avoids OpenMP oversubscription (20x slower steps when busy).
+torch.set_num_threads(1)
 
 SMALL = [
     "synth.users=400", "synth.source_rows=6000", "synth.source_items=2000", "synth.target_items=600",

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 from sklearn.metrics import roc_auc_score
 
+from mkt_torchrec.evaluation import metrics
 from mkt_torchrec.evaluation.metrics import (
     AUCStats,
     GroupAUCStats,
@@ -92,7 +93,9 @@ def test_auc_matches_sklearn_with_many_ties(seed):
     s = np.round(rng.random(n) + 0.2 * y, 1)  # ~13 distinct values
     assert np.unique(s).shape[0] < 20
     assert auc(y, s) == pytest.approx(roc_auc_score(y, s), abs=1e-12)
-    # Integer scores and bool / float labels take the same path.
+    # float32 / integer scores (packed-key path), bool / float labels.
+    s32 = s.astype(np.float32)
+    assert auc(y, s32) == pytest.approx(roc_auc_score(y, s32), abs=1e-12)
     si = (s * 10).astype(np.int64)
     assert auc(y.astype(bool), si) == pytest.approx(roc_auc_score(y, si), abs=1e-12)
     assert auc(y.astype(np.float32), s) == pytest.approx(roc_auc_score(y, s), abs=1e-12)
@@ -103,6 +106,14 @@ def test_auc_ties_get_half_credit():
     assert auc([0, 0, 1, 1], [0.5] * 4) == 0.5
     # 1 pos at 0.5 vs negs at 0.5 (tie) and 0.1 (win): (0.5 + 1) / 2
     assert auc([1, 0, 0], [0.5, 0.5, 0.1]) == 0.75
+
+
+def test_scores_distinct_in_input_dtype_are_not_tied():
+    # Distinct int64 / float64 scores that round to one float32 must stay distinct (no packed-key path).
+    big = np.array([2**40 + 1, 2**40, 2**40 + 1, 2**40], dtype=np.int64)
+    assert auc([1, 0, 1, 0], big) == 1.0
+    assert auc([1, 0], np.array([1.0 + 1e-12, 1.0])) == 1.0
+    assert group_auc([5, 5, 6, 6], [1, 0, 0, 1], big).gauc == 0.5  # user 5: 1.0, user 6: 0.0
 
 
 @pytest.mark.parametrize("seed", range(4))
@@ -139,9 +150,27 @@ def test_auc_stats_merge_is_exact():
 # --------------------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("seed", range(3))
-def test_gauc_matches_brute_force(seed):
+# float64 with 1 decimal (0.1, 0.3, ...) is not float32-exact -> lexsort path; the others -> packed-key path.
+SCORE_DTYPES = ["float64", "float32", "float64_of_float32", "int"]
+
+
+def _cast_scores(scores: np.ndarray, kind: str) -> np.ndarray:
+    if kind == "float64":
+        return scores
+    if kind == "float32":
+        return scores.astype(np.float32)
+    if kind == "float64_of_float32":
+        return scores.astype(np.float32).astype(np.float64)
+    return np.round(scores * 10).astype(np.int64) - 5  # negative ints too
+
+
+@pytest.mark.parametrize("dtype", SCORE_DTYPES)
+@pytest.mark.parametrize("seed", range(2))
+def test_gauc_matches_brute_force(seed, dtype):
     users, labels, scores, kinds = _grouped_data(seed)
+    scores = _cast_scores(scores, dtype)
+    fast = metrics._as_float32_exact(scores) is not None
+    assert fast == (dtype != "float64")  # both code paths are exercised
     per_user, gauc_ref, mean_ref, skipped_ref = _brute_force(users, labels, scores)
 
     st = group_auc_stats(users, labels, scores)
@@ -167,7 +196,7 @@ def test_gauc_matches_brute_force(seed):
 
 
 def test_gauc_matches_sklearn_per_user():
-    users, labels, scores, _ = _grouped_data(11, n_users=300, decimals=2)
+    users, labels, scores, _ = _grouped_data(11, n_users=150, decimals=2)
     ids, auc_u, n_u = per_user_auc(group_auc_stats(users, labels, scores))
     ref = []
     for u in ids:
@@ -212,6 +241,47 @@ def test_uint64_and_int32_user_ids():
         group_auc_stats(np.array([2**63, 1], dtype=np.uint64), [1, 0], [0.1, 0.2])
 
 
+def _tricky_float32(rng, n):
+    """float32 scores with negatives, -0.0/+0.0, subnormals, huge values and many ties."""
+    pool = np.array(
+        [-3.4e38, -1e10, -2.5, -1.0, -1e-40, -0.0, 0.0, 1e-45, 1e-40, 1e-7, 0.1, 0.5, 1.0, 2.5, 1e10, 3.4e38],
+        dtype=np.float32,
+    )
+    return np.concatenate([pool, rng.choice(pool, n - pool.shape[0])])
+
+
+def test_sortable32_roundtrip_and_order():
+    rng = np.random.default_rng(4)
+    s = np.concatenate([_tricky_float32(rng, 100), rng.normal(scale=1e3, size=1000).astype(np.float32)])
+    k = metrics._sortable32(s)
+    assert k.min() >= 0 and k.max() < 2**32
+    np.testing.assert_array_equal(metrics._unsortable32(k), s + np.float32(0.0))
+    o = np.argsort(k, kind="stable")
+    assert np.all(np.diff(s[o]) >= 0)  # same order as the floats
+    # Equal floats <=> equal keys (in particular -0.0 and +0.0).
+    np.testing.assert_array_equal(k[:, None] == k[None, :], s[:, None] == s[None, :])
+
+
+def test_fast_and_general_paths_agree(monkeypatch):
+    rng = np.random.default_rng(9)
+    n = 4000
+    s = _tricky_float32(rng, n)
+    y = rng.integers(0, 2, n)
+    users = rng.integers(-50, 50, n) * (2**55)
+    fast_auc = auc_stats(y, s)
+    fast_g = group_auc_stats(users, y, s)
+    assert fast_auc.scores.dtype == np.float32
+    monkeypatch.setattr(metrics, "_as_float32_exact", lambda _s: None)
+    slow_auc = auc_stats(y, s)
+    slow_g = group_auc_stats(users, y, s)
+    np.testing.assert_array_equal(fast_auc.scores, slow_auc.scores)
+    np.testing.assert_array_equal(fast_auc.pos, slow_auc.pos)
+    np.testing.assert_array_equal(fast_auc.neg, slow_auc.neg)
+    for f in ("user_ids", "impressions", "positives", "numerator"):
+        np.testing.assert_array_equal(getattr(fast_g, f), getattr(slow_g, f))
+    assert auc(y, s) == pytest.approx(roc_auc_score(y, s.astype(np.float64)), abs=1e-12)  # f64: no overflow in sklearn
+
+
 # --------------------------------------------------------------------------------------------------------
 # Partition invariance and merge
 # --------------------------------------------------------------------------------------------------------
@@ -223,9 +293,11 @@ def _split_by(part, k, users, labels, scores):
     ]
 
 
+@pytest.mark.parametrize("dtype", ["float64", "float32"])
 @pytest.mark.parametrize("k", [1, 2, 3, 7, 64])
-def test_partition_invariance(k):
+def test_partition_invariance(k, dtype):
     users, labels, scores, _ = _grouped_data(21, n_users=500)
+    scores = _cast_scores(scores, dtype)
     one_shot = group_auc_stats(users, labels, scores)
     ref = one_shot.result()
     py_hash = np.array([hash(int(u)) % k for u in users])
@@ -243,6 +315,18 @@ def test_partition_invariance(k):
             ref.impressions_evaluated,
             ref.rows,
         )
+
+
+@pytest.mark.parametrize("dtype", ["float64", "float32"])
+def test_internal_chunking_gives_identical_stats(monkeypatch, dtype):
+    users, labels, scores, _ = _grouped_data(8, n_users=600)
+    scores = _cast_scores(scores, dtype)
+    one = group_auc_stats(users, labels, scores)
+    monkeypatch.setattr(metrics, "_CHUNK_ROWS", 97)  # ~50 chunks
+    chunked = group_auc_stats(users, labels, scores)
+    for f in ("user_ids", "impressions", "positives", "numerator"):
+        np.testing.assert_array_equal(getattr(chunked, f), getattr(one, f))
+    assert chunked.result() == one.result()
 
 
 def test_partition_by_user_is_deterministic_and_spread():

@@ -1,0 +1,1 @@
+"""Reusable building blocks: sparse lookup, sequence attention, HFA, MMoE, gates."""

@@ -1,0 +1,222 @@
+"""The sparse phase (KeyedJaggedTensor -> embeddings) and the feature groups built from it.
+
+:class:`SparseArch` holds the TorchRec embedding modules. Tables that a behaviour sequence uses live in an
+``EmbeddingCollection`` (unpooled, so attention sees every element), together with the candidate's
+entity-shared feature on the same table: the candidate and the sequence share one table. All other tables
+live in an ``EmbeddingBagCollection``. Its output, :class:`SparseFeatures`, is plain tensors: pooled
+(B, D) per feature and padded (B, L, D) per sequence. Everything after it is the dense phase.
+
+:class:`PaddedLookup` produces the same :class:`SparseFeatures` from padded id tensors with plain PyTorch,
+for the serving export. :class:`GroupArch` turns :class:`SparseFeatures` and dense features into MKT's
+feature-group vectors (Eq. 1-2): v_u, v_seq (target attention), v_shared and v_spec per entity.
+"""
+
+from __future__ import annotations
+
+from typing import Dict, NamedTuple, Optional, Sequence
+
+import torch
+from torch import nn
+from torchrec import EmbeddingBagCollection, EmbeddingBagConfig, EmbeddingCollection, EmbeddingConfig
+from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
+
+from mkt_torchrec.config import SchemaConfig, SequenceEncoderConfig
+from mkt_torchrec.modules.sequence import make_attention
+
+
+class SparseFeatures(NamedTuple):
+    pooled: Dict[str, torch.Tensor]  # feature -> (B, D); zeros where the feature is null
+    sequences: Dict[str, torch.Tensor]  # sequence -> (B, L, D), zero-padded after its length
+    lengths: Dict[str, torch.Tensor]  # sequence -> (B,) int64
+
+
+class SparseArch(nn.Module):
+    """Embedding lookups of one model (MEM or TEM) for the given features and sequences.
+
+    Args:
+        schema: the feature schema.
+        features: single-valued features to embed (pooled).
+        sequences: behaviour sequences to embed (unpooled, padded to ``max_len``).
+        device: where to build the tables (``meta`` to plan or shard without allocating).
+
+    Example:
+        >>> arch = SparseArch(cfg.schema, list(cfg.schema.features), list(cfg.schema.sequences))  # doctest: +SKIP
+        >>> out = arch(batch.sparse_features); out.pooled["item_id"].shape   # (B, D)    # doctest: +SKIP
+    """
+
+    def __init__(self, schema: SchemaConfig, features: Sequence[str], sequences: Sequence[str],
+                 device: Optional[torch.device] = None) -> None:
+        super().__init__()
+        self.features = list(features)
+        self.sequences = list(sequences)
+        self.max_len = {s: schema.sequences[s].max_len for s in self.sequences}
+        seq_tables = {schema.table_of(s) for s in self.sequences}
+        bag_tables: dict[str, list[str]] = {}
+        seq_table_features: dict[str, list[str]] = {}
+        for f in self.features:
+            t = schema.table_of(f)
+            (seq_table_features if t in seq_tables else bag_tables).setdefault(t, []).append(f)
+        for s in self.sequences:
+            seq_table_features.setdefault(schema.table_of(s), []).append(s)
+        dims = {schema.tables[t].dim for t in seq_table_features}
+        if len(dims) > 1:
+            raise ValueError(f"schema.tables: tables used by sequences ({sorted(seq_table_features)}) must share one "
+                             f"dim (TorchRec's EmbeddingCollection requires it), got dims {sorted(dims)}")
+        self.ebc = EmbeddingBagCollection(
+            tables=[EmbeddingBagConfig(name=t, num_embeddings=schema.tables[t].rows,
+                                       embedding_dim=schema.tables[t].dim, feature_names=fs)
+                    for t, fs in bag_tables.items()], device=device) if bag_tables else None
+        self.ec = EmbeddingCollection(
+            tables=[EmbeddingConfig(name=t, num_embeddings=schema.tables[t].rows,
+                                    embedding_dim=schema.tables[t].dim, feature_names=fs)
+                    for t, fs in seq_table_features.items()], device=device) if seq_table_features else None
+        self.bag_keys = [f for fs in bag_tables.values() for f in fs]
+        self.seq_keys = [f for fs in seq_table_features.values() for f in fs]
+        self.dims = {f: schema.tables[schema.table_of(f)].dim for f in self.features}
+
+    def forward(self, kjt: KeyedJaggedTensor) -> SparseFeatures:
+        """kjt: jagged, keys include this arch's features and sequences -> SparseFeatures."""
+        pooled: Dict[str, torch.Tensor] = {}
+        sequences: Dict[str, torch.Tensor] = {}
+        lengths: Dict[str, torch.Tensor] = {}
+        keys = kjt.keys()
+        if self.ebc is not None:
+            bag_in = kjt.permute([keys.index(k) for k in self.bag_keys])
+            pooled.update(self.ebc(bag_in).to_dict())  # feature -> (B, D)
+        if self.ec is not None:
+            seq_in = kjt.permute([keys.index(k) for k in self.seq_keys])
+            for name, jt in self.ec(seq_in).items():
+                if name in self.max_len:
+                    sequences[name] = jt.to_padded_dense(self.max_len[name])  # (B, L, D)
+                    lengths[name] = jt.lengths().long()  # (B,)
+                else:  # the candidate's single value on a sequence table
+                    pooled[name] = jt.to_padded_dense(1)[:, 0]  # (B, D)
+        return SparseFeatures(pooled=pooled, sequences=sequences, lengths=lengths)
+
+    def table_weights(self) -> Dict[str, torch.Tensor]:
+        """Unsharded table name -> (rows, D) weight (for the serving export)."""
+        out: Dict[str, torch.Tensor] = {}
+        if self.ebc is not None:
+            out.update({name: bag.weight for name, bag in self.ebc.embedding_bags.items()})
+        if self.ec is not None:
+            out.update({name: emb.weight for name, emb in self.ec.embeddings.items()})
+        return out
+
+
+class PaddedLookup(nn.Module):
+    """Plain-PyTorch twin of :class:`SparseArch` for serving: padded table-row ids in, SparseFeatures out.
+
+    Inputs per key: a single-valued feature is (B,) int64, a sequence is (B, L) int64, with -1 for null /
+    padding (padding after the valid elements). Ids are table rows (see ``mkt_torchrec.data.schema.map_ids``).
+
+    Args:
+        schema: the feature schema.
+        arch: the trained SparseArch whose tables are copied (frozen buffers).
+    """
+
+    def __init__(self, schema: SchemaConfig, arch: SparseArch) -> None:
+        super().__init__()
+        weights = arch.table_weights()
+        self.features = list(arch.features)
+        self.sequences = list(arch.sequences)
+        self.table_of = {k: schema.table_of(k) for k in self.features + self.sequences}
+        for table, w in weights.items():
+            self.register_buffer(f"table__{table}", w.detach().clone())
+
+    def _lookup(self, key: str, ids: torch.Tensor) -> torch.Tensor:
+        weight = getattr(self, f"table__{self.table_of[key]}")
+        valid = ids >= 0
+        emb = nn.functional.embedding(ids.clamp(min=0), weight)  # (B, [L,] D)
+        return emb * valid.unsqueeze(-1).to(emb.dtype)
+
+    def forward(self, ids: Dict[str, torch.Tensor]) -> SparseFeatures:
+        pooled = {f: self._lookup(f, ids[f]) for f in self.features}
+        sequences = {s: self._lookup(s, ids[s]) for s in self.sequences}
+        lengths = {s: (ids[s] >= 0).sum(dim=1) for s in self.sequences}
+        return SparseFeatures(pooled=pooled, sequences=sequences, lengths=lengths)
+
+
+def padded_ids(kjt: KeyedJaggedTensor, schema: SchemaConfig, keys: Sequence[str]) -> Dict[str, torch.Tensor]:
+    """KeyedJaggedTensor -> the padded id tensors :class:`PaddedLookup` and the serving export take."""
+    jts = kjt.to_dict()
+    out: Dict[str, torch.Tensor] = {}
+    for k in keys:
+        if k in schema.sequences:
+            out[k] = jts[k].to_padded_dense(schema.sequences[k].max_len, padding_value=-1)  # (B, L)
+        else:
+            out[k] = jts[k].to_padded_dense(1, padding_value=-1)[:, 0]  # (B,)
+    return out
+
+
+class FeatureGroups(NamedTuple):
+    user: torch.Tensor  # (B, d_u)   v_u: user-profile embeddings, concatenated (Eq. 2)
+    seq: torch.Tensor  # (B, d_seq) v_seq: one attention vector per behaviour sequence, concatenated
+    shared: torch.Tensor  # (B, d_sh)  v_shared: entity-shared embeddings, concatenated
+    spec: Dict[str, torch.Tensor]  # entity -> (B, d_spec_e) v_spec: that entity's specific embeddings
+
+
+class GroupArch(nn.Module):
+    """SparseFeatures + dense features -> MKT's feature groups; owns the sequence encoder.
+
+    A dense feature x becomes a D-wide "embedding" x * w (one learned vector w per dense feature), so it
+    joins its group like any categorical feature (and HFA scores it like one).
+
+    Args:
+        schema: the feature schema.
+        seq_cfg: the sequence encoder (both entities' rows share it, paper 3.2.1).
+        entities: entities whose specific block to build (MEM: both; TEM: ``target``).
+        dense_dim: width of a dense feature's embedding.
+
+    Example:
+        >>> groups = GroupArch(cfg.schema, cfg.model.sequence, ("target",))(sparse, batch.dense_features)  # doctest: +SKIP
+    """
+
+    def __init__(self, schema: SchemaConfig, seq_cfg: SequenceEncoderConfig, entities: Sequence[str],
+                 dense_dim: int = 8) -> None:
+        super().__init__()
+        self.user_features = schema.features_of("user")
+        self.shared_features = schema.features_of("shared")
+        self.spec_features = {e: schema.features_of("specific", e) for e in entities}
+        dense_names = list(schema.dense)
+        self.dense_index = {n: i for i, n in enumerate(dense_names)}
+        self.user_dense = schema.dense_of("user")
+        self.shared_dense = schema.dense_of("shared")
+        self.spec_dense = {e: schema.dense_of("specific", e) for e in entities}
+        self.dense_weight = nn.Parameter(torch.randn(len(dense_names), dense_dim) * 0.1)  # (F_dense, D)
+        self.sequences = list(schema.sequences)
+        self.query_of = {s: schema.sequences[s].shared_feature for s in self.sequences}
+        dims = {f: schema.tables[schema.table_of(f)].dim for f in schema.features}
+        self.attention = nn.ModuleDict({
+            s: make_attention(seq_cfg.encoder, dims[self.query_of[s]], seq_cfg.attention_mlp, seq_cfg.heads)
+            for s in self.sequences})
+        self.user_dim = sum(dims[f] for f in self.user_features) + dense_dim * len(self.user_dense)
+        self.seq_dim = sum(dims[self.query_of[s]] for s in self.sequences)
+        self.shared_dim = sum(dims[f] for f in self.shared_features) + dense_dim * len(self.shared_dense)
+        self.spec_dims = {e: [dims[f] for f in self.spec_features[e]] + [dense_dim] * len(self.spec_dense[e])
+                          for e in entities}
+        self.context_dim = self.user_dim + self.seq_dim + self.shared_dim
+
+    def _dense(self, dense: torch.Tensor, names: list[str]) -> list[torch.Tensor]:
+        return [dense[:, self.dense_index[n]: self.dense_index[n] + 1] * self.dense_weight[self.dense_index[n]]
+                for n in names]  # each (B, D)
+
+    def _cat(self, parts: list[torch.Tensor], batch: int, like: torch.Tensor) -> torch.Tensor:
+        return torch.cat(parts, dim=-1) if parts else like.new_zeros(batch, 0)
+
+    def forward(self, sparse: SparseFeatures, dense: torch.Tensor,
+                entities: Optional[Sequence[str]] = None) -> FeatureGroups:
+        """sparse: pooled (B, D) / padded (B, L, D); dense (B, F_dense) -> FeatureGroups.
+
+        ``entities`` limits which specific blocks are built (default: all this arch was built for), so a
+        target-only caller needs no source-specific inputs.
+        """
+        p = sparse.pooled
+        any_t = next(iter(p.values()))
+        b = any_t.shape[0]
+        user = self._cat([p[f] for f in self.user_features] + self._dense(dense, self.user_dense), b, any_t)
+        seq = self._cat([self.attention[s](p[self.query_of[s]], sparse.sequences[s], sparse.lengths[s])
+                         for s in self.sequences], b, any_t)  # (B, d_seq)
+        shared = self._cat([p[f] for f in self.shared_features] + self._dense(dense, self.shared_dense), b, any_t)
+        spec = {e: self._cat([p[f] for f in fs] + self._dense(dense, self.spec_dense[e]), b, any_t)
+                for e, fs in self.spec_features.items() if entities is None or e in entities}
+        return FeatureGroups(user=user, seq=seq, shared=shared, spec=spec)

@@ -1,0 +1,469 @@
+"""Tenrec conversion: tiny CSVs in the two QK layouts, checked against a brute-force reference."""
+
+from __future__ import annotations
+
+import collections
+import json
+import math
+import os
+import random
+from fractions import Fraction
+
+import pyarrow.parquet as pq
+import pytest
+
+from mkt_torchrec.config import load_config
+from mkt_torchrec.data.tenrec import ARTICLE_COLUMNS, VIDEO_COLUMNS, convert
+
+from tests.conftest import REPO
+
+TENREC = os.path.join(REPO, "configs", "tenrec.yaml")
+LEAKS = {"click", "follow", "like", "share", "watching_times", "read_percentage", "read", "read_time", "favorite",
+         "like_count", "comment_count"}
+
+
+def tenrec_config(*overrides: str):
+    return load_config(TENREC, ["data.batch_size=16", "data.num_workers=0", "tenrec.row_group_rows=8",
+                                "tenrec.rows_per_file=32", *overrides])
+
+
+# --------------------------------------------------------------------------------------------------------
+# Writing CSVs
+# --------------------------------------------------------------------------------------------------------
+
+
+def _cell(v, rng: random.Random, as_float: bool = False) -> str:
+    if v is None:
+        return rng.choice(["\\N", ""])
+    return f"{float(v)}" if as_float else str(v)
+
+
+def write_video(path, rows: list[dict], seed: int = 0) -> None:
+    rng = random.Random(seed)
+    with open(path, "w") as f:
+        f.write(",".join(VIDEO_COLUMNS) + "\n")
+        for r in rows:
+            f.write(",".join(_cell(r[c], rng) for c in VIDEO_COLUMNS) + "\n")
+
+
+def write_article(path, rows: list[dict], seed: int = 0) -> None:
+    rng = random.Random(seed)
+    with open(path, "w") as f:
+        f.write(",".join(ARTICLE_COLUMNS) + "\n")
+        for r in rows:  # the real file writes some integer columns as floats ("1.0")
+            f.write(",".join(_cell(r[c], rng, as_float=c in ("click", "gender", "like")) for c in ARTICLE_COLUMNS)
+                    + "\n")
+
+
+def video_row(user, item, like, category=0, gender=1, age=3, **leaks) -> dict:
+    row = {"user_id": user, "item_id": item, "click": 1, "follow": 0, "like": like, "share": 0,
+           "video_category": category, "watching_times": 1, "gender": gender, "age": age}
+    row.update(leaks)
+    return row
+
+
+def article_row(user, item, like, category_second=1001, gender=1, age=3, **other) -> dict:
+    row = {"user_id": user, "item_id": item, "click": 1, "gender": gender, "age": age, "exposure_count": 120,
+           "click_count": 9, "like_count": 1, "comment_count": 0, "read_percentage": 0.5, "item_score1": 3,
+           "item_score2": 2, "category_second": category_second, "category_first": 10, "item_score3": 2.25,
+           "read": 1, "read_time": 33, "share": 0, "like": like, "follow": 0, "favorite": 0}
+    row.update(other)
+    return row
+
+
+def random_rows(seed: int, n_video: int, n_article: int, users: int = 9):
+    rng = random.Random(seed)
+    video = [video_row(rng.randrange(users), rng.randrange(40), int(rng.random() < 0.45),
+                       category=rng.choice([0, 1, None]), gender=rng.choice([0, 1, 2, None]),
+                       age=rng.choice([0, 5, 7, None]), watching_times=rng.randrange(4), share=rng.randrange(2))
+             for _ in range(n_video)]
+    article = [article_row(rng.randrange(users), rng.randrange(40), int(rng.random() < 0.4),
+                           category_second=rng.choice([1001, 1002, None]), item_score1=rng.choice([0, 4, None]),
+                           exposure_count=rng.choice([0, 7, 100000, None]), read_time=rng.randrange(100))
+               for _ in range(n_article)]
+    return video, article
+
+
+def write_pair(tmp_path, video, article, name="in"):
+    d = tmp_path / name
+    d.mkdir(exist_ok=True)
+    write_video(d / "QK-video.csv", video)
+    write_article(d / "QK-article.csv", article)
+    return str(d / "QK-video.csv"), str(d / "QK-article.csv")
+
+
+# --------------------------------------------------------------------------------------------------------
+# Brute-force reference and reading the output
+# --------------------------------------------------------------------------------------------------------
+
+
+def reference(video, article, max_src: int, max_tgt: int, split: str, test_fraction: float) -> list[dict]:
+    """The expected rows in merged time order, by a plain loop over the timeline."""
+    nv, na = len(video), len(article)
+    events = [(Fraction(i, nv), 0, video[i], i) for i in range(nv)]
+    events += [(Fraction(j, na), 1, article[j], j) for j in range(na)]
+    events.sort(key=lambda e: (e[0], e[1]))  # equal times: the video row first
+    keep = 1 - Fraction(str(test_fraction))
+    n_user: dict = {}
+    for _, _, r, _ in events:
+        n_user[r["user_id"]] = n_user.get(r["user_id"], 0) + 1
+    liked = {0: {}, 1: {}}
+    seen: dict = {}
+    out = []
+    for _, ent, r, idx in events:
+        u = r["user_id"]
+        src, tgt = liked[0].setdefault(u, []), liked[1].setdefault(u, [])
+        if split == "per_user":
+            is_test = seen.get(u, 0) >= math.floor(keep * n_user[u])
+        else:
+            is_test = idx >= math.floor(keep * (nv if ent == 0 else na))
+        seen[u] = seen.get(u, 0) + 1
+        out.append({"entity": ent, "user_id": u, "label": r["like"], "item": r["item_id"],
+                    "category": r["video_category"] if ent == 0 else r["category_second"],
+                    "gender": r["gender"], "age": r["age"], "hist_src": src[len(src) - min(len(src), max_src):],
+                    "hist_tgt": tgt[len(tgt) - min(len(tgt), max_tgt):], "activity": len(src) + len(tgt),
+                    "test": is_test})
+        if r["like"]:
+            liked[ent][u].append(r["item_id"])
+    return out
+
+
+def read_split(out: str, split: str) -> list[dict]:
+    manifest = json.load(open(os.path.join(out, "manifest.json")))
+    rows = []
+    for f in manifest["splits"].get(split, []):
+        rows += pq.read_table(os.path.join(out, f["path"])).to_pylist()
+    return rows
+
+
+def check_against_reference(out: str, expected: list[dict]) -> None:
+    item_ids: dict = {}  # (entity, raw item) -> dataset item_id
+    for split in ("train", "test"):
+        exp = [e for e in expected if e["test"] == (split == "test")]
+        got = read_split(out, split)
+        assert len(got) == len(exp), split
+        for g, e in zip(got, exp):
+            assert (g["entity"], g["user_id"], g["label"]) == (e["entity"], e["user_id"], e["label"])
+            assert (g["gender"], g["age"]) == (e["gender"], e["age"])
+            assert (g["category"] is None) == (e["category"] is None)
+            assert item_ids.setdefault((e["entity"], e["item"]), g["item_id"]) == g["item_id"]
+            assert g["activity"] == e["activity"]
+            e["got"] = g
+    # ids are namespaced per entity: one raw id -> one dataset id per entity, never shared across entities
+    assert len(set(item_ids.values())) == len(item_ids)
+    for e in expected:
+        g = e["got"]
+        assert g["hist_source_items"] == [item_ids[(0, i)] for i in e["hist_src"]]
+        assert g["hist_target_items"] == [item_ids[(1, i)] for i in e["hist_tgt"]]
+
+
+# --------------------------------------------------------------------------------------------------------
+# Tests
+# --------------------------------------------------------------------------------------------------------
+
+
+def test_config_loads_and_has_no_leaks():
+    cfg = load_config(TENREC)
+    s = cfg.schema
+    assert not LEAKS & set(s.features)
+    assert {t.dim for t in s.tables.values()} == {8}
+    assert s.features_of("specific", "source") and s.features_of("specific", "target")
+    assert {q.entity for q in s.sequences.values()} == {"source", "target"}
+    import yaml
+    assert "synth" not in yaml.safe_load(open(TENREC))  # no synthetic-data section
+    assert cfg.tenrec.split == "per_user"
+
+
+def test_hand_built_timeline(tmp_path):
+    # 4 video rows at times 0, 1/4, 2/4, 3/4; 2 article rows at 0, 1/2. Merged (video first on ties):
+    # v0 a0 v1 v2 a1 v3
+    video = [video_row(1, 5, 1), video_row(2, 6, 0, category=None), video_row(1, 7, 1), video_row(1, 8, 0)]
+    article = [article_row(1, 5, 1, category_second=None, gender=None), article_row(2, 9, 0)]
+    v, a = write_pair(tmp_path, video, article)
+    cfg = tenrec_config("tenrec.chunk_rows=2", "tenrec.test_fraction=0.25")
+    manifest = convert(v, a, cfg, str(tmp_path / "out"))
+    train, test = read_split(str(tmp_path / "out"), "train"), read_split(str(tmp_path / "out"), "test")
+    # user 1 has 4 rows (v0 a0 v2 v3): the last one is test; user 2 has 2 rows (v1 a1): floor(0.75 * 2) = 1
+    assert [(r["entity"], r["user_id"]) for r in train] == [(0, 1), (1, 1), (0, 2), (0, 1)]
+    assert [(r["entity"], r["user_id"]) for r in test] == [(1, 2), (0, 1)]
+    assert manifest.rows == {"train": {"source": 3, "target": 1}, "test": {"source": 1, "target": 1}}
+    v0, a0, v1, v2 = train
+    a1, v3 = test
+    assert v0["item_id"] != a0["item_id"]  # video item 5 and article item 5 are different ids
+    assert [r["label"] for r in (v0, a0, v1, v2, a1, v3)] == [1, 1, 0, 1, 0, 0]  # label = like
+    assert v0["hist_source_items"] == [] and v0["hist_target_items"] == [] and v0["activity"] == 0
+    assert a0["hist_source_items"] == [v0["item_id"]] and a0["hist_target_items"] == [] and a0["activity"] == 1
+    assert v2["hist_source_items"] == [v0["item_id"]] and v2["hist_target_items"] == [a0["item_id"]]
+    assert v3["hist_source_items"] == [v0["item_id"], v2["item_id"]] and v3["activity"] == 3
+    assert a1["hist_source_items"] == [] and a1["activity"] == 0  # user 2 liked nothing
+    # missing values are null; entity-specific features are null on the other entity
+    assert v1["category"] is None and a0["category"] is None and a0["gender"] is None
+    assert v0["video_category_raw"] == 0 and v0["category_first"] is None and v0["item_score1"] is None
+    assert a0["video_category_raw"] is None and a0["category_first"] == 10 and a0["item_score1"] is not None
+    assert a0["exposure_count_bucket"] > a0["click_count_bucket"]  # 120 vs 9 impressions / clicks
+    assert not LEAKS & set(v0)  # no label or leak column in the dataset
+    src = manifest.source
+    assert src["kind"] == "tenrec" and src["rows"] == {"video": 4, "article": 2} and src["users"] == 2
+
+
+@pytest.mark.parametrize("split, chunk, max_src, max_tgt, seed, n_video, n_article", [
+    ("per_user", 7, 3, 2, 0, 157, 61),      # many windows, small max_len: sequences wrap around
+    ("per_user", 10000, 3, 5, 1, 157, 61),  # one window: truncation inside the window
+    ("global", 13, 5, 1, 2, 157, 61),
+    ("per_user", 1, 50, 50, 3, 157, 61),    # one row per window, nothing truncated
+    ("per_user", 9, 4, 3, 4, 23, 95),       # more articles than videos: windows step through the articles
+    ("global", 5, 2, 2, 6, 40, 40),         # equal lengths: every video row ties with an article row
+])
+def test_sequences_match_brute_force(tmp_path, split, chunk, max_src, max_tgt, seed, n_video, n_article):
+    video, article = random_rows(seed, n_video=n_video, n_article=n_article)
+    v, a = write_pair(tmp_path, video, article)
+    cfg = tenrec_config(f"schema.sequences.hist_source_items.max_len={max_src}",
+                        f"schema.sequences.hist_target_items.max_len={max_tgt}",
+                        f"tenrec.split={split}", f"tenrec.chunk_rows={chunk}")
+    seen = []
+    manifest = convert(v, a, cfg, str(tmp_path / "out"), progress=seen.append)
+    assert sum(seen) == n_video + n_article
+    expected = reference(video, article, max_src, max_tgt, split, cfg.tenrec.test_fraction)
+    check_against_reference(str(tmp_path / "out"), expected)
+    for s in ("train", "test"):
+        for code, ent in ((0, "source"), (1, "target")):
+            assert manifest.rows[s][ent] == sum(1 for e in expected if e["test"] == (s == "test")
+                                                and e["entity"] == code)
+
+
+def test_split_sizes(tmp_path):
+    video, article = random_rows(5, n_video=100, n_article=40, users=5)
+    v, a = write_pair(tmp_path, video, article)
+    m = convert(v, a, tenrec_config("tenrec.split=global"), str(tmp_path / "g"))
+    assert m.rows == {"train": {"source": 80, "target": 32}, "test": {"source": 20, "target": 8}}
+    m = convert(v, a, tenrec_config("tenrec.split=per_user"), str(tmp_path / "u"))
+    per_user = {}
+    for r in video + article:
+        per_user[r["user_id"]] = per_user.get(r["user_id"], 0) + 1
+    assert m.split_rows("test") == sum(n - math.floor(Fraction(4, 5) * n) for n in per_user.values())
+    # every user's test rows come after all of its train rows on the merged timeline
+    ref = reference(video, article, 50, 50, "per_user", 0.2)
+    for u in per_user:
+        flags = [e["test"] for e in ref if e["user_id"] == u]
+        assert flags == sorted(flags)
+
+
+def test_leak_columns_do_not_matter(tmp_path):
+    video, article = random_rows(7, n_video=60, n_article=30)
+    v, a = write_pair(tmp_path, video, article, "one")
+    rng = random.Random(1)
+    for r in video:
+        r.update(click=rng.randrange(2), follow=rng.randrange(2), share=rng.randrange(2),
+                 watching_times=rng.randrange(9))
+    for r in article:
+        r.update(read_percentage=rng.random(), read=rng.randrange(2), read_time=rng.randrange(500),
+                 share=rng.randrange(2), follow=rng.randrange(2), favorite=rng.randrange(2),
+                 like_count=rng.randrange(50), comment_count=rng.randrange(50))
+    v2, a2 = write_pair(tmp_path, video, article, "two")
+    cfg = tenrec_config()
+    convert(v, a, cfg, str(tmp_path / "o1"))
+    convert(v2, a2, cfg, str(tmp_path / "o2"))
+    for split in ("train", "test"):
+        assert read_split(str(tmp_path / "o1"), split) == read_split(str(tmp_path / "o2"), split)
+
+
+def test_reader_reads_the_result(tmp_path):
+    from mkt_torchrec.data.reader import ParquetReader
+
+    video, article = random_rows(11, n_video=120, n_article=50)
+    v, a = write_pair(tmp_path, video, article)
+    cfg = tenrec_config("schema.sequences.hist_source_items.max_len=3")
+    out = str(tmp_path / "out")
+    manifest = convert(v, a, cfg, out)
+    reader = ParquetReader(out, "train", cfg.schema, cfg.data, training=False)
+    n = 0
+    got = collections.Counter()
+    for batch in reader:
+        n += len(batch)
+        assert batch.sparse_features.keys() == cfg.schema.sparse_keys
+        jt = batch.sparse_features.to_dict()
+        assert int(jt["hist_source_items"].lengths().max()) <= 3
+        for f in ("item_id", "user_id"):
+            assert bool((jt[f].lengths() == 1).all())
+        ent = batch.entity.numpy()
+        assert (jt["video_category_raw"].lengths().numpy()[ent == 1] == 0).all()
+        assert (jt["category_first"].lengths().numpy()[ent == 0] == 0).all()
+        assert batch.activity is not None
+        got.update(zip(batch.user_id.tolist(), ent.tolist(), batch.labels.tolist(), batch.activity.tolist(),
+                       jt["hist_target_items"].lengths().tolist()))
+    assert n == manifest.split_rows("train")
+    want = collections.Counter((r["user_id"], r["entity"], float(r["label"]), r["activity"],
+                                len(r["hist_target_items"])) for r in read_split(out, "train"))
+    assert got == want
+
+
+def test_missing_file_and_bad_headers(tmp_path):
+    video, article = random_rows(0, 10, 5)
+    v, a = write_pair(tmp_path, video, article)
+    cfg = tenrec_config()
+    with pytest.raises(ValueError, match="nope.csv.*not found"):
+        convert(str(tmp_path / "nope.csv"), a, cfg, str(tmp_path / "out"))
+    # a missing column
+    text = open(a).read().replace("category_first,", "", 1)
+    bad = tmp_path / "bad-article.csv"
+    bad.write_text(text)
+    with pytest.raises(ValueError, match=r"bad-article\.csv.*missing.*category_first"):
+        convert(v, str(bad), cfg, str(tmp_path / "out"))
+    # an unexpected column
+    lines = open(v).read().splitlines()
+    bad = tmp_path / "bad-video.csv"
+    bad.write_text("\n".join([lines[0] + ",timestamp"] + [ln + ",0" for ln in lines[1:]]) + "\n")
+    with pytest.raises(ValueError, match=r"bad-video\.csv.*unexpected.*timestamp"):
+        convert(str(bad), a, cfg, str(tmp_path / "out"))
+    # the files swapped
+    with pytest.raises(ValueError, match=r"QK-article\.csv.*missing"):
+        convert(a, v, cfg, str(tmp_path / "out"))
+    assert not os.path.exists(tmp_path / "out")
+
+
+@pytest.mark.parametrize("row, column, value, message", [
+    (37, "item_id", "abc", r"column 'item_id', data row 38 \(line 39\): invalid value 'abc'"),
+    (41, "item_id", "4.5", r"column 'item_id', data row 42 \(line 43\).*not an integer"),
+    (45, "like", "2", r"column 'like', data row 46 \(line 47\).*not 0 or 1"),
+    (3, "user_id", "\\N", r"column 'user_id', data row 4 \(line 5\): missing value"),
+    (44, "user_id", "x7", r"column 'user_id', data row 45 \(line 46\): invalid value 'x7'"),
+])
+def test_bad_values_name_file_column_row_and_leave_no_output(tmp_path, row, column, value, message):
+    video, article = random_rows(3, 40, 50)
+    v, a = write_pair(tmp_path, video, article)
+    lines = open(a).read().splitlines()
+    cells = lines[row + 1].split(",")
+    cells[ARTICLE_COLUMNS.index(column)] = value
+    lines[row + 1] = ",".join(cells)
+    open(a, "w").write("\n".join(lines) + "\n")
+    out = tmp_path / "out"
+    with pytest.raises(ValueError, match=r"QK-article\.csv: " + message):
+        convert(v, a, tenrec_config("tenrec.chunk_rows=10"), str(out))  # fails after several windows
+    assert sorted(os.listdir(tmp_path)) == ["in"]  # neither out nor a temporary directory
+
+
+def test_ragged_row_names_the_line(tmp_path):
+    video, article = random_rows(3, 30, 10)
+    v, a = write_pair(tmp_path, video, article)
+    lines = open(v).read().splitlines()
+    lines[20] = "1,2,3"
+    open(v, "w").write("\n".join(lines) + "\n")
+    with pytest.raises(ValueError, match=r"QK-video\.csv: data row 20 \(line 21\): .*Expected 10 columns, got 3"):
+        convert(v, a, tenrec_config(), str(tmp_path / "out"))
+    assert not os.path.exists(tmp_path / "out")
+
+
+def test_interrupted_conversion_leaves_no_dataset(tmp_path):
+    video, article = random_rows(4, 60, 20)
+    v, a = write_pair(tmp_path, video, article)
+    calls = []
+
+    def progress(n):
+        calls.append(n)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        convert(v, a, tenrec_config("tenrec.chunk_rows=10"), str(tmp_path / "out"), progress=progress)
+    assert sorted(os.listdir(tmp_path)) == ["in"]
+    # an existing dataset survives a failed overwrite, and is only replaced by a complete one
+    first = convert(v, a, tenrec_config(), str(tmp_path / "out"))
+    with pytest.raises(FileExistsError):
+        convert(v, a, tenrec_config(), str(tmp_path / "out"))
+    with pytest.raises(KeyboardInterrupt):
+        calls.clear()
+        convert(v, a, tenrec_config("tenrec.chunk_rows=10"), str(tmp_path / "out"), overwrite=True,
+                progress=progress)
+    assert json.load(open(tmp_path / "out" / "manifest.json"))["rows"] == first.rows
+    convert(v, a, tenrec_config("tenrec.split=global"), str(tmp_path / "out"), overwrite=True)
+    assert json.load(open(tmp_path / "out" / "manifest.json"))["source"]["tenrec"]["split"] == "global"
+    assert sorted(os.listdir(tmp_path)) == ["in", "out"]
+
+
+def test_schema_the_converter_cannot_fill(tmp_path):
+    video, article = random_rows(0, 10, 5)
+    v, a = write_pair(tmp_path, video, article)
+    cfg = tenrec_config()
+    cfg.schema.features["watching_times"] = cfg.schema.features["gender"]
+    with pytest.raises(ValueError, match="'watching_times' is not produced"):
+        convert(v, a, cfg, str(tmp_path / "out"))
+    cfg = tenrec_config("schema.features.category_first.entity=source")
+    with pytest.raises(ValueError, match="'category_first' must be declared"):
+        convert(v, a, cfg, str(tmp_path / "out"))
+    assert not os.path.exists(tmp_path / "out")
+
+
+def test_one_empty_file(tmp_path):
+    video, article = random_rows(8, 30, 0)
+    v, a = write_pair(tmp_path, video, article)
+    m = convert(v, a, tenrec_config("tenrec.chunk_rows=7"), str(tmp_path / "out"))
+    assert m.rows["train"]["target"] == 0 and m.split_rows("train") + m.split_rows("test") == 30
+    check_against_reference(str(tmp_path / "out"), reference(video, article, 50, 50, "per_user", 0.2))
+
+
+def test_large_and_negative_user_ids(tmp_path):
+    # ids far from 0..U-1 take the sorted-search path instead of the lookup table
+    video, article = random_rows(9, n_video=80, n_article=30)
+    remap = {u: (-1) ** u * (10 ** 15 + 7919 * u) for u in range(9)}
+    for r in video + article:
+        r["user_id"] = remap[r["user_id"]]
+    v, a = write_pair(tmp_path, video, article)
+    convert(v, a, tenrec_config("tenrec.chunk_rows=9", "schema.sequences.hist_source_items.max_len=4"),
+            str(tmp_path / "out"))
+    check_against_reference(str(tmp_path / "out"), reference(video, article, 4, 50, "per_user", 0.2))
+
+
+def test_category_sequence(tmp_path):
+    # a sequence may mirror the shared category instead of the item id; liked rows without a category are skipped
+    video, article = random_rows(12, n_video=90, n_article=60)
+    v, a = write_pair(tmp_path, video, article)
+    cfg = tenrec_config("schema.sequences.hist_target_items.shared_feature=category", "tenrec.test_fraction=0",
+                        "tenrec.chunk_rows=11", "schema.sequences.hist_target_items.max_len=3")
+    convert(v, a, cfg, str(tmp_path / "out"))
+    rows = read_split(str(tmp_path / "out"), "train")  # all rows, in merged time order
+    assert len(rows) == 150
+    liked: dict = {}
+    for r in rows:
+        hist = liked.setdefault(r["user_id"], [])
+        assert r["hist_target_items"] == hist[-3:]
+        if r["entity"] == 1 and r["label"] == 1 and r["category"] is not None:
+            hist.append(r["category"])
+
+
+def test_conversion_error_without_a_row_number_is_located(tmp_path):
+    # older pyarrow versions do not name the row of a conversion error: the column is re-read to find it
+    import pyarrow as pa
+
+    from mkt_torchrec.data.tenrec import _Csv
+
+    video, article = random_rows(2, 30, 5)
+    v, _ = write_pair(tmp_path, video, article)
+    lines = open(v).read().splitlines()
+    cells = lines[17].split(",")
+    cells[1] = "oops"
+    lines[17] = ",".join(cells)
+    open(v, "w").write("\n".join(lines) + "\n")
+    csv = _Csv(v, "video", VIDEO_COLUMNS)
+    err = csv._diagnose(pa.ArrowInvalid("In CSV column #1: CSV conversion error to double: invalid value 'oops'"),
+                        ["item_id"], 0)
+    assert "column 'item_id', data row 17 (line 18): invalid value 'oops'" in str(err)
+
+
+def test_windows_partition_the_merged_timeline():
+    from mkt_torchrec.data.tenrec import _windows
+
+    rng = random.Random(0)
+    for _ in range(400):
+        nv, na, chunk = rng.randrange(0, 30), rng.randrange(0, 30), rng.randrange(1, 12)
+        if nv + na == 0:
+            continue
+        timeline = sorted([(Fraction(i, nv), 0, i) for i in range(nv)] + [(Fraction(j, na), 1, j) for j in range(na)])
+        pos, v_at, a_at = 0, 0, 0
+        for v_lo, v_hi, a_lo, a_hi in _windows(nv, na, chunk):
+            assert (v_lo, a_lo) == (v_at, a_at)
+            size = v_hi - v_lo + a_hi - a_lo
+            assert 0 < size <= chunk + 2
+            got = sorted((e, i) for _, e, i in timeline[pos: pos + size])
+            assert got == [(0, i) for i in range(v_lo, v_hi)] + [(1, j) for j in range(a_lo, a_hi)]
+            pos, v_at, a_at = pos + size, v_hi, a_hi
+        assert (v_at, a_at) == (nv, na)
