@@ -378,6 +378,71 @@ class ModelConfig:
 
 
 # --------------------------------------------------------------------------------------------------------
+# Training, planning
+# --------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class PlannerConfig:
+    """The topology TorchRec's planner shards for (``mkt plan`` flags override it).
+
+    Args:
+        compute_device: ``auto`` (cuda if available, else cpu), ``cpu`` or ``cuda``.
+        hbm_gb: accelerator memory per rank, GiB.
+        ddr_gb: host memory per rank, GiB.
+        local_world_size: ranks per node (0: all ranks on one node, or LOCAL_WORLD_SIZE when launched).
+        plan_file: a plan written by ``mkt plan``; when set the trainer uses it instead of planning.
+    """
+
+    compute_device: Literal["auto", "cpu", "cuda"] = "auto"
+    hbm_gb: float = 80.0
+    ddr_gb: float = 128.0
+    local_world_size: int = 0
+    plan_file: Optional[str] = None
+
+
+@dataclass
+class TrainConfig:
+    """The trainer (``mkt train``).
+
+    Args:
+        epochs: passes over the training split.
+        max_steps: stop after this many steps in all (0: no limit).
+        embedding_optimizer: fused optimizer of the embedding tables (applied in backward).
+        embedding_lr: its learning rate.
+        dense_optimizer / dense_lr: optimizer of every other parameter.
+        checkpoint_every: steps between checkpoints (0: only at the end).
+        keep_checkpoints: how many complete checkpoints to keep.
+        log_every: steps between log lines / metrics records.
+        seed: seed of parameter initialisation.
+        threads: intra-op threads per rank (1 avoids oversubscribing small machines).
+        planner: topology for TorchRec's planner.
+    """
+
+    epochs: int = 1
+    max_steps: int = 0
+    embedding_optimizer: Literal["rowwise_adagrad", "adagrad", "sgd", "adam"] = "rowwise_adagrad"
+    embedding_lr: float = 0.05
+    dense_optimizer: Literal["adam", "adagrad", "sgd"] = "adam"
+    dense_lr: float = 0.001
+    checkpoint_every: int = 0
+    keep_checkpoints: int = 2
+    log_every: int = 50
+    seed: int = 0
+    threads: int = 1
+    planner: PlannerConfig = field(default_factory=PlannerConfig)
+
+    def _validate(self, key: str) -> None:
+        for name in ("epochs", "threads", "keep_checkpoints", "log_every"):
+            v = getattr(self, name)
+            _check(v >= 1, f"{key}.{name}", f"expected a positive int, got {v}")
+        for name in ("max_steps", "checkpoint_every"):
+            v = getattr(self, name)
+            _check(v >= 0, f"{key}.{name}", f"expected an int >= 0, got {v}")
+        _check(self.embedding_lr > 0 and self.dense_lr > 0, key, "learning rates must be positive")
+
+
+# --------------------------------------------------------------------------------------------------------
 # The whole file
 # --------------------------------------------------------------------------------------------------------
 
@@ -391,7 +456,8 @@ class Config:
     synth: SynthConfig = field(default_factory=SynthConfig)
     tenrec: TenrecConfig = field(default_factory=TenrecConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
-    # Later components (train, eval) keep their raw sections here until their dataclasses land.
+    train: TrainConfig = field(default_factory=TrainConfig)
+    # Later components (eval) keep their raw sections here until their dataclasses land.
     extra: dict[str, Any] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
@@ -403,7 +469,7 @@ class Config:
         return hashlib.sha256(blob).hexdigest()[:16]
 
 
-_SECTIONS_LATER = ("train", "eval", "plan")
+_SECTIONS_LATER = ("eval", "report")
 
 
 def load_config(path: str | os.PathLike, overrides: Sequence[str] = ()) -> Config:

@@ -1,0 +1,1 @@
+"""Distributed training: model assembly, the trainer, checkpoints, evaluation."""
