@@ -148,10 +148,100 @@ def _run_run(args: argparse.Namespace, cfg: Config) -> int:
     return 0
 
 
+# --------------------------------------------------------------------------------------------------------
+# mkt train / evaluate / plan
+# --------------------------------------------------------------------------------------------------------
+
+
+def _add_train(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--stage", required=True, choices=["mem", "tem"],
+                   help="mem: pre-train the multi-entity model on mixed rows; tem: fine-tune the target model")
+    p.add_argument("--data", required=True, help="dataset directory (from mkt synth / mkt tenrec)")
+    p.add_argument("--run-dir", required=True, help="run directory: checkpoints, plan, metrics log, serving export")
+    p.add_argument("--mem-run", default=None, help="stage tem: the stage-1 run directory whose MEM to plug in")
+    p.add_argument("--nproc", type=int, default=0,
+                   help="launch N local processes (torch elastic); 0 (default): join the world the environment "
+                        "describes (torchrun / TorchX), or run as a world of one")
+    p.add_argument("--resume", action="store_true", help="continue from the run directory's latest checkpoint")
+
+
+def _in_world(nproc: int, fn: Callable, *args) -> object:
+    """Run fn(*args) here, or in nproc local processes."""
+    if nproc and nproc > 0:
+        from mkt_torchrec.training.distributed import launch
+
+        return launch(nproc, fn, *args)
+    return fn(*args)
+
+
+def _train_entry(config: str, overrides: list, stage: str, data: str, run_dir: str, resume: bool,
+                 mem_run: Optional[str]) -> dict:
+    import logging
+
+    from mkt_torchrec.training.trainer import train
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    cfg = load_config(config, overrides)
+    try:
+        return train(cfg, stage, data, run_dir, resume=resume, mem_run=mem_run)
+    finally:
+        from mkt_torchrec.training.distributed import shutdown
+
+        shutdown()
+
+
+def _run_train(args: argparse.Namespace, cfg: Config) -> int:
+    summary = _in_world(args.nproc, _train_entry, args.config, args.overrides, args.stage, args.data,
+                        args.run_dir, args.resume, args.mem_run)
+    if summary:
+        print(json.dumps(summary))
+    return 0
+
+
+def _add_evaluate(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--run-dir", required=True, help="a run directory of mkt train")
+    p.add_argument("--data", required=True, help="dataset directory; its test split is scored")
+    p.add_argument("--nproc", type=int, default=0, help="launch N local processes (see mkt train --help)")
+
+
+def _evaluate_entry(config: str, overrides: list, run_dir: str, data: str) -> dict:
+    from mkt_torchrec.training.distributed import shutdown
+    from mkt_torchrec.training.trainer import evaluate
+
+    cfg = load_config(config, overrides)
+    try:
+        return evaluate(cfg, run_dir, data)
+    finally:
+        shutdown()
+
+
+def _run_evaluate(args: argparse.Namespace, cfg: Config) -> int:
+    metrics = _in_world(args.nproc, _evaluate_entry, args.config, args.overrides, args.run_dir, args.data)
+    if metrics:
+        print(json.dumps(metrics))
+    return 0
+
+
+def _add_plan(p: argparse.ArgumentParser) -> None:
+    from mkt_torchrec.planning.cli import add_arguments
+
+    add_arguments(p)
+
+
+def _run_plan(args: argparse.Namespace, cfg: Config) -> int:
+    from mkt_torchrec.planning.cli import run
+
+    return run(args, cfg)
+
+
 _COMMANDS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], None], Handler]] = {
     "synth": ("write a synthetic dataset with planted cross-entity structure", _add_synth, _run_synth),
     "tenrec": ("convert Tenrec's QK-video / QK-article CSVs into a dataset", _add_tenrec, _run_tenrec),
     "inspect": ("read a dataset split back through the reader and summarise it", _add_inspect, _run_inspect),
+    "train": ("train a stage (mem: pre-train, tem: fine-tune) with DistributedModelParallel", _add_train, _run_train),
+    "evaluate": ("score a run on the test split: predictions + metrics.json (AUC, GAUC)", _add_evaluate,
+                 _run_evaluate),
+    "plan": ("plan embedding shards for a topology and write a plan file the trainer accepts", _add_plan, _run_plan),
     "run": ("the main job: synthesise data and run the pipeline end to end", _add_run, _run_run),
 }
 

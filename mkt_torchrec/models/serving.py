@@ -114,8 +114,9 @@ def export_serving(schema: SchemaConfig, model: Union[MKTTarget, MEM], out_dir: 
     program = torch.export.export(serving, (example_ids, example_dense), dynamic_shapes=dynamic, strict=False)
     os.makedirs(out_dir, exist_ok=True)
     path = os.path.join(out_dir, SERVING_FILE)
-    torch.export.save(program, path + ".tmp")
-    os.replace(path + ".tmp", path)
+    partial = os.path.join(out_dir, "model.partial.pt2")
+    torch.export.save(program, partial)
+    os.replace(partial, path)
     spec = {
         "file": SERVING_FILE,
         "inputs": {k: {"shape": ["B", schema.sequences[k].max_len] if k in schema.sequences else ["B"],
