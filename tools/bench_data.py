@@ -39,6 +39,19 @@ def _config(args: argparse.Namespace):
     ])
 
 
+def _peak_rss_mb() -> float:
+    """This process's peak RSS. VmHWM, not ru_maxrss: Linux keeps ru_maxrss across execve, so a child
+    started from the (large) generating process would report the parent's peak."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
 def _read(args: argparse.Namespace) -> None:
     """Child process: read the train split once and print a JSON line."""
     import torch
@@ -55,7 +68,7 @@ def _read(args: argparse.Namespace) -> None:
         values += int(batch.sparse_features.values().numel())
         batches += 1
     seconds = time.perf_counter() - start
-    peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    peak_mb = _peak_rss_mb()
     print(json.dumps({"rows": rows, "batches": batches, "seconds": seconds, "sparse_values": values,
                       "peak_rss_mb": peak_mb}))
 

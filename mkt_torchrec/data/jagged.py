@@ -7,13 +7,18 @@ import numpy as np
 
 def gather_jagged(starts: np.ndarray, lens: np.ndarray, values: np.ndarray) -> np.ndarray:
     """Concatenate ``values[starts[i] : starts[i] + lens[i]]`` over i, without a Python loop."""
-    total = int(lens.sum())
+    keep = lens > 0
+    s, n = starts[keep].astype(np.int64), lens[keep].astype(np.int64)
+    total = int(n.sum())
     if total == 0:
         return values[:0]
-    out_start = np.cumsum(lens)
-    out_start -= lens
-    idx = np.repeat(starts - out_start, lens)  # (total,) per element: start of its row minus its output start
-    idx += np.arange(total, dtype=np.int64)
+    # Index of every output element as a cumulative sum of steps: +1 within a row, and at each row's first
+    # element a jump from the previous row's last index to this row's start (one pass, no arange/repeat).
+    idx = np.ones(total, dtype=np.int64)
+    idx[0] = s[0]
+    firsts = np.cumsum(n[:-1])
+    idx[firsts] = s[1:] - (s[:-1] + n[:-1] - 1)
+    np.cumsum(idx, out=idx)
     return values[idx]
 
 
