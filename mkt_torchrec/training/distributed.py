@@ -39,11 +39,9 @@ def _free_port() -> int:
 
 def init_distributed() -> DistInfo:
     """Join the world from the environment (RANK, WORLD_SIZE, ...), or make a world of one."""
-    if "WORLD_SIZE" not in os.environ:
-        os.environ.update({"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0", "LOCAL_WORLD_SIZE": "1",
-                           "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_free_port())})
-    rank = int(os.environ["RANK"])
-    world = int(os.environ["WORLD_SIZE"])
+    launched = "WORLD_SIZE" in os.environ
+    rank = int(os.environ.get("RANK", "0"))
+    world = int(os.environ.get("WORLD_SIZE", "1"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     local_world = int(os.environ.get("LOCAL_WORLD_SIZE", str(world)))
     if torch.cuda.is_available():
@@ -52,7 +50,11 @@ def init_distributed() -> DistInfo:
     else:
         device, backend = torch.device("cpu"), "gloo"
     if not dist.is_initialized():
-        dist.init_process_group(backend=backend)
+        if launched:
+            dist.init_process_group(backend=backend)
+        else:  # a world of one, without touching the environment
+            dist.init_process_group(backend=backend, init_method=f"tcp://127.0.0.1:{_free_port()}", rank=0,
+                                    world_size=1)
     return DistInfo(rank, world, local_rank, local_world, device, backend)
 
 

@@ -26,7 +26,7 @@ import logging
 import os
 import time
 from dataclasses import asdict
-from typing import Any, Dict, Iterator, Optional, Tuple
+from typing import Any, Dict, Iterator, NamedTuple, Optional, Tuple
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -35,14 +35,12 @@ import torch.distributed as dist
 from torch import nn
 from torchrec.distributed.model_parallel import DefaultDataParallelWrapper, DistributedModelParallel
 from torchrec.distributed.types import ShardingEnv
-from torchrec.optim.apply_optimizer_in_backward import apply_optimizer_in_backward
 from torchrec.optim.keyed import CombinedOptimizer, KeyedOptimizerWrapper
-from torchrec.optim.rowwise_adagrad import RowWiseAdagrad
 
 from mkt_torchrec.config import Config, config_from_dict
 from mkt_torchrec.data.batch import Batch
 from mkt_torchrec.data.reader import ParquetReader
-from mkt_torchrec.planning.plan import load_plan, make_plan, sharders, write_plan
+from mkt_torchrec.planning.plan import attach_embedding_optimizer, load_plan, make_plan, sharders, write_plan
 from mkt_torchrec.training import checkpoint
 from mkt_torchrec.training.build import build_train_module, stage2_uses_mem
 from mkt_torchrec.training.distributed import (DistInfo, all_agree, all_gather_objects, any_true,
@@ -50,8 +48,6 @@ from mkt_torchrec.training.distributed import (DistInfo, all_agree, all_gather_o
 
 log = logging.getLogger("mkt.train")
 
-_EMBEDDING_OPTIMIZERS = {"rowwise_adagrad": RowWiseAdagrad, "adagrad": torch.optim.Adagrad,
-                         "sgd": torch.optim.SGD, "adam": torch.optim.Adam}
 _DENSE_OPTIMIZERS = {"adam": torch.optim.Adam, "adagrad": torch.optim.Adagrad, "sgd": torch.optim.SGD}
 FAIL_AT_STEP_ENV = "MKT_FAIL_AT_STEP"  # testing hook: the last rank dies right after this step
 
@@ -61,25 +57,23 @@ FAIL_AT_STEP_ENV = "MKT_FAIL_AT_STEP"  # testing hook: the last rank dies right 
 # --------------------------------------------------------------------------------------------------------
 
 
-def _trainable_sparse_archs(module: nn.Module, stage: str) -> list[nn.Module]:
-    inner = module.model  # the MEM, or the MKTTarget
-    arch = inner.sparse_arch if stage == "mem" else inner.tem.sparse_arch
-    return [m for m in (arch.ebc, arch.ec) if m is not None]
-
-
 def _compute_device(cfg: Config, info: DistInfo) -> str:
     choice = cfg.train.planner.compute_device
     return info.device.type if choice == "auto" else choice
 
 
-def assemble(cfg: Config, stage: str, info: DistInfo, plan_file: Optional[str] = None
-             ) -> Tuple[DistributedModelParallel, CombinedOptimizer, Any]:
-    """Build, plan and shard the stage module; returns (model, optimizer, plan)."""
+class Assembled(NamedTuple):
+    model: DistributedModelParallel
+    optimizer: CombinedOptimizer
+    plan: Any  # torchrec ShardingPlan
+    plan_meta: Dict[str, Any]  # local_world_size, compute_device (recorded in RUN/plan.json)
+
+
+def assemble(cfg: Config, stage: str, info: DistInfo, plan_file: Optional[str] = None) -> Assembled:
+    """Build, plan and shard the stage module."""
     torch.manual_seed(cfg.train.seed)
     module = build_train_module(cfg, stage, device=torch.device("meta"))
-    emb_cls = _EMBEDDING_OPTIMIZERS[cfg.train.embedding_optimizer]
-    for coll in _trainable_sparse_archs(module, stage):
-        apply_optimizer_in_backward(emb_cls, coll.parameters(), {"lr": cfg.train.embedding_lr})
+    attach_embedding_optimizer(module, cfg, stage)  # fused into backward, for the tables that train
     local_world = cfg.train.planner.local_world_size or info.local_world_size
     device_type = _compute_device(cfg, info)
     plan_file = plan_file or cfg.train.planner.plan_file
@@ -98,7 +92,7 @@ def assemble(cfg: Config, stage: str, info: DistInfo, plan_file: Optional[str] =
     dense_cls = _DENSE_OPTIMIZERS[cfg.train.dense_optimizer]
     dense_opt = KeyedOptimizerWrapper(dense, lambda ps: dense_cls(ps, lr=cfg.train.dense_lr))
     optimizer = CombinedOptimizer([model.fused_optimizer, dense_opt])
-    return model, optimizer, plan
+    return Assembled(model, optimizer, plan, {"local_world_size": local_world, "compute_device": device_type})
 
 
 def train_state(model: nn.Module, optimizer: Optional[CombinedOptimizer]) -> Dict[str, Any]:
@@ -189,10 +183,10 @@ def train(cfg: Config, stage: str, data_dir: str, run_dir: str, resume: bool = F
     if stage == "tem" and stage2_uses_mem(cfg) and not mem_run:
         raise ValueError("stage tem needs --mem-run MEM_RUN_DIR (or model.ablation=no_mem_pretrain)")
     _prepare_run_dir(cfg, stage, data_dir, run_dir, resume, mem_run, info)
-    model, optimizer, plan = assemble(cfg, stage, info)
+    model, optimizer, plan, plan_meta = assemble(cfg, stage, info)
     if info.is_main:
         write_plan(plan, model.module if hasattr(model, "module") else model, os.path.join(run_dir, "plan.json"),
-                   {"stage": stage, "world_size": info.world_size})
+                   {"stage": stage, "world_size": info.world_size, **plan_meta})
     if stage == "tem" and stage2_uses_mem(cfg):
         _load_mem_into_stage2(model, mem_run)  # type: ignore[arg-type]
     entity = "target" if stage == "tem" else None
@@ -356,7 +350,7 @@ def evaluate(cfg: Config, run_dir: str, data_dir: str) -> Dict[str, Any]:
     ckpt = checkpoint.latest_checkpoint(run_dir)
     if ckpt is None:
         raise FileNotFoundError(f"{run_dir}: no complete checkpoint to evaluate")
-    model, _, _ = assemble(cfg, stage, info)
+    model = assemble(cfg, stage, info).model
     state = train_state(model, None)
     checkpoint.load(ckpt, state)
     model.eval()

@@ -1,0 +1,1 @@
+"""Sharding plans: TorchRec's planner for a given topology, plan files (``mkt plan``) and loading them back."""

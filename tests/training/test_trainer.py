@@ -1,0 +1,106 @@
+"""The distributed trainer with real processes: 2 ranks, gloo, CPU (torch elastic launch)."""
+
+import json
+import os
+
+import pytest
+import torch
+
+from mkt_torchrec.cli import main
+from mkt_torchrec.training import checkpoint
+from mkt_torchrec.training.trainer import FAIL_AT_STEP_ENV, load_unsharded
+
+from tests.conftest import QUICKSTART, SMALL, small_config
+
+TRAIN = ["train.log_every=5", "train.checkpoint_every=10", "data.batch_size=256"]
+
+
+def _sets(*extra):
+    out = []
+    for s in (*SMALL, *TRAIN, *extra):
+        out += ["--set", s]
+    return out
+
+
+def _train(stage, data, run, nproc=2, *extra_args, sets=()):
+    args = ["train", "--config", QUICKSTART, *_sets(*sets), "--stage", stage, "--data", data, "--run-dir", run,
+            "--nproc", str(nproc), *extra_args]
+    assert main(args) == 0
+
+
+def _final_state(run, stage, *sets):
+    cfg = small_config(*TRAIN, *sets)
+    return load_unsharded(cfg, stage, checkpoint.latest_checkpoint(run)).state_dict()
+
+
+@pytest.fixture(scope="module")
+def mem_run(small_dataset, tmp_path_factory):
+    run = str(tmp_path_factory.mktemp("runs") / "mem")
+    _train("mem", small_dataset, run)
+    return run
+
+
+def test_stage1_then_stage2_then_evaluate(small_dataset, mem_run, tmp_path):
+    records = [json.loads(line) for line in open(os.path.join(mem_run, "metrics.jsonl"))]
+    assert records and {"step", "loss", "bce", "pdl", "rows_per_s", "dense_lr", "embedding_lr"} <= set(records[0])
+    assert json.load(open(os.path.join(mem_run, "plan.json")))["world_size"] == 2
+
+    tem_run = str(tmp_path / "tem")
+    _train("tem", small_dataset, tem_run, 2, "--mem-run", mem_run)
+    # the frozen MEM inside stage 2 is bit-identical to the stage-1 result
+    mem_state = _final_state(mem_run, "mem")
+    tem_state = _final_state(tem_run, "tem")
+    mem_keys = [k for k in tem_state if k.startswith("model.mem.")]
+    assert mem_keys
+    for k in mem_keys:
+        assert torch.equal(tem_state[k], mem_state["model." + k[len("model.mem."):]]), k
+    assert os.path.isfile(os.path.join(tem_run, "serving", "model.pt2"))
+
+    for run, entities in ((mem_run, {"source", "target"}), (tem_run, {"target"})):
+        assert main(["evaluate", "--config", QUICKSTART, *_sets(), "--run-dir", run, "--data", small_dataset,
+                     "--nproc", "2"]) == 0
+        metrics = json.load(open(os.path.join(run, "metrics.json")))
+        assert entities <= set(metrics) and not ({"source", "target"} - entities) & set(metrics)
+        manifest = json.load(open(os.path.join(small_dataset, "manifest.json")))
+        for e in entities:
+            assert metrics[e]["rows"] == manifest["rows"]["test"][e]  # every test row scored exactly once
+            assert 0.0 <= metrics[e]["auc"] <= 1.0 and 0.0 <= metrics[e]["gauc"] <= 1.0
+        parts = sorted(os.listdir(os.path.join(run, "predictions")))
+        assert parts == ["part-00000.parquet", "part-00001.parquet"]
+
+
+def test_stage2_at_another_world_size(small_dataset, mem_run, tmp_path):
+    tem_run = str(tmp_path / "tem1")
+    _train("tem", small_dataset, tem_run, 1, "--mem-run", mem_run, sets=("train.max_steps=3",))
+    assert json.load(open(os.path.join(tem_run, "plan.json")))["world_size"] == 1
+    mem_state = _final_state(mem_run, "mem")
+    tem_state = _final_state(tem_run, "tem", "train.max_steps=3")
+    for k in (k for k in tem_state if k.startswith("model.mem.")):
+        assert torch.equal(tem_state[k], mem_state["model." + k[len("model.mem."):]]), k
+
+
+def test_killed_run_resumes_to_the_same_parameters(small_dataset, tmp_path, monkeypatch):
+    sets = ("train.max_steps=26", "train.epochs=3")  # about 12 steps per epoch
+    straight = str(tmp_path / "straight")
+    _train("mem", small_dataset, straight, 2, sets=sets)
+
+    killed = str(tmp_path / "killed")
+    monkeypatch.setenv(FAIL_AT_STEP_ENV, "15")
+    with pytest.raises(Exception):
+        _train("mem", small_dataset, killed, 2, sets=sets)
+    monkeypatch.delenv(FAIL_AT_STEP_ENV)
+    assert checkpoint.latest_checkpoint(killed).endswith("step-00000010")
+    _train("mem", small_dataset, killed, 2, "--resume", sets=sets)
+
+    a, b = _final_state(straight, "mem", *sets), _final_state(killed, "mem", *sets)
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+    extra = checkpoint.read_extra(checkpoint.latest_checkpoint(killed))
+    assert extra["step"] == 26 and extra["epoch"] >= 1  # the run crossed an epoch boundary
+
+
+def test_existing_run_dir_needs_resume(small_dataset, mem_run, capsys):
+    code = main(["train", "--config", QUICKSTART, *_sets(), "--stage", "mem", "--data", small_dataset,
+                 "--run-dir", mem_run])
+    assert code == 1 and "--resume" in capsys.readouterr().err

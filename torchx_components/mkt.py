@@ -1,0 +1,265 @@
+"""TorchX components for the MKT workflows: ``pretrain``, ``finetune`` and ``evaluate``.
+
+Each component returns a one-role :py:class:`torchx.specs.AppDef` built by
+:py:func:`torchx.components.dist.ddp`: ``nnodes`` replicas, each running
+``torchrun --nproc_per_node N -m mkt_torchrec.cli <command> ...``. The ``mkt`` commands join the
+torchrun world themselves (gloo on CPU, nccl on CUDA), so nothing here depends on the scheduler.
+
+Positional arguments after the named ones are config overrides, passed on as ``--set KEY=VALUE``::
+
+    torchx run -s local_cwd torchx_components/mkt.py:pretrain \\
+        --config configs/quickstart.yaml --data out/data --run_dir out/runs/mem \\
+        train.max_steps=100 data.batch_size=256
+
+Paths are passed through unchanged: relative ones resolve in the job's working directory (the current
+directory for ``local_cwd``, the image's ``WORKDIR`` in a container). Boolean flags take a value on
+the torchx command line: ``--resume True``.
+
+Note: ``torchx run path/to/mkt.py:fn`` executes this file inside a torchx module, so it imports only
+absolute names and keeps its helpers behind a ``_mkt`` prefix.
+"""
+
+import dataclasses
+from typing import Dict, List, Optional, Tuple
+
+import torchx.specs as specs
+from torchx.components import dist
+
+_MKT_CLI_MODULE = "mkt_torchrec.cli"
+_MKT_PLAN_KEY = "train.planner.plan_file"
+
+
+def pretrain(
+    *overrides: str,
+    config: str,
+    data: str,
+    run_dir: str,
+    resume: bool = False,
+    plan: Optional[str] = None,
+    image: str = ".",
+    nnodes: int = 1,
+    nproc_per_node: int = 2,
+    cpu: int = 8,
+    gpu: int = 0,
+    memMB: int = 32768,
+    h: Optional[str] = None,
+    env: Optional[Dict[str, str]] = None,
+    max_retries: int = 0,
+    rdzv_backend: str = "c10d",
+    rdzv_port: int = 29500,
+    mounts: Optional[List[str]] = None,
+    debug: bool = False,
+) -> specs.AppDef:
+    """
+    Stage 1 of MKT: pretrain the multi-entity model (MEM) on source and target entity data
+    (runs ``mkt train --stage mem`` on nnodes x nproc_per_node workers).
+
+    Args:
+        overrides: config overrides as KEY=VALUE (e.g. train.max_steps=100), each passed as ``--set KEY=VALUE``
+        config: YAML config file (e.g. configs/quickstart.yaml), as seen by the job
+        data: dataset directory written by ``mkt synth`` or ``mkt tenrec``
+        run_dir: run directory for checkpoints, metrics.jsonl and logs (shared by all nodes)
+        resume: continue from the latest checkpoint in run_dir (``--resume True``)
+        plan: sharding plan file written by ``mkt plan`` (sets train.planner.plan_file)
+        image: image holding the installed package: a container image for kubernetes/docker,
+            a directory for the ``local`` scheduler; ignored by ``local_cwd`` (which uses the current directory)
+        nnodes: number of nodes (scheduler replicas)
+        nproc_per_node: worker processes per node (at most gpu when gpu > 0)
+        cpu: cpus per node (ignored when h is given)
+        gpu: gpus per node (ignored when h is given)
+        memMB: memory per node in MB (ignored when h is given)
+        h: a registered named resource (e.g. gpu.xlarge); takes precedence over cpu, gpu and memMB
+        env: extra environment variables for every worker (e.g. NCCL_DEBUG=INFO,LOGLEVEL=INFO)
+        max_retries: how many times the scheduler may restart the job (use with resume True)
+        rdzv_backend: torchrun rendezvous backend (multi-node only)
+        rdzv_port: port on the rank 0 host for the rendezvous store (multi-node only)
+        mounts: mounts for container schedulers (e.g. type=bind,src=/data,dst=/data[,readonly])
+        debug: turn on torch's distributed debug flags (TORCH_DISTRIBUTED_DEBUG=DETAIL, ...)
+    """
+    command = ["train", "--config", config, "--stage", "mem", "--data", data, "--run-dir", run_dir]
+    if resume:
+        command.append("--resume")
+    return _mkt_app(
+        "mkt-pretrain", "trainer", command, overrides, plan=plan, image=image, nnodes=nnodes,
+        nproc_per_node=nproc_per_node, cpu=cpu, gpu=gpu, memMB=memMB, h=h, env=env, max_retries=max_retries,
+        rdzv_backend=rdzv_backend, rdzv_port=rdzv_port, mounts=mounts, debug=debug,
+    )
+
+
+def finetune(
+    *overrides: str,
+    config: str,
+    mem_run: str,
+    data: str,
+    run_dir: str,
+    resume: bool = False,
+    plan: Optional[str] = None,
+    image: str = ".",
+    nnodes: int = 1,
+    nproc_per_node: int = 2,
+    cpu: int = 8,
+    gpu: int = 0,
+    memMB: int = 32768,
+    h: Optional[str] = None,
+    env: Optional[Dict[str, str]] = None,
+    max_retries: int = 0,
+    rdzv_backend: str = "c10d",
+    rdzv_port: int = 29500,
+    mounts: Optional[List[str]] = None,
+    debug: bool = False,
+) -> specs.AppDef:
+    """
+    Stage 2 of MKT: fine-tune the target entity model (TEM) with knowledge from a pretrained, frozen MEM
+    (runs ``mkt train --stage tem`` on nnodes x nproc_per_node workers).
+
+    Args:
+        overrides: config overrides as KEY=VALUE (e.g. train.max_steps=100), each passed as ``--set KEY=VALUE``
+        config: YAML config file (e.g. configs/quickstart.yaml), as seen by the job
+        mem_run: run directory of the finished pretrain job (its checkpoint provides the MEM)
+        data: dataset directory written by ``mkt synth`` or ``mkt tenrec``
+        run_dir: run directory for checkpoints, metrics.jsonl and logs (shared by all nodes)
+        resume: continue from the latest checkpoint in run_dir (``--resume True``)
+        plan: sharding plan file written by ``mkt plan`` (sets train.planner.plan_file)
+        image: image holding the installed package: a container image for kubernetes/docker,
+            a directory for the ``local`` scheduler; ignored by ``local_cwd`` (which uses the current directory)
+        nnodes: number of nodes (scheduler replicas)
+        nproc_per_node: worker processes per node (at most gpu when gpu > 0)
+        cpu: cpus per node (ignored when h is given)
+        gpu: gpus per node (ignored when h is given)
+        memMB: memory per node in MB (ignored when h is given)
+        h: a registered named resource (e.g. gpu.xlarge); takes precedence over cpu, gpu and memMB
+        env: extra environment variables for every worker (e.g. NCCL_DEBUG=INFO,LOGLEVEL=INFO)
+        max_retries: how many times the scheduler may restart the job (use with resume True)
+        rdzv_backend: torchrun rendezvous backend (multi-node only)
+        rdzv_port: port on the rank 0 host for the rendezvous store (multi-node only)
+        mounts: mounts for container schedulers (e.g. type=bind,src=/data,dst=/data[,readonly])
+        debug: turn on torch's distributed debug flags (TORCH_DISTRIBUTED_DEBUG=DETAIL, ...)
+    """
+    command = [
+        "train", "--config", config, "--stage", "tem", "--mem-run", mem_run, "--data", data, "--run-dir", run_dir,
+    ]
+    if resume:
+        command.append("--resume")
+    return _mkt_app(
+        "mkt-finetune", "trainer", command, overrides, plan=plan, image=image, nnodes=nnodes,
+        nproc_per_node=nproc_per_node, cpu=cpu, gpu=gpu, memMB=memMB, h=h, env=env, max_retries=max_retries,
+        rdzv_backend=rdzv_backend, rdzv_port=rdzv_port, mounts=mounts, debug=debug,
+    )
+
+
+def evaluate(
+    *overrides: str,
+    config: str,
+    run_dir: str,
+    data: str,
+    plan: Optional[str] = None,
+    image: str = ".",
+    nnodes: int = 1,
+    nproc_per_node: int = 2,
+    cpu: int = 8,
+    gpu: int = 0,
+    memMB: int = 32768,
+    h: Optional[str] = None,
+    env: Optional[Dict[str, str]] = None,
+    max_retries: int = 0,
+    rdzv_backend: str = "c10d",
+    rdzv_port: int = 29500,
+    mounts: Optional[List[str]] = None,
+    debug: bool = False,
+) -> specs.AppDef:
+    """
+    Evaluate the latest checkpoint of a pretrain or finetune run on the test split (AUC, GAUC, logloss)
+    (runs ``mkt evaluate`` on nnodes x nproc_per_node workers).
+
+    Args:
+        overrides: config overrides as KEY=VALUE (e.g. data.batch_size=4096), each passed as ``--set KEY=VALUE``
+        config: YAML config file the run was trained with, as seen by the job
+        run_dir: run directory of the pretrain or finetune job to evaluate
+        data: dataset directory written by ``mkt synth`` or ``mkt tenrec``
+        plan: sharding plan file written by ``mkt plan`` (sets train.planner.plan_file)
+        image: image holding the installed package: a container image for kubernetes/docker,
+            a directory for the ``local`` scheduler; ignored by ``local_cwd`` (which uses the current directory)
+        nnodes: number of nodes (scheduler replicas)
+        nproc_per_node: worker processes per node (at most gpu when gpu > 0)
+        cpu: cpus per node (ignored when h is given)
+        gpu: gpus per node (ignored when h is given)
+        memMB: memory per node in MB (ignored when h is given)
+        h: a registered named resource (e.g. gpu.xlarge); takes precedence over cpu, gpu and memMB
+        env: extra environment variables for every worker (e.g. NCCL_DEBUG=INFO,LOGLEVEL=INFO)
+        max_retries: how many times the scheduler may restart the job
+        rdzv_backend: torchrun rendezvous backend (multi-node only)
+        rdzv_port: port on the rank 0 host for the rendezvous store (multi-node only)
+        mounts: mounts for container schedulers (e.g. type=bind,src=/data,dst=/data[,readonly])
+        debug: turn on torch's distributed debug flags (TORCH_DISTRIBUTED_DEBUG=DETAIL, ...)
+    """
+    command = ["evaluate", "--config", config, "--run-dir", run_dir, "--data", data]
+    return _mkt_app(
+        "mkt-evaluate", "evaluator", command, overrides, plan=plan, image=image, nnodes=nnodes,
+        nproc_per_node=nproc_per_node, cpu=cpu, gpu=gpu, memMB=memMB, h=h, env=env, max_retries=max_retries,
+        rdzv_backend=rdzv_backend, rdzv_port=rdzv_port, mounts=mounts, debug=debug,
+    )
+
+
+def _mkt_app(
+    app_name: str,
+    role_name: str,
+    command: List[str],
+    overrides: Tuple[str, ...],
+    *,
+    plan: Optional[str],
+    image: str,
+    nnodes: int,
+    nproc_per_node: int,
+    cpu: int,
+    gpu: int,
+    memMB: int,
+    h: Optional[str],
+    env: Optional[Dict[str, str]],
+    max_retries: int,
+    rdzv_backend: str,
+    rdzv_port: int,
+    mounts: Optional[List[str]],
+    debug: bool,
+) -> specs.AppDef:
+    """Validate the shared arguments and build the torchrun job with ``dist.ddp``; copies every container."""
+    if nnodes < 1:
+        raise ValueError(f"nnodes must be >= 1, got {nnodes}")
+    if nproc_per_node < 1:
+        raise ValueError(f"nproc_per_node must be >= 1, got {nproc_per_node}")
+    if h is None and 0 < gpu < nproc_per_node:
+        raise ValueError(f"nproc_per_node={nproc_per_node} exceeds gpu={gpu}: each worker needs its own GPU")
+    if max_retries < 0:
+        raise ValueError(f"max_retries must be >= 0, got {max_retries}")
+    for override in overrides:
+        if "=" not in override or override.startswith("="):
+            raise ValueError(f"config override {override!r} is not KEY=VALUE (e.g. train.max_steps=100)")
+
+    cli_args = list(command)
+    if plan:
+        cli_args += ["--set", f"{_MKT_PLAN_KEY}={plan}"]
+    for override in overrides:  # after the plan, so an explicit override wins
+        cli_args += ["--set", override]
+
+    # A fresh dict: ddp writes into the env it is given. A fixed LOGLEVEL default keeps the AppDef a
+    # function of the arguments alone (ddp would otherwise copy the caller's $LOGLEVEL).
+    job_env = {"LOGLEVEL": "WARNING", **(env or {})}
+    app = dist.ddp(
+        *cli_args,
+        m=_MKT_CLI_MODULE,
+        image=image,
+        name=f"mkt/{app_name}",
+        h=h,
+        cpu=cpu,
+        gpu=gpu,
+        memMB=memMB,
+        j=f"{nnodes}x{nproc_per_node}",
+        env=job_env,
+        max_retries=max_retries,
+        rdzv_port=rdzv_port,
+        rdzv_backend=rdzv_backend,
+        mounts=list(mounts) if mounts else None,
+        debug=debug,
+    )
+    # ddp names the role after the module ("cli"); name it after what it does.
+    (role,) = app.roles
+    return dataclasses.replace(app, roles=[dataclasses.replace(role, name=role_name)])
