@@ -442,6 +442,34 @@ class TrainConfig:
         _check(self.embedding_lr > 0 and self.dense_lr > 0, key, "learning rates must be positive")
 
 
+@dataclass
+class EvalConfig:
+    """Offline evaluation (``mkt evaluate``, ``mkt report``).
+
+    Args:
+        activity_bounds: user-activity group edges by number of past behaviours (paper Table 3: 0-10, 10-30,
+            >30 -> ``[10, 30]``).
+        bootstrap_samples: user-level bootstrap resamples for confidence intervals (0: none).
+        confidence: two-sided confidence level of the intervals.
+        partitions: hash partitions by user for out-of-core GAUC (bounded memory).
+        seed: bootstrap seed.
+    """
+
+    activity_bounds: list[int] = field(default_factory=lambda: [10, 30])
+    bootstrap_samples: int = 200
+    confidence: float = 0.95
+    partitions: int = 16
+    seed: int = 0
+
+    def _validate(self, key: str) -> None:
+        b = self.activity_bounds
+        _check(all(x > 0 for x in b) and b == sorted(set(b)), f"{key}.activity_bounds",
+               f"expected increasing positive ints, got {b}")
+        _check(self.bootstrap_samples >= 0, f"{key}.bootstrap_samples", "expected an int >= 0")
+        _check(0 < self.confidence < 1, f"{key}.confidence", "expected a number in (0, 1)")
+        _check(self.partitions >= 1, f"{key}.partitions", "expected a positive int")
+
+
 # --------------------------------------------------------------------------------------------------------
 # The whole file
 # --------------------------------------------------------------------------------------------------------
@@ -457,7 +485,8 @@ class Config:
     tenrec: TenrecConfig = field(default_factory=TenrecConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
-    # Later components (eval) keep their raw sections here until their dataclasses land.
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    # Later components keep their raw sections here until their dataclasses land.
     extra: dict[str, Any] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
@@ -469,7 +498,7 @@ class Config:
         return hashlib.sha256(blob).hexdigest()[:16]
 
 
-_SECTIONS_LATER = ("eval", "report")
+_SECTIONS_LATER = ("report",)
 
 
 def load_config(path: str | os.PathLike, overrides: Sequence[str] = ()) -> Config:

@@ -18,7 +18,7 @@ from mkt_torchrec.evaluation.metrics import AUCStats, GroupAUCStats, auc_stats, 
 ENTITIES = ("source", "target")
 
 
-def compute_metrics(pred_dir: str) -> Dict[str, Any]:
+def compute_metrics(pred_dir: str, eval_cfg: Any = None) -> Dict[str, Any]:
     """``{entity: {rows, users, positives, auc, gauc, mean_user_auc, users_skipped_single_class}}``.
 
     Raises:
@@ -31,7 +31,7 @@ def compute_metrics(pred_dir: str) -> Dict[str, Any]:
     auc_parts: Dict[str, list[AUCStats]] = {e: [] for e in ENTITIES}
     by_entity: Dict[str, Dict[str, list[np.ndarray]]] = {e: {"u": [], "y": [], "s": []} for e in ENTITIES}
     for path in files:
-        t = pq.read_table(path, columns=["user_id", "entity", "label", "score"])
+        t = pq.read_table(path, columns=["user_id", "entity", "label", "score"])  # TODO(issue 5): groups, CIs
         ent = t.column("entity").to_numpy(zero_copy_only=False)
         for e in ENTITIES:
             m = ent == e

@@ -357,7 +357,8 @@ def evaluate(cfg: Config, run_dir: str, data_dir: str) -> Dict[str, Any]:
     entity = "target" if stage == "tem" else None
     reader = ParquetReader(data_dir, "test", cfg.schema, cfg.data, rank=info.rank, world_size=info.world_size,
                            training=False, entity=entity)
-    cols: Dict[str, list] = {"user_id": [], "entity": [], "label": [], "score": []}
+    cols: Dict[str, list] = {"user_id": [], "entity": [], "label": [], "score": [], "activity": [],
+                             "true_prob": []}
     names = {0: "source", 1: "target"}
     bar = _bar(reader.num_rows() // max(1, reader.plan.batch_size * info.world_size), "evaluate", 0, info.is_main)
     with torch.no_grad():
@@ -370,6 +371,10 @@ def evaluate(cfg: Config, run_dir: str, data_dir: str) -> Dict[str, Any]:
             cols["entity"] += [names[int(e)] for e in batch.entity.tolist()]
             cols["label"].append(batch.labels.numpy())
             cols["score"].append(torch.sigmoid(out.logits.float()).cpu().numpy())
+            if batch.activity is not None:
+                cols["activity"].append(batch.activity.numpy())
+            if batch.true_prob is not None:
+                cols["true_prob"].append(batch.true_prob.numpy())
     bar.close()
     import numpy as np
 
@@ -377,19 +382,24 @@ def evaluate(cfg: Config, run_dir: str, data_dir: str) -> Dict[str, Any]:
     if info.is_main:
         os.makedirs(pred_dir, exist_ok=True)
     dist.barrier()
-    table = pa.table({
-        "user_id": pa.array(np.concatenate(cols["user_id"]) if cols["user_id"] else np.zeros(0, np.int64)),
-        "entity": pa.array(cols["entity"], pa.string()),
-        "label": pa.array(np.concatenate(cols["label"]) if cols["label"] else np.zeros(0, np.float32)),
-        "score": pa.array(np.concatenate(cols["score"]) if cols["score"] else np.zeros(0, np.float32)),
-    })
+    def column(name: str, dtype: Any) -> pa.Array:
+        return pa.array(np.concatenate(cols[name]) if cols[name] else np.zeros(0, dtype))
+
+    arrays = {"user_id": column("user_id", np.int64), "entity": pa.array(cols["entity"], pa.string()),
+              "label": column("label", np.float32), "score": column("score", np.float32)}
+    has = reader.manifest.optional_columns
+    if "activity" in has:
+        arrays["activity"] = column("activity", np.int64)
+    if "true_prob" in has:
+        arrays["true_prob"] = column("true_prob", np.float32)
+    table = pa.table(arrays)
     path = os.path.join(pred_dir, f"part-{info.rank:05d}.parquet")
     pq.write_table(table, path + ".tmp")
     os.replace(path + ".tmp", path)
     dist.barrier()
     metrics: Dict[str, Any] = {}
     if info.is_main:
-        metrics = compute_metrics(pred_dir)
+        metrics = compute_metrics(pred_dir, cfg.eval)
         metrics["run_dir"] = run_dir
         metrics["checkpoint"] = os.path.basename(ckpt)
         metrics["stage"] = stage
