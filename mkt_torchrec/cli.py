@@ -125,26 +125,21 @@ def read_back(cfg: Config, data_dir: str, split: str) -> dict:
 
 
 def _add_run(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--out", required=True, help="output directory (dataset, runs, report)")
-    p.add_argument("--overwrite", action="store_true", help="regenerate the dataset if it exists")
+    p.add_argument("--out", required=True, help="output directory: data/, runs/, report/, summary.json")
+    p.add_argument("--nproc", type=int, default=2, help="local ranks for training and evaluation (default 2)")
+    p.add_argument("--runs", nargs="+", default=None, metavar="NAME",
+                   help="which runs (default all): mkt no_hfa no_pdl no_mem_pretrain no_tem_finetune")
+    p.add_argument("--overwrite", action="store_true", help="delete --out first (default: resume / skip done runs)")
 
 
 def _run_run(args: argparse.Namespace, cfg: Config) -> int:
-    from mkt_torchrec.data.synth import generate
+    from mkt_torchrec.pipeline import ABLATION_RUNS, run_all
 
-    os.makedirs(args.out, exist_ok=True)
-    data_dir = os.path.join(args.out, "data")
-    if args.overwrite or not os.path.exists(os.path.join(data_dir, "manifest.json")):
-        total = int(cfg.synth.source_rows * (1 + cfg.synth.target_ratio))
-        with _progress(total, "synth") as bar:
-            generate(cfg, data_dir, overwrite=True, progress=bar.update)
-    summary = {split: read_back(cfg, data_dir, split) for split in ("train", "test")}
-    path = os.path.join(args.out, "data_summary.json")
-    with open(path + ".tmp", "w", encoding="utf-8") as f:
-        json.dump(summary, f, indent=2)
-    os.replace(path + ".tmp", path)
-    print(json.dumps(summary, indent=2))
-    print(f"wrote {path}")
+    summary = run_all(cfg, args.config, args.overrides, args.out, nproc=args.nproc,
+                      names=args.runs or ABLATION_RUNS, overwrite=args.overwrite)
+    print(json.dumps(summary["target"], indent=2))
+    print(f"report: {os.path.join(summary['report'], 'report.html')} (and report.md); "
+          f"took {summary['seconds']:.0f}s")
     return 0
 
 
@@ -234,6 +229,18 @@ def _run_plan(args: argparse.Namespace, cfg: Config) -> int:
     return run(args, cfg)
 
 
+def _add_report(p: argparse.ArgumentParser) -> None:
+    from mkt_torchrec.evaluation.report_cli import add_arguments
+
+    add_arguments(p)
+
+
+def _run_report(args: argparse.Namespace, cfg: Config) -> int:
+    from mkt_torchrec.evaluation.report_cli import run
+
+    return run(args, cfg)
+
+
 _COMMANDS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], None], Handler]] = {
     "synth": ("write a synthetic dataset with planted cross-entity structure", _add_synth, _run_synth),
     "tenrec": ("convert Tenrec's QK-video / QK-article CSVs into a dataset", _add_tenrec, _run_tenrec),
@@ -242,6 +249,7 @@ _COMMANDS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], None], Handl
     "evaluate": ("score a run on the test split: predictions + metrics.json (AUC, GAUC)", _add_evaluate,
                  _run_evaluate),
     "plan": ("plan embedding shards for a topology and write a plan file the trainer accepts", _add_plan, _run_plan),
+    "report": ("compare evaluated runs side by side: report.html, report.md, plots", _add_report, _run_report),
     "run": ("the main job: synthesise data and run the pipeline end to end", _add_run, _run_run),
 }
 

@@ -44,7 +44,7 @@ def _plain_sparse(schema, arch):
             super().__init__()
             self.tables = nn.ModuleDict({
                 t: nn.Embedding(schema.tables[t].rows, schema.tables[t].dim)
-                for t in {schema.table_of(k) for k in arch.features + arch.sequences}})
+                for t in sorted({schema.table_of(k) for k in arch.features + arch.sequences})})
             self.table_of = {k: schema.table_of(k) for k in arch.features + arch.sequences}
             self.features, self.sequences = arch.features, arch.sequences
             self.max_len = arch.max_len

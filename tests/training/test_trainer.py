@@ -104,3 +104,17 @@ def test_existing_run_dir_needs_resume(small_dataset, mem_run, capsys):
     code = main(["train", "--config", QUICKSTART, *_sets(), "--stage", "mem", "--data", small_dataset,
                  "--run-dir", mem_run])
     assert code == 1 and "--resume" in capsys.readouterr().err
+
+
+def test_plan_file_from_mkt_plan_is_used_by_the_trainer(small_dataset, tmp_path):
+    plan = str(tmp_path / "plan.json")
+    assert main(["plan", "--config", QUICKSTART, *_sets(), "--world-size", "2", "--local-world-size", "2",
+                 "--compute-device", "cpu", "--stage", "mem", "--out", plan]) == 0
+    run = str(tmp_path / "planned")
+    _train("mem", small_dataset, run, 2, sets=("train.max_steps=2", f"train.planner.plan_file={plan}"))
+    given = json.load(open(plan))["modules"]
+    used = json.load(open(os.path.join(run, "plan.json")))["modules"]
+    assert used and used == given
+    with pytest.raises(Exception):  # a plan for another world size is refused, naming it
+        _train("mem", small_dataset, str(tmp_path / "refused"), 1,
+               sets=("train.max_steps=2", f"train.planner.plan_file={plan}"))

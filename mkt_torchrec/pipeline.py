@@ -1,0 +1,124 @@
+"""The main job (``mkt run``): synthetic data -> MEM -> TEM -> baseline and ablations -> evaluation -> report.
+
+Every training and evaluation runs in one process group of ``--nproc`` local ranks (torch elastic), so the
+import and start-up cost is paid once. Runs land in ``OUT/runs/<name>/{mem,tem}``; a rerun skips runs that
+were already evaluated and resumes interrupted ones from their checkpoints. The report compares, for the
+target entity, MKT with the paper's Table 4 ablations and the single-domain baseline (``no_mem_pretrain``):
+
+=================  =============================================  ==========================================
+name               what it trains                                 final model
+=================  =============================================  ==========================================
+mkt                MEM, then TEM with knowledge from the MEM      TEM + MEM target path
+no_hfa             MEM without HFA, then TEM                      TEM + MEM target path
+no_pdl             MEM with gamma = 0, then TEM                   TEM + MEM target path
+no_mem_pretrain    TEM alone (single-domain baseline)             TEM
+no_tem_finetune    (the ``mkt`` MEM)                              MEM target tower
+=================  =============================================  ==========================================
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import time
+from typing import Any, Dict, List, Optional, Sequence
+
+from mkt_torchrec.config import Config, load_config
+
+log = logging.getLogger("mkt.run")
+
+ABLATION_RUNS = ("mkt", "no_hfa", "no_pdl", "no_mem_pretrain", "no_tem_finetune")
+
+
+def _ablation(name: str) -> str:
+    return "none" if name == "mkt" else name
+
+
+def _run_dirs(out: str, name: str) -> Dict[str, str]:
+    """Run directories a named run needs: {"mem": ..., "tem": ...} (one of them may be absent)."""
+    runs = os.path.join(out, "runs")
+    if name == "no_tem_finetune":
+        return {"mem": os.path.join(runs, "mkt", "mem")}  # the MEM's own target tower is the final model
+    if name == "no_mem_pretrain":
+        return {"tem": os.path.join(runs, name, "tem")}
+    return {"mem": os.path.join(runs, name, "mem"), "tem": os.path.join(runs, name, "tem")}
+
+
+def final_run_dir(out: str, name: str) -> str:
+    dirs = _run_dirs(out, name)
+    return dirs.get("tem", dirs.get("mem"))  # type: ignore[return-value]
+
+
+def _evaluated(run_dir: str) -> bool:
+    return os.path.isfile(os.path.join(run_dir, "metrics.json"))
+
+
+def _train_and_evaluate(config: str, overrides: List[str], data: str, out: str, names: List[str]) -> Dict[str, Any]:
+    """Per rank: train and evaluate every named run, in order, in this process group."""
+    import torch.distributed as dist
+
+    from mkt_torchrec.training import checkpoint
+    from mkt_torchrec.training.distributed import shutdown
+    from mkt_torchrec.training.trainer import evaluate, train
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    seconds: Dict[str, float] = {}
+    try:
+        for name in names:
+            start = time.perf_counter()
+            cfg = load_config(config, [*overrides, f"model.ablation={_ablation(name)}"])
+            dirs = _run_dirs(out, name)
+            if "mem" in dirs and not _evaluated(dirs["mem"]):
+                resume = os.path.exists(os.path.join(dirs["mem"], "checkpoints", checkpoint.LATEST))
+                train(cfg, "mem", data, dirs["mem"], resume=resume)
+                evaluate(cfg, dirs["mem"], data)
+            if "tem" in dirs and not _evaluated(dirs["tem"]):
+                resume = os.path.exists(os.path.join(dirs["tem"], "checkpoints", checkpoint.LATEST))
+                train(cfg, "tem", data, dirs["tem"], resume=resume, mem_run=dirs.get("mem"))
+                evaluate(cfg, dirs["tem"], data)
+            seconds[name] = round(time.perf_counter() - start, 1)
+            if dist.get_rank() == 0:
+                log.info("run %s done in %.0fs", name, seconds[name])
+    finally:
+        shutdown()
+    return seconds
+
+
+def run_all(cfg: Config, config_path: str, overrides: Sequence[str], out: str, nproc: int = 2,
+            names: Sequence[str] = ABLATION_RUNS, overwrite: bool = False) -> Dict[str, Any]:
+    """The whole pipeline; returns a summary (also written to OUT/summary.json)."""
+    from mkt_torchrec.data.synth import generate
+    from mkt_torchrec.evaluation.report import write_report
+    from mkt_torchrec.training.distributed import launch
+
+    unknown = [n for n in names if n not in ABLATION_RUNS]
+    if unknown:
+        raise ValueError(f"unknown runs {unknown}; choose from {list(ABLATION_RUNS)}")
+    if overwrite and os.path.exists(out):
+        shutil.rmtree(out)
+    os.makedirs(out, exist_ok=True)
+    started = time.perf_counter()
+    data = os.path.join(out, "data")
+    if not os.path.isfile(os.path.join(data, "manifest.json")):
+        log.info("synthesising data into %s", data)
+        generate(cfg, data, overwrite=True)
+    seconds = launch(nproc, _train_and_evaluate, config_path, list(overrides), data, out, list(names))
+    run_dirs = [final_run_dir(out, n) for n in names]
+    baseline = final_run_dir(out, "no_mem_pretrain") if "no_mem_pretrain" in names else None
+    write_report(run_dirs, os.path.join(out, "report"), baseline=baseline, entity="target",
+                          names=list(names), eval_cfg=cfg.eval)
+    summary = {"out": out, "data": data, "runs": dict(zip(names, run_dirs)), "report": os.path.join(out, "report"),
+               "seconds_per_run": seconds, "seconds": round(time.perf_counter() - started, 1),
+               "target": {n: _target_metrics(d) for n, d in zip(names, run_dirs)}}
+    with open(os.path.join(out, "summary.json.tmp"), "w", encoding="utf-8") as f:
+        json.dump(summary, f, indent=2)
+    os.replace(os.path.join(out, "summary.json.tmp"), os.path.join(out, "summary.json"))
+    return summary
+
+
+def _target_metrics(run_dir: str) -> Optional[Dict[str, Any]]:
+    with open(os.path.join(run_dir, "metrics.json"), encoding="utf-8") as f:
+        m = json.load(f).get("target")
+    return None if m is None else {k: m.get(k) for k in ("auc", "gauc", "auc_ci", "gauc_ci", "rows", "users")}
