@@ -29,6 +29,7 @@ import yaml
 
 ENTITIES: tuple[str, str] = ("source", "target")
 GROUPS: tuple[str, ...] = ("user", "shared", "specific")
+COMPUTE_DEVICES: tuple[str, str] = ("cpu", "cuda")
 
 
 class ConfigError(ValueError):

@@ -34,11 +34,3 @@ def test_existing_output_exits_1_with_message(tmp_path, capsys):
     (tmp_path / "x").mkdir()
     code = main(["synth", "--config", QUICKSTART, *_sets(), "--out", str(tmp_path / "x")])
     assert code == 1 and "already exists" in capsys.readouterr().err
-
-
-def test_run_writes_and_reads_back(tmp_path, capsys):
-    out = tmp_path / "job"
-    assert main(["run", "--config", QUICKSTART, *_sets(), "--out", str(out)]) == 0
-    summary = json.load(open(out / "data_summary.json"))
-    manifest = json.load(open(out / "data" / "manifest.json"))
-    assert summary["train"]["rows"] == manifest["rows"]["train"]

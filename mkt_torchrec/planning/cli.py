@@ -16,19 +16,7 @@ import time
 from collections import Counter
 from typing import Any, Dict, List, Sequence
 
-import torch
-
-from mkt_torchrec.config import Config
-from mkt_torchrec.planning.plan import (
-    COMPUTE_DEVICES,
-    PlanDoesNotFit,
-    attach_embedding_optimizer,
-    check_topology,
-    describe_plan,
-    plan_module,
-    topology,
-    write_plan,
-)
+from mkt_torchrec.config import COMPUTE_DEVICES, Config
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -84,6 +72,12 @@ def _numeric(c: str) -> bool:
 
 
 def run(args: argparse.Namespace, cfg: Config) -> int:
+    # torch / torchrec are imported here, not at module level, so building `mkt`'s parser stays cheap
+    import torch
+
+    from mkt_torchrec.planning.plan import (PlanDoesNotFit, attach_embedding_optimizer, check_topology,
+                                            describe_plan, plan_module, topology, write_plan)
+
     """Plan, print, write; returns the exit code."""
     from mkt_torchrec.training.build import build_train_module
 

@@ -85,13 +85,12 @@ from torchrec.distributed.types import (
     ShardMetadata,
 )
 
-from mkt_torchrec.config import Config
+from mkt_torchrec.config import COMPUTE_DEVICES, Config
 
 FORMAT = "mkt-plan-v1"
 GIB = float(1 << 30)
 REPLICATE_MAX_BYTES = 1 << 20  # tables with at most this many bytes of fp32 weights are replicated (first search)
 RESERVE_PERCENTAGE = 0.15  # the planner's safety margin per rank (HeuristicalStorageReservation)
-COMPUTE_DEVICES = ("cpu", "cuda")
 GRID_SEARCH_BUDGET = 20000  # grid search runs when it has at most BUDGET / world_size proposals
 _HBM_KERNELS = ["dense", "fused"]
 _ROW_SPLIT_TYPES = ("row_wise", "table_row_wise", "grid_shard")
