@@ -37,8 +37,25 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
+def quiet_libraries() -> None:
+    """Silence library chatter that says nothing to a user (TorchRec's per-table sharding notices,
+    fbgemm / torch deprecation notices), so progress bars and our own log lines stay readable."""
+    import logging
+    import warnings
+
+    logging.getLogger("torchrec").setLevel(logging.ERROR)
+    logging.getLogger("torch.distributed.checkpoint").setLevel(logging.ERROR)
+    warnings.filterwarnings("ignore", category=DeprecationWarning)
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    warnings.filterwarnings("ignore", message=".*autograd kernel was not registered.*")
+    warnings.filterwarnings("ignore", message=".*torch.distributed is disabled, unavailable or uninitialized.*")
+    warnings.filterwarnings("ignore", message=".*TypedStorage is deprecated.*")
+    warnings.filterwarnings("ignore", message=".*find_unused_parameters=True was specified.*")
+
+
 def init_distributed() -> DistInfo:
     """Join the world from the environment (RANK, WORLD_SIZE, ...), or make a world of one."""
+    quiet_libraries()
     launched = "WORLD_SIZE" in os.environ
     rank = int(os.environ.get("RANK", "0"))
     world = int(os.environ.get("WORLD_SIZE", "1"))
