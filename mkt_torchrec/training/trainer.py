@@ -157,6 +157,23 @@ def _prepare_run_dir(cfg: Config, stage: str, data_dir: str, run_dir: str, resum
 # --------------------------------------------------------------------------------------------------------
 
 
+def _mem_structure(cfg: Config) -> Dict[str, Any]:
+    """What decides the MEM's parameters: schema and MEM layers (not the TEM, gamma or the data)."""
+    m = asdict(cfg.model)
+    return {"schema": asdict(cfg.schema), "sequence": m["sequence"], "hfa": m["hfa"], "cke": m["cke"],
+            "extractor_layers": m["extractor_layers"], "tower": m["tower"],
+            "no_hfa": cfg.model.ablation == "no_hfa"}
+
+
+def check_mem_run(cfg: Config, mem_run: str) -> None:
+    """Refuse a stage-1 run whose MEM is not the one this config's stage 2 builds, naming what differs."""
+    mine, theirs = _mem_structure(cfg), _mem_structure(run_config(mem_run))
+    differ = sorted(k for k in mine if mine[k] != theirs[k])
+    if differ:
+        raise ValueError(f"{mem_run}: its MEM was trained with other settings for {differ} than this config "
+                         "(stage 2 must use the stage-1 schema and MEM layers; model.ablation no_hfa counts)")
+
+
 def _load_mem_into_stage2(model: DistributedModelParallel, mem_run: str) -> str:
     """DCP-load the stage-1 MEM (its latest checkpoint) into the frozen MEM of the stage-2 model."""
     ckpt = checkpoint.latest_checkpoint(mem_run)
@@ -182,6 +199,8 @@ def train(cfg: Config, stage: str, data_dir: str, run_dir: str, resume: bool = F
     torch.set_num_threads(cfg.train.threads)
     if stage == "tem" and stage2_uses_mem(cfg) and not mem_run:
         raise ValueError("stage tem needs --mem-run MEM_RUN_DIR (or model.ablation=no_mem_pretrain)")
+    if stage == "tem" and stage2_uses_mem(cfg):
+        check_mem_run(cfg, mem_run)  # type: ignore[arg-type]
     _prepare_run_dir(cfg, stage, data_dir, run_dir, resume, mem_run, info)
     model, optimizer, plan, plan_meta = assemble(cfg, stage, info)
     if info.is_main:
@@ -340,12 +359,20 @@ def _padded_stream(reader: ParquetReader, device: torch.device) -> Iterator[Tupl
 
 
 def evaluate(cfg: Config, run_dir: str, data_dir: str) -> Dict[str, Any]:
-    """Score the test split with the run's latest checkpoint; write predictions and RUN/metrics.json."""
+    """Score the test split with the run's latest checkpoint; write predictions and RUN/metrics.json.
+
+    The model (schema, layers, ablation, planner) is the run's own, from RUN/run.json; ``cfg`` contributes
+    the evaluation settings (``eval``), batch size and threads.
+    """
     from mkt_torchrec.evaluation.report_metrics import compute_metrics
 
+    run = read_run(run_dir)
+    evaluation = cfg
+    cfg = run_config(run_dir)
+    cfg.eval, cfg.train.threads, cfg.data.batch_size = evaluation.eval, evaluation.train.threads, evaluation.data.batch_size
+    cfg.train.planner.plan_file = None  # evaluation may run at another world size: plan afresh
     info = init_distributed()
     torch.set_num_threads(cfg.train.threads)
-    run = read_run(run_dir)
     stage = run["stage"]
     ckpt = checkpoint.latest_checkpoint(run_dir)
     if ckpt is None:

@@ -118,3 +118,9 @@ def test_plan_file_from_mkt_plan_is_used_by_the_trainer(small_dataset, tmp_path)
     with pytest.raises(Exception):  # a plan for another world size is refused, naming it
         _train("mem", small_dataset, str(tmp_path / "refused"), 1,
                sets=("train.max_steps=2", f"train.planner.plan_file={plan}"))
+
+
+def test_stage2_refuses_a_mem_of_another_structure(small_dataset, mem_run, tmp_path, capsys):
+    code = main(["train", "--config", QUICKSTART, *_sets("model.ablation=no_hfa"), "--stage", "tem",
+                 "--data", small_dataset, "--run-dir", str(tmp_path / "tem"), "--mem-run", mem_run])
+    assert code == 1 and "['no_hfa']" in capsys.readouterr().err
