@@ -17,11 +17,12 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import subprocess
 import sys
 import tempfile
 import time
+
+from _bench import peak_rss_mb
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
@@ -37,19 +38,6 @@ def _config(args: argparse.Namespace):
         f"data.batch_size={args.batch_size}", f"data.num_workers={args.num_workers}",
         "schema.tables.user_id.rows=%d" % max(1000, users * 2),
     ])
-
-
-def _peak_rss_mb() -> float:
-    """This process's peak RSS. VmHWM, not ru_maxrss: Linux keeps ru_maxrss across execve, so a child
-    started from the (large) generating process would report the parent's peak."""
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) / 1024
-    except OSError:
-        pass
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def _read(args: argparse.Namespace) -> None:
@@ -68,7 +56,7 @@ def _read(args: argparse.Namespace) -> None:
         values += int(batch.sparse_features.values().numel())
         batches += 1
     seconds = time.perf_counter() - start
-    peak_mb = _peak_rss_mb()
+    peak_mb = peak_rss_mb()
     print(json.dumps({"rows": rows, "batches": batches, "seconds": seconds, "sparse_values": values,
                       "peak_rss_mb": peak_mb}))
 

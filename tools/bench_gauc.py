@@ -24,12 +24,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import shutil
 import subprocess
 import sys
 import tempfile
 import time
+
+from _bench import peak_rss_mb
 
 import numpy as np
 
@@ -38,18 +39,6 @@ sys.path.insert(0, REPO)
 
 CHUNK_ROWS = 1 << 20
 RANK_FILES = 8
-
-
-def _peak_rss_mb() -> float:
-    """This process's peak RSS (VmHWM; ru_maxrss would include a parent's peak across execve)."""
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) / 1024
-    except OSError:
-        pass
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def _log(msg: str) -> None:
@@ -141,7 +130,7 @@ def _in_memory(args: argparse.Namespace) -> dict:
         "rows_per_s": round(rows_per_s),
         "baseline_rows_per_s": round(baseline_rows_per_s),
         "speedup": round(rows_per_s / baseline_rows_per_s, 1),
-        "peak_rss_mb": round(_peak_rss_mb(), 1),
+        "peak_rss_mb": round(peak_rss_mb(), 1),
         "seconds": round(min(times), 3),
         "threads": 1,
         "baseline_rows": len(df),
@@ -197,7 +186,7 @@ def _compute(args: argparse.Namespace) -> dict:
     seconds = time.perf_counter() - t0
     summary = {e: {k: m[e][k] for k in ("rows", "users", "auc", "gauc", "auc_ci", "gauc_ci", "ceiling")}
                for e in ("source", "target") if e in m}
-    return {"seconds": seconds, "peak_rss_mb": _peak_rss_mb(), "metrics": summary}
+    return {"seconds": seconds, "peak_rss_mb": peak_rss_mb(), "metrics": summary}
 
 
 def _out_of_core(args: argparse.Namespace) -> dict:

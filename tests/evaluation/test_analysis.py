@@ -134,8 +134,8 @@ def test_paired_better_run(runs, tmp_path):
     for name in ("auc", "gauc"):
         lo, hi = r[f"{name}_diff_ci"]
         assert 0 < lo <= r[f"{name}_diff"] <= hi
-    # The paired interval is narrower than the unpaired intervals would suggest.
-    assert hi - lo < (m_a["gauc_ci"][1] - m_a["gauc_ci"][0]) + (m_b["gauc_ci"][1] - m_b["gauc_ci"][0])
+        # The paired interval is narrower than the two runs' own intervals added up.
+        assert hi - lo < (m_a[f"{name}_ci"][1] - m_a[f"{name}_ci"][0]) + (m_b[f"{name}_ci"][1] - m_b[f"{name}_ci"][0])
     # Out of core: the same answer.
     assert paired_comparison(a, b, "target", cfg, spill_dir=str(tmp_path)) == r
     # Reversed runs: negated differences.
