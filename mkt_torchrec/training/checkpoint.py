@@ -2,7 +2,8 @@
 
 Layout of a run directory::
 
-    RUN/checkpoints/step-00000100/   DCP files (every rank writes its shards) + extra.json (rank 0)
+    RUN/checkpoints/step-00000100/   DCP files (every rank writes its shards) + extra.json (rank 0: step,
+                                     epoch, every rank's reader position, the sharding plan)
     RUN/checkpoints/latest           the name of the newest COMPLETE checkpoint
 
 ``latest`` is replaced (write temp + rename) only after ``dcp.save`` returned on every rank and

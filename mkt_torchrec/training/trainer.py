@@ -203,9 +203,13 @@ def train(cfg: Config, stage: str, data_dir: str, run_dir: str, resume: bool = F
         check_mem_run(cfg, mem_run)  # type: ignore[arg-type]
     _prepare_run_dir(cfg, stage, data_dir, run_dir, resume, mem_run, info)
     model, optimizer, plan, plan_meta = assemble(cfg, stage, info)
+    plan_record: Dict[str, Any] = {}
     if info.is_main:
-        write_plan(plan, model.module if hasattr(model, "module") else model, os.path.join(run_dir, "plan.json"),
+        plan_path = os.path.join(run_dir, "plan.json")
+        write_plan(plan, model.module if hasattr(model, "module") else model, plan_path,
                    {"stage": stage, "world_size": info.world_size, **plan_meta})
+        with open(plan_path, encoding="utf-8") as f:
+            plan_record = json.load(f)  # every checkpoint records the plan it was saved under
     if stage == "tem" and stage2_uses_mem(cfg):
         _load_mem_into_stage2(model, mem_run)  # type: ignore[arg-type]
     entity = "target" if stage == "tem" else None
@@ -227,7 +231,7 @@ def train(cfg: Config, stage: str, data_dir: str, run_dir: str, resume: bool = F
         readers = all_gather_objects(reader.state_dict(), info.world_size)
         checkpoint.save(run_dir, step, train_state(model, optimizer),
                         {"step": step, "epoch": epoch, "readers": readers, "world_size": info.world_size,
-                         "stage": stage}, info.is_main, cfg.train.keep_checkpoints)
+                         "stage": stage, "plan": plan_record}, info.is_main, cfg.train.keep_checkpoints)
 
     fail_at = int(os.environ.get(FAIL_AT_STEP_ENV, "0"))
     tc = cfg.train

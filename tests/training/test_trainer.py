@@ -98,6 +98,8 @@ def test_killed_run_resumes_to_the_same_parameters(small_dataset, tmp_path, monk
         assert torch.equal(a[k], b[k]), k
     extra = checkpoint.read_extra(checkpoint.latest_checkpoint(killed))
     assert extra["step"] == 26 and extra["epoch"] >= 1  # the run crossed an epoch boundary
+    assert extra["plan"]["world_size"] == 2 and extra["plan"]["modules"]  # the plan it was saved under
+    assert len(extra["readers"]) == 2 and {"epoch", "positions"} <= set(extra["readers"][1])
 
 
 def test_existing_run_dir_needs_resume(small_dataset, mem_run, capsys):
