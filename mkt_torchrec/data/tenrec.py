@@ -78,19 +78,19 @@ EXCLUDED = {
 
 # feature -> (csv column, transform) per file. Transforms: "int" (integer id as is), "ns" (integer id
 # namespaced by entity: 2 * x + entity), "score" (log bucket, 8 per octave), "count" (log bucket, 2 per octave).
-VIDEO_FEATURES = {
+_USER_AND_ITEM = {  # the user profile and the item id: the same columns in both files
     "user_id": ("user_id", "int"),
     "gender": ("gender", "int"),
     "age": ("age", "int"),
     "item_id": ("item_id", "ns"),
+}
+VIDEO_FEATURES = {
+    **_USER_AND_ITEM,
     "category": ("video_category", "ns"),
     "video_category_raw": ("video_category", "int"),
 }
 ARTICLE_FEATURES = {
-    "user_id": ("user_id", "int"),
-    "gender": ("gender", "int"),
-    "age": ("age", "int"),
-    "item_id": ("item_id", "ns"),
+    **_USER_AND_ITEM,
     "category": ("category_second", "ns"),
     "category_first": ("category_first", "int"),
     "item_score1": ("item_score1", "score"),
