@@ -8,7 +8,8 @@ Layout::
 
 :class:`DatasetWriter` writes into ``DIR.tmp-<pid>`` and renames it to ``DIR`` only when every file and the
 manifest are complete, so an interrupted run never leaves a dataset that looks finished.
-:func:`open_dataset` reads the manifest and checks every file's footer against the config's schema.
+:func:`open_dataset` reads the manifest and checks every file's footer against the config's schema;
+:func:`open_dataset_shared` does the same for all ranks of a process group, reading each footer once in total.
 """
 
 from __future__ import annotations
@@ -221,12 +222,8 @@ class DatasetWriter:
         self._closed = True
 
 
-def open_dataset(data_dir: str, schema: SchemaConfig, check_files: bool = True) -> Manifest:
-    """Read ``DIR/manifest.json`` and check that every file has the columns ``schema`` needs.
-
-    Raises:
-        FileNotFoundError / ValueError: naming the directory, file and column at fault.
-    """
+def _read_manifest(data_dir: str) -> Manifest:
+    """Read and parse ``DIR/manifest.json`` (no file checks)."""
     path = os.path.join(data_dir, MANIFEST)
     if not os.path.isfile(path):
         hint = " (an interrupted write leaves only a .tmp-* directory)" if os.path.isdir(data_dir) else ""
@@ -236,15 +233,126 @@ def open_dataset(data_dir: str, schema: SchemaConfig, check_files: bool = True) 
             raw = json.load(f)
     except (OSError, json.JSONDecodeError) as e:
         raise ValueError(f"{path}: unreadable manifest: {e}") from None
-    manifest = Manifest.from_json(raw, path)
+    return Manifest.from_json(raw, path)
+
+
+def _files_in_order(manifest: Manifest) -> list[FileInfo]:
+    """Every file of every split, in manifest order (the order checks report failures in)."""
+    return [fi for files in manifest.splits.values() for fi in files]
+
+
+def _check_file(data_dir: str, fi: FileInfo, expected: pa.Schema) -> None:
+    """Read one file's footer and check its columns; raise ``ValueError`` naming the file and column."""
+    fpath = os.path.join(data_dir, fi.path)
+    try:
+        file_schema = pq.read_schema(fpath)
+    except (OSError, pa.ArrowException) as e:
+        raise ValueError(f"{fpath}: unreadable Parquet file: {e}") from None
+    check_columns(file_schema, expected, fpath)
+
+
+def open_dataset(data_dir: str, schema: SchemaConfig, check_files: bool = True) -> Manifest:
+    """Read ``DIR/manifest.json`` and check that every file has the columns ``schema`` needs.
+
+    Every call reads every file's footer; in a process group use :func:`open_dataset_shared`, which reads
+    each footer once in total.
+
+    Raises:
+        FileNotFoundError / ValueError: naming the directory, file and column at fault.
+    """
+    manifest = _read_manifest(data_dir)
     if check_files:
         expected = arrow_schema(schema)
-        for split, files in manifest.splits.items():
-            for fi in files:
-                fpath = os.path.join(data_dir, fi.path)
-                try:
-                    file_schema = pq.read_schema(fpath)
-                except (OSError, pa.ArrowException) as e:
-                    raise ValueError(f"{fpath}: unreadable Parquet file: {e}") from None
-                check_columns(file_schema, expected, fpath)
+        for fi in _files_in_order(manifest):
+            _check_file(data_dir, fi, expected)
+    return manifest
+
+
+# An error carried through a collective: (exception class name, message). Only these classes travel as
+# themselves; anything else arrives as a RuntimeError naming its class and the rank it happened on.
+_CARRIED = {"FileNotFoundError": FileNotFoundError, "ValueError": ValueError}
+
+
+def _carry(e: BaseException, rank: int) -> tuple[str, str]:
+    if type(e).__name__ in _CARRIED and type(e) is _CARRIED[type(e).__name__]:
+        return type(e).__name__, str(e)
+    return "RuntimeError", f"rank {rank}: {type(e).__name__}: {e}"
+
+
+def _raise_carried(err: tuple[str, str], local: Optional[BaseException]) -> None:
+    """Raise the carried error. The rank it happened on (``local`` set) re-raises its own exception, with its
+    traceback, when that travels as itself, and otherwise chains it as the cause of the RuntimeError."""
+    kind, msg = err
+    if local is not None and kind in _CARRIED:
+        raise local
+    raise _CARRIED.get(kind, RuntimeError)(msg) from local
+
+
+def open_dataset_shared(data_dir: str, schema: SchemaConfig, group: Any = None) -> Manifest:
+    """:func:`open_dataset` for every rank of a process group, reading each file's footer once in total.
+
+    Rank 0 of ``group`` reads the manifest and broadcasts it, so every rank returns an equal
+    :class:`Manifest`. The footer checks are split across the ranks (file ``i`` of the manifest order is
+    checked by rank ``i % world_size``) and the outcomes are gathered, so every rank learns of every bad
+    file. Only object collectives are used (valid on gloo and, with the CUDA device set, on NCCL).
+
+    Every rank of ``group`` must call it. Errors never leave a rank out of a collective: each rank takes part
+    in both collectives and carries its error through them, then every rank raises the same exception (the
+    manifest's error, or else the first failing file in manifest order) with the message
+    :func:`open_dataset` gives. With ``torch.distributed`` uninitialised or a world of one it *is*
+    :func:`open_dataset`.
+
+    Args:
+        data_dir: the dataset directory (the same path on every rank).
+        schema: the feature schema the files must satisfy.
+        group: the process group; ``None`` for the default one.
+
+    Raises:
+        FileNotFoundError / ValueError: on every rank, naming the directory, file and column at fault.
+        RuntimeError: on every rank, if a rank failed in an unexpected way (names the rank and error).
+
+    Example:
+        >>> info = init_distributed()                                        # doctest: +SKIP
+        >>> manifest = open_dataset_shared("data/ds", cfg.schema)            # doctest: +SKIP
+        >>> reader = ParquetReader("data/ds", "train", cfg.schema, cfg.data, info.rank, info.world_size,
+        ...                        manifest=manifest)                        # doctest: +SKIP
+    """
+    import torch.distributed as dist
+
+    if not dist.is_available() or not dist.is_initialized() or dist.get_world_size(group) == 1:
+        return open_dataset(data_dir, schema)
+    rank, world = dist.get_rank(group), dist.get_world_size(group)
+
+    # 1. Rank 0 reads the manifest; every rank receives it, or the error reading it.
+    local: Optional[BaseException] = None
+    payload: list[Any] = [None]
+    if rank == 0:
+        try:
+            payload = [("ok", _read_manifest(data_dir))]
+        except Exception as e:  # noqa: BLE001 - carried to every rank below
+            local, payload = e, [("error", _carry(e, rank))]
+    src = 0 if group is None else dist.get_global_rank(group, 0)
+    dist.broadcast_object_list(payload, src=src, group=group)
+    status, value = payload[0]
+    if status == "error":
+        _raise_carried(value, local)
+    manifest: Manifest = value
+
+    # 2. Each rank checks its share of the footers and reports its first failure (index, error); the first
+    # failure overall is then the one with the smallest index.
+    outcome: Optional[tuple[int, tuple[str, str]]] = None
+    files = _files_in_order(manifest)
+    i = rank
+    try:
+        expected = arrow_schema(schema)
+        for i in range(rank, len(files), world):
+            _check_file(data_dir, files[i], expected)
+    except Exception as e:  # noqa: BLE001 - carried to every rank below
+        local, outcome = e, (i, _carry(e, rank))
+    outcomes: list[Optional[tuple[int, tuple[str, str]]]] = [None] * world
+    dist.all_gather_object(outcomes, outcome, group=group)
+    failures = [o for o in outcomes if o is not None]
+    if failures:
+        first = min(failures, key=lambda o: o[0])
+        _raise_carried(first[1], local if first == outcome else None)
     return manifest

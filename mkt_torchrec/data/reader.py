@@ -1,15 +1,21 @@
-"""Streaming Parquet -> :class:`Batch` reader with exact, resumable sharding.
+"""Streaming Parquet -> :class:`Batch` reader with exact, balanced and resumable sharding.
 
-Work is split by row group. For each epoch the split's row groups are listed (shuffled with
-``seed + epoch`` when training) and dealt round-robin to ``world_size * num_workers`` slots, so across all
-ranks and workers every row is read exactly once per epoch. A slot reads its row groups in windows of
-up to ``shuffle_window_rows`` rows; each window is read (only the needed columns), its ids are mapped to table rows,
-its sequences truncated to ``max_len``, and its rows permuted with a seed of (seed, epoch, slot, window).
-Batches are cut from the stream of windows (a batch may span two windows).
+An epoch's rows are the split's row groups in the epoch's order (shuffled with ``seed + epoch`` when training),
+numbered ``0 .. N-1``. They are dealt to ``world_size * max(1, num_workers)`` *slots* in contiguous shares of
+equal size (to one row: a row group is split between two slots where a share ends inside it), so every rank reads
+the same number of rows, a split with fewer row groups than ranks still feeds every rank, and across all ranks and
+workers every row is read exactly once per epoch. A slot reads its share in *windows* of at most
+``shuffle_window_rows`` rows: each window is read (only the needed columns), permuted with a seed of
+(seed, epoch, window start, window end), filtered to the wanted entity, its ids mapped to table rows and its
+sequences truncated to ``max_len``. Batches are cut from the stream of windows (a batch may span two windows).
 
-A slot's position is ``(epoch, window, offset)``: the next unread row of the permuted window. The reader's
-:meth:`ParquetReader.state_dict` holds every slot's position plus which worker yields next, so a resumed run
-yields exactly the batches an uninterrupted one would have. Memory is bounded by one window per slot.
+A window is ``[a, b, k0, k1]``: positions ``k0 .. k1-1`` of rows ``a .. b-1`` taken in the window's order.
+Positions count raw rows (before the entity filter), so all of this is known from the manifest without reading
+data. A slot's position is ``(window, offset)``. :meth:`ParquetReader.state_dict` holds every slot's windows and
+position plus which worker yields next, so a resumed run yields exactly the batches an uninterrupted one would have.
+A run restarted at another world size or worker count loads the states of *all* saved ranks: the windows no old
+slot has finished are cut and dealt to the new slots in equal shares (``_resplit``), so the epoch continues with
+no row read twice or skipped. Memory is bounded by one window (plus one cached row group) per slot.
 
 Example:
     >>> reader = ParquetReader("data/ds", "train", cfg.schema, cfg.data)   # doctest: +SKIP
@@ -20,7 +26,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
-from typing import Any, Iterator, Optional
+from typing import Any, Callable, Iterator, Optional, Sequence, Union
 
 import numpy as np
 import pyarrow as pa
@@ -36,7 +42,7 @@ from mkt_torchrec.data.dataset import Manifest, open_dataset
 from mkt_torchrec.data.jagged import gather_jagged, offsets_of
 from mkt_torchrec.data.schema import map_ids
 
-STATE_VERSION = 1
+STATE_VERSION = 2
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -73,9 +79,11 @@ class _Decoder:
         self.optional = [c for c in ("true_prob", "activity") if c in optional_columns]
         self.columns = ["entity", "label"] + self.keys + list(schema.dense) + self.optional
 
-    def decode(self, t: pa.Table, perm: Optional[np.ndarray], where: str) -> _Window:
-        n = t.num_rows
-        order = np.arange(n, dtype=np.int64) if perm is None else perm
+    def decode(self, t: pa.Table, order: np.ndarray, locate: Callable[[int], tuple[str, int]]) -> _Window:
+        """Decode rows ``order`` (indices into ``t``, in that order) of ``t``; ``locate(i)`` names the file, row
+        group and row of row ``i`` of ``t`` for error messages."""
+        n = len(order)
+        where = locate(0)[0] if t.num_rows else "(empty window)"
         lengths, offsets, values = [], [], []
         for key, table_name, max_len in zip(self.keys, self.tables, self.max_len):
             col = t.column(key)
@@ -91,8 +99,8 @@ class _Decoder:
                     vals = arr.to_numpy()[order]
             else:  # list<int64>: keep the last max_len elements
                 if arr.null_count:
-                    bad = int(np.flatnonzero(~arr.is_valid().to_numpy(zero_copy_only=False))[0])
-                    raise ValueError(f"{where}: column {key!r} row {bad}: null sequence (use an empty list)")
+                    place, row = locate(int(np.flatnonzero(~arr.is_valid().to_numpy(zero_copy_only=False))[0]))
+                    raise ValueError(f"{place}: column {key!r} row {row}: null sequence (use an empty list)")
                 off = arr.offsets.to_numpy()
                 flat = arr.values.to_numpy()
                 end = off[1:]
@@ -176,6 +184,12 @@ class _Plan:
     entity: Optional[int]  # keep only rows of this entity code (None: all)
 
 
+# A window is [a, b, k0, k1]: the rows at positions k0..k1-1 of the epoch's rows a..b-1 taken in the window's
+# order (a seeded permutation of b - a when shuffling, else file order). Positions count raw rows (before the
+# entity filter), so every quantity here is known from the manifest without reading data.
+Window = list  # [a, b, k0, k1]
+
+
 def _units(plan: _Plan, epoch: int) -> list[tuple[int, int]]:
     """All (file, row group) units of the split, in this epoch's order."""
     units = [(fi, rg) for fi, f in enumerate(plan.manifest.splits.get(plan.split, []))
@@ -186,85 +200,149 @@ def _units(plan: _Plan, epoch: int) -> list[tuple[int, int]]:
     return units
 
 
-def _windows(plan: _Plan, units: list[tuple[int, int]]) -> list[list[tuple[int, int]]]:
-    """Group consecutive units into windows of at most ``window_rows`` rows (at least one unit each)."""
-    files = plan.manifest.splits.get(plan.split, [])
-    windows: list[list[tuple[int, int]]] = []
-    rows = 0
-    for unit in units:
-        n = files[unit[0]].row_groups[unit[1]]
-        if not windows or rows + n > plan.window_rows:
-            windows.append([])
-            rows = 0
-        windows[-1].append(unit)
-        rows += n
-    return windows
+def _fresh_windows(total: int, num_slots: int, slot: int, window_rows: int) -> list[Window]:
+    """A new epoch: slot ``slot`` of ``num_slots`` gets an equal share (to one row) of the epoch's ``total`` rows,
+    cut into windows of at most ``window_rows`` rows."""
+    lo, hi = total * slot // num_slots, total * (slot + 1) // num_slots
+    return [[a, min(hi, a + window_rows), 0, min(hi, a + window_rows) - a] for a in range(lo, hi, window_rows)]
 
 
-def _slot_stream(plan: _Plan, slot: int, num_slots: int, pos: dict[str, int],
+def _resplit(remaining: list[list[Window]], num_slots: int) -> list[list[Window]]:
+    """Deal the remaining rows of every old slot (in slot order) to ``num_slots`` new slots, equally to one row."""
+    flat = [w for windows in remaining for w in windows if w[3] > w[2]]
+    total = sum(w[3] - w[2] for w in flat)
+    out: list[list[Window]] = [[] for _ in range(num_slots)]
+    bounds = [total * s // num_slots for s in range(num_slots + 1)]
+    slot, seen = 0, 0
+    for a, b, k0, k1 in flat:
+        while k0 < k1:
+            while seen >= bounds[slot + 1]:
+                slot += 1
+            take = min(k1 - k0, bounds[slot + 1] - seen)
+            out[slot].append([a, b, k0, k0 + take])
+            k0 += take
+            seen += take
+    return out
+
+
+def _remaining(windows: list[Window], pos: dict[str, int]) -> list[Window]:
+    """The windows a slot has still to read from ``pos`` (``window`` index, ``offset`` raw rows into it)."""
+    wi, off = pos["window"], pos["offset"]
+    if wi >= len(windows):
+        return []
+    a, b, k0, k1 = windows[wi]
+    return [[a, b, k0 + off, k1]] + [list(w) for w in windows[wi + 1:]]
+
+
+class _RowSource:
+    """Reads rows ``[a, b)`` of an epoch's row sequence (its row groups in the epoch's order)."""
+
+    def __init__(self, plan: _Plan, epoch: int, columns: list[str]) -> None:
+        self.plan = plan
+        self.files = plan.manifest.splits.get(plan.split, [])
+        self.units = _units(plan, epoch)
+        sizes = [self.files[fi].row_groups[rg] for fi, rg in self.units]
+        self.starts = np.concatenate([[0], np.cumsum(sizes, dtype=np.int64)])
+        self.columns = columns
+        self._open: dict[int, pq.ParquetFile] = {}
+        self._cached: Optional[tuple[int, pa.Table]] = None  # the last unit read (consecutive windows share one)
+
+    def _unit(self, u: int) -> pa.Table:
+        if self._cached is not None and self._cached[0] == u:
+            return self._cached[1]
+        fi, rg = self.units[u]
+        path = os.path.join(self.plan.data_dir, self.files[fi].path)
+        try:
+            if fi not in self._open:
+                self._open[fi] = pq.ParquetFile(path)
+            table = self._open[fi].read_row_group(rg, columns=self.columns)
+        except (OSError, pa.ArrowException) as e:
+            raise ValueError(f"{path}: row group {rg}: unreadable: {e}") from None
+        if table.num_rows != self.files[fi].row_groups[rg]:
+            raise ValueError(f"{path}: row group {rg} has {table.num_rows} rows but the manifest says "
+                             f"{self.files[fi].row_groups[rg]}")
+        self._cached = (u, table)
+        return table
+
+    def read(self, a: int, b: int) -> tuple[pa.Table, Callable[[int], tuple[str, int]]]:
+        """Rows a..b-1, and a function from a row of them to (file and row group, row in the row group)."""
+        first = int(np.searchsorted(self.starts, a, side="right")) - 1
+        parts = []
+        u = first
+        while u < len(self.units) and self.starts[u] < b:
+            lo, hi = max(a, int(self.starts[u])), min(b, int(self.starts[u + 1]))
+            parts.append(self._unit(u).slice(lo - int(self.starts[u]), hi - lo))
+            u += 1
+        # files of one dataset may differ in nullability only (e.g. rewritten by another tool)
+        table = parts[0] if len(parts) == 1 else pa.concat_tables(parts, promote_options="permissive")
+
+        def locate(i: int) -> tuple[str, int]:
+            u = int(np.searchsorted(self.starts, a + i, side="right")) - 1
+            fi, rg = self.units[u]
+            path = os.path.join(self.plan.data_dir, self.files[fi].path)
+            return f"{path}: row group {rg}", int(a + i - self.starts[u])
+
+        return table, locate
+
+
+def _slot_stream(plan: _Plan, epoch: int, windows: list[Window], pos: dict[str, int],
                  decoder: _Decoder) -> Iterator[tuple[Batch, dict[str, int]]]:
-    """Yield (batch, position after it) for one slot from ``pos`` to the end of ``pos['epoch']``."""
-    epoch = pos["epoch"]
-    mine = _units(plan, epoch)[slot::num_slots]
-    windows = _windows(plan, mine)
-    files: dict[int, pq.ParquetFile] = {}
+    """Yield (batch, position after it) for one slot's ``windows``, from ``pos`` to their end."""
+    source = _RowSource(plan, epoch, decoder.columns)
     parts: list[tuple[_Window, int, int]] = []
+    after: list[int] = []  # raw offset (within its window) after each row of the pending batch's last part
     have = 0
     wi, offset = pos["window"], pos["offset"]
     while wi < len(windows):
-        tables = []
-        for fi, rg in windows[wi]:
-            path = os.path.join(plan.data_dir, plan.manifest.splits[plan.split][fi].path)
-            try:
-                if fi not in files:
-                    files[fi] = pq.ParquetFile(path)
-                tables.append(files[fi].read_row_group(rg, columns=decoder.columns))
-            except (OSError, pa.ArrowException) as e:
-                raise ValueError(f"{path}: row group {rg}: unreadable: {e}") from None
-        table = pa.concat_tables(tables) if len(tables) > 1 else tables[0]
-        if plan.entity is not None:
-            table = table.filter(pc.equal(table.column("entity"), plan.entity))
-        perm = None
+        a, b, k0, k1 = windows[wi]
+        start = k0 + offset
+        if start >= k1:
+            wi, offset = wi + 1, 0
+            continue
+        table, locate = source.read(a, b)
         if plan.shuffle:
-            perm = np.random.default_rng([plan.seed, epoch, slot, wi]).permutation(table.num_rows)
-        where = f"{plan.data_dir}: window {wi} of slot {slot} ({[plan.manifest.splits[plan.split][f].path for f, _ in windows[wi]]})"
-        window = decoder.decode(table, perm, where)
-        while offset < window.n:
-            take = min(plan.batch_size - have, window.n - offset)
-            parts.append((window, offset, offset + take))
+            order = np.random.default_rng([plan.seed, epoch, a, b]).permutation(b - a)[start:k1]
+        else:
+            order = np.arange(start, k1, dtype=np.int64)
+        raw_after = np.arange(start - k0 + 1, k1 - k0 + 1, dtype=np.int64)  # raw position after each row
+        if plan.entity is not None:
+            keep = table.column("entity").to_numpy()[order] == plan.entity
+            order, raw_after = order[keep], raw_after[keep]
+        window = decoder.decode(table, order, locate)
+        i = 0
+        while i < window.n:
+            take = min(plan.batch_size - have, window.n - i)
+            parts.append((window, i, i + take))
             have += take
-            offset += take
+            i += take
             if have == plan.batch_size:
-                next_pos = {"epoch": epoch, "window": wi, "offset": offset}
-                if offset == window.n:
-                    next_pos = {"epoch": epoch, "window": wi + 1, "offset": 0}
+                end = int(raw_after[i - 1])
+                next_pos = {"window": wi, "offset": end} if end < k1 - k0 else {"window": wi + 1, "offset": 0}
                 yield _make_batch(parts, decoder.keys), next_pos
                 parts, have = [], 0
         wi, offset = wi + 1, 0
     if parts and not plan.drop_last:
-        yield _make_batch(parts, decoder.keys), {"epoch": epoch, "window": len(windows), "offset": 0}
+        yield _make_batch(parts, decoder.keys), {"window": len(windows), "offset": 0}
 
 
 class _SlotDataset(IterableDataset):
     """IterableDataset over the slots of one rank; each DataLoader worker runs one slot."""
 
-    def __init__(self, plan: _Plan, rank: int, world_size: int, num_workers: int,
-                 positions: list[dict[str, int]], worker_rotation: int) -> None:
+    def __init__(self, plan: _Plan, epoch: int, windows: list[list[Window]], positions: list[dict[str, int]],
+                 num_workers: int, worker_rotation: int) -> None:
         self.plan = plan
-        self.rank = rank
-        self.world_size = world_size
-        self.num_workers = max(1, num_workers)
+        self.epoch = epoch
+        self.windows = windows  # per local slot
         self.positions = positions
+        self.num_workers = max(1, num_workers)
         self.worker_rotation = worker_rotation
 
     def __iter__(self) -> Iterator[tuple[Batch, int, dict[str, int]]]:
         info = get_worker_info()
         physical = 0 if info is None else info.id
         local = (physical + self.worker_rotation) % self.num_workers
-        slot = self.rank * self.num_workers + local
         decoder = _Decoder(self.plan.schema, self.plan.manifest.optional_columns)
-        for batch, pos in _slot_stream(self.plan, slot, self.world_size * self.num_workers,
-                                       self.positions[local], decoder):
+        for batch, pos in _slot_stream(self.plan, self.epoch, self.windows[local], self.positions[local], decoder):
             yield batch, local, pos
 
 
@@ -284,9 +362,12 @@ class ParquetReader:
         training: shuffle (if ``data.shuffle``); evaluation reads in file order.
         entity: ``source`` / ``target`` to keep only that entity's rows (stage 2 reads ``target``).
         drop_last: drop each slot's last partial batch.
+        manifest: the dataset's manifest when the caller has opened it already (skips re-reading it).
 
     Iterating yields the rest of the current epoch and then moves the position to the next epoch.
-    ``state_dict()`` / ``load_state_dict()`` save and restore the exact position (JSON-serialisable).
+    ``state_dict()`` / ``load_state_dict()`` save and restore the exact position (JSON-serialisable);
+    ``load_state_dict`` also takes the states of every rank of a run saved at another world size (or worker
+    count) and deals the epoch's remaining rows over this world (see the module docstring).
     """
 
     def __init__(self, data_dir: str, split: str, schema: SchemaConfig, data: DataConfig, rank: int = 0,
@@ -303,31 +384,43 @@ class ParquetReader:
         self.plan = _Plan(
             data_dir=data_dir, manifest=self.manifest, split=split, schema=schema,
             batch_size=batch_size or data.batch_size, shuffle=training and data.shuffle,
-            window_rows=data.shuffle_window_rows if training and data.shuffle else 1,
-            seed=data.seed, drop_last=drop_last,
+            window_rows=data.shuffle_window_rows, seed=data.seed, drop_last=drop_last,
             entity=None if entity is None else {"source": 0, "target": 1}[entity],
         )
         self.rank, self.world_size = rank, world_size
         self.num_workers = data.num_workers
+        self._slots = max(1, self.num_workers)
         self._epoch = 0
-        self._positions = self._fresh_positions(0)
+        self._windows: Optional[list[list[Window]]] = None  # per local slot; None: the epoch's fresh layout
+        self._positions = self._fresh_positions()
         self._rotation = 0
 
     @property
     def epoch(self) -> int:
         return self._epoch
 
-    def _fresh_positions(self, epoch: int) -> list[dict[str, int]]:
-        return [{"epoch": epoch, "window": 0, "offset": 0} for _ in range(max(1, self.num_workers))]
+    def _fresh_positions(self) -> list[dict[str, int]]:
+        return [{"window": 0, "offset": 0} for _ in range(self._slots)]
+
+    def _layout(self) -> list[list[Window]]:
+        if self._windows is not None:
+            return self._windows
+        total, num_slots = self.num_rows(), self.world_size * self._slots
+        return [_fresh_windows(total, num_slots, self.rank * self._slots + s, self.plan.window_rows)
+                for s in range(self._slots)]
 
     def num_rows(self) -> int:
         """Rows of the split in the dataset (all ranks together; before any entity filter)."""
         return self.manifest.split_rows(self.plan.split)
 
+    def rows_left(self) -> int:
+        """Raw rows (before the entity filter) this rank has still to read in the current epoch."""
+        return sum(w[3] - w[2] for windows, pos in zip(self._layout(), self._positions)
+                   for w in _remaining(windows, pos))
+
     def __iter__(self) -> Iterator[Batch]:
-        n = max(1, self.num_workers)
-        ds = _SlotDataset(self.plan, self.rank, self.world_size, self.num_workers,
-                          [dict(p) for p in self._positions], self._rotation)
+        ds = _SlotDataset(self.plan, self._epoch, self._layout(), [dict(p) for p in self._positions],
+                          self.num_workers, self._rotation)
         if self.num_workers == 0:
             source: Any = iter(ds)
         else:
@@ -335,35 +428,85 @@ class ParquetReader:
                                      collate_fn=_passthrough, prefetch_factor=2))
         for batch, local, pos in source:
             self._positions[local] = pos
-            self._rotation = (local + 1) % n
+            self._rotation = (local + 1) % self._slots
             yield batch
-        self._epoch += 1
-        self._positions = self._fresh_positions(self._epoch)
-        self._rotation = 0
+        self.set_epoch(self._epoch + 1)
 
     def set_epoch(self, epoch: int) -> None:
         """Start ``epoch`` from its beginning on the next iteration."""
         self._epoch = epoch
-        self._positions = self._fresh_positions(epoch)
+        self._windows = None
+        self._positions = self._fresh_positions()
         self._rotation = 0
 
     def state_dict(self) -> dict[str, Any]:
         return {
-            "version": STATE_VERSION, "epoch": self._epoch, "positions": [dict(p) for p in self._positions],
-            "rotation": self._rotation, "rank": self.rank, "world_size": self.world_size,
+            "version": STATE_VERSION, "epoch": self._epoch, "rank": self.rank, "world_size": self.world_size,
             "num_workers": self.num_workers, "split": self.plan.split, "seed": self.plan.seed,
-            "batch_size": self.plan.batch_size,
+            "batch_size": self.plan.batch_size, "window_rows": self.plan.window_rows, "rows": self.num_rows(),
+            "shuffle": self.plan.shuffle, "windows": self._windows, "positions": [dict(p) for p in self._positions],
+            "rotation": self._rotation,
         }
 
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        for key, mine in (("world_size", self.world_size), ("num_workers", self.num_workers),
-                          ("split", self.plan.split), ("seed", self.plan.seed),
-                          ("batch_size", self.plan.batch_size)):
+    def load_state_dict(self, state: Union[dict[str, Any], Sequence[dict[str, Any]]]) -> None:
+        """Continue from a saved position: this rank's own state, or the states of every rank of the saved run.
+
+        With every rank's state, a run saved at another world size or worker count continues too: the rows that
+        no old slot had read yet are dealt to this world's slots in equal shares, so each row of the epoch is
+        read exactly once across the restart.
+        """
+        states = [state] if isinstance(state, dict) else list(state)
+        if not states:
+            raise ValueError("reader state: empty")
+        for st in states:
+            self._check_state(st)
+        epochs = {int(st["epoch"]) for st in states}
+        if len(epochs) != 1:
+            raise ValueError(f"reader state: the saved ranks are in different epochs {sorted(epochs)}")
+        same = (len(states) == 1 and states[0]["rank"] == self.rank and states[0]["world_size"] == self.world_size
+                and states[0]["num_workers"] == self.num_workers)
+        full = len(states) == self.world_size and all(st["num_workers"] == self.num_workers and
+                                                      st["world_size"] == self.world_size for st in states)
+        self._epoch = epochs.pop()
+        if same or full:
+            mine = states[0] if same else states[self.rank]
+            if mine["rank"] != self.rank:
+                raise ValueError(f"reader state: saved by rank {mine['rank']}, loaded on rank {self.rank}")
+            self._windows = mine["windows"]
+            self._positions = [dict(p) for p in mine["positions"]]
+            self._rotation = int(mine["rotation"])
+            return
+        ranks = sorted(int(st["rank"]) for st in states)
+        if ranks != list(range(int(states[0]["world_size"]))):
+            raise ValueError(f"reader state: a run saved at world size {states[0]['world_size']} continues at "
+                             f"world size {self.world_size} only from the states of all its ranks; got ranks {ranks}")
+        remaining = []
+        for st in sorted(states, key=lambda s: int(s["rank"])):
+            old = _layout_of_state(st, self.num_rows())
+            remaining += [_remaining(w, p) for w, p in zip(old, st["positions"])]
+        layout = _resplit(remaining, self.world_size * self._slots)
+        self._windows = layout[self.rank * self._slots:(self.rank + 1) * self._slots]
+        self._positions = self._fresh_positions()
+        self._rotation = 0
+
+    def _check_state(self, state: dict[str, Any]) -> None:
+        if not isinstance(state, dict) or state.get("version") != STATE_VERSION:
+            got = state.get("version") if isinstance(state, dict) else type(state).__name__
+            raise ValueError(f"reader state: version {got!r} is not {STATE_VERSION} (saved by another release)")
+        for key, mine in (("split", self.plan.split), ("seed", self.plan.seed), ("batch_size", self.plan.batch_size),
+                          ("window_rows", self.plan.window_rows), ("rows", self.num_rows()),
+                          ("shuffle", self.plan.shuffle)):
             if state.get(key) != mine:
                 raise ValueError(f"reader state: saved with {key}={state.get(key)!r} but this run has {mine!r}; "
-                                 "a reader position only resumes with the same world size, workers, seed and batch")
-        if state.get("version") != STATE_VERSION:
-            raise ValueError(f"reader state: version {state.get('version')!r} is not {STATE_VERSION}")
-        self._epoch = int(state["epoch"])
-        self._positions = [dict(p) for p in state["positions"]]
-        self._rotation = int(state["rotation"])
+                                 "a reader position resumes only with the same data, split, seed, batch size and "
+                                 "shuffle window")
+
+
+def _layout_of_state(state: dict[str, Any], total: int) -> list[list[Window]]:
+    """The windows of every slot of a saved rank state."""
+    if state["windows"] is not None:
+        return [[list(w) for w in ws] for ws in state["windows"]]
+    slots = max(1, int(state["num_workers"]))
+    num_slots = int(state["world_size"]) * slots
+    return [_fresh_windows(total, num_slots, int(state["rank"]) * slots + s, int(state["window_rows"]))
+            for s in range(slots)]

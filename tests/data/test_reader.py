@@ -72,12 +72,66 @@ def test_resume_from_saved_state_yields_the_same_stream(small_dataset, workers):
     assert [_rows(b) for b in resumed] == expected_next_epoch
 
 
-def test_resume_refuses_a_different_world_size(small_dataset):
+def _readers(ds, cfg, world, entity=None):
+    return [ParquetReader(ds, "train", cfg.schema, cfg.data, rank=r, world_size=world, entity=entity)
+            for r in range(world)]
+
+
+def _take(readers, steps):
+    """Read ``steps`` batches on every rank (fewer where a rank runs out); return the rows and the states."""
+    rows, its = [], [iter(r) for r in readers]
+    for _ in range(steps):
+        for it in its:
+            b = next(it, None)
+            if b is not None:
+                rows += _rows(b)
+    return rows, [r.state_dict() for r in readers]
+
+
+@pytest.mark.parametrize("entity, workers", [(None, 0), ("target", 0), (None, 2)])
+def test_restart_at_another_world_size_reads_each_row_once(small_dataset, entity, workers):
+    """2 ranks read part of an epoch, 1 rank continues, then 3 ranks (with other worker counts) finish it:
+    every row of the epoch is read exactly once, and the next epoch starts afresh."""
+    cfg = small_config("data.batch_size=64", "data.shuffle_window_rows=700")
+    reference = collections.Counter(_all_rows(ParquetReader(small_dataset, "train", cfg.schema, cfg.data,
+                                                            training=False, entity=entity)))
+    first, states = _take(_readers(small_dataset, cfg, 2, entity), 5)
+    cfg_w = small_config("data.batch_size=64", "data.shuffle_window_rows=700", f"data.num_workers={workers}")
+    one = _readers(small_dataset, cfg_w, 1, entity)
+    one[0].load_state_dict(states)
+    second, states = _take(one, 7)
+    three = _readers(small_dataset, cfg, 3, entity)
+    for r in three:
+        r.load_state_dict(states)
+    assert sum(r.rows_left() for r in three) == one[0].rows_left()
+    assert max(r.rows_left() for r in three) - min(r.rows_left() for r in three) <= 1  # balanced by rows
+    rest = [row for r in three for row in _all_rows(r)]
+    assert first and second and rest
+    assert collections.Counter(first + second + rest) == reference
+    assert all(r.epoch == 1 for r in three) and sum(r.rows_left() for r in three) == three[0].num_rows()
+
+
+def test_resume_needs_every_rank_state_to_change_world_size(small_dataset):
     cfg = small_config()
-    state = ParquetReader(small_dataset, "train", cfg.schema, cfg.data).state_dict()
-    other = ParquetReader(small_dataset, "train", cfg.schema, cfg.data, rank=0, world_size=2)
-    with pytest.raises(ValueError, match="world_size"):
-        other.load_state_dict(state)
+    _, states = _take(_readers(small_dataset, cfg, 2), 1)
+    one = ParquetReader(small_dataset, "train", cfg.schema, cfg.data)
+    with pytest.raises(ValueError, match="all its ranks"):
+        one.load_state_dict(states[1:])
+    other = small_config("data.batch_size=7")
+    with pytest.raises(ValueError, match="batch_size"):
+        ParquetReader(small_dataset, "train", other.schema, other.data).load_state_dict(states)
+
+
+def test_fewer_row_groups_than_ranks_still_feeds_every_rank(small_dataset):
+    """Shares are cut by rows, not row groups: 3 ranks on a split of one row group each get a third."""
+    cfg = small_config("data.batch_size=32")
+    manifest = ParquetReader(small_dataset, "test", cfg.schema, cfg.data).manifest
+    files = manifest.splits["test"]
+    one_group = type(manifest)(**{**vars(manifest), "splits": {"test": [type(files[0])(
+        path=files[0].path, rows=files[0].row_groups[0], row_groups=[files[0].row_groups[0]])]}})
+    counts = [sum(len(b) for b in ParquetReader(small_dataset, "test", cfg.schema, cfg.data, rank=r, world_size=3,
+                                                 training=False, manifest=one_group)) for r in range(3)]
+    assert sum(counts) == files[0].row_groups[0] and max(counts) - min(counts) <= 1
 
 
 def test_batch_contents_match_the_parquet_rows(small_dataset):
