@@ -161,12 +161,15 @@ def _add_train(p: argparse.ArgumentParser) -> None:
 
 
 def _in_world(nproc: int, fn: Callable, *args) -> object:
-    """Run fn(*args) here, or in nproc local processes."""
-    if nproc and nproc > 0:
-        from mkt_torchrec.training.distributed import launch
+    """Run fn(*args) in nproc local processes, or here as one rank of the world the environment describes; a
+    failing rank ends the whole world at once (see ``mkt_torchrec.training.distributed``)."""
+    from mkt_torchrec.training.distributed import launch, run_rank
 
+    if nproc < 0:
+        raise ValueError(f"--nproc must be >= 0, got {nproc}")
+    if nproc > 0:
         return launch(nproc, fn, *args)
-    return fn(*args)
+    return run_rank(fn, *args)
 
 
 def _train_entry(config: str, overrides: list, stage: str, data: str, run_dir: str, resume: bool,
@@ -177,19 +180,33 @@ def _train_entry(config: str, overrides: list, stage: str, data: str, run_dir: s
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     cfg = load_config(config, overrides)
-    try:
-        return train(cfg, stage, data, run_dir, resume=resume, mem_run=mem_run)
-    finally:
-        from mkt_torchrec.training.distributed import shutdown
-
-        shutdown()
+    return train(cfg, stage, data, run_dir, resume=resume, mem_run=mem_run)
 
 
 def _run_train(args: argparse.Namespace, cfg: Config) -> int:
     summary = _in_world(args.nproc, _train_entry, args.config, args.overrides, args.stage, args.data,
                         args.run_dir, args.resume, args.mem_run)
+    if args.stage == "tem" and int(os.environ.get("RANK", "0")) == 0:
+        # a separate single-process step, once every rank has left the process group
+        from mkt_torchrec.training.export import export_run
+
+        summary = dict(summary or {}, serving=export_run(args.run_dir, args.data))
     if summary:
         print(json.dumps(summary))
+    return 0
+
+
+def _add_export(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--run-dir", required=True, help="a finished stage-2 run (or a no_tem_finetune MEM run)")
+    p.add_argument("--data", default=None,
+                   help="dataset whose test rows serve as the tracing example (default: synthetic ids)")
+    p.add_argument("--out", default=None, help="output directory (default: RUN/serving)")
+
+
+def _run_export(args: argparse.Namespace, cfg: Config) -> int:
+    from mkt_torchrec.training.export import export_run
+
+    print(json.dumps({"serving": export_run(args.run_dir, args.data, args.out)}))
     return 0
 
 
@@ -200,17 +217,22 @@ def _add_evaluate(p: argparse.ArgumentParser) -> None:
 
 
 def _evaluate_entry(config: str, overrides: list, run_dir: str, data: str) -> dict:
-    from mkt_torchrec.training.distributed import shutdown
     from mkt_torchrec.training.trainer import evaluate
 
     cfg = load_config(config, overrides)
-    try:
-        return evaluate(cfg, run_dir, data)
-    finally:
-        shutdown()
+    return evaluate(cfg, run_dir, data)
+
+
+# what evaluate takes from --config / --set; the model, schema and planner come from the run itself
+_EVALUATE_KEYS = ("eval.", "data.batch_size", "data.num_workers", "train.threads")
 
 
 def _run_evaluate(args: argparse.Namespace, cfg: Config) -> int:
+    ignored = [o.split("=", 1)[0] for o in args.overrides if not o.split("=", 1)[0].startswith(_EVALUATE_KEYS)]
+    if ignored:
+        raise ValueError(f"--set {', '.join(ignored)} does not apply to evaluate: the model, schema and plan come "
+                         f"from {os.path.join(args.run_dir, 'run.json')}; evaluate takes only "
+                         f"{', '.join(k.rstrip('.') + ('.*' if k.endswith('.') else '') for k in _EVALUATE_KEYS)}")
     metrics = _in_world(args.nproc, _evaluate_entry, args.config, args.overrides, args.run_dir, args.data)
     if metrics:
         print(json.dumps(metrics))
@@ -248,6 +270,8 @@ _COMMANDS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], None], Handl
     "train": ("train a stage (mem: pre-train, tem: fine-tune) with DistributedModelParallel", _add_train, _run_train),
     "evaluate": ("score a run on the test split: predictions + metrics.json (AUC, GAUC)", _add_evaluate,
                  _run_evaluate),
+    "export": ("export a finished run's serving model (TEM + the MEM's target path) to RUN/serving",
+               _add_export, _run_export),
     "plan": ("plan embedding shards for a topology and write a plan file the trainer accepts", _add_plan, _run_plan),
     "report": ("compare evaluated runs side by side: report.html, report.md, plots", _add_report, _run_report),
     "run": ("the main job: synthesise data and run the pipeline end to end", _add_run, _run_run),
@@ -278,9 +302,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         print(f"mkt {args.command}: config error: {e}", file=sys.stderr)
         return 2
     _, _, handler = _COMMANDS[args.command]
+    from mkt_torchrec.training.distributed import RankFailed
+
     try:
         return handler(args, cfg)
-    except (ValueError, FileNotFoundError, FileExistsError) as e:
+    except (ValueError, FileNotFoundError, FileExistsError, RankFailed) as e:
         print(f"mkt {args.command}: error: {e}", file=sys.stderr)
         return 1
 

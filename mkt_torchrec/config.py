@@ -393,6 +393,8 @@ class PlannerConfig:
         ddr_gb: host memory per rank, GiB.
         local_world_size: ranks per node (0: all ranks on one node, or LOCAL_WORLD_SIZE when launched).
         plan_file: a plan written by ``mkt plan``; when set the trainer uses it instead of planning.
+        sharding_type: shard every table this way where its collection and the compute device allow it
+            (``data_parallel``, ``table_wise``, ``column_wise``, ``row_wise``, ...); empty: the planner chooses.
     """
 
     compute_device: Literal["auto", "cpu", "cuda"] = "auto"
@@ -400,6 +402,13 @@ class PlannerConfig:
     ddr_gb: float = 128.0
     local_world_size: int = 0
     plan_file: Optional[str] = None
+    sharding_type: str = ""
+
+    def _validate(self, key: str) -> None:
+        allowed = ("", "data_parallel", "table_wise", "column_wise", "table_column_wise", "row_wise",
+                   "table_row_wise", "grid_shard")
+        _check(self.sharding_type in allowed, f"{key}.sharding_type",
+               f"expected one of {list(allowed[1:])} or empty, got {self.sharding_type!r}")
 
 
 @dataclass
@@ -412,7 +421,9 @@ class TrainConfig:
         embedding_optimizer: fused optimizer of the embedding tables (applied in backward).
         embedding_lr: its learning rate.
         dense_optimizer / dense_lr: optimizer of every other parameter.
-        checkpoint_every: steps between checkpoints (0: only at the end).
+        checkpoint_every: steps between checkpoints (0: none by step count).
+        checkpoint_every_minutes: minutes of training between checkpoints (0: none by time); saves are
+            asynchronous, so training does not wait for the write.
         keep_checkpoints: how many complete checkpoints to keep.
         log_every: steps between log lines / metrics records.
         seed: seed of parameter initialisation.
@@ -427,6 +438,7 @@ class TrainConfig:
     dense_optimizer: Literal["adam", "adagrad", "sgd"] = "adam"
     dense_lr: float = 0.001
     checkpoint_every: int = 0
+    checkpoint_every_minutes: float = 30.0
     keep_checkpoints: int = 2
     log_every: int = 50
     seed: int = 0
@@ -441,6 +453,8 @@ class TrainConfig:
             v = getattr(self, name)
             _check(v >= 0, f"{key}.{name}", f"expected an int >= 0, got {v}")
         _check(self.embedding_lr > 0 and self.dense_lr > 0, key, "learning rates must be positive")
+        _check(self.checkpoint_every_minutes >= 0, f"{key}.checkpoint_every_minutes",
+               f"expected a number >= 0, got {self.checkpoint_every_minutes}")
 
 
 @dataclass

@@ -60,29 +60,25 @@ def _train_and_evaluate(config: str, overrides: List[str], data: str, out: str, 
     import torch.distributed as dist
 
     from mkt_torchrec.training import checkpoint
-    from mkt_torchrec.training.distributed import shutdown
     from mkt_torchrec.training.trainer import evaluate, train
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     seconds: Dict[str, float] = {}
-    try:
-        for name in names:
-            start = time.perf_counter()
-            cfg = load_config(config, [*overrides, f"model.ablation={_ablation(name)}"])
-            dirs = _run_dirs(out, name)
-            if "mem" in dirs and not _evaluated(dirs["mem"]):
-                resume = os.path.exists(os.path.join(dirs["mem"], "checkpoints", checkpoint.LATEST))
-                train(cfg, "mem", data, dirs["mem"], resume=resume)
-                evaluate(cfg, dirs["mem"], data)
-            if "tem" in dirs and not _evaluated(dirs["tem"]):
-                resume = os.path.exists(os.path.join(dirs["tem"], "checkpoints", checkpoint.LATEST))
-                train(cfg, "tem", data, dirs["tem"], resume=resume, mem_run=dirs.get("mem"))
-                evaluate(cfg, dirs["tem"], data)
-            seconds[name] = round(time.perf_counter() - start, 1)
-            if dist.get_rank() == 0:
-                log.info("run %s done in %.0fs", name, seconds[name])
-    finally:
-        shutdown()
+    for name in names:
+        start = time.perf_counter()
+        cfg = load_config(config, [*overrides, f"model.ablation={_ablation(name)}"])
+        dirs = _run_dirs(out, name)
+        if "mem" in dirs and not _evaluated(dirs["mem"]):
+            resume = os.path.exists(os.path.join(dirs["mem"], "checkpoints", checkpoint.LATEST))
+            train(cfg, "mem", data, dirs["mem"], resume=resume)
+            evaluate(cfg, dirs["mem"], data)
+        if "tem" in dirs and not _evaluated(dirs["tem"]):
+            resume = os.path.exists(os.path.join(dirs["tem"], "checkpoints", checkpoint.LATEST))
+            train(cfg, "tem", data, dirs["tem"], resume=resume, mem_run=dirs.get("mem"))
+            evaluate(cfg, dirs["tem"], data)
+        seconds[name] = round(time.perf_counter() - start, 1)
+        if dist.get_rank() == 0:
+            log.info("run %s done in %.0fs", name, seconds[name])
     return seconds
 
 
@@ -105,6 +101,12 @@ def run_all(cfg: Config, config_path: str, overrides: Sequence[str], out: str, n
         log.info("synthesising data into %s", data)
         generate(cfg, data, overwrite=True)
     seconds = launch(nproc, _train_and_evaluate, config_path, list(overrides), data, out, list(names))
+    from mkt_torchrec.training.export import export_run
+
+    for name in names:  # serving exports: single-process steps, after the training world is gone
+        tem = _run_dirs(out, name).get("tem")
+        if tem is not None and not os.path.isfile(os.path.join(tem, "serving", "serving.json")):
+            export_run(tem, data)
     run_dirs = [final_run_dir(out, n) for n in names]
     baseline = final_run_dir(out, "no_mem_pretrain") if "no_mem_pretrain" in names else None
     write_report(run_dirs, os.path.join(out, "report"), baseline=baseline, entity="target",

@@ -25,6 +25,8 @@ class Batch(Pipelineable):
         user_id: (B,) int64 raw user ids (for per-user metrics).
         true_prob: (B,) float32 true click probability, synthetic data only.
         activity: (B,) int64 the user's number of past behaviours, if the dataset has it.
+        weights: (B,) float32 loss weight of each row, set by the trainer (``1 / rows in the global step`` for
+            real rows, 0 for a finished rank's filler rows); None: the loss is the mean over the batch.
     """
 
     sparse_features: KeyedJaggedTensor
@@ -34,6 +36,7 @@ class Batch(Pipelineable):
     user_id: torch.Tensor
     true_prob: Optional[torch.Tensor] = None
     activity: Optional[torch.Tensor] = None
+    weights: Optional[torch.Tensor] = None
 
     def __len__(self) -> int:
         return int(self.labels.shape[0])
@@ -50,11 +53,13 @@ class Batch(Pipelineable):
             user_id=mv(self.user_id),  # type: ignore[arg-type]
             true_prob=mv(self.true_prob),
             activity=mv(self.activity),
+            weights=mv(self.weights),
         )
 
     def record_stream(self, stream: torch.Stream) -> None:
         self.sparse_features.record_stream(stream)
-        for t in (self.dense_features, self.labels, self.entity, self.user_id, self.true_prob, self.activity):
+        for t in (self.dense_features, self.labels, self.entity, self.user_id, self.true_prob, self.activity,
+                  self.weights):
             if t is not None:
                 t.record_stream(stream)  # type: ignore[arg-type]
 
@@ -70,4 +75,5 @@ class Batch(Pipelineable):
             user_id=pin(self.user_id),  # type: ignore[arg-type]
             true_prob=pin(self.true_prob),
             activity=pin(self.activity),
+            weights=pin(self.weights),
         )

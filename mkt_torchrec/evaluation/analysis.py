@@ -1,30 +1,44 @@
 """User-level bootstrap confidence intervals for AUC and GAUC, and paired comparisons of two runs.
 
 The resampling unit is the **user**: impressions of one user are correlated, so resampling rows would make
-the intervals too narrow. One resample draws ``U`` users with replacement from the ``U`` users of an entity;
-user ``u`` is drawn ``c_u`` times, ``c ~ Multinomial(U, (1/U, ..., 1/U))`` (:func:`resample_counts`), and
-every row of ``u`` counts ``c_u`` times. Intervals are percentile intervals of the replicates at the
-configured confidence (two-sided). Everything is computed from per-user statistics, never from a copy of the
-resampled rows:
+the intervals too narrow. In resample ``b`` user ``u`` is drawn ``c_bu`` times and every row of ``u`` counts
+``c_bu`` times. The counts are Poisson(1) draws (the *Poisson bootstrap*; drawing ``U`` users with
+replacement gives Binomial(U, 1/U) counts, which tend to Poisson(1)), and each one is a **deterministic
+function of (seed, b, user id)** (:func:`poisson_weights`): a hash, not a random stream. A user's counts
+therefore do not depend on which other users there are, on their order, or on the process that handles the
+user, so the replicates can be computed over any split of the users (hash partitions, ranks) and added up;
+two runs scored on the same users get the same resamples (a paired bootstrap) for free. Intervals are
+percentile intervals of the replicates at the configured confidence (two-sided).
+
+Everything is computed from per-user statistics, never from a copy of the resampled rows, and in exact
+arithmetic, so the replicates are bit-identical however the work is split:
 
 * **GAUC** (exact). A user's ``AUC_u`` does not change when its rows are repeated, so
-  ``GAUC(c) = sum_u c_u n_u AUC_u / sum_u c_u n_u`` over users with both labels: two dot products per
-  resample, ``O(U)`` time and memory.
+  ``GAUC(c) = sum_u c_u n_u AUC_u / sum_u c_u n_u`` over users with both labels. The terms ``n_u AUC_u``
+  are the float64 values the point GAUC adds up; their weighted sums are exact (integer limbs,
+  :func:`exact_sum`), and the ratio is rounded once. ``O(U)`` time per resample, ``O(U)`` memory.
 * **AUC**, exact mode (:class:`ScoreOrder` given). The resampled AUC is the weighted AUC with row weight
-  ``c_u``: per run of equal scores, the weighted positives and negatives are two ``np.bincount`` calls, then
-  one cumulative sum gives the Mann-Whitney numerator (ties count one half). ``O(N)`` per resample and
-  ``O(N)`` memory for the rows in score order, so it is used when ``rows * samples <=``
-  :data:`EXACT_AUC_BUDGET` (:func:`exact_auc_feasible`).
+  ``c_u``: per run of equal scores, the weighted positives and negatives are integers, so the Mann-Whitney
+  numerator (ties one half) is an exact integer and the AUC one correctly rounded division
+  (:class:`WeightedAUCScan`). ``O(N)`` per resample and ``O(N)`` memory for the rows in score order, so it is
+  used when ``rows * samples <=`` :data:`EXACT_AUC_BUDGET` (:func:`exact_auc_feasible`).
 * **AUC**, linearised mode (larger inputs): the first-order (delta-method) expansion of the resampled AUC
   in the user counts, ``AUC(c) ~= AUC + sum_u (c_u - 1) psi_u`` with the users' influence values
   ``psi_u = (L_u - AUC (p_u N + m_u P)) / (P N)``. ``P``, ``N``: positives and negatives; ``p_u``, ``m_u``:
   the user's; ``L_u``: the user's *placement sum*, for each of its positive rows the number of negatives (of
   all users) scored below it plus, for each of its negative rows, the number of positives scored above it,
-  ties one half. This is the projection behind DeLong's variance estimate. The neglected terms are
-  ``O(1/U)`` while the bootstrap spread is ``O(1/sqrt(U))``: measured against the exact replicates, the
-  error is a few percent of the replicates' standard deviation on average (about 4% with 300 users, 1.5%
-  with 5,000), so the interval's ends move by a few percent of its width at most. ``O(U)`` per resample
-  and memory.
+  ties one half. This is the projection behind DeLong's variance estimate. Since ``sum_u L_u`` is twice the
+  Mann-Whitney numerator, ``sum_u psi_u = 0`` and the expansion is the exact rational
+  ``(A D + D sum_u c_u 2 L_u - 2 A (N sum_u c_u p_u + P sum_u c_u m_u)) / D**2`` with ``D = 2 P N`` and
+  ``A`` twice the numerator, evaluated in integers and rounded once. The neglected terms are ``O(1/U)``
+  while the bootstrap spread is ``O(1/sqrt(U))``: measured against the exact replicates, the error is a few
+  percent of the replicates' standard deviation on average (about 4% with 300 users, 1.5% with 5,000), so
+  the interval's ends move by a few percent of its width at most. ``O(U)`` per resample and memory.
+
+The per-resample sums over a set of users (:class:`BootstrapSums`) and over rows in score order
+(:class:`AUCPieces`) are exact and add up over disjoint sets of users / consecutive score ranges;
+:func:`replicates_from_sums` turns the totals into replicates. :func:`replicates` does all three on one
+:class:`UserStats`.
 
 Resamples where a metric is undefined (no user with both labels for GAUC, a single class for AUC) are
 dropped before taking percentiles; with fewer than two defined replicates the interval is ``None``.
@@ -38,8 +52,10 @@ Example:
 from __future__ import annotations
 
 import itertools
+import math
 from dataclasses import dataclass
-from typing import Any, Dict, Iterator, List, Optional, Tuple
+from fractions import Fraction
+from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -50,8 +66,16 @@ __all__ = [
     "ScoreOrder",
     "UserStats",
     "Replicates",
+    "BootstrapSums",
+    "AUCPieces",
+    "WeightedAUCScan",
     "exact_auc_feasible",
+    "exact_sum",
+    "gauc_terms",
+    "poisson_weights",
     "resample_counts",
+    "user_bootstrap_sums",
+    "replicates_from_sums",
     "replicates",
     "percentile_ci",
     "bootstrap_cis",
@@ -61,11 +85,175 @@ __all__ = [
 ]
 
 # Rows x resamples up to which the AUC bootstrap is exact: at most about 8 s on one slow core (500K rows with
-# distinct scores at 200 resamples); beyond it the linearised AUC is used.
+# distinct scores at 200 resamples); beyond it the linearised AUC is used. (It also keeps the exact weighted
+# Mann-Whitney sums inside int64: at most 12 * rows weighted rows, 2 * 12**2 * rows**2 < 2**63.)
 EXACT_AUC_BUDGET = 100_000_000
 # Users per block when drawing multinomial counts: bincount into a cache-sized block is several times faster
 # than into one array of millions of users.
 _COUNT_BLOCK = 1 << 16
+# Users per block of the weighted exact sums: a block's sums of (limb < 2**24) x (count <= 12) stay below
+# 2**44, exact in float64 whatever order the matrix product adds them in.
+_SUM_BLOCK = 1 << 16
+_LIMB_BITS = 24
+_MASK64 = (1 << 64) - 1
+_GOLDEN = 0x9E3779B97F4A7C15
+_USER_SALT = 0xD1B54A32D192ED03
+
+
+def _poisson_cuts() -> np.ndarray:
+    """``floor(2**32 P(X <= k))`` for Poisson(1) ``X`` and ``k = 0, 1, ...`` while ``P(X > k) >= 2**-32``.
+
+    Computed in exact rational arithmetic (``1/e`` to 40 terms), so they are the same on every platform. A
+    32-bit uniform ``u`` gives the count ``#{k : u >= cut_k}`` (at most 12; larger counts, probability below
+    ``2**-32``, count 12)."""
+    e_inv = sum(Fraction((-1) ** n, math.factorial(n)) for n in range(40))
+    cuts, cdf, k = [], Fraction(0), 0
+    while True:
+        cdf += e_inv / math.factorial(k)
+        if (1 - cdf) * 2**32 < 1:
+            return np.array(cuts, dtype=np.uint32)
+        cuts.append(math.floor(cdf * 2**32))
+        k += 1
+
+
+_POISSON_CUTS = _poisson_cuts()
+
+
+def _mix64(x: np.ndarray) -> np.ndarray:
+    """The splitmix64 finaliser, in place on a uint64 array (returned)."""
+    with np.errstate(over="ignore"):
+        x ^= x >> np.uint64(30)
+        x *= np.uint64(0xBF58476D1CE4E5B9)
+        x ^= x >> np.uint64(27)
+        x *= np.uint64(0x94D049BB133111EB)
+        x ^= x >> np.uint64(31)
+    return x
+
+
+def _mix64_int(x: int) -> int:
+    """:func:`_mix64` of one Python int."""
+    x &= _MASK64
+    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
+    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & _MASK64
+    return x ^ (x >> 31)
+
+
+def poisson_weights(user_ids: Any, samples: int, seed: int) -> np.ndarray:
+    """Bootstrap draw counts of users: Poisson(1), a deterministic function of ``(seed, resample, user id)``.
+
+    Resample ``b`` of user ``u`` takes half of ``splitmix64(splitmix64(u + salt) ^ key(seed, b // 2))`` as a
+    32-bit uniform and maps it through the Poisson(1) inverse CDF. The count of a user does not depend on the
+    other ids passed, nor on ``samples`` (the first ``b`` rows of a larger draw are the same).
+
+    Args:
+        user_ids: (n,) integer user ids (any order, repeats allowed: one column per entry).
+        samples: number of resamples B >= 0.
+        seed: bootstrap seed (any int).
+
+    Returns:
+        (B, n) uint8 counts in ``[0, 12]``; row ``b`` is resample ``b``.
+
+    Example:
+        >>> w = poisson_weights([7, 8, 7], 3, seed=0)
+        >>> w.shape, bool((w[:, 0] == w[:, 2]).all())
+        ((3, 3), True)
+    """
+    ids = np.asarray(user_ids)
+    if ids.ndim != 1 or (ids.shape[0] and ids.dtype.kind not in "iu"):
+        raise ValueError(f"poisson_weights: user_ids must be a 1-D integer array, got {ids.dtype} {ids.shape}")
+    hu = ids.astype(np.int64, copy=False).view(np.uint64) + np.uint64(_USER_SALT)
+    _mix64(hu)
+    out = np.empty((samples, ids.shape[0]), dtype=np.uint8)
+    h = np.empty_like(hu)
+    base = _mix64_int(int(seed))
+    for j in range((samples + 1) // 2):
+        np.bitwise_xor(hu, np.uint64(_mix64_int(base + (j + 1) * _GOLDEN)), out=h)
+        _mix64(h)
+        for half in range(min(2, samples - 2 * j)):
+            u = (h >> np.uint64(32 * half)).astype(np.uint32)  # the low, then the high 32 bits
+            out[2 * j + half] = np.searchsorted(_POISSON_CUTS, u, side="right")
+    return out
+
+
+# --------------------------------------------------------------------------------------------------------
+# Exact sums of float64 values
+# --------------------------------------------------------------------------------------------------------
+
+
+def _limb_layout(v: np.ndarray) -> Tuple[int, int]:
+    """Non-negative finite float64 values -> ``(e, L)``: every value is ``sum_j limb_j 2**(e + 24 j)`` with
+    integer limbs ``0 <= limb_j < 2**24``, ``j < L`` (``L == 0`` when all values are 0)."""
+    nz = v[v > 0]
+    if nz.shape[0] == 0:
+        return 0, 0
+    _, ex = np.frexp(nz)  # nz < 2**ex, and nz is a multiple of 2**(ex - 53) (of 2**-1074 when subnormal)
+    lo = max(int(ex.min()) - 53, -1074)
+    return lo, -(-(int(ex.max()) - lo) // _LIMB_BITS)
+
+
+def _limbs(v: np.ndarray, e: int, n_limbs: int) -> np.ndarray:
+    """(n,) values -> (L, n) float64 integer limbs (exact: scaling by powers of two, floor, subtraction of the
+    leading bits)."""
+    out = np.empty((n_limbs, v.shape[0]))
+    r = v.astype(np.float64, copy=True)
+    for j in range(n_limbs - 1, -1, -1):
+        shift = e + _LIMB_BITS * j
+        np.floor(np.ldexp(r, -shift), out=out[j])
+        r -= np.ldexp(out[j], shift)
+    return out
+
+
+def _dyadic(total: int, e: int) -> Fraction:
+    return Fraction(total << e) if e >= 0 else Fraction(total, 1 << -e)
+
+
+def _check_summable(v: np.ndarray, what: str) -> None:
+    if v.shape[0] and not (np.isfinite(v).all() and (v >= 0).all()):
+        raise ValueError(f"{what}: values must be finite and >= 0")
+
+
+def exact_sum(values: Any) -> Fraction:
+    """The exact sum of non-negative finite float64 values, as a :class:`~fractions.Fraction`.
+
+    The result does not depend on the order of the values nor on how they are split (sums of parts add up
+    exactly), unlike a floating-point sum. Round it once with ``float()`` (correctly rounded).
+
+    Raises:
+        ValueError: a negative or non-finite value.
+
+    Example:
+        >>> float(exact_sum([0.1] * 10)), sum([0.1] * 10)
+        (1.0, 0.9999999999999999)
+    """
+    v = np.asarray(values, dtype=np.float64).ravel()
+    _check_summable(v, "exact_sum")
+    e, n_limbs = _limb_layout(v)
+    if n_limbs == 0:
+        return Fraction(0)
+    total = 0
+    for s in range(0, v.shape[0], 1 << 20):  # int64 limb sums of 2**20 values stay below 2**44
+        sums = _limbs(v[s:s + (1 << 20)], e, n_limbs).astype(np.int64).sum(axis=1)
+        total += sum(int(x) << (_LIMB_BITS * j) for j, x in enumerate(sums))
+    return _dyadic(total, e)
+
+
+def _weighted_sums(user_ids: np.ndarray, columns: Sequence[np.ndarray], samples: int,
+                   seed: int) -> List[List[Fraction]]:
+    """Exact ``sum_u c_bu v_u`` for each column ``v`` (non-negative finite float64, (U,)) and resample ``b``.
+
+    Users are taken in blocks: the block's limbs times its (B, block) counts in one float64 matrix product
+    (exact: every partial sum is an integer below 2**44), added up in int64."""
+    for c in columns:
+        _check_summable(c, "bootstrap sums")
+    layouts = [_limb_layout(c) for c in columns]
+    acc = [np.zeros((n_limbs, samples), dtype=np.int64) for _, n_limbs in layouts]
+    for s in range(0, user_ids.shape[0], _SUM_BLOCK):
+        w = poisson_weights(user_ids[s:s + _SUM_BLOCK], samples, seed).T.astype(np.float64)  # (block, B)
+        for c, (e, n_limbs), a in zip(columns, layouts, acc):
+            if n_limbs:
+                a += (_limbs(c[s:s + _SUM_BLOCK], e, n_limbs) @ w).astype(np.int64)
+    return [[_dyadic(sum(int(a[j, b]) << (_LIMB_BITS * j) for j in range(a.shape[0])), e) for b in range(samples)]
+            for a, (e, _) in zip(acc, layouts)]
 
 
 def exact_auc_feasible(rows: int, samples: int) -> bool:
@@ -136,6 +324,9 @@ def resample_counts(num_users: int, samples: int, seed: int) -> Iterator[np.ndar
     Drawing ``U`` users uniformly with replacement is done block by block: block totals are one multinomial
     draw over the blocks, then the draws inside a block are uniform over it (the same distribution, faster).
 
+    Not what :func:`replicates` uses: these counts depend on the number and order of the users, so they
+    cannot be drawn for a share of the users; the bootstrap draws :func:`poisson_weights` instead.
+
     Args:
         num_users: U >= 1.
         samples: number of resamples B.
@@ -163,65 +354,202 @@ def resample_counts(num_users: int, samples: int, seed: int) -> Iterator[np.ndar
         yield counts
 
 
-class _Evaluator:
-    """AUC and GAUC of user-weighted rows, for one :class:`UserStats` (precomputed for many resamples)."""
+def gauc_terms(impressions: np.ndarray, positives: np.ndarray, numerator: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
+    """Per-user GAUC terms: ``(n_u AUC_u, n_u)`` as float64, both 0 for users with a single class.
 
-    def __init__(self, st: UserStats) -> None:
-        self.exact = st.order is not None
-        self.linear = not self.exact and st.placement is not None
-        # (2 or 5, U): every per-user sum of a resample in one matrix product; rows filled in place (U may be
-        # tens of millions).
-        dense = self.dense = np.empty((5 if self.linear else 2, st.num_users))
-        den = st.positives * (st.impressions - st.positives)
-        ok = den > 0
-        np.divide(st.numerator, den, out=dense[0], where=ok)  # AUC_u
-        dense[0] *= st.impressions  # GAUC numerator n_u AUC_u ...
-        dense[0][~ok] = 0.0
-        np.copyto(dense[1], st.impressions)  # ... and denominator n_u, over users with both labels
-        dense[1][~ok] = 0.0
-        del den, ok
-        if st.order is not None:
-            o = st.order
-            flags = np.zeros(o.label.shape[0], dtype=np.int64)
-            flags[o.run_starts] = 1
-            run = np.cumsum(flags) - 1  # (N,) score run of each row
-            self.runs = int(o.run_starts.shape[0])
-            self.pos_user, self.pos_run = o.user_index[o.label], run[o.label]
-            self.neg_user, self.neg_run = o.user_index[~o.label], run[~o.label]
-        elif self.linear:
-            p, m = dense[3], dense[4]
-            np.copyto(p, st.positives)
-            np.subtract(st.impressions, st.positives, out=m)
-            tp, tn = float(p.sum()), float(m.sum())
-            defined = tp > 0 and tn > 0
-            self.auc = st.auc_num2 / (2.0 * tp * tn) if defined else np.nan
-            psi = dense[2]  # (L_u - AUC (p_u N + m_u P)) / (P N)
-            if defined:
-                np.multiply(p, tn, out=psi)
-                psi += m * tp
-                psi *= -self.auc
-                psi += st.placement
-                psi /= tp * tn
-            else:
-                psi[:] = 0.0
-            self.psi_sum = float(psi.sum())  # 0 up to rounding
+    ``n_u AUC_u`` is rounded exactly like the point GAUC's terms (``AUC_u = numerator / (p_u (n_u - p_u))``,
+    then times ``n_u``), so sums of these terms give the point GAUC and its replicates alike.
+    """
+    den = positives * (impressions - positives)
+    ok = den > 0
+    x = np.zeros(impressions.shape[0])
+    np.divide(numerator, den, out=x, where=ok)  # AUC_u
+    x *= impressions
+    x[~ok] = 0.0
+    n = impressions.astype(np.float64)
+    n[~ok] = 0.0
+    return x, n
 
-    def __call__(self, counts: np.ndarray) -> Tuple[float, float]:
-        """(U,) draw counts -> (auc, gauc) of the resample (NaN where undefined)."""
-        c = counts.astype(np.float64)
-        sums = self.dense @ c
-        gauc = float(sums[0] / sums[1]) if sums[1] > 0 else np.nan
-        if self.exact:
-            pos = np.bincount(self.pos_run, weights=c[self.pos_user], minlength=self.runs)  # (K,)
-            neg = np.bincount(self.neg_run, weights=c[self.neg_user], minlength=self.runs)  # (K,)
-            tp, tn = float(pos.sum()), float(neg.sum())
-            below = np.cumsum(neg) - neg  # weighted negatives with a strictly lower score
-            auc = float(pos @ (2.0 * below + neg)) / (2.0 * tp * tn) if tp > 0 and tn > 0 else np.nan
-        elif self.linear:
-            auc = self.auc + float(sums[2]) - self.psi_sum if sums[3] > 0 and sums[4] > 0 else np.nan
-        else:
-            auc = np.nan
-        return auc, gauc
+
+def _ints(values: Sequence[Fraction]) -> List[int]:
+    return [int(v) for v in values]  # sums of integers: exact
+
+
+@dataclass(frozen=True)
+class BootstrapSums:
+    """Exact per-resample sums over a set of users; sums over disjoint sets of users add up (``a + b``).
+
+    Attributes:
+        gauc_num: (B,) ``sum_u c_bu n_u AUC_u`` over users with both labels (Fractions).
+        gauc_den: (B,) ``sum_u c_bu n_u`` over the same users (ints).
+        placement: (B,) ``sum_u c_bu 2 L_u`` (ints; linearised AUC), or None.
+        positives: (B,) ``sum_u c_bu p_u`` (ints), or None with ``placement``.
+        negatives: (B,) ``sum_u c_bu (n_u - p_u)`` (ints), or None with ``placement``.
+    """
+
+    gauc_num: List[Fraction]
+    gauc_den: List[int]
+    placement: Optional[List[int]] = None
+    positives: Optional[List[int]] = None
+    negatives: Optional[List[int]] = None
+
+    def __add__(self, other: "BootstrapSums") -> "BootstrapSums":
+        def add(a: Optional[List[Any]], b: Optional[List[Any]]) -> Optional[List[Any]]:
+            return None if a is None or b is None else [x + y for x, y in zip(a, b)]
+
+        return BootstrapSums(add(self.gauc_num, other.gauc_num), add(self.gauc_den, other.gauc_den),
+                             add(self.placement, other.placement), add(self.positives, other.positives),
+                             add(self.negatives, other.negatives))
+
+    @staticmethod
+    def zeros(samples: int, placement: bool) -> "BootstrapSums":
+        """The sums over no user."""
+        z = [0] * samples
+        return BootstrapSums([Fraction(0)] * samples, list(z), *((list(z), list(z), list(z)) if placement
+                                                                   else (None, None, None)))
+
+
+def user_bootstrap_sums(user_ids: np.ndarray, impressions: np.ndarray, positives: np.ndarray,
+                        numerator: np.ndarray, samples: int, seed: int,
+                        placement2: Optional[np.ndarray] = None) -> BootstrapSums:
+    """:class:`BootstrapSums` of a set of users (each user once, any order).
+
+    Args:
+        user_ids: (U,) int64 ids.
+        impressions: (U,) ``n_u``.
+        positives: (U,) ``p_u``.
+        numerator: (U,) float64 per-user Mann-Whitney numerators.
+        samples: resamples B.
+        seed: bootstrap seed (:func:`poisson_weights`).
+        placement2: (U,) twice the placement sums ``L_u`` (integer-valued, below 2**53), for the linearised
+            AUC; None: no AUC sums.
+    """
+    x, n = gauc_terms(impressions, positives, numerator)
+    cols = [x, n]
+    if placement2 is not None:
+        cols += [np.asarray(placement2, dtype=np.float64), positives.astype(np.float64),
+                 (impressions - positives).astype(np.float64)]
+    sums = _weighted_sums(np.asarray(user_ids, dtype=np.int64), cols, samples, seed)
+    if placement2 is None:
+        return BootstrapSums(sums[0], _ints(sums[1]))
+    return BootstrapSums(sums[0], _ints(sums[1]), *[_ints(s) for s in sums[2:]])
+
+
+@dataclass(frozen=True)
+class AUCPieces:
+    """Per-resample weighted Mann-Whitney statistics of rows of one score range (exact AUC bootstrap).
+
+    Attributes:
+        num2: (B,) twice the weighted numerator inside the range (negatives below counted from the range's
+            start).
+        pos: (B,) weighted positives of the range.
+        neg: (B,) weighted negatives of the range.
+    """
+
+    num2: List[int]
+    pos: List[int]
+    neg: List[int]
+
+    def then(self, upper: "AUCPieces") -> "AUCPieces":
+        """The pieces of this range followed by a range of strictly higher scores."""
+        return AUCPieces([a + b + 2 * p * n for a, b, p, n in zip(self.num2, upper.num2, upper.pos, self.neg)],
+                         [a + b for a, b in zip(self.pos, upper.pos)], [a + b for a, b in zip(self.neg, upper.neg)])
+
+    @staticmethod
+    def zeros(samples: int) -> "AUCPieces":
+        """The pieces of an empty range."""
+        return AUCPieces([0] * samples, [0] * samples, [0] * samples)
+
+
+class WeightedAUCScan:
+    """Per-resample weighted Mann-Whitney pieces of rows fed in increasing score order (exact AUC bootstrap).
+
+    Each row weighs its user's :func:`poisson_weights` count, so the rows can be fed by any process that has
+    them in score order, without knowing the other rows of their users. Integer arithmetic throughout.
+
+    Args:
+        samples: resamples B.
+        seed: bootstrap seed.
+    """
+
+    def __init__(self, samples: int, seed: int) -> None:
+        self.samples, self.seed = samples, seed
+        self.num2 = [0] * samples
+        self.pos = np.zeros(samples, dtype=np.int64)
+        self.neg = np.zeros(samples, dtype=np.int64)
+
+    def block(self, user_ids: np.ndarray, labels: np.ndarray, run_starts: np.ndarray) -> None:
+        """Rows in score order holding whole runs of equal scores, higher than all rows fed before.
+
+        Args:
+            user_ids: (n,) int64 user of each row.
+            labels: (n,) bool.
+            run_starts: (K,) first row of each run of equal scores (``run_starts[0] == 0``).
+        """
+        n = labels.shape[0]
+        if n == 0:
+            return
+        flags = np.zeros(n, dtype=np.int64)
+        flags[run_starts] = 1
+        run = np.cumsum(flags) - 1
+        k = int(run_starts.shape[0])
+        pos_run, neg_run = run[labels], run[~labels]
+        w = poisson_weights(user_ids, self.samples, self.seed)
+        for b in range(self.samples):
+            pos = np.bincount(pos_run, weights=w[b][labels], minlength=k).astype(np.int64)  # exact: < 2**53
+            neg = np.bincount(neg_run, weights=w[b][~labels], minlength=k).astype(np.int64)
+            below = self.neg[b] + np.cumsum(neg) - neg  # weighted negatives with a strictly lower score
+            self.num2[b] += int(pos @ (2 * below + neg))
+            self.pos[b] += int(pos.sum())
+            self.neg[b] += int(neg.sum())
+
+    @staticmethod
+    def tie_counts(samples: int, seed: int, user_ids: np.ndarray, labels: np.ndarray) -> np.ndarray:
+        """(2, B) weighted (negatives, positives) of rows sharing one score (add chunks up, then :meth:`tie`)."""
+        w = poisson_weights(user_ids, samples, seed).astype(np.int64)
+        return np.stack([w[:, ~labels].sum(axis=1), w[:, labels].sum(axis=1)])
+
+    def tie(self, counts: np.ndarray) -> None:
+        """Rows that all share one score, higher than all rows fed before, given their :meth:`tie_counts`."""
+        for b in range(self.samples):
+            neg, pos = int(counts[0, b]), int(counts[1, b])
+            self.num2[b] += pos * (2 * int(self.neg[b]) + neg)
+            self.pos[b] += pos
+            self.neg[b] += neg
+
+    def pieces(self) -> AUCPieces:
+        """The rows fed so far as one :class:`AUCPieces`."""
+        return AUCPieces(list(self.num2), [int(x) for x in self.pos], [int(x) for x in self.neg])
+
+
+def replicates_from_sums(sums: BootstrapSums, pieces: Optional[AUCPieces], auc_num2: int, positives: int,
+                         negatives: int) -> Replicates:
+    """Replicates from the totals over all users (and all score ranges, in score order).
+
+    Args:
+        sums: :class:`BootstrapSums` over all users of the entity.
+        pieces: :class:`AUCPieces` of all rows (exact AUC), or None: linearised AUC from ``sums.placement``,
+            or NaN AUC replicates without it.
+        auc_num2: twice the Mann-Whitney numerator of the point AUC.
+        positives: P, positive rows.
+        negatives: N, negative rows.
+
+    Returns:
+        :class:`Replicates`; each value is an exact rational rounded once (NaN where undefined).
+    """
+    samples = len(sums.gauc_num)
+    gauc = np.array([float(x / d) if d > 0 else np.nan for x, d in zip(sums.gauc_num, sums.gauc_den)])
+    auc = np.full(samples, np.nan)
+    if pieces is not None:
+        for b, (num2, p, n) in enumerate(zip(pieces.num2, pieces.pos, pieces.neg)):
+            if p > 0 and n > 0:
+                auc[b] = num2 / (2 * p * n)  # Python ints: correctly rounded
+    elif sums.placement is not None and positives > 0 and negatives > 0:
+        d = 2 * positives * negatives
+        for b, (l2, pc, nc) in enumerate(zip(sums.placement, sums.positives, sums.negatives)):
+            if pc > 0 and nc > 0:
+                auc[b] = (auc_num2 * d + l2 * d - 2 * auc_num2 * (negatives * pc + positives * nc)) / (d * d)
+    return Replicates(auc=auc, gauc=gauc)
 
 
 def replicates(stats: UserStats, samples: int, seed: int) -> Replicates:
@@ -230,17 +558,24 @@ def replicates(stats: UserStats, samples: int, seed: int) -> Replicates:
     Args:
         stats: per-user statistics of one entity.
         samples: number of resamples B.
-        seed: resampling seed (:func:`resample_counts`).
+        seed: resampling seed (:func:`poisson_weights`).
 
     Returns:
         :class:`Replicates` with (B,) arrays.
     """
-    ev = _Evaluator(stats)
-    out = np.full((2, samples), np.nan)
-    if stats.num_users:
-        for b, c in enumerate(resample_counts(stats.num_users, samples, seed)):
-            out[:, b] = ev(c)
-    return Replicates(auc=out[0], gauc=out[1])
+    if samples <= 0 or stats.num_users == 0:
+        return Replicates(auc=np.full(max(samples, 0), np.nan), gauc=np.full(max(samples, 0), np.nan))
+    linear = stats.order is None and stats.placement is not None
+    sums = user_bootstrap_sums(stats.user_ids, stats.impressions, stats.positives, stats.numerator, samples, seed,
+                               2.0 * stats.placement if linear else None)
+    pieces = None
+    if stats.order is not None:
+        o = stats.order
+        scan = WeightedAUCScan(samples, seed)
+        scan.block(stats.user_ids[o.user_index], o.label, o.run_starts)
+        pieces = scan.pieces()
+    pos = int(stats.positives.sum())
+    return replicates_from_sums(sums, pieces, stats.auc_num2, pos, int(stats.impressions.sum()) - pos)
 
 
 def percentile_ci(values: np.ndarray, confidence: float) -> Optional[List[float]]:
@@ -275,18 +610,15 @@ def bootstrap_cis(stats: UserStats, samples: int, confidence: float, seed: int) 
 def paired_replicates(a: UserStats, b: UserStats, samples: int, seed: int) -> Tuple[Replicates, Replicates]:
     """Replicates of two runs on the same users under the *same* resamples (a paired bootstrap).
 
+    The resamples are functions of the user ids (:func:`poisson_weights`), so each run's :func:`replicates`
+    already use the same ones.
+
     Raises:
         ValueError: the two statistics are not over the same users.
     """
     if not np.array_equal(a.user_ids, b.user_ids):
         raise ValueError("paired bootstrap: the two runs are not over the same users")
-    ev_a, ev_b = _Evaluator(a), _Evaluator(b)
-    out = np.full((4, samples), np.nan)
-    if a.num_users:
-        for i, c in enumerate(resample_counts(a.num_users, samples, seed)):
-            out[0:2, i] = ev_a(c)
-            out[2:4, i] = ev_b(c)
-    return Replicates(out[0], out[1]), Replicates(out[2], out[3])
+    return replicates(a, samples, seed), replicates(b, samples, seed)
 
 
 def paired_comparison(pred_dir_a: str, pred_dir_b: str, entity: str, eval_cfg: Any,

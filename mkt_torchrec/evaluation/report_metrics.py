@@ -25,7 +25,11 @@ How it stays exact in bounded memory
    identical results.
 2. **Partition by partition.** A partition holds every row of its users, so per-user statistics are exact:
    :class:`~mkt_torchrec.evaluation.metrics.GroupAUCStats` of the scores (merged with
-   ``GroupAUCStats.merge``), and GAUC partial sums of each activity group and of ``true_prob``. Each row is
+   ``GroupAUCStats.merge``), and GAUC partial sums of each activity group and of ``true_prob``. Every sum of
+   float terms (``n_u AUC_u`` for GAUC, ``AUC_u`` for the mean user AUC) is exact
+   (:func:`~mkt_torchrec.evaluation.analysis.exact_sum`) and rounded once at the end, so the metrics do not
+   depend on how the users are split into partitions (nor over ranks:
+   :mod:`~mkt_torchrec.evaluation.distributed_metrics` gives bit-identical results). Each row is
    also appended, as one packed int64 ``(score, label, group)`` key and its user's index, to a *score
    bucket*: raw binary files holding one score range each.
 3. **Global AUC** does not decompose by user, and exact per-score counts (``AUCStats``) can grow to the
@@ -34,7 +38,8 @@ How it stays exact in bounded memory
    negatives seen so far, which gives the exact Mann-Whitney numerator in integers; the same pass gives the
    activity groups' AUCs and the bootstrap's per-user inputs. ``true_prob`` has its own buckets.
 4. **Bootstrap** from per-user statistics (``O(users)`` memory; ``O(rows)`` more only while the exact AUC
-   bootstrap is affordable, :func:`~mkt_torchrec.evaluation.analysis.exact_auc_feasible`).
+   bootstrap is affordable, :func:`~mkt_torchrec.evaluation.analysis.exact_auc_feasible`); resamples are
+   hashed from the user ids, so they too are the same however the users are split.
 
 Memory is bounded by the spill limits (a few hundred MB at the defaults) plus ``O(users)`` arrays (about
 100 bytes per user of the entity being finished): ``tools/bench_gauc.py --out-of-core --rows 100000000``
@@ -63,6 +68,7 @@ import itertools
 import os
 import tempfile
 from dataclasses import dataclass, field
+from fractions import Fraction
 from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
 
 import numpy as np
@@ -81,7 +87,7 @@ from mkt_torchrec.evaluation.metrics import (
 )
 
 __all__ = ["ENTITIES", "SpillLimits", "GroupStatistics", "EntityStatistics", "compute_metrics",
-           "entity_statistics", "iter_entity_rows"]
+           "entity_statistics", "entity_report", "iter_entity_rows"]
 
 ENTITIES = ("source", "target")
 REQUIRED_COLUMNS = ("user_id", "entity", "label", "score")
@@ -126,7 +132,8 @@ class GroupStatistics:
 
 @dataclass(frozen=True)
 class EntityStatistics:
-    """Point metrics of one entity and the per-user statistics its bootstrap needs (None: undefined)."""
+    """Point metrics of one entity and the per-user statistics its bootstrap needs (None: undefined;
+    ``user_stats`` is None where the bootstrap was computed elsewhere, e.g. across ranks)."""
 
     rows: int
     users: int
@@ -138,7 +145,7 @@ class EntityStatistics:
     users_skipped_single_class: int
     groups: List[GroupStatistics]
     ceiling: Optional[Dict[str, Optional[float]]]
-    user_stats: analysis.UserStats = field(repr=False)
+    user_stats: Optional[analysis.UserStats] = field(default=None, repr=False)
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -457,23 +464,37 @@ def _split_by_partition(user_id: np.ndarray, k: int) -> List[np.ndarray]:
 
 
 class _GaucSum:
-    """GAUC (Eq. 14) accumulated over partitions of disjoint users, plus row/user/positive counts."""
+    """GAUC (Eq. 14) and mean user AUC accumulated over partitions of disjoint users, plus row/user/positive
+    counts. The float terms are added exactly (Fractions), so the result does not depend on the partitions
+    or their order; partial sums of disjoint users combine with :meth:`merge`."""
 
     def __init__(self) -> None:
-        self.rows = self.users = self.positives = self.den = 0
-        self.num = 0.0
+        self.rows = self.users = self.positives = self.den = self.evaluated = 0
+        self.num = Fraction(0)  # sum of n_u AUC_u
+        self.auc_sum = Fraction(0)  # sum of AUC_u
 
     def add(self, st: GroupAUCStats) -> None:
         _, auc_u, n_u = per_user_auc(st)
-        self.num += float(np.dot(n_u.astype(np.float64), auc_u))
+        self.num += analysis.exact_sum(n_u.astype(np.float64) * auc_u)
+        self.auc_sum += analysis.exact_sum(auc_u)
         self.den += int(n_u.sum())
+        self.evaluated += int(auc_u.shape[0])
         self.rows += st.rows
         self.users += st.num_users
         self.positives += int(st.positives.sum())
 
+    def merge(self, other: "_GaucSum") -> None:
+        """Add the sums of another set of users (disjoint from this one's)."""
+        for name in ("rows", "users", "positives", "den", "evaluated", "num", "auc_sum"):
+            setattr(self, name, getattr(self, name) + getattr(other, name))
+
     @property
     def gauc(self) -> Optional[float]:
-        return self.num / self.den if self.den else None
+        return float(self.num / self.den) if self.den else None  # the exact ratio, rounded once
+
+    @property
+    def mean_user_auc(self) -> Optional[float]:
+        return float(self.auc_sum / self.evaluated) if self.evaluated else None
 
 
 def _packed(score: np.ndarray, label: np.ndarray, group: Optional[np.ndarray]) -> np.ndarray:
@@ -540,10 +561,9 @@ class _EntityAccumulator:
         self.scores.feed(scan)
         auc = _auc(scan.num2, pos, self.rows - pos)
 
-        ids, auc_u, n_u = per_user_auc(merged)
-        evaluated = int(ids.shape[0])
-        gauc = float(np.sum(n_u.astype(np.float64) * auc_u) / np.sum(n_u)) if evaluated else None
-        mean_user_auc = float(np.mean(auc_u)) if evaluated else None
+        total = _GaucSum()
+        total.add(merged)
+        evaluated, gauc, mean_user_auc = total.evaluated, total.gauc, total.mean_user_auc
 
         groups = []
         for g, (name, lo, hi) in enumerate(_group_ranges(bounds) if self.n_groups else []):
@@ -800,12 +820,6 @@ class _OrderedAUC:
     def tie_block(self, b: _Bucket, chunk_rows: int) -> None:
         """A bucket whose rows all have one score: counts suffice for the numerators; users are streamed."""
         pos, neg = int(b.counts[:, 1].sum()), int(b.counts[:, 0].sum())
-        self.num2 += pos * (2 * self.neg_seen + neg)
-        for g in range(len(self.group_num2)):
-            gp, gn = int(b.counts[g, 1]), int(b.counts[g, 0])
-            self.group_num2[g] += gp * (2 * self.group_neg[g] + gn)
-            self.group_pos[g] += gp
-            self.group_neg[g] += gn
         if self.placement is not None or self._rows is not None:
             value_pos = self.neg_seen + 0.5 * neg
             value_neg = (self.pos_total - self.pos_seen - pos) + 0.5 * pos
@@ -818,9 +832,20 @@ class _OrderedAUC:
                 if self._rows is not None:
                     self._rows.append((user, y))
             self._starts.append(np.array([self._offset]))
+        self.tie_counts(b.counts)
+        self._offset += b.n
+
+    def tie_counts(self, counts: np.ndarray) -> None:
+        """Rows that all have one score, given only their ``(group, label)`` counts ((slots, 2) int)."""
+        pos, neg = int(counts[:, 1].sum()), int(counts[:, 0].sum())
+        self.num2 += pos * (2 * self.neg_seen + neg)
+        for g in range(len(self.group_num2)):
+            gp, gn = int(counts[g, 1]), int(counts[g, 0])
+            self.group_num2[g] += gp * (2 * self.group_neg[g] + gn)
+            self.group_pos[g] += gp
+            self.group_neg[g] += gn
         self.pos_seen += pos
         self.neg_seen += neg
-        self._offset += b.n
 
     def order(self) -> Optional[analysis.ScoreOrder]:
         """The kept rows in score order (``keep_rows``), else None."""
@@ -841,6 +866,16 @@ class _OrderedAUC:
 def _report(st: EntityStatistics, eval_cfg: EvalConfig) -> Dict[str, Any]:
     cis = analysis.bootstrap_cis(st.user_stats, int(eval_cfg.bootstrap_samples), float(eval_cfg.confidence),
                                  int(eval_cfg.seed))
+    return entity_report(st, cis)
+
+
+def entity_report(st: EntityStatistics, cis: Dict[str, Any]) -> Dict[str, Any]:
+    """One entity's JSON-able entry of :func:`compute_metrics` from its statistics and bootstrap intervals.
+
+    Args:
+        st: the entity's point metrics.
+        cis: ``{"auc_ci", "gauc_ci"}`` (:func:`~mkt_torchrec.evaluation.analysis.bootstrap_cis`).
+    """
     return {
         "rows": st.rows, "users": st.users, "positives": st.positives,
         "auc": st.auc, "gauc": st.gauc, "mean_user_auc": st.mean_user_auc,

@@ -5,6 +5,10 @@ source-specific table), with plain-PyTorch table lookups (:class:`PaddedLookup`)
 sharded collections. Its input is padded table-row ids (see :func:`padded_ids`) and dense features; its output
 is the click probability. :func:`export_serving` writes it with ``torch.export`` to one ``.pt2`` file that
 ``torch.export.load(path).module()`` runs on its own.
+
+The serving lookups hold the trained tables themselves (detached, not copied), so building a serving model
+never doubles the memory of the tables; ``mkt_torchrec.training.export`` builds one on ``meta`` tables and
+loads only the tensors it holds (:attr:`ServingModel.source_keys`) from a checkpoint.
 """
 
 from __future__ import annotations
@@ -12,14 +16,14 @@ from __future__ import annotations
 import copy
 import json
 import os
-from typing import Dict, Optional, Union
+from typing import Dict, List, Optional, Set, Tuple, Union
 
 import torch
 from torch import nn
 
 from mkt_torchrec.config import SchemaConfig
 from mkt_torchrec.models.mkt import MEM, TEM, MKTTarget
-from mkt_torchrec.modules.sparse import PaddedLookup, padded_ids
+from mkt_torchrec.modules.sparse import PaddedLookup, SparseArch, padded_ids
 
 SERVING_FILE = "model.pt2"
 
@@ -52,9 +56,17 @@ def _dense_only(module: Union[MEM, TEM], keep_target_tower: bool = False) -> Uni
 class ServingModel(nn.Module):
     """TEM + the MEM's target path, or (``no_tem_finetune``) the MEM's target tower alone.
 
+    The table buffers of its lookups are the trained tables themselves (detached, sharing storage: no copy);
+    the dense layers are copies. Build it from a model that no longer trains. A model built with its tables
+    on ``meta`` gives a serving model with ``meta`` table buffers, to be materialised and loaded by the caller.
+
     Args:
         schema: feature schema.
         model: a trained :class:`MKTTarget` (stage 2), or a :class:`MEM` for the ``no_tem_finetune`` ablation.
+
+    Attributes:
+        source_keys: this model's ``state_dict()`` key -> the key of the same tensor in ``model.state_dict()``
+            (what a checkpoint of ``model`` holds it under); covers every tensor the serving model has.
 
     Example:
         >>> serving = ServingModel(cfg.schema, stage2_model).eval()                       # doctest: +SKIP
@@ -68,16 +80,28 @@ class ServingModel(nn.Module):
         self.mem: Optional[MEM] = None
         self.tem_lookup: Optional[PaddedLookup] = None
         self.tem: Optional[TEM] = None
+        self.source_keys: Dict[str, str] = {}
         if isinstance(model, MEM):
-            self.mem_lookup = _target_lookup(schema, model)
+            self.mem_lookup, keys = _target_lookup(schema, model)
+            self._record("mem_lookup.", "", keys)
             self.mem = _dense_only(model, keep_target_tower=True)  # type: ignore[assignment]
+            self._record("mem.", "", {k: k for k in self.mem.state_dict()})
         else:
-            self.tem_lookup = PaddedLookup(schema, model.tem.sparse_arch)
+            self.tem_lookup, keys = _shared_lookup(schema, model.tem.sparse_arch)
+            self._record("tem_lookup.", "tem.", keys)
             self.tem = _dense_only(model.tem)  # type: ignore[assignment]
+            self._record("tem.", "tem.", {k: k for k in self.tem.state_dict()})
             if model.mem is not None:
-                self.mem_lookup = _target_lookup(schema, model.mem)
+                self.mem_lookup, keys = _target_lookup(schema, model.mem)
+                self._record("mem_lookup.", "mem.", keys)
                 self.mem = _dense_only(model.mem)  # type: ignore[assignment]
+                self._record("mem.", "mem.", {k: k for k in self.mem.state_dict()})
         self.requires_grad_(False)
+        unmatched = set(self.state_dict()) ^ set(self.source_keys)
+        assert not unmatched, f"serving state without a source key (or the reverse): {sorted(unmatched)}"
+
+    def _record(self, prefix: str, source_prefix: str, keys: Dict[str, str]) -> None:
+        self.source_keys.update({prefix + k: source_prefix + v for k, v in keys.items()})
 
     def forward(self, ids: Dict[str, torch.Tensor], dense: torch.Tensor) -> torch.Tensor:
         """ids: key -> (B,) or (B, L) int64 table rows, -1 for null / padding; dense (B, F_dense) -> (B,)."""
@@ -92,23 +116,58 @@ class ServingModel(nn.Module):
         return torch.sigmoid(self.tem.dense_forward(self.tem_lookup(ids), dense, knowledge))
 
 
-def _target_lookup(schema: SchemaConfig, mem: MEM) -> PaddedLookup:
-    lookup = PaddedLookup(schema, mem.sparse_arch)
-    keep = set(serving_keys(schema))
-    lookup.features = [f for f in lookup.features if f in keep]
-    for table in {schema.table_of(f) for f in schema.features_of("specific", "source")}:
-        if table not in {schema.table_of(k) for k in keep}:
-            delattr(lookup, f"table__{table}")  # source-only tables are not served
-    return lookup
+class _TableView:
+    """What :class:`PaddedLookup` reads of a SparseArch (features, sequences, table weights), with the
+    weights as ``meta`` stand-ins of the same shape, so that its constructor copies nothing."""
+
+    def __init__(self, features: List[str], sequences: List[str], weights: Dict[str, torch.Tensor]) -> None:
+        self.features = features
+        self.sequences = sequences
+        self._weights = {t: torch.empty(w.shape, dtype=w.dtype, device="meta") for t, w in weights.items()}
+
+    def table_weights(self) -> Dict[str, torch.Tensor]:
+        return self._weights
 
 
-def export_serving(schema: SchemaConfig, model: Union[MKTTarget, MEM], out_dir: str,
+def _shared_lookup(schema: SchemaConfig, arch: SparseArch,
+                   keep: Optional[Set[str]] = None) -> Tuple[PaddedLookup, Dict[str, str]]:
+    """A PaddedLookup over ``arch``'s own (detached) tables, restricted to the features in ``keep`` (all by
+    default) and the tables they and the sequences use; and its buffer name -> the table's key in
+    ``arch.state_dict()`` prefixed ``sparse_arch.``."""
+    features = [f for f in arch.features if keep is None or f in keep]
+    tables = {schema.table_of(k) for k in features + list(arch.sequences)}
+    weights = {t: w for t, w in arch.table_weights().items() if t in tables}
+    lookup = PaddedLookup(schema, _TableView(features, list(arch.sequences), weights))  # type: ignore[arg-type]
+    name_of = {id(p): n for n, p in arch.named_parameters()}
+    keys: Dict[str, str] = {}
+    for table, weight in weights.items():
+        setattr(lookup, f"table__{table}", weight.detach())  # the trained table itself, not a copy
+        keys[f"table__{table}"] = "sparse_arch." + name_of[id(weight)]
+    return lookup, keys
+
+
+def _target_lookup(schema: SchemaConfig, mem: MEM) -> Tuple[PaddedLookup, Dict[str, str]]:
+    """The MEM's lookup for its target path: source-only tables are not served."""
+    return _shared_lookup(schema, mem.sparse_arch, set(serving_keys(schema)))
+
+
+def export_serving(schema: SchemaConfig, model: Union[MKTTarget, MEM, ServingModel], out_dir: str,
                    example_ids: Dict[str, torch.Tensor], example_dense: torch.Tensor) -> str:
     """Export :class:`ServingModel` with ``torch.export`` to ``out_dir/model.pt2`` (atomically).
 
-    Also writes ``out_dir/serving.json`` describing the inputs. Returns the .pt2 path.
+    Also writes ``out_dir/serving.json`` describing the inputs.
+
+    Args:
+        schema: feature schema.
+        model: a trained :class:`MKTTarget` / :class:`MEM` (wrapped in a ServingModel here), or a ServingModel.
+        out_dir: directory to write (created if missing).
+        example_ids: example input, key -> (B,) / (B, L) int64 (see :func:`padded_ids`), with B >= 2.
+        example_dense: (B, F_dense) float32.
+
+    Returns:
+        The path of ``model.pt2``.
     """
-    serving = ServingModel(schema, model).eval()
+    serving = (model if isinstance(model, ServingModel) else ServingModel(schema, model)).eval()
     batch = torch.export.Dim("batch", min=1)
     dynamic = ({k: {0: batch} for k in example_ids}, {0: batch})
     program = torch.export.export(serving, (example_ids, example_dense), dynamic_shapes=dynamic, strict=False)

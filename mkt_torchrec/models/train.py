@@ -6,7 +6,7 @@ tensors for logging and metrics.
 
 from __future__ import annotations
 
-from typing import NamedTuple, Tuple
+from typing import NamedTuple, Optional, Tuple
 
 import torch
 from torch import nn
@@ -25,11 +25,29 @@ class StepOutput(NamedTuple):
     pdl: torch.Tensor  # () PDL part before gamma, detached (0 for the TEM)
 
 
+def _bce(logits: torch.Tensor, labels: torch.Tensor, weights: Optional[torch.Tensor]) -> torch.Tensor:
+    """Mean cross-entropy over the batch, or (with ``weights``) the weighted sum."""
+    if weights is None:
+        return nn.functional.binary_cross_entropy_with_logits(logits, labels)
+    per_row = nn.functional.binary_cross_entropy_with_logits(logits, labels, reduction="none")  # (B,)
+    return (per_row * weights).sum()
+
+
+def _share(batch: Batch, like: torch.Tensor) -> torch.Tensor:
+    """This rank's share of the global step's rows (1 without weights)."""
+    return like.new_ones(()) if batch.weights is None else batch.weights.sum()
+
+
 class MEMTrain(nn.Module):
     """Loss_MEM = Loss_src + Loss_tgt + gamma * Loss_pdl (paper Eq. 11).
 
     Loss_src + Loss_tgt is the binary cross-entropy averaged over all rows of the batch (the paper's sums over
     each entity's rows, divided by the batch size), so each entity weighs by its share of rows as in Eq. 11.
+
+    In distributed training the batch carries ``weights`` (1 / rows of the global step, 0 for filler rows): the
+    loss is then this rank's part of the global mean, and the gradients summed over ranks (TorchRec's sharded
+    tables sum them; the trainer makes DDP sum too) are those of the global batch, whatever the world size.
+    PDL is a statistic of each rank's batch, weighted by the rank's share of rows.
 
     Args:
         mem: the MEM.
@@ -43,8 +61,8 @@ class MEMTrain(nn.Module):
 
     def forward(self, batch: Batch) -> Tuple[torch.Tensor, StepOutput]:
         out = self.model(batch.sparse_features, batch.dense_features, batch.entity)
-        bce = nn.functional.binary_cross_entropy_with_logits(out.logits, batch.labels)
-        loss = bce + self.gamma * out.pdl
+        bce = _bce(out.logits, batch.labels, batch.weights)
+        loss = bce + self.gamma * out.pdl * _share(batch, bce)
         return loss, StepOutput(loss.detach(), out.logits.detach(), batch.labels, batch.entity,
                                 bce.detach(), out.pdl.detach())
 
@@ -67,6 +85,6 @@ class TEMTrain(nn.Module):
 
     def forward(self, batch: Batch) -> Tuple[torch.Tensor, StepOutput]:
         logits = self.model(batch.sparse_features, batch.dense_features)
-        loss = nn.functional.binary_cross_entropy_with_logits(logits, batch.labels)
+        loss = _bce(logits, batch.labels, batch.weights)
         zero = loss.new_zeros(())
         return loss, StepOutput(loss.detach(), logits.detach(), batch.labels, batch.entity, loss.detach(), zero)

@@ -102,6 +102,27 @@ EMBEDDING_OPTIMIZERS: Dict[str, type] = {
 }
 # the stage's trainable sparse arch (stage 2 keeps the MEM frozen)
 TRAINABLE_SPARSE_ARCH = {"mem": "model.sparse_arch", "tem": "model.tem.sparse_arch"}
+FROZEN_MODULE = {"tem": "model.mem"}  # stage 2's frozen MEM (absent under no_mem_pretrain)
+EMBEDDING_EPS = 1e-8  # fbgemm's default, passed explicitly so data_parallel tables' optimizer uses the same
+
+
+def embedding_optimizer_kwargs(cfg: Config) -> Dict[str, float]:
+    """Keyword arguments of the embedding optimizer, the same for fused and data_parallel tables."""
+    kwargs = {"lr": cfg.train.embedding_lr}
+    if cfg.train.embedding_optimizer != "sgd":
+        kwargs["eps"] = EMBEDDING_EPS
+    return kwargs
+
+
+def frozen_module(module: nn.Module, stage: str) -> Optional[nn.Module]:
+    """The stage's frozen submodule (stage 2's MEM), or None."""
+    path = FROZEN_MODULE.get(stage)
+    if path is None:
+        return None
+    try:
+        return module.get_submodule(path)
+    except AttributeError:
+        return None
 
 
 class PlanDoesNotFit(ValueError):
@@ -161,14 +182,30 @@ def topology(world_size: int, local_world_size: int, compute_device: str, hbm_gb
 
 def attach_embedding_optimizer(module: nn.Module, cfg: Config, stage: str) -> None:
     """Fuse ``cfg.train.embedding_optimizer`` into the backward of the stage's trainable tables, as the trainer
-    does, so the planner counts their optimizer state (stage 2's MEM tables stay frozen: no state)."""
+    does, so the planner counts their optimizer state.
+
+    Stage 2's frozen MEM tables get a stateless fused SGD at learning rate 0: without an optimizer class
+    TorchRec's sharder would give them fbgemm's default optimizer, whose state it allocates (and checkpoints).
+    They never receive a gradient anyway (the MEM runs under ``no_grad``), and the trainer leaves them out of its
+    optimizer and of DDP.
+    """
     from torchrec.optim.apply_optimizer_in_backward import apply_optimizer_in_backward
 
     arch = module.get_submodule(TRAINABLE_SPARSE_ARCH[stage])
     cls = EMBEDDING_OPTIMIZERS[cfg.train.embedding_optimizer]
     for coll in (arch.ebc, arch.ec):
         if coll is not None:
-            apply_optimizer_in_backward(cls, coll.parameters(), {"lr": cfg.train.embedding_lr})
+            apply_optimizer_in_backward(cls, coll.parameters(), embedding_optimizer_kwargs(cfg))
+    frozen = frozen_module(module, stage)
+    if frozen is not None:
+        for coll in (frozen.sparse_arch.ebc, frozen.sparse_arch.ec):
+            if coll is not None:
+                params = list(coll.parameters())
+                for p in params:  # it hooks the gradient accumulator, which only trainable tensors have
+                    p.requires_grad_(True)
+                apply_optimizer_in_backward(torch.optim.SGD, params, {"lr": 0.0})
+                for p in params:
+                    p.requires_grad_(False)
 
 
 def _optimizer_multiplier(param: torch.Tensor) -> float:
@@ -295,13 +332,55 @@ class PlanResult:
     seconds: float
 
 
-def _fast_constraints(tables: Sequence[TableInfo], compute_device: str) -> Dict[str, ParameterConstraints]:
+@dataclass(frozen=True)
+class ShardingRules:
+    """What every plan must respect, whatever the search.
+
+    Args:
+        sharding_type: shard every table this way where its sharder offers it ("" = the planner chooses).
+        data_parallel: whether tables may be replicated; not under a lazy (sparse) Adam, which a replicated
+            table's dense optimizer cannot reproduce.
+    """
+
+    sharding_type: str = ""
+    data_parallel: bool = True
+
+    @classmethod
+    def of(cls, cfg: Config) -> "ShardingRules":
+        return cls(cfg.train.planner.sharding_type, cfg.train.embedding_optimizer != "adam")
+
+    def types(self, t: TableInfo) -> Optional[List[str]]:
+        """Allowed sharding types of a table, or None for no restriction."""
+        if self.sharding_type and self.sharding_type in t.sharding_types:
+            return [self.sharding_type]
+        if not self.data_parallel and t.optimizer is not None:
+            return [s for s in t.sharding_types if s != "data_parallel"]
+        return None
+
+
+def _rule_constraints(tables: Sequence[TableInfo], rules: ShardingRules) -> Dict[str, ParameterConstraints]:
+    out = {}
+    for t in tables:
+        types = rules.types(t)
+        if types is not None:
+            prev = out.get(t.name)
+            merged = types if prev is None else [s for s in prev.sharding_types if s in types]
+            out[t.name] = ParameterConstraints(sharding_types=merged)
+    return out
+
+
+def _fast_constraints(tables: Sequence[TableInfo], compute_device: str,
+                      rules: ShardingRules = ShardingRules()) -> Dict[str, ParameterConstraints]:
     """First-search constraints, per table name (a name shared by the MEM and the TEM gets one)."""
     by_name: Dict[str, List[TableInfo]] = {}
     for t in tables:
         by_name.setdefault(t.name, []).append(t)
-    out = {}
+    out = _rule_constraints(tables, rules)
     for name, ts in by_name.items():
+        if name in out:
+            if compute_device == "cuda":
+                out[name].compute_kernels = list(_HBM_KERNELS)
+            continue
         if all(t.weight_bytes <= REPLICATE_MAX_BYTES and "data_parallel" in t.sharding_types for t in ts):
             out[name] = ParameterConstraints(sharding_types=["data_parallel"], compute_kernels=["dense"])
         elif compute_device == "cuda":
@@ -421,22 +500,23 @@ def _does_not_fit_message(tables: Sequence[TableInfo], topo: Topology, reserved:
 
 
 def _plan_local(module: nn.Module, sharder_list: Sequence[ModuleSharder[nn.Module]], topo: Topology,
-                batch_size: int) -> PlanResult:
+                batch_size: int, rules: ShardingRules = ShardingRules()) -> PlanResult:
     start = time.perf_counter()
     tables = table_infos(module, topo.compute_device, sharder_list)
     dense_bytes = _dense_bytes_estimate(module, sharder_list)
     capture = _Capture()
     search = "restricted"
     try:
-        plan = _run_planner(module, sharder_list, topo, batch_size, _fast_constraints(tables, topo.compute_device),
-                            capture, dense_bytes)
+        plan = _run_planner(module, sharder_list, topo, batch_size,
+                            _fast_constraints(tables, topo.compute_device, rules), capture, dense_bytes)
     except PlannerError as first_error:
         if topo.compute_device != "cuda":
             raise PlanDoesNotFit(_does_not_fit_message(tables, topo, capture.reserved, first_error)) from None
         capture = _Capture()
         search = "full"
         try:
-            plan = _run_planner(module, sharder_list, topo, batch_size, None, capture, dense_bytes)
+            plan = _run_planner(module, sharder_list, topo, batch_size, _rule_constraints(tables, rules), capture,
+                                dense_bytes)
         except PlannerError as error:
             raise PlanDoesNotFit(_does_not_fit_message(tables, topo, capture.reserved, error)) from None
     per_rank = _per_rank_usage(capture.best_plan or [], topo, capture.reserved)
@@ -450,9 +530,9 @@ class _Failure:
 
 
 def _plan_or_failure(module: nn.Module, sharder_list: Sequence[ModuleSharder[nn.Module]], topo: Topology,
-                     batch_size: int) -> Any:
+                     batch_size: int, rules: ShardingRules) -> Any:
     try:
-        return _plan_local(module, sharder_list, topo, batch_size)
+        return _plan_local(module, sharder_list, topo, batch_size, rules)
     except Exception as e:  # sent to every rank, which raises it: no rank waits forever for rank 0
         return _Failure(type(e).__name__, str(e))
 
@@ -478,11 +558,12 @@ def plan_module(module: nn.Module, cfg: Config, world_size: int, local_world_siz
     topo = topology(world_size, local, compute_device, hbm, ddr)
     batch = batch_size or cfg.data.batch_size
     shs = list(sharder_list) if sharder_list is not None else sharders()
+    rules = ShardingRules.of(cfg)
     if pg is None:
-        return _plan_local(module, shs, topo, batch)
+        return _plan_local(module, shs, topo, batch, rules)
     if pg.size() != world_size:
         raise ValueError(f"the process group has {pg.size()} ranks but the plan is for world_size {world_size}")
-    outcome = invoke_on_rank_and_broadcast_result(pg, 0, _plan_or_failure, module, shs, topo, batch)
+    outcome = invoke_on_rank_and_broadcast_result(pg, 0, _plan_or_failure, module, shs, topo, batch, rules)
     if isinstance(outcome, _Failure):
         if outcome.kind == "PlanDoesNotFit":
             raise PlanDoesNotFit(outcome.message)

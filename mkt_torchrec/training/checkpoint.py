@@ -8,7 +8,10 @@ Layout of a run directory::
 
 ``latest`` is replaced (write temp + rename) only after ``dcp.save`` returned on every rank and
 ``extra.json`` (step, reader positions of every rank) is written, so an interrupted save leaves the previous
-checkpoint as the latest. Only tensors go into DCP; loading reads DCP's ``.metadata`` with a restricted
+checkpoint as the latest. :class:`AsyncCheckpointer` saves in the background (``dcp.async_save``: the state is
+copied to host memory, then written by a thread while training goes on, over a gloo group of its own); rank 0
+publishes ``latest`` when its save has completed, which DCP's coordinator reaches only after every rank's write
+returned (it gathers their results before writing ``.metadata``). Only tensors go into DCP; loading reads DCP's ``.metadata`` with a restricted
 unpickler that admits DCP's own metadata classes and nothing else, and ``extra.json`` is JSON.
 """
 
@@ -96,17 +99,95 @@ def save(run_dir: str, step: int, state: Dict[str, Any], extra: Dict[str, Any], 
     dist.barrier()
     dcp.save(state, checkpoint_id=ckpt)
     if is_main:
-        tmp = os.path.join(ckpt, EXTRA + ".tmp")
-        with open(tmp, "w", encoding="utf-8") as f:
-            json.dump(extra, f, indent=2)
-        os.replace(tmp, os.path.join(ckpt, EXTRA))
-        latest = os.path.join(run_dir, "checkpoints", LATEST)
-        with open(latest + ".tmp", "w", encoding="utf-8") as f:
-            f.write(os.path.basename(ckpt))
-        os.replace(latest + ".tmp", latest)
-        _prune(run_dir, keep)
+        _publish(run_dir, ckpt, extra, keep)
     dist.barrier()
     return ckpt
+
+
+class _HostStager:
+    """DCP's ``AsyncStager``: copies the state to host memory before ``async_save`` returns, so training may
+    change the live tensors while the copy is written. Unlike DCP's default stager it handles TorchRec's
+    ``ShardedTensor`` (each local shard is copied; the global metadata is kept)."""
+
+    _synchronize_after_execute = False
+    should_synchronize_after_execute = False
+
+    def stage(self, state_dict: Dict[str, Any]) -> Dict[str, Any]:
+        return {k: _host_copy(v) for k, v in state_dict.items()}
+
+    def synchronize_staging(self) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+def _host_copy(value: Any) -> Any:
+    from torch.distributed._shard.sharded_tensor import Shard, ShardedTensor
+
+    if isinstance(value, ShardedTensor):
+        shards = [Shard(tensor=s.tensor.detach().to("cpu", copy=True), metadata=s.metadata)
+                  for s in value.local_shards()]
+        return ShardedTensor._init_from_local_shards_and_global_metadata(shards, value.metadata())
+    if isinstance(value, torch.Tensor):
+        return value.detach().to("cpu", copy=True)
+    return value
+
+
+class AsyncCheckpointer:
+    """Saves checkpoints with ``dcp.async_save`` and publishes each as ``latest`` once complete on every rank.
+
+    Every rank calls :meth:`save` at the same steps (a collective) and :meth:`wait` before exiting. At most one
+    save is in flight: a new one first waits for the previous one.
+
+    Args:
+        run_dir: the run directory.
+        is_main: rank 0 (writes ``extra.json`` and ``latest``, prunes old checkpoints).
+        keep: how many complete checkpoints to keep.
+    """
+
+    def __init__(self, run_dir: str, is_main: bool, keep: int) -> None:
+        self.run_dir, self.is_main, self.keep = run_dir, is_main, keep
+        self.group = dist.new_group(backend="gloo")  # a CPU group: async_save needs one, apart from training's
+        self._pending: Optional[tuple[Any, str, Dict[str, Any]]] = None
+
+    def save(self, step: int, state: Dict[str, Any], extra: Dict[str, Any]) -> str:
+        self.wait()
+        ckpt = checkpoint_dir(self.run_dir, step)
+        if self.is_main and os.path.exists(ckpt):
+            shutil.rmtree(ckpt)  # a leftover of an interrupted save of the same step
+        dist.barrier(group=self.group)
+        future = dcp.async_save(state, checkpoint_id=ckpt, process_group=self.group, async_stager=_HostStager())
+        self._pending = (future, ckpt, extra)
+        return ckpt
+
+    def poll(self) -> None:
+        """Publish the pending save if it has completed (no waiting)."""
+        if self._pending is not None and self._pending[0].done():
+            self.wait()
+
+    def wait(self) -> Optional[str]:
+        """Wait for the pending save and publish it; returns its directory (None if nothing was pending)."""
+        if self._pending is None:
+            return None
+        future, ckpt, extra = self._pending
+        self._pending = None
+        future.result()  # raises the writer's error (e.g. no space left) on this rank
+        if self.is_main:
+            _publish(self.run_dir, ckpt, extra, self.keep)
+        return ckpt
+
+
+def _publish(run_dir: str, ckpt: str, extra: Dict[str, Any], keep: int) -> None:
+    tmp = os.path.join(ckpt, EXTRA + ".tmp")
+    with open(tmp, "w", encoding="utf-8") as f:
+        json.dump(extra, f, indent=2)
+    os.replace(tmp, os.path.join(ckpt, EXTRA))
+    latest = os.path.join(run_dir, "checkpoints", LATEST)
+    with open(latest + ".tmp", "w", encoding="utf-8") as f:
+        f.write(os.path.basename(ckpt))
+    os.replace(latest + ".tmp", latest)
+    _prune(run_dir, keep)
 
 
 def _prune(run_dir: str, keep: int) -> None:

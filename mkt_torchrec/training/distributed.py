@@ -1,17 +1,36 @@
-"""Process-group set-up and local multi-process launch.
+"""Process-group set-up, local multi-process launch, and failing fast.
 
 The code path is device-agnostic: CUDA + NCCL when a GPU is visible, CPU + gloo otherwise. Under torchrun /
 TorchX the process joins the world its environment describes; ``launch(nproc, fn, *args)`` starts ``nproc``
 local processes itself with torch elastic (what ``mkt train --nproc N`` does).
+
+Collectives. A NCCL group serves CUDA tensors only, so every tensor this package hands to a collective is made on
+``DistInfo.device`` (:func:`all_agree`, :func:`all_sum`). Multi-process tests run with ``MKT_EMULATE_ACCELERATOR=1``
+(:mod:`mkt_torchrec.training.device_check`), which fails any collective on a tensor that would be on the CPU of a
+GPU machine.
+
+Failing fast. A rank that raises must not leave the others blocked in their next collective until the
+process-group timeout (or in a barrier that never completes). :func:`run_rank` runs a rank's work; on an exception
+in a world of several ranks it reports the error once, with the rank that raised it, and ends the process at
+once (``os._exit``): the launcher (torch elastic under ``--nproc``, torchrun or TorchX) then stops every other
+rank within its monitor interval. :func:`launch` turns that into one :class:`RankFailed` in the launching
+process, carrying the first failing rank's message instead of torch elastic's pages of tracebacks.
 """
 
 from __future__ import annotations
 
+import glob
+import json
+import logging
 import os
+import shutil
 import socket
+import sys
+import tempfile
+import time
 import uuid
 from dataclasses import dataclass
-from typing import Any, Callable, Optional
+from typing import Any, Callable, List, Optional, Sequence
 
 import torch
 import torch.distributed as dist
@@ -55,6 +74,8 @@ def quiet_libraries() -> None:
 
 def init_distributed() -> DistInfo:
     """Join the world from the environment (RANK, WORLD_SIZE, ...), or make a world of one."""
+    from mkt_torchrec.training import device_check
+
     quiet_libraries()
     launched = "WORLD_SIZE" in os.environ
     rank = int(os.environ.get("RANK", "0"))
@@ -64,6 +85,9 @@ def init_distributed() -> DistInfo:
     if torch.cuda.is_available():
         device, backend = torch.device(f"cuda:{local_rank}"), "nccl"
         torch.cuda.set_device(device)
+    elif device_check.enabled():  # tests: a CPU "accelerator" whose collectives refuse host tensors
+        device, backend = device_check.EMULATED_DEVICE, "gloo"
+        device_check.install()
     else:
         device, backend = torch.device("cpu"), "gloo"
     if not dist.is_initialized():
@@ -76,25 +100,140 @@ def init_distributed() -> DistInfo:
 
 
 def shutdown() -> None:
+    """Leave the process group after a rank's work succeeded on every rank (a collective)."""
     if dist.is_initialized():
         dist.barrier()
         dist.destroy_process_group()
 
 
-def launch(nproc: int, fn: Callable[..., Any], *args: Any) -> Any:
-    """Run ``fn(*args)`` in ``nproc`` local processes (torch elastic); returns rank 0's result.
+# --------------------------------------------------------------------------------------------------------
+# Failing fast
+# --------------------------------------------------------------------------------------------------------
 
-    Raises ``ChildFailedError`` (from torch elastic) if any process fails.
+ERROR_DIR_ENV = "MKT_ERROR_DIR"  # set by launch(): where a failing rank leaves its error record
+FAULT_ENV = "MKT_FAULT"  # testing hook "POINT:RANK": that rank raises at fault_point(POINT)
+
+
+class RankFailed(RuntimeError):
+    """A rank of a launched world failed; the message is that rank's error, once."""
+
+
+def _rank_and_world() -> tuple[int, int]:
+    if dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def describe_error(e: BaseException) -> str:
+    """One line: the message of a user error, ``Type: message`` of anything else."""
+    text = str(e).strip().splitlines()[0] if str(e).strip() else ""
+    if isinstance(e, (ValueError, FileNotFoundError, FileExistsError, RankFailed)):
+        return text or type(e).__name__
+    return f"{type(e).__name__}: {text}" if text else type(e).__name__
+
+
+def fault_point(name: str) -> None:
+    """Testing hook: raise here on the rank that ``MKT_FAULT=name:RANK`` names."""
+    spec = os.environ.get(FAULT_ENV, "")
+    if spec and spec.rsplit(":", 1)[0] == name and int(spec.rsplit(":", 1)[1]) == _rank_and_world()[0]:
+        raise ValueError(f"injected fault at {name}")
+
+
+def run_rank(fn: Callable[..., Any], *args: Any) -> Any:
+    """Run one rank's work ``fn(*args)`` and leave the process group; on failure, end this rank at once.
+
+    In a world of several ranks an exception is reported once (``error on rank R: ...`` on stderr, or an error
+    record for :func:`launch`) and the process exits with status 1 without touching the process group, so no
+    collective can block it; the launcher stops the other ranks. In a world of one the exception propagates.
     """
+    try:
+        result = fn(*args)
+    except BaseException as e:  # noqa: BLE001 - every failure must end the rank
+        rank, world = _rank_and_world()
+        if world <= 1 and not os.environ.get(ERROR_DIR_ENV):
+            if dist.is_initialized():
+                dist.destroy_process_group()
+            raise
+        _report(rank, e)
+        logging.shutdown()
+        os._exit(1)
+    shutdown()
+    return result
+
+
+def _report(rank: int, e: BaseException) -> None:
+    record = {"rank": rank, "type": type(e).__name__, "message": describe_error(e), "time": time.time()}
+    where = os.environ.get(ERROR_DIR_ENV)
+    if where and os.path.isdir(where):
+        path = os.path.join(where, f"rank-{rank:05d}.json")
+        with open(path + ".tmp", "w", encoding="utf-8") as f:
+            json.dump(record, f)
+        os.replace(path + ".tmp", path)
+        if os.environ.get("MKT_DEBUG") == "1":
+            import traceback
+
+            traceback.print_exception(e)
+    else:  # torchrun / TorchX: each failing rank says so once, in one line
+        print(f"error on rank {rank}: {record['message']}", file=sys.stderr, flush=True)
+
+
+def _first_error(error_dir: str) -> Optional[dict]:
+    records = []
+    for path in glob.glob(os.path.join(error_dir, "rank-*.json")):
+        try:
+            with open(path, encoding="utf-8") as f:
+                records.append(json.load(f))
+        except (OSError, ValueError):
+            continue
+    return min(records, key=lambda r: (r["time"], r["rank"])) if records else None
+
+
+def launch(nproc: int, fn: Callable[..., Any], *args: Any) -> Any:
+    """Run ``fn(*args)`` in ``nproc`` local processes (torch elastic), each through :func:`run_rank`; returns
+    rank 0's result.
+
+    Raises:
+        RankFailed: a rank failed; the message is the first failing rank's error (the others are stopped).
+    """
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.launcher.api import LaunchConfig, elastic_launch
 
+    if nproc < 1:
+        raise ValueError(f"--nproc must be at least 1, got {nproc}")
     config = LaunchConfig(
         min_nodes=1, max_nodes=1, nproc_per_node=nproc, run_id=f"mkt-{uuid.uuid4().hex[:8]}",
         rdzv_backend="c10d", rdzv_endpoint=f"127.0.0.1:{_free_port()}", max_restarts=0, monitor_interval=0.5,
         start_method="spawn",
     )
-    results = elastic_launch(config, fn)(*args)
+    error_dir = tempfile.mkdtemp(prefix="mkt-errors-")
+    previous = os.environ.get(ERROR_DIR_ENV)
+    os.environ[ERROR_DIR_ENV] = error_dir
+    elastic_log = logging.getLogger("torch.distributed.elastic")
+    level = elastic_log.level
+    elastic_log.setLevel(logging.CRITICAL)  # its failure report is pages of tracebacks; ours is one line
+    try:
+        results = elastic_launch(config, run_rank)(fn, *args)
+    except ChildFailedError as e:
+        first = _first_error(error_dir)
+        if first is None:
+            failure = next(iter(e.failures.values()), None)
+            code = getattr(failure, "exitcode", "?")
+            raise RankFailed(f"rank {e.get_first_failure()[0]} exited with status {code} without a message "
+                             "(killed, out of memory, or os._exit)") from None
+        raise RankFailed(f"rank {first['rank']}: {first['message']}") from None
+    finally:
+        elastic_log.setLevel(level)
+        if previous is None:
+            os.environ.pop(ERROR_DIR_ENV, None)
+        else:
+            os.environ[ERROR_DIR_ENV] = previous
+        shutil.rmtree(error_dir, ignore_errors=True)
     return results[0]
+
+
+# --------------------------------------------------------------------------------------------------------
+# Collectives on the group's device
+# --------------------------------------------------------------------------------------------------------
 
 
 def all_agree(flag: bool, device: torch.device) -> bool:
@@ -105,9 +244,17 @@ def all_agree(flag: bool, device: torch.device) -> bool:
 
 
 def any_true(flag: bool, device: torch.device) -> bool:
+    """True iff ``flag`` is true on some rank (one all-reduce)."""
     t = torch.tensor([1 if flag else 0], dtype=torch.int32, device=device)
     dist.all_reduce(t, op=dist.ReduceOp.MAX)
     return bool(t.item())
+
+
+def all_sum(values: Sequence[float], device: torch.device) -> List[float]:
+    """Element-wise sums of ``values`` over every rank (one all-reduce in float64 on the group's device)."""
+    t = torch.tensor([float(v) for v in values], dtype=torch.float64, device=device)
+    dist.all_reduce(t)
+    return [float(v) for v in t.tolist()]
 
 
 def all_gather_objects(obj: Any, world_size: int) -> list[Any]:

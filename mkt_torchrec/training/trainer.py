@@ -7,11 +7,12 @@ that train -> the planner's ``collective_plan`` (or a plan file from ``mkt plan`
 
 Stage ``mem`` trains on mixed source + target rows. Stage ``tem`` trains on target rows only; its MEM is loaded
 from the stage-1 run's latest checkpoint by DCP (which reshards, so stage 2 may run at another world size or
-plan) and frozen; at the end it exports the serving model to ``RUN/serving/``.
+plan) and frozen; the serving model is exported afterwards by ``mkt_torchrec.training.export.export_run`` (a
+single process, once the process group is released: ``mkt train`` and ``mkt run`` call it).
 
 Run directory::
 
-    RUN/run.json          stage, config, data, world size (written once)
+    RUN/run.json          stage, config, data, world size
     RUN/plan.json         the sharding plan used
     RUN/metrics.jsonl     one JSON record per log step (loss, bce, pdl, rows/s, learning rates)
     RUN/checkpoints/      see ``mkt_torchrec.training.checkpoint``
@@ -24,15 +25,18 @@ from __future__ import annotations
 import json
 import logging
 import os
+import shutil
 import time
 from dataclasses import asdict
-from typing import Any, Dict, Iterator, NamedTuple, Optional, Tuple
+from typing import Any, Dict, Iterator, List, NamedTuple, Optional, Tuple
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 import torch.distributed as dist
 from torch import nn
+from torch.nn.parallel import DistributedDataParallel
 from torchrec.distributed.model_parallel import DefaultDataParallelWrapper, DistributedModelParallel
 from torchrec.distributed.types import ShardingEnv
 from torchrec.optim.keyed import CombinedOptimizer, KeyedOptimizerWrapper
@@ -40,10 +44,12 @@ from torchrec.optim.keyed import CombinedOptimizer, KeyedOptimizerWrapper
 from mkt_torchrec.config import Config, config_from_dict
 from mkt_torchrec.data.batch import Batch
 from mkt_torchrec.data.reader import ParquetReader
-from mkt_torchrec.planning.plan import attach_embedding_optimizer, load_plan, make_plan, sharders, write_plan
+from mkt_torchrec.planning.plan import (FROZEN_MODULE, attach_embedding_optimizer, embedding_optimizer_kwargs,
+                                       frozen_module, load_plan, make_plan, sharders, write_plan)
 from mkt_torchrec.training import checkpoint
 from mkt_torchrec.training.build import build_train_module, stage2_uses_mem
-from mkt_torchrec.training.distributed import (DistInfo, all_agree, all_gather_objects, any_true,
+from mkt_torchrec.data.dataset import open_dataset_shared
+from mkt_torchrec.training.distributed import (DistInfo, all_gather_objects, all_sum, any_true, fault_point,
                                                init_distributed)
 
 log = logging.getLogger("mkt.train")
@@ -67,13 +73,66 @@ class Assembled(NamedTuple):
     optimizer: CombinedOptimizer
     plan: Any  # torchrec ShardingPlan
     plan_meta: Dict[str, Any]  # local_world_size, compute_device (recorded in RUN/plan.json)
+    replicated: Dict[str, str]  # param name -> table name of the trainable data_parallel tables
+
+
+def _under(name: str, prefix: Optional[str]) -> bool:
+    return prefix is not None and (name == prefix or name.startswith(prefix + "."))
+
+
+def _sum_allreduce_hook(group, bucket):  # no annotations: DDP checks them, and they are strings in this module
+    """DDP communication hook: sum gradients over ranks (DDP's default averages them).
+
+    The loss of each rank is already its part of the global mean (``Batch.weights``), and TorchRec's sharded
+    tables receive the sum of every rank's gradient; summing the dense and data_parallel gradients too makes
+    every parameter see the gradient of the global batch, whatever the world size.
+    """
+    fut = dist.all_reduce(bucket.buffer(), group=group, async_op=True).get_future()
+    return fut.then(lambda f: f.value()[0])
+
+
+def _replicated_tables(model: nn.Module, plan: Any, frozen: Optional[str]) -> Dict[str, str]:
+    """Parameter name -> table name of every trainable table the plan replicates (data_parallel)."""
+    params = dict(model.named_parameters())
+    out = {}
+    for path, module_plan in plan.plan.items():
+        if _under(path, frozen):
+            continue
+        for table, ps in module_plan.items():
+            if ps.sharding_type == "data_parallel":
+                for attr in ("embedding_bags", "embeddings"):
+                    name = f"{path}.{attr}.{table}.weight"
+                    if name in params:
+                        out[name] = table
+    return out
+
+
+def _embedding_optimizer_for_replicated(cfg: Config, params: Dict[str, nn.Parameter]) -> KeyedOptimizerWrapper:
+    """The configured embedding optimizer, as a regular optimizer, for data_parallel tables (which TorchRec
+    trains with a dense kernel and no fused optimizer). Same update rule and hyper-parameters as fbgemm's."""
+    from torchrec.optim.rowwise_adagrad import RowWiseAdagrad
+
+    name = cfg.train.embedding_optimizer
+    classes = {"rowwise_adagrad": RowWiseAdagrad, "adagrad": torch.optim.Adagrad, "sgd": torch.optim.SGD}
+    if name not in classes:  # a lazy Adam cannot be reproduced densely; plans never replicate under it
+        raise ValueError(f"train.embedding_optimizer={name}: data_parallel tables {sorted(params)} cannot use it; "
+                         "re-plan (the planner avoids data_parallel under adam) or use another plan file")
+    kwargs = embedding_optimizer_kwargs(cfg)
+    return KeyedOptimizerWrapper(params, lambda ps: classes[name](ps, **kwargs))
 
 
 def assemble(cfg: Config, stage: str, info: DistInfo, plan_file: Optional[str] = None) -> Assembled:
-    """Build, plan and shard the stage module."""
+    """Build, plan and shard the stage module; build its optimizer.
+
+    Every trainable table trains with the configured embedding optimizer, whatever its sharding: fused into
+    backward for sharded tables, the same rule as a regular optimizer for data_parallel ones. Stage 2's frozen
+    MEM is in no optimizer and not in DDP. Gradients are summed over ranks (see :func:`_sum_allreduce_hook`).
+    """
     torch.manual_seed(cfg.train.seed)
     module = build_train_module(cfg, stage, device=torch.device("meta"))
     attach_embedding_optimizer(module, cfg, stage)  # fused into backward, for the tables that train
+    frozen = FROZEN_MODULE.get(stage) if frozen_module(module, stage) is not None else None
+    frozen_names = [n for n, _ in module.named_parameters() if _under(n, frozen)]
     local_world = cfg.train.planner.local_world_size or info.local_world_size
     device_type = _compute_device(cfg, info)
     plan_file = plan_file or cfg.train.planner.plan_file
@@ -85,25 +144,66 @@ def assemble(cfg: Config, stage: str, info: DistInfo, plan_file: Optional[str] =
         module=module, env=ShardingEnv.from_process_group(dist.group.WORLD), device=info.device, plan=plan,
         sharders=sharders(),
         # a batch may hold rows of one entity only: the other entity's modules then get no gradient
-        data_parallel_wrapper=DefaultDataParallelWrapper(static_graph=False, find_unused_parameters=True),
+        data_parallel_wrapper=DefaultDataParallelWrapper(static_graph=False, find_unused_parameters=True,
+                                                         params_to_ignore=frozen_names),
     )
-    dense = {n: p for n, p in model.named_parameters()
-             if p.requires_grad and not hasattr(p, "_in_backward_optimizers")}
+    if isinstance(model._dmp_wrapped_module, DistributedDataParallel):
+        model._dmp_wrapped_module.register_comm_hook(dist.group.WORLD, _sum_allreduce_hook)
+    replicated = _replicated_tables(model, plan, frozen)
+    params = dict(model.named_parameters())
+    dense = {n: p for n, p in params.items() if p.requires_grad and not hasattr(p, "_in_backward_optimizers")
+             and n not in replicated and not _under(n, frozen)}
     dense_cls = _DENSE_OPTIMIZERS[cfg.train.dense_optimizer]
-    dense_opt = KeyedOptimizerWrapper(dense, lambda ps: dense_cls(ps, lr=cfg.train.dense_lr))
-    optimizer = CombinedOptimizer([model.fused_optimizer, dense_opt])
-    return Assembled(model, optimizer, plan, {"local_world_size": local_world, "compute_device": device_type})
+    parts: List[Tuple[str, Any]] = []
+    for key, opt in model.fused_optimizer.optimizers:
+        names = [CombinedOptimizer.prepend_opt_key(n, key) for n in opt.params]
+        if not (names and all(_under(n, frozen) for n in names)):  # the frozen MEM's tables train with nothing
+            parts.append((key, opt))
+    if replicated:
+        parts.append(("", _embedding_optimizer_for_replicated(cfg, {n: params[n] for n in replicated})))
+    parts.append(("", KeyedOptimizerWrapper(dense, lambda ps: dense_cls(ps, lr=cfg.train.dense_lr))))
+    optimizer = CombinedOptimizer(parts)
+    return Assembled(model, optimizer, plan, {"local_world_size": local_world, "compute_device": device_type},
+                     replicated)
 
 
-def train_state(model: nn.Module, optimizer: Optional[CombinedOptimizer]) -> Dict[str, Any]:
-    """Tensors of model (and optimizer) state, flat, for DCP. Values alias the live tensors."""
+# A data_parallel table's optimizer (a regular torch optimizer) names its state differently from fbgemm's fused
+# one; checkpoints use fbgemm's names, so a table's optimizer state survives a plan that shards it another way.
+_REPLICATED_STATE = {"sum": "momentum1"}  # ("step" counts steps; unused without lr_decay: not saved)
+
+
+def train_state(model: nn.Module, optimizer: Optional[CombinedOptimizer],
+                replicated: Optional[Dict[str, str]] = None, rowwise: bool = False) -> Dict[str, Any]:
+    """Tensors of model (and optimizer) state, flat, for DCP. Values alias the live tensors.
+
+    Args:
+        model: the (sharded) model.
+        optimizer: its optimizer, or None for the model only.
+        replicated: param name -> table name of the data_parallel tables (their state is saved under the
+            names the fused optimizer of a sharded table uses: ``optim.<param>.<table>.momentum1``).
+        rowwise: the embedding optimizer keeps one value per row (rowwise adagrad): a replicated table's
+            ``(rows, 1)`` state is saved as the fused optimizer's ``(rows,)``.
+    """
     state: Dict[str, Any] = {f"model.{k}": v for k, v in model.state_dict().items()}
     if optimizer is not None:
+        replicated = replicated or {}
         for key, per_param in optimizer.state_dict()["state"].items():
+            table = replicated.get(key)
             for name, value in per_param.items():
-                if isinstance(value, torch.Tensor):
-                    state[f"optim.{key}.{name}"] = value
+                if not isinstance(value, torch.Tensor):
+                    continue
+                if table is not None:
+                    if name not in _REPLICATED_STATE:
+                        continue
+                    value = value.view(-1) if rowwise else value
+                    name = f"{table}.{_REPLICATED_STATE[name]}"
+                state[f"optim.{key}.{name}"] = value
     return state
+
+
+def state_of(asm: "Assembled", cfg: Config) -> Dict[str, Any]:
+    """Checkpoint state of an assembled stage (model + every optimizer)."""
+    return train_state(asm.model, asm.optimizer, asm.replicated, cfg.train.embedding_optimizer == "rowwise_adagrad")
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -192,9 +292,44 @@ def _log_record(run_dir: str, record: Dict[str, Any]) -> None:
         f.write(json.dumps(record) + "\n")
 
 
+class _Cadence:
+    """When to checkpoint: every ``checkpoint_every`` steps and every ``checkpoint_every_minutes`` of wall time.
+
+    Rank 0's clock decides, and the decision travels in the step's all-reduce, so every rank saves at the same
+    step (a save is a collective).
+    """
+
+    def __init__(self, tc: Any, is_main: bool) -> None:
+        self.steps, self.seconds = tc.checkpoint_every, tc.checkpoint_every_minutes * 60.0
+        self.is_main = is_main
+        self.last = time.monotonic()
+
+    def due_by_time(self) -> bool:
+        return self.is_main and self.seconds > 0 and time.monotonic() - self.last >= self.seconds
+
+    def due(self, step: int, time_flag: bool) -> bool:
+        return bool(self.steps and step % self.steps == 0) or time_flag
+
+    def saved(self) -> None:
+        self.last = time.monotonic()
+
+
+def _weighted(batch: Batch, global_rows: float, real: bool) -> Batch:
+    """The batch with its loss weights: 1 / rows of the global step for real rows, 0 for filler."""
+    value = 1.0 / global_rows if real else 0.0
+    batch.weights = torch.full((len(batch),), value, dtype=torch.float32)
+    return batch
+
+
 def train(cfg: Config, stage: str, data_dir: str, run_dir: str, resume: bool = False,
           mem_run: Optional[str] = None) -> Dict[str, Any]:
-    """Train one stage in the current process group (every rank calls it). Returns a summary (rank 0)."""
+    """Train one stage in the current process group (every rank calls it). Returns a summary (rank 0).
+
+    Every rank steps until every rank has run out of rows: a rank that finished its share first steps on a
+    filler batch with zero loss weight (its collectives must still match the others'), so no row is dropped;
+    the loss of each step is the mean over the step's real rows of all ranks. The serving export of stage 2 is a
+    separate step (:func:`mkt_torchrec.training.export.export_run`), run after the process group is released.
+    """
     info = init_distributed()
     torch.set_num_threads(cfg.train.threads)
     if stage == "tem" and stage2_uses_mem(cfg) and not mem_run:
@@ -202,101 +337,175 @@ def train(cfg: Config, stage: str, data_dir: str, run_dir: str, resume: bool = F
     if stage == "tem" and stage2_uses_mem(cfg):
         check_mem_run(cfg, mem_run)  # type: ignore[arg-type]
     _prepare_run_dir(cfg, stage, data_dir, run_dir, resume, mem_run, info)
-    model, optimizer, plan, plan_meta = assemble(cfg, stage, info)
+    manifest = open_dataset_shared(data_dir, cfg.schema)
+    asm = assemble(cfg, stage, info)
+    model, optimizer, plan = asm.model, asm.optimizer, asm.plan
     plan_record: Dict[str, Any] = {}
     if info.is_main:
         plan_path = os.path.join(run_dir, "plan.json")
         write_plan(plan, model.module if hasattr(model, "module") else model, plan_path,
-                   {"stage": stage, "world_size": info.world_size, **plan_meta})
+                   {"stage": stage, "world_size": info.world_size, **asm.plan_meta})
         with open(plan_path, encoding="utf-8") as f:
             plan_record = json.load(f)  # every checkpoint records the plan it was saved under
     if stage == "tem" and stage2_uses_mem(cfg):
         _load_mem_into_stage2(model, mem_run)  # type: ignore[arg-type]
     entity = "target" if stage == "tem" else None
     reader = ParquetReader(data_dir, "train", cfg.schema, cfg.data, rank=info.rank, world_size=info.world_size,
-                           entity=entity)
-    step, epoch = 0, 0
+                           entity=entity, manifest=manifest)
+    step, epoch, epoch_rows = 0, 0, 0
     latest = checkpoint.latest_checkpoint(run_dir) if resume else None
     if latest is not None:
         optimizer.init_state()  # create lazy optimizer state so DCP has tensors to load into
-        state = train_state(model, optimizer)
-        checkpoint.load(latest, state)
+        checkpoint.load(latest, state_of(asm, cfg))
         extra = checkpoint.read_extra(latest)
         step, epoch = int(extra["step"]), int(extra["epoch"])
-        reader.load_state_dict(extra["readers"][info.rank])
+        epoch_rows = int(extra.get("epoch_rows", 0))
+        reader.load_state_dict(extra["readers"])  # re-split over this world if it has another size
+        _truncate_log(run_dir, step, info.is_main)
         if info.is_main:
-            log.info("resumed %s from %s (step %d, epoch %d)", run_dir, latest, step, epoch)
+            log.info("resumed %s from %s (step %d, epoch %d, saved by %d ranks, now %d)", run_dir, latest, step,
+                     epoch, int(extra.get("world_size", 0)), info.world_size)
+
+    saver = checkpoint.AsyncCheckpointer(run_dir, info.is_main, cfg.train.keep_checkpoints)
+    cadence = _Cadence(cfg.train, info.is_main)
 
     def save() -> None:
         readers = all_gather_objects(reader.state_dict(), info.world_size)
-        checkpoint.save(run_dir, step, train_state(model, optimizer),
-                        {"step": step, "epoch": epoch, "readers": readers, "world_size": info.world_size,
-                         "stage": stage, "plan": plan_record}, info.is_main, cfg.train.keep_checkpoints)
+        saver.save(step, state_of(asm, cfg),
+                   {"step": step, "epoch": epoch, "epoch_rows": epoch_rows, "readers": readers,
+                    "world_size": info.world_size, "stage": stage, "plan": plan_record})
+        cadence.saved()
 
     fail_at = int(os.environ.get(FAIL_AT_STEP_ENV, "0"))
     tc = cfg.train
     rows_per_step = reader.plan.batch_size * info.world_size
-    est_steps = tc.epochs * max(1, (reader.manifest.rows["train"]["target"] if entity else reader.num_rows())
-                                // rows_per_step)
+    target_rows = reader.manifest.rows["train"].get("target", 0)
+    est_steps = tc.epochs * max(1, -(-(target_rows if entity else reader.num_rows()) // rows_per_step))
     if tc.max_steps:
         est_steps = min(est_steps, tc.max_steps)
     bar = _bar(est_steps, f"train {stage}", step, info.is_main)
     model.train()
-    window_rows, window_start, last_loss = 0, time.perf_counter(), float("nan")
-    done = tc.max_steps and step >= tc.max_steps
+    window_rows, window_start = 0, time.perf_counter()
+    stats = torch.zeros(3, dtype=torch.float64, device=info.device)  # loss, bce, pdl summed since the last log
+    window_steps, last_loss = 0, float("nan")
+    done = bool(tc.max_steps and step >= tc.max_steps)
+    fault_point("train")
     while epoch < tc.epochs and not done:
         batches = iter(reader)
+        filler: Optional[Batch] = None
         while True:
             batch = next(batches, None)
-            if not all_agree(batch is not None, info.device):
+            if batch is not None:
+                filler = batch
+            # one all-reduce per step: rows of the step, ranks still reading, rank 0's clock says "checkpoint"
+            rows, active, time_due = all_sum(
+                [len(batch) if batch is not None else 0, batch is not None, cadence.due_by_time()], info.device)
+            if active == 0:
                 break
-            assert batch is not None
+            if batch is None:
+                if filler is None:
+                    filler = _filler_batch(reader, info)
+                batch = _weighted(filler, rows, real=False)
+            else:
+                batch = _weighted(batch, rows, real=True)
+                epoch_rows += len(batch)
             batch = batch.to(info.device)
             loss, out = model(batch)
             optimizer.zero_grad()
             loss.backward()
             optimizer.step()
             step += 1
-            window_rows += len(batch)
-            last_loss = float(out.loss)
+            window_rows += int(rows)
+            stats += torch.stack([loss.detach(), out.bce, out.pdl * batch.weights.sum()]).double()  # rank's parts
+            window_steps += 1
             bar.update(1)
             if step % tc.log_every == 0:
-                stats = torch.tensor([float(out.loss), float(out.bce), float(out.pdl), float(window_rows)])
-                dist.all_reduce(stats)
-                seconds = time.perf_counter() - window_start
-                record = {"step": step, "epoch": epoch, "loss": float(stats[0]) / info.world_size,
-                          "bce": float(stats[1]) / info.world_size, "pdl": float(stats[2]) / info.world_size,
-                          "rows_per_s": float(stats[3]) / seconds, "dense_lr": tc.dense_lr,
-                          "embedding_lr": tc.embedding_lr, "time": time.time()}
-                if info.is_main:
-                    _log_record(run_dir, record)
-                    bar.set_postfix(loss=f"{record['loss']:.4f}", rows_s=f"{record['rows_per_s']:.0f}")
-                    log.info("step %d epoch %d loss %.4f rows/s %.0f", step, epoch, record["loss"],
-                             record["rows_per_s"])
-                window_rows, window_start = 0, time.perf_counter()
-            if tc.checkpoint_every and step % tc.checkpoint_every == 0:
+                last_loss = _log_step(run_dir, info, tc, stats, window_steps, window_rows, window_start, step, epoch,
+                                      bar)
+                stats.zero_()
+                window_rows, window_steps, window_start = 0, 0, time.perf_counter()
+            saver.poll()
+            if cadence.due(step, time_due > 0):
                 save()
-            if fail_at and step == fail_at and info.rank == info.world_size - 1:
-                os._exit(3)  # testing hook: simulate a rank dying mid-run
+            if fail_at and step == fail_at:
+                saver.wait()  # testing hook: the checkpoint before the failure is published
+                if info.rank == info.world_size - 1:
+                    os._exit(3)  # testing hook: simulate a rank dying mid-run
             if tc.max_steps and step >= tc.max_steps:
                 done = True
                 break
         if not done:
+            total = all_sum([epoch_rows], info.device)[0]
+            if info.is_main:
+                _log_record(run_dir, {"epoch_end": epoch, "step": step, "rows_trained": int(total),
+                                      "rows_in_split": target_rows if entity else reader.num_rows()})
+                log.info("epoch %d done: %d rows trained (of %d in the split%s)", epoch, int(total),
+                         target_rows if entity else reader.num_rows(), ", target rows" if entity else "")
             epoch += 1
+            epoch_rows = 0
             reader.set_epoch(epoch)
     bar.close()
+    if window_steps:
+        last_loss = _log_step(run_dir, info, tc, stats, window_steps, window_rows, window_start, step, epoch, bar)
+    saver.wait()
     final = checkpoint.latest_checkpoint(run_dir) if info.is_main else None
     final = all_gather_objects(final, info.world_size)[0]
     if final is None or not final.endswith(f"step-{step:08d}"):
         save()
-    summary: Dict[str, Any] = {"run_dir": run_dir, "stage": stage, "steps": step, "epochs": epoch,
-                               "loss": last_loss, "world_size": info.world_size}
-    if stage == "tem":
-        dist.barrier()
-        if info.is_main:
-            summary["serving"] = export_run(cfg, run_dir, data_dir)
-        dist.barrier()
-    return summary
+        saver.wait()
+    dist.barrier()
+    return {"run_dir": run_dir, "stage": stage, "steps": step, "epochs": epoch, "loss": last_loss,
+            "world_size": info.world_size}
+
+
+def _filler_batch(reader: ParquetReader, info: DistInfo) -> Batch:
+    """A batch for a rank that had no row at all this epoch: the first rows of the split (weighted 0)."""
+    probe = ParquetReader(reader.plan.data_dir, reader.plan.split, reader.plan.schema, _probe_data(reader),
+                          training=False, batch_size=1, manifest=reader.manifest)
+    for batch in probe:
+        return batch
+    raise ValueError(f"{reader.plan.data_dir}: split {reader.plan.split!r} has no rows")
+
+
+def _probe_data(reader: ParquetReader) -> Any:
+    from mkt_torchrec.config import DataConfig
+
+    return DataConfig(batch_size=1, shuffle=False, num_workers=0, seed=reader.plan.seed,
+                      shuffle_window_rows=reader.plan.window_rows)
+
+
+def _log_step(run_dir: str, info: DistInfo, tc: Any, stats: torch.Tensor, steps: int, rows: int, start: float,
+              step: int, epoch: int, bar: Any) -> float:
+    """All-reduce the window's losses (device tensors) and write one metrics record (rank 0)."""
+    totals = stats.clone()
+    dist.all_reduce(totals)
+    loss, bce, pdl = (float(v) / steps for v in totals.tolist())
+    seconds = max(time.perf_counter() - start, 1e-9)
+    record = {"step": step, "epoch": epoch, "loss": loss, "bce": bce, "pdl": pdl, "rows_per_s": rows / seconds,
+              "dense_lr": tc.dense_lr, "embedding_lr": tc.embedding_lr, "time": time.time()}
+    if info.is_main:
+        _log_record(run_dir, record)
+        bar.set_postfix(loss=f"{loss:.4f}", rows_s=f"{record['rows_per_s']:.0f}")
+        log.info("step %d epoch %d loss %.4f rows/s %.0f", step, epoch, loss, record["rows_per_s"])
+    return loss
+
+
+def _truncate_log(run_dir: str, step: int, is_main: bool) -> None:
+    """On resume, drop the metrics records of steps after the checkpoint (they are trained again)."""
+    path = os.path.join(run_dir, "metrics.jsonl")
+    if not is_main or not os.path.isfile(path):
+        return
+    kept = []
+    with open(path, encoding="utf-8") as f:
+        for line in f:
+            try:
+                if int(json.loads(line)["step"]) <= step:
+                    kept.append(line)
+            except (ValueError, KeyError, TypeError):
+                continue
+    with open(path + ".tmp", "w", encoding="utf-8") as f:
+        f.writelines(kept)
+    os.replace(path + ".tmp", path)
 
 
 def _bar(total: int, desc: str, initial: int, enabled: bool):
@@ -307,7 +516,7 @@ def _bar(total: int, desc: str, initial: int, enabled: bool):
 
 
 # --------------------------------------------------------------------------------------------------------
-# Full (unsharded) state and the serving export
+# Full (unsharded) state
 # --------------------------------------------------------------------------------------------------------
 
 
@@ -320,43 +529,22 @@ def load_unsharded(cfg: Config, stage: str, ckpt: str) -> nn.Module:
     return module
 
 
-def export_run(cfg: Config, run_dir: str, data_dir: str) -> str:
-    """Export RUN's final stage-2 model (or, for ``no_tem_finetune``, a MEM run) to RUN/serving/."""
-    from mkt_torchrec.models.mkt import MEM
-    from mkt_torchrec.models.serving import export_serving, padded_ids, serving_keys
-
-    run = read_run(run_dir)
-    ckpt = checkpoint.latest_checkpoint(run_dir)
-    if ckpt is None:
-        raise FileNotFoundError(f"{run_dir}: no checkpoint to export")
-    module = load_unsharded(cfg, run["stage"], ckpt).model.eval()
-    final: nn.Module = module
-    if isinstance(module, MEM) and cfg.model.ablation != "no_tem_finetune":
-        raise ValueError(f"{run_dir}: a MEM run is served only under model.ablation=no_tem_finetune")
-    reader = ParquetReader(data_dir, "test", cfg.schema, cfg.data, training=False, entity="target", batch_size=8)
-    example = next(iter(reader))
-    ids = padded_ids(example.sparse_features, cfg.schema, serving_keys(cfg.schema))
-    return export_serving(cfg.schema, final, os.path.join(run_dir, "serving"), ids, example.dense_features)  # type: ignore[arg-type]
-
-
 # --------------------------------------------------------------------------------------------------------
 # Evaluation
 # --------------------------------------------------------------------------------------------------------
 
 
-def _padded_stream(reader: ParquetReader, device: torch.device) -> Iterator[Tuple[Batch, bool]]:
-    """Yield (batch, is_real) until every rank is done; a finished rank repeats its last batch as filler,
-    because sharded lookups are collectives that every rank must join."""
+def _padded_stream(reader: ParquetReader, info: DistInfo) -> Iterator[Tuple[Batch, bool]]:
+    """Yield (batch, is_real) until every rank is done; a finished rank repeats a batch as filler, because
+    sharded lookups are collectives that every rank must join."""
     batches = iter(reader)
     last: Optional[Batch] = None
     while True:
         batch = next(batches, None)
-        if not any_true(batch is not None, device):
+        if not any_true(batch is not None, info.device):
             return
         if batch is None:
-            if last is None:
-                raise RuntimeError("this rank has no test rows at all while others do; use fewer ranks")
-            yield last, False
+            yield (last if last is not None else _filler_batch(reader, info)), False
         else:
             last = batch
             yield batch, True
@@ -365,15 +553,20 @@ def _padded_stream(reader: ParquetReader, device: torch.device) -> Iterator[Tupl
 def evaluate(cfg: Config, run_dir: str, data_dir: str) -> Dict[str, Any]:
     """Score the test split with the run's latest checkpoint; write predictions and RUN/metrics.json.
 
-    The model (schema, layers, ablation, planner) is the run's own, from RUN/run.json; ``cfg`` contributes
-    the evaluation settings (``eval``), batch size and threads.
+    The model (schema, layers, ablation) is the run's own, from RUN/run.json; ``cfg`` contributes the evaluation
+    settings (``eval``), batch size, workers and threads. Every rank scores its share of the test rows and writes
+    its predictions, then every rank computes the exact statistics of its share of users and rank 0 merges small
+    sums (:mod:`mkt_torchrec.evaluation.distributed_metrics`): no rank works while the others wait.
     """
-    from mkt_torchrec.evaluation.report_metrics import compute_metrics
+    from mkt_torchrec.evaluation.distributed_metrics import compute_metrics_distributed
 
     run = read_run(run_dir)
     evaluation = cfg
+    if evaluation.train.planner.plan_file:
+        raise ValueError("train.planner.plan_file does not apply to evaluate: it plans for its own world size")
     cfg = run_config(run_dir)
-    cfg.eval, cfg.train.threads, cfg.data.batch_size = evaluation.eval, evaluation.train.threads, evaluation.data.batch_size
+    cfg.eval, cfg.train.threads = evaluation.eval, evaluation.train.threads
+    cfg.data.batch_size, cfg.data.num_workers = evaluation.data.batch_size, evaluation.data.num_workers
     cfg.train.planner.plan_file = None  # evaluation may run at another world size: plan afresh
     info = init_distributed()
     torch.set_num_threads(cfg.train.threads)
@@ -381,25 +574,29 @@ def evaluate(cfg: Config, run_dir: str, data_dir: str) -> Dict[str, Any]:
     ckpt = checkpoint.latest_checkpoint(run_dir)
     if ckpt is None:
         raise FileNotFoundError(f"{run_dir}: no complete checkpoint to evaluate")
+    manifest = open_dataset_shared(data_dir, cfg.schema)
     model = assemble(cfg, stage, info).model
-    state = train_state(model, None)
-    checkpoint.load(ckpt, state)
+    checkpoint.load(ckpt, train_state(model, None))
     model.eval()
     entity = "target" if stage == "tem" else None
     reader = ParquetReader(data_dir, "test", cfg.schema, cfg.data, rank=info.rank, world_size=info.world_size,
-                           training=False, entity=entity)
+                           training=False, entity=entity, manifest=manifest)
+    wanted = manifest.rows.get("test", {}).get("target", 0) if entity else reader.num_rows()
+    if wanted == 0:
+        raise ValueError(f"{data_dir}: the test split has no {'target ' if entity else ''}rows to evaluate")
+    fault_point("evaluate")
     cols: Dict[str, list] = {"user_id": [], "entity": [], "label": [], "score": [], "activity": [],
                              "true_prob": []}
-    names = {0: "source", 1: "target"}
-    bar = _bar(reader.num_rows() // max(1, reader.plan.batch_size * info.world_size), "evaluate", 0, info.is_main)
+    names = np.array(["source", "target"], dtype=object)
+    bar = _bar(-(-wanted // max(1, reader.plan.batch_size * info.world_size)), "evaluate", 0, info.is_main)
     with torch.no_grad():
-        for batch, real in _padded_stream(reader, info.device):
+        for batch, real in _padded_stream(reader, info):
             _, out = model(batch.to(info.device))
-            bar.update(1)
             if not real:
                 continue
+            bar.update(1)
             cols["user_id"].append(batch.user_id.numpy())
-            cols["entity"] += [names[int(e)] for e in batch.entity.tolist()]
+            cols["entity"].append(batch.entity.numpy())
             cols["label"].append(batch.labels.numpy())
             cols["score"].append(torch.sigmoid(out.logits.float()).cpu().numpy())
             if batch.activity is not None:
@@ -407,34 +604,34 @@ def evaluate(cfg: Config, run_dir: str, data_dir: str) -> Dict[str, Any]:
             if batch.true_prob is not None:
                 cols["true_prob"].append(batch.true_prob.numpy())
     bar.close()
-    import numpy as np
 
-    pred_dir = os.path.join(run_dir, "predictions")
-    if info.is_main:
-        os.makedirs(pred_dir, exist_ok=True)
-    dist.barrier()
-    def column(name: str, dtype: Any) -> pa.Array:
-        return pa.array(np.concatenate(cols[name]) if cols[name] else np.zeros(0, dtype))
+    def column(name: str, dtype: Any) -> np.ndarray:
+        return np.concatenate(cols[name]).astype(dtype) if cols[name] else np.zeros(0, dtype)
 
-    arrays = {"user_id": column("user_id", np.int64), "entity": pa.array(cols["entity"], pa.string()),
-              "label": column("label", np.float32), "score": column("score", np.float32)}
+    arrays = {"user_id": pa.array(column("user_id", np.int64)),
+              "entity": pa.array(names[column("entity", np.int64)].tolist(), pa.string()),
+              "label": pa.array(column("label", np.float32)), "score": pa.array(column("score", np.float32))}
     has = reader.manifest.optional_columns
     if "activity" in has:
-        arrays["activity"] = column("activity", np.int64)
+        arrays["activity"] = pa.array(column("activity", np.int64))
     if "true_prob" in has:
-        arrays["true_prob"] = column("true_prob", np.float32)
-    table = pa.table(arrays)
+        arrays["true_prob"] = pa.array(column("true_prob", np.float32))
+    pred_dir = os.path.join(run_dir, "predictions")
+    if info.is_main:  # predictions of an earlier evaluation (perhaps at another world size) go first
+        shutil.rmtree(pred_dir, ignore_errors=True)
+        os.makedirs(pred_dir)
+    dist.barrier()
     path = os.path.join(pred_dir, f"part-{info.rank:05d}.parquet")
-    pq.write_table(table, path + ".tmp")
+    pq.write_table(pa.table(arrays), path + ".tmp")
     os.replace(path + ".tmp", path)
     dist.barrier()
-    metrics: Dict[str, Any] = {}
+    metrics = compute_metrics_distributed(pred_dir, cfg.eval, info.device) or {}
     if info.is_main:
-        metrics = compute_metrics(pred_dir, cfg.eval)
         metrics["run_dir"] = run_dir
         metrics["checkpoint"] = os.path.basename(ckpt)
         metrics["stage"] = stage
         metrics["ablation"] = cfg.model.ablation
+        metrics["world_size"] = info.world_size
         _write_json(os.path.join(run_dir, "metrics.json"), metrics)
     dist.barrier()
     return metrics

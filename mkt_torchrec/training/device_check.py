@@ -1,0 +1,148 @@
+"""Catch, on a CPU machine, collectives that would fail on a CUDA / NCCL world (``MKT_EMULATE_ACCELERATOR=1``).
+
+A process group made with ``backend="nccl"`` serves CUDA tensors only: ``dist.all_reduce(torch.tensor([...]))``
+on a CPU tensor raises ``No backend type associated with device type cpu`` on the cluster, while on a CPU machine
+(gloo) every tensor is a CPU tensor and the same line works. No GPU here runs TorchRec, so the multi-process tests
+emulate the accelerator instead:
+
+* the rank's compute device becomes ``torch.device("cpu", 0)`` (:data:`EMULATED_DEVICE`): memory is still host
+  memory, but the device *object* differs from ``cpu``, so ``x.to(info.device)`` and ``x.to("cpu")`` can be told
+  apart;
+* a :class:`~torch.overrides.TorchFunctionMode` tracks which tensors are *host* tensors, i.e. would be on the CPU
+  on a GPU machine: those made by a factory (``torch.tensor``, ``torch.zeros``, ...) without ``device=`` the rank's
+  device, by ``torch.from_numpy``, ``.cpu()`` or ``.to("cpu")``, and everything computed from a host tensor
+  (``.to(info.device)`` clears the mark, as the copy to the GPU would);
+* every tensor collective of ``torch.distributed`` (``all_reduce``, ``all_gather``, ``broadcast``, ``all_to_all``,
+  ...) is wrapped to raise :class:`HostTensorInCollective` on a host tensor, naming the collective and the caller's
+  file and line. Calls made by ``torch.distributed`` itself (object collectives, DCP) are not checked: they pick the
+  group's device on their own.
+
+It is a test mechanism (like ``TORCH_DISTRIBUTED_DEBUG=DETAIL``), enabled per process by the environment variable,
+which :func:`mkt_torchrec.training.distributed.init_distributed` reads. It slows every op by a Python call.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import sys
+from typing import Any, Callable, Iterable
+
+import torch
+import torch.distributed as dist
+from torch.overrides import TorchFunctionMode
+
+ENV = "MKT_EMULATE_ACCELERATOR"
+EMULATED_DEVICE = torch.device("cpu", 0)
+_MARK = "_mkt_host_tensor"
+
+_FACTORIES = {torch.tensor, torch.as_tensor, torch.zeros, torch.ones, torch.empty, torch.full, torch.arange,
+              torch.rand, torch.randn, torch.randint, torch.randperm, torch.linspace, torch.eye, torch.scalar_tensor}
+_ALWAYS_HOST = {torch.from_numpy, torch.frombuffer, torch.Tensor.cpu}
+_COLLECTIVES = ("all_reduce", "all_gather", "all_gather_into_tensor", "broadcast", "reduce", "reduce_scatter",
+                "reduce_scatter_tensor", "all_to_all", "all_to_all_single", "scatter", "gather", "send", "recv",
+                "isend", "irecv")
+
+
+class HostTensorInCollective(RuntimeError):
+    """A collective received a tensor that would be on the CPU on a CUDA / NCCL world."""
+
+
+def enabled() -> bool:
+    return os.environ.get(ENV) == "1"
+
+
+def is_host(t: Any) -> bool:
+    return isinstance(t, torch.Tensor) and getattr(t, _MARK, False)
+
+
+def _mark(obj: Any, host: bool) -> None:
+    if isinstance(obj, torch.Tensor):
+        try:
+            if host:
+                setattr(obj, _MARK, True)
+            elif getattr(obj, _MARK, False):
+                delattr(obj, _MARK)
+        except (AttributeError, RuntimeError):  # some tensor subclasses refuse attributes
+            pass
+    elif isinstance(obj, (list, tuple)):
+        for o in obj:
+            _mark(o, host)
+
+
+def _tensors(objs: Iterable[Any]) -> Iterable[torch.Tensor]:
+    for o in objs:
+        if isinstance(o, torch.Tensor):
+            yield o
+        elif isinstance(o, (list, tuple)):
+            yield from _tensors(o)
+
+
+def _target_device(args: tuple, kwargs: dict) -> Any:
+    """The device a ``Tensor.to`` call moves to, or None when it only changes the dtype."""
+    if "device" in kwargs and kwargs["device"] is not None:
+        return torch.device(kwargs["device"])
+    for a in args[1:]:
+        if isinstance(a, (torch.device, str)):
+            return torch.device(a)
+        if isinstance(a, torch.Tensor):
+            return EMULATED_DEVICE if not is_host(a) else torch.device("cpu")
+    return None
+
+
+class HostTensorTracker(TorchFunctionMode):
+    """Marks host tensors (see the module docstring); the rank's device is :data:`EMULATED_DEVICE`."""
+
+    def __torch_function__(self, func: Callable, types: Any, args: tuple = (), kwargs: Any = None) -> Any:
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
+        if func in _FACTORIES:
+            device = kwargs.get("device")
+            _mark(out, device is None or torch.device(device) != EMULATED_DEVICE)
+        elif func in _ALWAYS_HOST:
+            _mark(out, True)
+        elif func is torch.Tensor.to:
+            device = _target_device(args, kwargs)
+            if device is None:
+                _mark(out, is_host(args[0]))
+            else:
+                _mark(out, device != EMULATED_DEVICE)
+        elif any(is_host(t) for t in _tensors(args)) or any(is_host(t) for t in _tensors(kwargs.values())):
+            _mark(out, True)
+        return out
+
+
+def _caller() -> tuple[str, int, bool]:
+    """(file, line, inside torch.distributed) of the code that called the collective."""
+    frame = sys._getframe(2)
+    torch_dist = os.path.dirname(dist.__file__)
+    name = frame.f_code.co_filename
+    return name, frame.f_lineno, name.startswith(torch_dist)
+
+
+def _checked(name: str, fn: Callable) -> Callable:
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        file, line, internal = _caller()
+        if not internal:
+            for t in _tensors(list(args) + list(kwargs.values())):
+                if is_host(t):
+                    raise HostTensorInCollective(
+                        f"dist.{name} at {file}:{line} got a host (CPU) tensor of shape {tuple(t.shape)}: a NCCL "
+                        f"group serves CUDA tensors only; create it on the rank's device")
+        return fn(*args, **kwargs)
+
+    wrapper._mkt_checked = True  # type: ignore[attr-defined]
+    return wrapper
+
+
+def install() -> None:
+    """Wrap the tensor collectives of ``torch.distributed`` and start tracking host tensors (idempotent)."""
+    for name in _COLLECTIVES:
+        fn = getattr(dist, name, None)
+        if fn is not None and not getattr(fn, "_mkt_checked", False):
+            setattr(dist, name, _checked(name, fn))
+    if not getattr(install, "_mode", None):
+        mode = HostTensorTracker()
+        mode.__enter__()
+        install._mode = mode  # type: ignore[attr-defined]

@@ -1,0 +1,185 @@
+"""Export a finished run's serving model to ``RUN/serving/``: a separate, single-process step.
+
+Why separate: exporting inside the distributed trainer meant rank 0 rebuilding every table unsharded while
+every other rank waited at a barrier (at industrial scale, hours: long enough for NCCL's watchdog to kill
+the waiting ranks), and holding the tables twice (the unsharded training module, then the serving copy).
+Here one plain process (no ``torch.distributed`` process group) reads the run's own config and latest
+checkpoint and builds the serving model with its tables on ``meta``; then only the tensors the serving
+model holds (the TEM, and the MEM's target path: user, shared and target-specific tables, sequences, HFA_t,
+the CKE) are allocated, once, as the serving model's own buffers and parameters, and DCP loads just those
+keys from the checkpoint (resharding from whatever world size and plan the run used). Source-specific tables
+and the source HFA / extractor / tower are never read.
+
+The example input ``torch.export`` traces with is 8 test rows of the dataset when ``data_dir`` is given, or
+else synthetic padded ids and dense features built from the schema, so exporting does not need the dataset.
+
+Example:
+    >>> from mkt_torchrec.training.export import export_run
+    >>> export_run("runs/mkt/tem")                     # doctest: +SKIP
+    'runs/mkt/tem/serving/model.pt2'
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import uuid
+from typing import Any, Dict, Optional, Tuple
+
+import torch
+
+from mkt_torchrec.config import Config, SchemaConfig
+from mkt_torchrec.models.serving import SERVING_FILE, ServingModel, export_serving, padded_ids, serving_keys
+from mkt_torchrec.training import checkpoint
+from mkt_torchrec.training.build import build_train_module
+
+EXAMPLE_ROWS = 8
+_CKPT_PREFIX = "model.model."  # train_state's "model." + the loss wrapper's ``.model``
+
+
+def serving_from_run(run_dir: str) -> Tuple[Config, ServingModel]:
+    """The serving model of a run's latest checkpoint, loading only the tensors serving uses.
+
+    The stage module is built with its tables on ``meta`` (nothing allocated); the :class:`ServingModel`
+    built from it gets fresh tensors for its tables, which are what DCP loads into, so every served table
+    exists once in memory and no other table is read.
+
+    Args:
+        run_dir: a stage ``tem`` run, or a stage ``mem`` run trained under
+            ``model.ablation=no_tem_finetune``.
+
+    Returns:
+        The run's config (from RUN/run.json) and the loaded serving model, in eval mode.
+
+    Raises:
+        FileNotFoundError: ``run_dir`` is not a run directory, or has no complete checkpoint.
+        ValueError: a MEM run of another ablation (its served model is stage 2's).
+    """
+    # imported here: the trainer imports this module to export at the end of a run
+    from mkt_torchrec.training.trainer import read_run, run_config
+
+    run = read_run(run_dir)
+    cfg = run_config(run_dir)
+    stage = run["stage"]
+    if stage == "mem" and cfg.model.ablation != "no_tem_finetune":
+        raise ValueError(f"{run_dir}: a MEM run is served only under model.ablation=no_tem_finetune")
+    ckpt = checkpoint.latest_checkpoint(run_dir)
+    if ckpt is None:
+        raise FileNotFoundError(f"{run_dir}: no checkpoint to export")
+    model = build_train_module(cfg, stage, device=torch.device("meta")).model  # MEM or MKTTarget
+    serving = ServingModel(cfg.schema, model)
+    del model
+    _materialize(serving)
+    state: Dict[str, Any] = {_CKPT_PREFIX + serving.source_keys[k]: v
+                             for k, v in serving.state_dict(keep_vars=True).items()}
+    checkpoint.load(ckpt, state, no_dist=True)
+    return cfg, serving.eval()
+
+
+def _materialize(module: torch.nn.Module) -> None:
+    """Replace every ``meta`` parameter / buffer of ``module`` by an uninitialised CPU tensor."""
+    for name, tensor in list(module.state_dict(keep_vars=True).items()):
+        if not tensor.is_meta:
+            continue
+        owner_name, _, attr = name.rpartition(".")
+        owner = module.get_submodule(owner_name)
+        real = torch.empty(tensor.shape, dtype=tensor.dtype, device="cpu")
+        if isinstance(tensor, torch.nn.Parameter):
+            setattr(owner, attr, torch.nn.Parameter(real, requires_grad=False))
+        else:
+            setattr(owner, attr, real)
+
+
+def synthetic_example(schema: SchemaConfig, rows: int = EXAMPLE_ROWS,
+                      seed: int = 0) -> Tuple[Dict[str, torch.Tensor], torch.Tensor]:
+    """A serving input built from the schema alone, for tracing: random table rows with some nulls, and
+    sequences of lengths from 0 to ``max_len`` (-1 after the length), plus standard-normal dense features.
+
+    Args:
+        schema: feature schema.
+        rows: batch size (>= 2: ``torch.export`` specialises a dimension of size 0 or 1).
+        seed: generator seed.
+
+    Returns:
+        ids (key -> (B,) or (B, L) int64, keys as :func:`serving_keys`) and dense (B, F_dense) float32.
+    """
+    gen = torch.Generator().manual_seed(seed)
+    ids: Dict[str, torch.Tensor] = {}
+    for key in serving_keys(schema):
+        table_rows = schema.tables[schema.table_of(key)].rows
+        if key in schema.sequences:
+            max_len = schema.sequences[key].max_len
+            values = torch.randint(0, table_rows, (rows, max_len), generator=gen, dtype=torch.int64)
+            lengths = torch.linspace(0, max_len, rows).round().long()  # (B,) from empty to full
+            ids[key] = values.masked_fill(torch.arange(max_len).unsqueeze(0) >= lengths.unsqueeze(1), -1)
+        else:
+            values = torch.randint(0, table_rows, (rows,), generator=gen, dtype=torch.int64)
+            values[0] = -1  # a null
+            ids[key] = values
+    dense = torch.randn(rows, len(schema.dense), generator=gen, dtype=torch.float32)
+    return ids, dense
+
+
+def _data_example(cfg: Config, data_dir: str) -> Tuple[Dict[str, torch.Tensor], torch.Tensor]:
+    from mkt_torchrec.data.reader import ParquetReader
+
+    reader = ParquetReader(data_dir, "test", cfg.schema, cfg.data, training=False, entity="target",
+                           batch_size=EXAMPLE_ROWS)
+    example = next(iter(reader))
+    return padded_ids(example.sparse_features, cfg.schema, serving_keys(cfg.schema)), example.dense_features
+
+
+def _publish_dir(tmp: str, out_dir: str) -> None:
+    """Rename the finished ``tmp`` to ``out_dir``, replacing a previous export."""
+    old = None
+    if os.path.exists(out_dir):
+        old = f"{out_dir}.old-{uuid.uuid4().hex[:8]}"
+        os.rename(out_dir, old)
+    try:
+        os.rename(tmp, out_dir)
+    except BaseException:
+        if old is not None:
+            os.rename(old, out_dir)
+        raise
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def export_run(run_dir: str, data_dir: Optional[str] = None, out_dir: Optional[str] = None) -> str:
+    """Export a run's final model (a stage ``tem`` run, or a ``no_tem_finetune`` MEM run) for serving.
+
+    Single process, no process group: run it after training, not inside it. Writes ``model.pt2`` and
+    ``serving.json`` (see :func:`~mkt_torchrec.models.serving.export_serving`) into a temporary sibling
+    directory and renames it to ``out_dir`` when complete (replacing a previous export), so an interrupted
+    export never leaves a finished-looking serving directory.
+
+    Args:
+        run_dir: the run directory (its RUN/run.json config and latest checkpoint are used).
+        data_dir: a dataset whose test split gives the example input for ``torch.export``; ``None``: a
+            synthetic example built from the schema (:func:`synthetic_example`).
+        out_dir: where to write; default ``RUN/serving``.
+
+    Returns:
+        The path of the exported ``model.pt2``.
+
+    Raises:
+        FileNotFoundError: ``run_dir`` is not a run directory, or has no complete checkpoint.
+        ValueError: a MEM run not trained under ``model.ablation=no_tem_finetune``.
+    """
+    cfg, serving = serving_from_run(run_dir)
+    ids, dense = _data_example(cfg, data_dir) if data_dir else synthetic_example(cfg.schema)
+    out_dir = out_dir or os.path.join(run_dir, "serving")
+    parent, name = os.path.split(os.path.abspath(out_dir))
+    os.makedirs(parent, exist_ok=True)
+    tmp = os.path.join(parent, f".{name}.partial-{uuid.uuid4().hex[:8]}")
+    os.makedirs(tmp)
+    try:
+        export_serving(cfg.schema, serving, tmp, ids, dense)
+        _publish_dir(tmp, out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return os.path.join(out_dir, SERVING_FILE)
+
+
+__all__ = ["export_run", "serving_from_run", "synthetic_example"]

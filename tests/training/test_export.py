@@ -1,0 +1,146 @@
+"""The single-process serving export of a finished run (mkt_torchrec.training.export)."""
+
+import json
+import os
+import shutil
+
+import pytest
+import torch
+
+from mkt_torchrec.cli import main
+from mkt_torchrec.data.reader import ParquetReader
+from mkt_torchrec.models.serving import load_serving, padded_ids, serving_keys
+from mkt_torchrec.training import checkpoint, export
+from mkt_torchrec.training.export import export_run, serving_from_run
+from mkt_torchrec.training.trainer import load_unsharded, run_config
+
+from tests.conftest import QUICKSTART, SMALL
+
+SETS = ["train.max_steps=3", "data.batch_size=128"]
+SOURCE_ONLY = ("price_bucket", "condition", "hfa.source", "extractors.source", "towers.source")
+
+
+def _train(stage, data, run, *extra_args, sets=()):
+    args = ["train", "--config", QUICKSTART, "--stage", stage, "--data", data, "--run-dir", run, *extra_args]
+    for s in (*SMALL, *SETS, *sets):
+        args += ["--set", s]
+    assert main(args) == 0  # in this process, a world of one
+
+
+@pytest.fixture(scope="module")
+def runs(small_dataset, tmp_path_factory):
+    root = tmp_path_factory.mktemp("export_runs")
+    mem, tem = str(root / "mem"), str(root / "tem")
+    _train("mem", small_dataset, mem)
+    _train("tem", small_dataset, tem, "--mem-run", mem)
+    return {"mem": mem, "tem": tem}
+
+
+def _test_batch(cfg, data):
+    return next(iter(ParquetReader(data, "test", cfg.schema, cfg.data, training=False, entity="target")))
+
+
+def _reference(run, stage, batch):
+    """Click probabilities of the run's final model, rebuilt whole with the trainer's load_unsharded."""
+    cfg = run_config(run)
+    model = load_unsharded(cfg, stage, checkpoint.latest_checkpoint(run)).model.eval()
+    with torch.no_grad():
+        if stage == "mem":
+            return torch.sigmoid(model(batch.sparse_features, batch.dense_features, batch.entity).logits)
+        return torch.sigmoid(model(batch.sparse_features, batch.dense_features))
+
+
+def _served(path, cfg, batch):
+    ids = padded_ids(batch.sparse_features, cfg.schema, serving_keys(cfg.schema))
+    return load_serving(path)(ids, batch.dense_features)
+
+
+def test_export_equals_the_stage2_forward_and_replaces_the_trainers_export(runs, small_dataset):
+    run = runs["tem"]
+    assert os.path.isfile(os.path.join(run, "serving", "model.pt2"))  # the trainer's own export, replaced here
+    path = export_run(run, small_dataset)
+    assert path == os.path.join(run, "serving", "model.pt2") and os.path.isfile(path)
+    assert json.load(open(os.path.join(run, "serving", "serving.json")))["file"] == "model.pt2"
+    assert not [n for n in os.listdir(run) if n.startswith(".serving")]  # no temporary directory is left
+    cfg = run_config(run)
+    batch = _test_batch(cfg, small_dataset)
+    torch.testing.assert_close(_served(path, cfg, batch), _reference(run, "tem", batch), rtol=0, atol=1e-6)
+
+
+def test_export_without_data_uses_a_synthetic_example(runs, small_dataset, tmp_path):
+    run = runs["tem"]
+    path = export_run(run, out_dir=str(tmp_path / "serving"))
+    assert path == str(tmp_path / "serving" / "model.pt2")
+    cfg = run_config(run)
+    batch = _test_batch(cfg, small_dataset)
+    ref = _reference(run, "tem", batch)
+    torch.testing.assert_close(_served(path, cfg, batch), ref, rtol=0, atol=1e-6)
+    ids = padded_ids(batch.sparse_features, cfg.schema, serving_keys(cfg.schema))
+    one = {k: v[:1] for k, v in ids.items()}  # the batch dim stays dynamic
+    torch.testing.assert_close(load_serving(path)(one, batch.dense_features[:1]), ref[:1], rtol=0, atol=1e-6)
+
+
+def test_only_served_tensors_are_loaded_once_into_the_serving_model(runs, monkeypatch):
+    run = runs["tem"]
+    loaded = {}
+    real_load = checkpoint.load
+
+    def recording_load(ckpt, state, no_dist=False):
+        assert no_dist and not torch.distributed.is_initialized()
+        loaded.update(state)
+        real_load(ckpt, state, no_dist=no_dist)
+
+    monkeypatch.setattr(checkpoint, "load", recording_load)
+    _, serving = serving_from_run(run)
+    keys = sorted(loaded)
+    assert not [k for k in keys if any(s in k for s in SOURCE_ONLY)], "a source-entity tensor was loaded"
+    assert not [k for k in keys if k.startswith(("model.model.mem.extractors", "model.model.mem.towers"))]
+    assert "model.model.mem.sparse_arch.ec.embeddings.item_id.weight" in keys
+    assert "model.model.tem.sparse_arch.ec.embeddings.item_id.weight" in keys
+    in_ckpt = set(checkpoint.SafeFileSystemReader(checkpoint.latest_checkpoint(run)).read_metadata()
+                  .state_dict_metadata)
+    assert set(keys) <= in_ckpt and any("price_bucket" in k for k in in_ckpt)  # the checkpoint has them
+    # every served tensor is the very one DCP loaded into: the tables exist once, as serving buffers
+    ptrs = {v.data_ptr() for v in loaded.values()}
+    tables = {k: v for k, v in serving.state_dict().items() if "table__" in k}
+    assert tables and all(v.data_ptr() in ptrs for v in tables.values())
+    assert len(loaded) == len(serving.state_dict())
+
+
+def test_mem_run_is_exported_only_under_no_tem_finetune(runs, small_dataset, tmp_path):
+    with pytest.raises(ValueError, match="no_tem_finetune"):
+        export_run(runs["mem"], small_dataset)
+    assert not os.path.exists(os.path.join(runs["mem"], "serving"))
+
+    run = str(tmp_path / "mem_only")
+    _train("mem", small_dataset, run, sets=("model.ablation=no_tem_finetune",))
+    path = export_run(run)
+    cfg = run_config(run)
+    batch = _test_batch(cfg, small_dataset)
+    torch.testing.assert_close(_served(path, cfg, batch), _reference(run, "mem", batch), rtol=0, atol=1e-6)
+
+
+def test_interrupted_export_leaves_no_serving_dir_and_keeps_the_previous(runs, tmp_path, monkeypatch):
+    out = tmp_path / "serving"
+
+    def failing(schema, model, out_dir, ids, dense):
+        open(os.path.join(out_dir, "model.pt2"), "w").close()
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(export, "export_serving", failing)
+    with pytest.raises(KeyboardInterrupt):
+        export_run(runs["tem"], out_dir=str(out))
+    assert os.listdir(tmp_path) == []
+    out.mkdir()
+    (out / "model.pt2").write_text("previous")
+    with pytest.raises(KeyboardInterrupt):
+        export_run(runs["tem"], out_dir=str(out))
+    assert sorted(os.listdir(tmp_path)) == ["serving"] and (out / "model.pt2").read_text() == "previous"
+
+
+def test_run_without_checkpoint_is_refused(runs, tmp_path):
+    run = tmp_path / "empty"
+    run.mkdir()
+    shutil.copy(os.path.join(runs["tem"], "run.json"), run / "run.json")
+    with pytest.raises(FileNotFoundError, match="no checkpoint"):
+        export_run(str(run))
