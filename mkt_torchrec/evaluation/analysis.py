@@ -3,8 +3,9 @@
 The resampling unit is the **user**: impressions of one user are correlated, so resampling rows would make
 the intervals too narrow. In resample ``b`` user ``u`` is drawn ``c_bu`` times and every row of ``u`` counts
 ``c_bu`` times. The counts are Poisson(1) draws (the *Poisson bootstrap*; drawing ``U`` users with
-replacement gives Binomial(U, 1/U) counts, which tend to Poisson(1)), and each one is a **deterministic
-function of (seed, b, user id)** (:func:`poisson_weights`): a hash, not a random stream. A user's counts
+replacement gives Binomial(U, 1/U) counts, which tend to Poisson(1)), read from a 16-bit inverse-CDF table,
+and each one is a **deterministic function of (seed, b, user id)** (:func:`poisson_weights`): a hash, not a
+random stream. A user's counts
 therefore do not depend on which other users there are, on their order, or on the process that handles the
 user, so the replicates can be computed over any split of the users (hash partitions, ranks) and added up;
 two runs scored on the same users get the same resamples (a paired bootstrap) for free. Intervals are
@@ -86,13 +87,13 @@ __all__ = [
 
 # Rows x resamples up to which the AUC bootstrap is exact: at most about 8 s on one slow core (500K rows with
 # distinct scores at 200 resamples); beyond it the linearised AUC is used. (It also keeps the exact weighted
-# Mann-Whitney sums inside int64: at most 12 * rows weighted rows, 2 * 12**2 * rows**2 < 2**63.)
+# Mann-Whitney sums inside int64: at most 7 * rows weighted rows, 2 * 7**2 * rows**2 < 2**63.)
 EXACT_AUC_BUDGET = 100_000_000
 # Users per block when drawing multinomial counts: bincount into a cache-sized block is several times faster
 # than into one array of millions of users.
 _COUNT_BLOCK = 1 << 16
-# Users per block of the weighted exact sums: a block's sums of (limb < 2**24) x (count <= 12) stay below
-# 2**44, exact in float64 whatever order the matrix product adds them in.
+# Users per block of the weighted exact sums: a block's sums of (limb < 2**24) x (count <= 7) stay below
+# 2**43, exact in float64 whatever order the matrix product adds them in.
 _SUM_BLOCK = 1 << 16
 _LIMB_BITS = 24
 _MASK64 = (1 << 64) - 1
@@ -100,23 +101,23 @@ _GOLDEN = 0x9E3779B97F4A7C15
 _USER_SALT = 0xD1B54A32D192ED03
 
 
-def _poisson_cuts() -> np.ndarray:
-    """``floor(2**32 P(X <= k))`` for Poisson(1) ``X`` and ``k = 0, 1, ...`` while ``P(X > k) >= 2**-32``.
+def _poisson_table() -> np.ndarray:
+    """(65536,) uint8: the Poisson(1) inverse CDF at 16-bit uniforms, ``count(u) = #{k : u >= 65536 P(X <= k)}``.
 
-    Computed in exact rational arithmetic (``1/e`` to 40 terms), so they are the same on every platform. A
-    32-bit uniform ``u`` gives the count ``#{k : u >= cut_k}`` (at most 12; larger counts, probability below
-    ``2**-32``, count 12)."""
+    Computed in exact rational arithmetic (``1/e`` to 40 terms), so it is the same on every platform. Each
+    count's probability is within ``2**-16`` of Poisson(1)'s; counts stop at 7 (``P(X >= 7)`` is ``8e-5``)."""
     e_inv = sum(Fraction((-1) ** n, math.factorial(n)) for n in range(40))
-    cuts, cdf, k = [], Fraction(0), 0
-    while True:
+    table = np.zeros(1 << 16, dtype=np.uint8)
+    cdf = Fraction(0)
+    for k in itertools.count():
         cdf += e_inv / math.factorial(k)
-        if (1 - cdf) * 2**32 < 1:
-            return np.array(cuts, dtype=np.uint32)
-        cuts.append(math.floor(cdf * 2**32))
-        k += 1
+        cut = math.ceil(cdf * (1 << 16))
+        if cut >= 1 << 16:
+            return table
+        table[cut:] += 1
 
 
-_POISSON_CUTS = _poisson_cuts()
+_POISSON_TABLE = _poisson_table()
 
 
 def _mix64(x: np.ndarray) -> np.ndarray:
@@ -141,9 +142,10 @@ def _mix64_int(x: int) -> int:
 def poisson_weights(user_ids: Any, samples: int, seed: int) -> np.ndarray:
     """Bootstrap draw counts of users: Poisson(1), a deterministic function of ``(seed, resample, user id)``.
 
-    Resample ``b`` of user ``u`` takes half of ``splitmix64(splitmix64(u + salt) ^ key(seed, b // 2))`` as a
-    32-bit uniform and maps it through the Poisson(1) inverse CDF. The count of a user does not depend on the
-    other ids passed, nor on ``samples`` (the first ``b`` rows of a larger draw are the same).
+    Resample ``b`` of user ``u`` takes 16 bits of ``splitmix64(splitmix64(u + salt) ^ key(seed, b // 4))``
+    as a uniform and maps it through the Poisson(1) inverse CDF (a table: probabilities within ``2**-16`` of
+    Poisson(1)'s, counts 0 to 7). The count of a user does not depend on the other ids passed, nor on
+    ``samples`` (the first ``b`` rows of a larger draw are the same).
 
     Args:
         user_ids: (n,) integer user ids (any order, repeats allowed: one column per entry).
@@ -151,7 +153,7 @@ def poisson_weights(user_ids: Any, samples: int, seed: int) -> np.ndarray:
         seed: bootstrap seed (any int).
 
     Returns:
-        (B, n) uint8 counts in ``[0, 12]``; row ``b`` is resample ``b``.
+        (B, n) uint8 counts in ``[0, 7]``; row ``b`` is resample ``b``.
 
     Example:
         >>> w = poisson_weights([7, 8, 7], 3, seed=0)
@@ -166,12 +168,11 @@ def poisson_weights(user_ids: Any, samples: int, seed: int) -> np.ndarray:
     out = np.empty((samples, ids.shape[0]), dtype=np.uint8)
     h = np.empty_like(hu)
     base = _mix64_int(int(seed))
-    for j in range((samples + 1) // 2):
+    for j in range(-(-samples // 4)):
         np.bitwise_xor(hu, np.uint64(_mix64_int(base + (j + 1) * _GOLDEN)), out=h)
         _mix64(h)
-        for half in range(min(2, samples - 2 * j)):
-            u = (h >> np.uint64(32 * half)).astype(np.uint32)  # the low, then the high 32 bits
-            out[2 * j + half] = np.searchsorted(_POISSON_CUTS, u, side="right")
+        for q in range(min(4, samples - 4 * j)):  # the four 16-bit quarters, lowest first
+            np.take(_POISSON_TABLE, (h >> np.uint64(16 * q)).astype(np.uint16), out=out[4 * j + q])
     return out
 
 
@@ -186,8 +187,10 @@ def _limb_layout(v: np.ndarray) -> Tuple[int, int]:
     nz = v[v > 0]
     if nz.shape[0] == 0:
         return 0, 0
-    _, ex = np.frexp(nz)  # nz < 2**ex, and nz is a multiple of 2**(ex - 53) (of 2**-1074 when subnormal)
-    lo = max(int(ex.min()) - 53, -1074)
+    m, ex = np.frexp(nz)  # nz = m 2**ex, 0.5 <= m < 1
+    mant = np.ldexp(m, 53).astype(np.int64)  # nz = mant 2**(ex - 53) (subnormals: a multiple of 2**-1074)
+    _, low = np.frexp((mant & -mant).astype(np.float64))  # lowest set bit of mant: 2**(low - 1)
+    lo = max(int((ex - 54 + low).min()), -1074)
     return lo, -(-(int(ex.max()) - lo) // _LIMB_BITS)
 
 
@@ -242,7 +245,7 @@ def _weighted_sums(user_ids: np.ndarray, columns: Sequence[np.ndarray], samples:
     """Exact ``sum_u c_bu v_u`` for each column ``v`` (non-negative finite float64, (U,)) and resample ``b``.
 
     Users are taken in blocks: the block's limbs times its (B, block) counts in one float64 matrix product
-    (exact: every partial sum is an integer below 2**44), added up in int64."""
+    (exact: every partial sum is an integer below 2**43), added up in int64."""
     for c in columns:
         _check_summable(c, "bootstrap sums")
     layouts = [_limb_layout(c) for c in columns]

@@ -44,10 +44,10 @@ class MEMTrain(nn.Module):
     Loss_src + Loss_tgt is the binary cross-entropy averaged over all rows of the batch (the paper's sums over
     each entity's rows, divided by the batch size), so each entity weighs by its share of rows as in Eq. 11.
 
-    In distributed training the batch carries ``weights`` (1 / rows of the global step, 0 for filler rows): the
-    loss is then this rank's part of the global mean, and the gradients summed over ranks (TorchRec's sharded
-    tables sum them; the trainer makes DDP sum too) are those of the global batch, whatever the world size.
-    PDL is a statistic of each rank's batch, weighted by the rank's share of rows.
+    In distributed training the batch carries ``weights`` (world size / rows of the global step, 0 for filler
+    rows): the gradients averaged over ranks (by DDP and by TorchRec's sharded tables) are then those of the mean
+    over the global step's rows, whatever the world size. PDL is a statistic of each rank's batch, weighted by
+    the rank's share of rows.
 
     Args:
         mem: the MEM.

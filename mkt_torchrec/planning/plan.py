@@ -232,6 +232,7 @@ class TableInfo:
     optimizer: Optional[str]  # class name of the fused optimizer, None for a frozen table
     bytes: int  # fp32 weights + optimizer state
     sharding_types: List[str] = field(default_factory=list)  # what its sharder offers on the compute device
+    unpooled: bool = False  # in an EmbeddingCollection (sequences)
 
     @property
     def weight_bytes(self) -> int:
@@ -265,7 +266,8 @@ def table_infos(module: nn.Module, compute_device: str,
             classes = getattr(param, "_optimizer_classes", None)
             mult = _optimizer_multiplier(param)
             out.append(TableInfo(fqn, name, rows, dim, classes[0].__name__ if classes else None,
-                                 int(math.ceil(rows * dim * 4 * (1 + mult))), types))
+                                 int(math.ceil(rows * dim * 4 * (1 + mult))), types,
+                                 isinstance(sharder, EmbeddingCollectionSharder)))
     return out
 
 
@@ -350,11 +352,17 @@ class ShardingRules:
         return cls(cfg.train.planner.sharding_type, cfg.train.embedding_optimizer != "adam")
 
     def types(self, t: TableInfo) -> Optional[List[str]]:
-        """Allowed sharding types of a table, or None for no restriction."""
-        if self.sharding_type and self.sharding_type in t.sharding_types:
+        """Allowed sharding types of a table, or None for no restriction.
+
+        An EmbeddingCollection's table is never replicated: TorchRec 1.8's data_parallel EmbeddingCollection
+        fails on our sequence KJTs (``split_with_sizes expects split_sizes to sum exactly to ...``), and the
+        sequence tables are the item tables, far too large to replicate anyway.
+        """
+        offered = [s for s in t.sharding_types if not (t.unpooled and s == "data_parallel")]
+        if self.sharding_type and self.sharding_type in offered:
             return [self.sharding_type]
-        if not self.data_parallel and t.optimizer is not None:
-            return [s for s in t.sharding_types if s != "data_parallel"]
+        if (not self.data_parallel and t.optimizer is not None) or len(offered) < len(t.sharding_types):
+            return [s for s in offered if self.data_parallel or t.optimizer is None or s != "data_parallel"]
         return None
 
 

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import shutil
 import time
@@ -36,7 +37,6 @@ import pyarrow.parquet as pq
 import torch
 import torch.distributed as dist
 from torch import nn
-from torch.nn.parallel import DistributedDataParallel
 from torchrec.distributed.model_parallel import DefaultDataParallelWrapper, DistributedModelParallel
 from torchrec.distributed.types import ShardingEnv
 from torchrec.optim.keyed import CombinedOptimizer, KeyedOptimizerWrapper
@@ -80,17 +80,6 @@ def _under(name: str, prefix: Optional[str]) -> bool:
     return prefix is not None and (name == prefix or name.startswith(prefix + "."))
 
 
-def _sum_allreduce_hook(group, bucket):  # no annotations: DDP checks them, and they are strings in this module
-    """DDP communication hook: sum gradients over ranks (DDP's default averages them).
-
-    The loss of each rank is already its part of the global mean (``Batch.weights``), and TorchRec's sharded
-    tables receive the sum of every rank's gradient; summing the dense and data_parallel gradients too makes
-    every parameter see the gradient of the global batch, whatever the world size.
-    """
-    fut = dist.all_reduce(bucket.buffer(), group=group, async_op=True).get_future()
-    return fut.then(lambda f: f.value()[0])
-
-
 def _replicated_tables(model: nn.Module, plan: Any, frozen: Optional[str]) -> Dict[str, str]:
     """Parameter name -> table name of every trainable table the plan replicates (data_parallel)."""
     params = dict(model.named_parameters())
@@ -121,12 +110,62 @@ def _embedding_optimizer_for_replicated(cfg: Config, params: Dict[str, nn.Parame
     return KeyedOptimizerWrapper(params, lambda ps: classes[name](ps, **kwargs))
 
 
+def _mix(x: torch.Tensor) -> torch.Tensor:
+    """splitmix64's finaliser on int64 (wrapping arithmetic): a counter-based hash, element by element."""
+    x = x ^ ((x >> 30) & 0x3FFFFFFFF)
+    x = x * -4658895280553007687  # 0xbf58476d1ce4e5b9 as int64
+    x = x ^ ((x >> 27) & 0x1FFFFFFFFF)
+    x = x * -7723592293110705685  # 0x94d049bb133111eb as int64
+    return x ^ ((x >> 31) & 0x1FFFFFFFF)
+
+
+def _table_values(seed: int, table: str, rows: int, row0: int, col0: int, shape: Tuple[int, int], dim: int
+                  ) -> torch.Tensor:
+    """Uniform(-1/sqrt(rows), 1/sqrt(rows)) values of rows ``row0..`` / columns ``col0..`` of a table: a hash of
+    (seed, table, row, column), so every shard of every plan draws exactly the values of the same entries."""
+    import zlib
+
+    salt = (zlib.crc32(table.encode()) << 20) ^ (seed * 0x9E3779B9)
+    r = torch.arange(row0, row0 + shape[0], dtype=torch.int64).unsqueeze(1)
+    c = torch.arange(col0, col0 + shape[1], dtype=torch.int64).unsqueeze(0)
+    h = _mix(r * dim + c + salt)
+    unit = ((h >> 11) & ((1 << 53) - 1)).double() / float(1 << 53)  # [0, 1)
+    bound = 1.0 / math.sqrt(rows)
+    return ((unit * 2.0 - 1.0) * bound).float()
+
+
+def init_tables(model: nn.Module, seed: int) -> None:
+    """Initialise every embedding table from (seed, table, row, column) alone, whatever the plan.
+
+    TorchRec initialises each shard with the rank's random state, so the same seed gave other tables on another
+    world size or plan; here a counter-based hash gives every entry one value (TorchRec's default distribution,
+    uniform(+-1/sqrt(rows))). Each rank fills only its own shards, in place, through the state dict's views.
+    """
+    from torch.distributed._shard.sharded_tensor import ShardedTensor
+
+    with torch.no_grad():
+        for key, value in model.state_dict().items():
+            parts = key.split(".")
+            if len(parts) < 3 or parts[-1] != "weight" or parts[-3] not in ("embedding_bags", "embeddings"):
+                continue
+            table = parts[-2]
+            if isinstance(value, ShardedTensor):
+                rows, dim = value.size()
+                for shard in value.local_shards():
+                    (r0, c0), t = shard.metadata.shard_offsets, shard.tensor
+                    t.copy_(_table_values(seed, table, rows, r0, c0, tuple(t.shape), dim).to(t.device))
+            elif value.dim() == 2 and value.numel():
+                rows, dim = value.shape
+                value.copy_(_table_values(seed, table, rows, 0, 0, (rows, dim), dim).to(value.device))
+
+
 def assemble(cfg: Config, stage: str, info: DistInfo, plan_file: Optional[str] = None) -> Assembled:
     """Build, plan and shard the stage module; build its optimizer.
 
     Every trainable table trains with the configured embedding optimizer, whatever its sharding: fused into
     backward for sharded tables, the same rule as a regular optimizer for data_parallel ones. Stage 2's frozen
-    MEM is in no optimizer and not in DDP. Gradients are summed over ranks (see :func:`_sum_allreduce_hook`).
+    MEM is in no optimizer and not in DDP. Tables are initialised the same way under every plan
+    (:func:`init_tables`), so a seed gives the same model at any world size.
     """
     torch.manual_seed(cfg.train.seed)
     module = build_train_module(cfg, stage, device=torch.device("meta"))
@@ -147,8 +186,7 @@ def assemble(cfg: Config, stage: str, info: DistInfo, plan_file: Optional[str] =
         data_parallel_wrapper=DefaultDataParallelWrapper(static_graph=False, find_unused_parameters=True,
                                                          params_to_ignore=frozen_names),
     )
-    if isinstance(model._dmp_wrapped_module, DistributedDataParallel):
-        model._dmp_wrapped_module.register_comm_hook(dist.group.WORLD, _sum_allreduce_hook)
+    init_tables(model, cfg.train.seed)
     replicated = _replicated_tables(model, plan, frozen)
     params = dict(model.named_parameters())
     dense = {n: p for n, p in params.items() if p.requires_grad and not hasattr(p, "_in_backward_optimizers")
@@ -314,9 +352,14 @@ class _Cadence:
         self.last = time.monotonic()
 
 
-def _weighted(batch: Batch, global_rows: float, real: bool) -> Batch:
-    """The batch with its loss weights: 1 / rows of the global step for real rows, 0 for filler."""
-    value = 1.0 / global_rows if real else 0.0
+def _weighted(batch: Batch, global_rows: float, world_size: int, real: bool) -> Batch:
+    """The batch with its loss weights: ``world_size / rows of the global step`` for real rows, 0 for filler.
+
+    DDP and TorchRec's sharded tables both average gradients over ranks; weighting each rank's rows by
+    ``world_size / global rows`` makes that average the gradient of the mean over the global step's rows, so
+    training does not depend on how rows are split over ranks (or on a rank having only filler).
+    """
+    value = world_size / global_rows if real else 0.0
     batch.weights = torch.full((len(batch),), value, dtype=torch.float32)
     return batch
 
@@ -405,9 +448,9 @@ def train(cfg: Config, stage: str, data_dir: str, run_dir: str, resume: bool = F
             if batch is None:
                 if filler is None:
                     filler = _filler_batch(reader, info)
-                batch = _weighted(filler, rows, real=False)
+                batch = _weighted(filler, rows, info.world_size, real=False)
             else:
-                batch = _weighted(batch, rows, real=True)
+                batch = _weighted(batch, rows, info.world_size, real=True)
                 epoch_rows += len(batch)
             batch = batch.to(info.device)
             loss, out = model(batch)
@@ -479,7 +522,7 @@ def _log_step(run_dir: str, info: DistInfo, tc: Any, stats: torch.Tensor, steps:
     """All-reduce the window's losses (device tensors) and write one metrics record (rank 0)."""
     totals = stats.clone()
     dist.all_reduce(totals)
-    loss, bce, pdl = (float(v) / steps for v in totals.tolist())
+    loss, bce, pdl = (float(v) / steps / info.world_size for v in totals.tolist())  # weights carry world_size
     seconds = max(time.perf_counter() - start, 1e-9)
     record = {"step": step, "epoch": epoch, "loss": loss, "bce": bce, "pdl": pdl, "rows_per_s": rows / seconds,
               "dense_lr": tc.dense_lr, "embedding_lr": tc.embedding_lr, "time": time.time()}

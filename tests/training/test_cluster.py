@@ -1,0 +1,347 @@
+"""The cluster path, emulated on CPU with real processes (gloo): what must hold on 16 nodes x 8 GPUs.
+
+How each test stands in for the cluster condition:
+* CUDA / NCCL collectives: ``MKT_EMULATE_ACCELERATOR=1`` gives every rank a device object other than ``cpu`` and
+  fails any collective on a tensor that would be on the host of a GPU machine (``training/device_check.py``).
+* A failing rank: ``MKT_FAULT=POINT:RANK`` raises in one rank only; the others block in their next collective, as
+  on the cluster. The world must end in seconds, not at the process-group timeout.
+* Restarts at another world size: the same run directory resumed with 1 and 3 processes, and with other
+  sharding plans (``train.planner.sharding_type``).
+"""
+
+import json
+import os
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from mkt_torchrec.cli import main
+from mkt_torchrec.training import checkpoint
+from mkt_torchrec.training.distributed import launch
+
+from tests.conftest import QUICKSTART, REPO, SMALL, small_config
+
+TRAIN = ["train.log_every=5", "data.batch_size=96", "train.checkpoint_every_minutes=0"]
+
+
+def _sets(*extra):
+    out = []
+    for s in (*SMALL, *TRAIN, *extra):
+        out += ["--set", s]
+    return out
+
+
+def _mkt(*args, env=None, timeout=240):
+    """Run the ``mkt`` command in a fresh process (as a user would); returns (code, stderr, seconds)."""
+    start = time.monotonic()
+    proc = subprocess.run([sys.executable, "-m", "mkt_torchrec.cli", *args], cwd=REPO, capture_output=True,
+                          text=True, timeout=timeout, env={**os.environ, "MKT_PROGRESS": "0", **(env or {})})
+    return proc.returncode, proc.stderr, time.monotonic() - start
+
+
+def _train(stage, data, run, nproc, *extra, sets=(), env=None):
+    code, err, _ = _mkt("train", "--config", QUICKSTART, *_sets(*sets), "--stage", stage, "--data", data,
+                        "--run-dir", run, "--nproc", str(nproc), *extra, env=env)
+    assert code == 0, err[-3000:]
+
+
+def _records(run):
+    return [json.loads(line) for line in open(os.path.join(run, "metrics.jsonl"))]
+
+
+def _full(ckpt, keys=None):
+    """Every tensor of a checkpoint, unsharded, read without a process group."""
+    from torch.distributed.checkpoint import FileSystemReader
+
+    md = checkpoint.SafeFileSystemReader(ckpt).read_metadata()
+    state = {k: torch.empty(m.size, dtype=m.properties.dtype) for k, m in md.state_dict_metadata.items()
+             if hasattr(m, "size") and (keys is None or k in keys)}
+    checkpoint.load(ckpt, state, no_dist=True)
+    return state
+
+
+# ------------------------------------------------------------------------------------------------------------
+# 1. collectives on the group's device
+# ------------------------------------------------------------------------------------------------------------
+
+
+def _host_tensor_collective() -> str:
+    import torch.distributed as dist
+
+    from mkt_torchrec.training.device_check import HostTensorInCollective
+    from mkt_torchrec.training.distributed import all_sum, init_distributed
+
+    info = init_distributed()
+    assert all_sum([1.0, 2.0], info.device) == [2.0, 4.0]  # made on the rank's device: fine
+    stats = torch.tensor([0.5, 1.0])  # the old trainer's log-step all-reduce: a host tensor
+    try:
+        dist.all_reduce(stats * 2)
+    except HostTensorInCollective as e:
+        return str(e)
+    return "not caught"
+
+
+def test_emulated_accelerator_catches_a_collective_on_a_host_tensor(monkeypatch):
+    monkeypatch.setenv("MKT_EMULATE_ACCELERATOR", "1")
+    message = launch(2, _host_tensor_collective)
+    assert "dist.all_reduce" in message and "test_cluster.py" in message and "host (CPU) tensor" in message
+
+
+def test_train_and_evaluate_pass_the_accelerator_emulation(small_dataset, tmp_path):
+    env = {"MKT_EMULATE_ACCELERATOR": "1"}
+    run = str(tmp_path / "mem")
+    _train("mem", small_dataset, run, 2, sets=("train.max_steps=12", "train.checkpoint_every=5"), env=env)
+    code, err, _ = _mkt("evaluate", "--config", QUICKSTART, *_sets(), "--run-dir", run, "--data", small_dataset,
+                        "--nproc", "2", env=env)
+    assert code == 0, err[-3000:]
+    assert json.load(open(os.path.join(run, "metrics.json")))["target"]["rows"] > 0
+
+
+# ------------------------------------------------------------------------------------------------------------
+# 2. one rank's error ends every rank, once, fast
+# ------------------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def mem_run(small_dataset, tmp_path_factory):
+    run = str(tmp_path_factory.mktemp("cluster") / "mem")
+    _train("mem", small_dataset, run, 2, sets=("train.checkpoint_every=10",))
+    return run
+
+
+@pytest.mark.parametrize("command", ["evaluate", "train"])
+def test_a_failing_rank_ends_the_world_with_one_message(small_dataset, mem_run, tmp_path, command):
+    if command == "evaluate":
+        args = ["evaluate", "--config", QUICKSTART, *_sets(), "--run-dir", mem_run, "--data", small_dataset]
+    else:
+        args = ["train", "--config", QUICKSTART, *_sets(), "--stage", "mem", "--data", small_dataset,
+                "--run-dir", str(tmp_path / "run")]
+    code, err, seconds = _mkt(*args, "--nproc", "2", env={"MKT_FAULT": f"{command}:1"}, timeout=120)
+    assert code == 1
+    assert err.count(f"injected fault at {command}") == 1 and "rank 1:" in err, err
+    assert "Traceback" not in err
+    assert seconds < 60  # not the process-group timeout (30 min)
+
+
+def test_evaluate_on_a_test_split_of_one_row_group(tmp_path):
+    """Used to hang: rank 1 had no row group, raised, and rank 0 waited in a collective forever."""
+    from mkt_torchrec.data.synth import generate
+
+    data = str(tmp_path / "data")
+    generate(small_config("synth.row_group_rows=100000", "synth.rows_per_file=100000"), data)
+    manifest = json.load(open(os.path.join(data, "manifest.json")))
+    assert [len(f["row_groups"]) for f in manifest["splits"]["test"]] == [1]
+    run = str(tmp_path / "mem")
+    _train("mem", data, run, 2, sets=("train.max_steps=4",))
+    code, err, _ = _mkt("evaluate", "--config", QUICKSTART, *_sets(), "--run-dir", run, "--data", data,
+                        "--nproc", "2", timeout=120)
+    assert code == 0, err[-3000:]
+    metrics = json.load(open(os.path.join(run, "metrics.json")))
+    assert metrics["source"]["rows"] + metrics["target"]["rows"] == sum(manifest["rows"]["test"].values())
+
+
+# ------------------------------------------------------------------------------------------------------------
+# 4. the same optimizer for every table, and the same training at any world size / plan
+# ------------------------------------------------------------------------------------------------------------
+
+
+def _steps_with_fixed_batches(sets, steps, global_batch):
+    """Assemble the MEM, train ``steps`` steps on the same global batches (rank r takes its slice), save a
+    checkpoint; return its path and the replicated tables."""
+    import torch.distributed as dist
+
+    from mkt_torchrec.data.reader import ParquetReader
+    from mkt_torchrec.training.distributed import init_distributed
+    from mkt_torchrec.training.trainer import _weighted, assemble, state_of
+
+    torch.set_num_threads(1)
+    info = init_distributed()
+    cfg = small_config(*sets)
+    asm = assemble(cfg, "mem", info)
+    data = os.environ["MKT_TEST_DATA"]
+    per_rank = global_batch // info.world_size
+    # file order in batches of per_rank rows: global step k is rows [k * global_batch, (k + 1) * global_batch)
+    # at every world size, and rank r takes the r-th slice of it
+    reader = ParquetReader(data, "train", cfg.schema, cfg.data, training=False, batch_size=per_rank)
+    for j, batch in zip(range(steps * info.world_size), reader):
+        if j % info.world_size != info.rank:
+            continue
+        loss, _ = asm.model(_weighted(batch, float(global_batch), info.world_size, real=True).to(info.device))
+        asm.optimizer.zero_grad()
+        loss.backward()
+        asm.optimizer.step()
+    ckpt = os.path.join(os.environ["MKT_TEST_OUT"], f"w{info.world_size}-{cfg.train.planner.sharding_type}")
+    checkpoint.save(ckpt, 1, state_of(asm, cfg), {}, info.is_main, 1)
+    dist.barrier()
+    return {"ckpt": checkpoint.checkpoint_dir(ckpt, 1), "optimizers": asm.replicated}
+
+
+@pytest.mark.parametrize("optimizer", ["rowwise_adagrad", "sgd"])
+def test_every_table_trains_the_same_at_any_world_size_and_plan(small_dataset, tmp_path, monkeypatch, optimizer):
+    monkeypatch.setenv("MKT_TEST_DATA", small_dataset)
+    monkeypatch.setenv("MKT_TEST_OUT", str(tmp_path))
+    base = ("model.ablation=no_pdl", f"train.embedding_optimizer={optimizer}", "train.embedding_lr=0.1")
+    runs = {
+        "1 rank, planner's plan": launch(1, _steps_with_fixed_batches, base, 4, 128),
+        "2 ranks, data_parallel": launch(2, _steps_with_fixed_batches,
+                                         (*base, "train.planner.sharding_type=data_parallel"), 4, 128),
+        "2 ranks, table_wise": launch(2, _steps_with_fixed_batches,
+                                      (*base, "train.planner.sharding_type=table_wise"), 4, 128),
+    }
+    assert runs["2 ranks, data_parallel"]["optimizers"]  # the forced plan really replicates tables
+    assert not runs["2 ranks, table_wise"]["optimizers"]
+    states = {name: _full(r["ckpt"]) for name, r in runs.items()}
+    ref = states["2 ranks, table_wise"]
+    tables = [k for k in ref if k.startswith("model.") and ("embedding_bags" in k or "embeddings" in k)]
+    assert len(tables) == 9
+    for name, state in states.items():
+        for k in ref:
+            if k.startswith("model."):
+                torch.testing.assert_close(state[k], ref[k], rtol=1e-4, atol=1e-5, msg=f"{name}: {k}")
+        if optimizer == "rowwise_adagrad":  # the same optimizer state, under the fused optimizer's names
+            moments = [k for k in ref if k.endswith(".momentum1")]
+            assert len(moments) == 9
+            for k in moments:
+                torch.testing.assert_close(state[k], ref[k], rtol=1e-4, atol=1e-7, msg=f"{name}: {k}")
+
+
+# ------------------------------------------------------------------------------------------------------------
+# 5. the frozen MEM: no optimizer, no gradient, and stage 2 resumes bit-equal
+# ------------------------------------------------------------------------------------------------------------
+
+
+def _stage2_parts(mem_run) -> dict:
+    from mkt_torchrec.data.reader import ParquetReader
+    from mkt_torchrec.training.distributed import init_distributed
+    from mkt_torchrec.training.trainer import assemble
+
+    torch.set_num_threads(1)
+    info = init_distributed()
+    cfg = small_config(*TRAIN)
+    asm = assemble(cfg, "tem", info)
+    batch = next(iter(ParquetReader(os.environ["MKT_TEST_DATA"], "train", cfg.schema, cfg.data, rank=info.rank,
+                                    world_size=info.world_size, entity="target")))
+    loss, _ = asm.model(batch.to(info.device))
+    asm.optimizer.zero_grad()
+    loss.backward()
+    asm.optimizer.step()
+    asm.optimizer.init_state()
+    opt_keys = list(asm.optimizer.state_dict()["state"])
+    grads = [n for n, p in asm.model.named_parameters() if ".mem." in f".{n}" and p.grad is not None]
+    ddp = asm.model._dmp_wrapped_module
+    synced = [n for n in getattr(ddp, "parameters_to_ignore", [])]
+    return {"opt_keys": opt_keys, "mem_grads": grads, "ignored": synced}
+
+
+def test_frozen_mem_has_no_optimizer_state_gradient_or_ddp_sync(small_dataset, monkeypatch):
+    monkeypatch.setenv("MKT_TEST_DATA", small_dataset)
+    parts = launch(2, _stage2_parts, None)
+    assert parts["opt_keys"] and not [k for k in parts["opt_keys"] if "model.mem." in k]
+    assert not parts["mem_grads"]
+    assert any(n.startswith("model.mem.") for n in parts["ignored"])
+
+
+def test_stage2_killed_and_resumed_is_bit_equal(small_dataset, mem_run, tmp_path):
+    sets = ("train.max_steps=14", "train.epochs=3", "train.checkpoint_every=5")
+    straight = str(tmp_path / "straight")
+    _train("tem", small_dataset, straight, 2, "--mem-run", mem_run, sets=sets)
+    killed = str(tmp_path / "killed")
+    code, _, _ = _mkt("train", "--config", QUICKSTART, *_sets(*sets), "--stage", "tem", "--data", small_dataset,
+                      "--run-dir", killed, "--mem-run", mem_run, "--nproc", "2", env={"MKT_FAIL_AT_STEP": "7"})
+    assert code == 1
+    assert checkpoint.latest_checkpoint(killed).endswith("step-00000005")
+    _train("tem", small_dataset, killed, 2, "--mem-run", mem_run, "--resume", sets=sets)
+    a, b = _full(checkpoint.latest_checkpoint(straight)), _full(checkpoint.latest_checkpoint(killed))
+    assert a.keys() == b.keys() and not [k for k in a if k.startswith("optim.") and ".mem." in k]
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+    steps = [r["step"] for r in _records(killed) if "loss" in r]
+    assert steps == sorted(set(steps))  # the resumed log has no step twice
+    assert os.path.isfile(os.path.join(killed, "serving", "model.pt2"))
+
+
+# ------------------------------------------------------------------------------------------------------------
+# 6 / 8. restarts at another world size and plan; no row dropped
+# ------------------------------------------------------------------------------------------------------------
+
+
+def test_restart_at_1_then_3_ranks_and_other_plans_trains_every_row_once(small_dataset, tmp_path):
+    run = str(tmp_path / "elastic")
+    sets = ("train.epochs=2", "train.checkpoint_every=4", "data.batch_size=64")
+    code, _, _ = _mkt("train", "--config", QUICKSTART, *_sets(*sets, "train.planner.sharding_type=table_wise"),
+                      "--stage", "mem", "--data", small_dataset, "--run-dir", run, "--nproc", "2",
+                      env={"MKT_FAIL_AT_STEP": "6"})
+    assert code == 1
+    first = checkpoint.latest_checkpoint(run)
+    code, _, _ = _mkt("train", "--config", QUICKSTART, *_sets(*sets, "train.planner.sharding_type=data_parallel"),
+                      "--stage", "mem", "--data", small_dataset, "--run-dir", run, "--nproc", "1", "--resume",
+                      env={"MKT_FAIL_AT_STEP": "30"})
+    second = checkpoint.latest_checkpoint(run)
+    assert code == 1 and second != first and checkpoint.read_extra(second)["world_size"] == 1
+    _train("mem", small_dataset, run, 3, "--resume", sets=(*sets, "train.planner.sharding_type=column_wise"))
+    manifest = json.load(open(os.path.join(small_dataset, "manifest.json")))
+    train_rows = sum(manifest["rows"]["train"].values())
+    ends = [r for r in _records(run) if "epoch_end" in r]
+    assert [r["epoch_end"] for r in ends] == [0, 1]
+    assert all(r["rows_trained"] == train_rows for r in ends)  # every row once per epoch, across 3 world sizes
+    assert checkpoint.read_extra(checkpoint.latest_checkpoint(run))["world_size"] == 3
+
+
+def _carry(ckpt_in, sharding_type, out) -> str:
+    from mkt_torchrec.training.distributed import init_distributed
+    from mkt_torchrec.training.trainer import assemble, state_of
+
+    torch.set_num_threads(1)
+    info = init_distributed()
+    cfg = small_config(*TRAIN, f"train.planner.sharding_type={sharding_type}", "schema.tables.category.dim=64")
+    asm = assemble(cfg, "mem", info)
+    asm.optimizer.init_state()
+    checkpoint.load(ckpt_in, state_of(asm, cfg))
+    checkpoint.save(out, 1, state_of(asm, cfg), {}, info.is_main, 1)
+    return checkpoint.checkpoint_dir(out, 1)
+
+
+def test_model_and_optimizer_state_carry_across_plans(small_dataset, tmp_path):
+    run = str(tmp_path / "tw")
+    _train("mem", small_dataset, run, 2, sets=("train.max_steps=6", "schema.tables.category.dim=64",
+                                                "train.planner.sharding_type=table_wise"))
+    src = checkpoint.latest_checkpoint(run)
+    ref = _full(src)
+    assert any(k.endswith("momentum1") for k in ref)
+    for kind, nproc in (("column_wise", 2), ("data_parallel", 2), ("table_wise", 3)):
+        got = _full(launch(nproc, _carry, src, kind, str(tmp_path / kind)))
+        for k in ref:
+            if k.startswith("model.") or k.endswith("momentum1"):
+                assert torch.equal(got[k], ref[k]), f"{kind}: {k}"
+
+
+# ------------------------------------------------------------------------------------------------------------
+# 7. checkpoints by time, written in the background
+# ------------------------------------------------------------------------------------------------------------
+
+
+def test_time_based_checkpoints_by_default_interval(small_dataset, tmp_path):
+    from mkt_torchrec.config import TrainConfig
+
+    assert TrainConfig().checkpoint_every_minutes > 0 and TrainConfig().checkpoint_every == 0
+    run = str(tmp_path / "timed")
+    _train("mem", small_dataset, run, 2, sets=("train.checkpoint_every_minutes=0.0005", "train.keep_checkpoints=50"))
+    steps = sorted(n for n in os.listdir(os.path.join(run, "checkpoints")) if n.startswith("step-"))
+    assert len(steps) >= 3  # several saved during training, not only the final one
+
+
+# ------------------------------------------------------------------------------------------------------------
+# 9. options that cannot apply are errors
+# ------------------------------------------------------------------------------------------------------------
+
+
+def test_evaluate_refuses_options_it_would_ignore(small_dataset, mem_run, capsys):
+    code = main(["evaluate", "--config", QUICKSTART, "--set", "model.ablation=no_hfa", "--run-dir", mem_run,
+                 "--data", small_dataset])
+    assert code == 1 and "model.ablation" in capsys.readouterr().err
+    code = main(["evaluate", "--config", QUICKSTART, "--set", "train.planner.plan_file=x.json", "--run-dir", mem_run,
+                 "--data", small_dataset])
+    assert code == 1 and "plan_file" in capsys.readouterr().err
