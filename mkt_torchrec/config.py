@@ -389,8 +389,8 @@ class PlannerConfig:
 
     Args:
         compute_device: ``auto`` (cuda if available, else cpu), ``cpu`` or ``cuda``.
-        hbm_gb: accelerator memory per rank, GiB.
-        ddr_gb: host memory per rank, GiB.
+        hbm_gb: accelerator memory per rank, GiB (80: an A100 / H100 80 GB).
+        ddr_gb: host memory per rank, GiB (56: the README's TorchX jobs give a node 480,000 MB for 8 ranks).
         local_world_size: ranks per node (0: all ranks on one node, or LOCAL_WORLD_SIZE when launched).
         plan_file: a plan written by ``mkt plan``; when set the trainer uses it instead of planning.
         sharding_type: shard every table this way where its collection and the compute device allow it
@@ -399,7 +399,7 @@ class PlannerConfig:
 
     compute_device: Literal["auto", "cpu", "cuda"] = "auto"
     hbm_gb: float = 80.0
-    ddr_gb: float = 128.0
+    ddr_gb: float = 56.0
     local_world_size: int = 0
     plan_file: Optional[str] = None
     sharding_type: str = ""

@@ -152,7 +152,6 @@ def evaluate(
     config: str,
     run_dir: str,
     data: str,
-    plan: Optional[str] = None,
     image: str = ".",
     nnodes: int = 1,
     nproc_per_node: int = 2,
@@ -168,15 +167,16 @@ def evaluate(
     debug: bool = False,
 ) -> specs.AppDef:
     """
-    Evaluate the latest checkpoint of a pretrain or finetune run on the test split (AUC, GAUC, logloss)
+    Evaluate the latest checkpoint of a pretrain or finetune run on the test split (AUC, GAUC)
     (runs ``mkt evaluate`` on nnodes x nproc_per_node workers).
 
     Args:
-        overrides: config overrides as KEY=VALUE (e.g. data.batch_size=4096), each passed as ``--set KEY=VALUE``
+        overrides: evaluation settings as KEY=VALUE, each passed as ``--set KEY=VALUE``: only eval.*,
+            data.batch_size, data.num_workers and train.threads apply (the model and its plan come from the run;
+            evaluate re-plans for its own world size), others are refused
         config: YAML config file the run was trained with, as seen by the job
         run_dir: run directory of the pretrain or finetune job to evaluate
         data: dataset directory written by ``mkt synth`` or ``mkt tenrec``
-        plan: sharding plan file written by ``mkt plan`` (sets train.planner.plan_file)
         image: image holding the installed package: a container image for kubernetes/docker,
             a directory for the ``local`` scheduler; ignored by ``local_cwd`` (which uses the current directory)
         nnodes: number of nodes (scheduler replicas)
@@ -194,7 +194,7 @@ def evaluate(
     """
     command = ["evaluate", "--config", config, "--run-dir", run_dir, "--data", data]
     return _mkt_app(
-        "mkt-evaluate", "evaluator", command, overrides, plan=plan, image=image, nnodes=nnodes,
+        "mkt-evaluate", "evaluator", command, overrides, plan=None, image=image, nnodes=nnodes,
         nproc_per_node=nproc_per_node, cpu=cpu, gpu=gpu, memMB=memMB, h=h, env=env, max_retries=max_retries,
         rdzv_backend=rdzv_backend, rdzv_port=rdzv_port, mounts=mounts, debug=debug,
     )

@@ -5,11 +5,11 @@ the intervals too narrow. In resample ``b`` user ``u`` is drawn ``c_bu`` times a
 ``c_bu`` times. The counts are Poisson(1) draws (the *Poisson bootstrap*; drawing ``U`` users with
 replacement gives Binomial(U, 1/U) counts, which tend to Poisson(1)), read from a 16-bit inverse-CDF table,
 and each one is a **deterministic function of (seed, b, user id)** (:func:`poisson_weights`): a hash, not a
-random stream. A user's counts
-therefore do not depend on which other users there are, on their order, or on the process that handles the
-user, so the replicates can be computed over any split of the users (hash partitions, ranks) and added up;
-two runs scored on the same users get the same resamples (a paired bootstrap) for free. Intervals are
-percentile intervals of the replicates at the configured confidence (two-sided).
+random stream. A user's counts therefore do not depend on which other users there are, on their order, or
+on the process that handles the user, so the replicates can be computed over any split of the users (hash
+partitions, ranks) and added up; two runs scored on the same users get the same resamples (a paired
+bootstrap) for free. Intervals are percentile intervals of the replicates at the configured confidence
+(two-sided).
 
 Everything is computed from per-user statistics, never from a copy of the resampled rows, and in exact
 arithmetic, so the replicates are bit-identical however the work is split:
@@ -92,9 +92,11 @@ EXACT_AUC_BUDGET = 100_000_000
 # Users per block when drawing multinomial counts: bincount into a cache-sized block is several times faster
 # than into one array of millions of users.
 _COUNT_BLOCK = 1 << 16
-# Users per block of the weighted exact sums: a block's sums of (limb < 2**24) x (count <= 7) stay below
-# 2**43, exact in float64 whatever order the matrix product adds them in.
-_SUM_BLOCK = 1 << 16
+# Weighted exact sums: at most 2**16 users per block, so that a block's sums of (limb < 2**24) x
+# (count <= 7) stay below 2**43, exact in float64 whatever order the matrix product adds them in; and about
+# 2**22 (user, resample) counts per block (32 MB as float64).
+_SUM_BLOCK_USERS = 1 << 16
+_SUM_BLOCK_COUNTS = 1 << 22
 _LIMB_BITS = 24
 _MASK64 = (1 << 64) - 1
 _GOLDEN = 0x9E3779B97F4A7C15
@@ -139,7 +141,7 @@ def _mix64_int(x: int) -> int:
     return x ^ (x >> 31)
 
 
-def poisson_weights(user_ids: Any, samples: int, seed: int) -> np.ndarray:
+def poisson_weights(user_ids: Any, samples: int, seed: int, first: int = 0) -> np.ndarray:
     """Bootstrap draw counts of users: Poisson(1), a deterministic function of ``(seed, resample, user id)``.
 
     Resample ``b`` of user ``u`` takes 16 bits of ``splitmix64(splitmix64(u + salt) ^ key(seed, b // 4))``
@@ -151,9 +153,10 @@ def poisson_weights(user_ids: Any, samples: int, seed: int) -> np.ndarray:
         user_ids: (n,) integer user ids (any order, repeats allowed: one column per entry).
         samples: number of resamples B >= 0.
         seed: bootstrap seed (any int).
+        first: index of the first resample (to draw resamples ``first .. first + B - 1`` only).
 
     Returns:
-        (B, n) uint8 counts in ``[0, 7]``; row ``b`` is resample ``b``.
+        (B, n) uint8 counts in ``[0, 7]``; row ``b`` is resample ``first + b``.
 
     Example:
         >>> w = poisson_weights([7, 8, 7], 3, seed=0)
@@ -168,11 +171,12 @@ def poisson_weights(user_ids: Any, samples: int, seed: int) -> np.ndarray:
     out = np.empty((samples, ids.shape[0]), dtype=np.uint8)
     h = np.empty_like(hu)
     base = _mix64_int(int(seed))
-    for j in range(-(-samples // 4)):
+    for j in range(first // 4, -(-(first + samples) // 4)):
         np.bitwise_xor(hu, np.uint64(_mix64_int(base + (j + 1) * _GOLDEN)), out=h)
         _mix64(h)
-        for q in range(min(4, samples - 4 * j)):  # the four 16-bit quarters, lowest first
-            np.take(_POISSON_TABLE, (h >> np.uint64(16 * q)).astype(np.uint16), out=out[4 * j + q])
+        for q in range(4):  # the four 16-bit quarters, lowest first: resamples 4j .. 4j + 3
+            if first <= 4 * j + q < first + samples:
+                np.take(_POISSON_TABLE, (h >> np.uint64(16 * q)).astype(np.uint16), out=out[4 * j + q - first])
     return out
 
 
@@ -250,11 +254,12 @@ def _weighted_sums(user_ids: np.ndarray, columns: Sequence[np.ndarray], samples:
         _check_summable(c, "bootstrap sums")
     layouts = [_limb_layout(c) for c in columns]
     acc = [np.zeros((n_limbs, samples), dtype=np.int64) for _, n_limbs in layouts]
-    for s in range(0, user_ids.shape[0], _SUM_BLOCK):
-        w = poisson_weights(user_ids[s:s + _SUM_BLOCK], samples, seed).T.astype(np.float64)  # (block, B)
+    block = max(1, min(_SUM_BLOCK_USERS, _SUM_BLOCK_COUNTS // max(samples, 1)))
+    for s in range(0, user_ids.shape[0], block):
+        w = poisson_weights(user_ids[s:s + block], samples, seed).T.astype(np.float64)  # (block, B)
         for c, (e, n_limbs), a in zip(columns, layouts, acc):
             if n_limbs:
-                a += (_limbs(c[s:s + _SUM_BLOCK], e, n_limbs) @ w).astype(np.int64)
+                a += (_limbs(c[s:s + block], e, n_limbs) @ w).astype(np.int64)
     return [[_dyadic(sum(int(a[j, b]) << (_LIMB_BITS * j) for j in range(a.shape[0])), e) for b in range(samples)]
             for a, (e, _) in zip(acc, layouts)]
 
@@ -497,20 +502,28 @@ class WeightedAUCScan:
         run = np.cumsum(flags) - 1
         k = int(run_starts.shape[0])
         pos_run, neg_run = run[labels], run[~labels]
-        w = poisson_weights(user_ids, self.samples, self.seed)
-        for b in range(self.samples):
-            pos = np.bincount(pos_run, weights=w[b][labels], minlength=k).astype(np.int64)  # exact: < 2**53
-            neg = np.bincount(neg_run, weights=w[b][~labels], minlength=k).astype(np.int64)
-            below = self.neg[b] + np.cumsum(neg) - neg  # weighted negatives with a strictly lower score
-            self.num2[b] += int(pos @ (2 * below + neg))
-            self.pos[b] += int(pos.sum())
-            self.neg[b] += int(neg.sum())
+        users, row_user = np.unique(user_ids, return_inverse=True)  # draw each user's counts once
+        pos_user, neg_user = row_user[labels], row_user[~labels]
+        for first in range(0, self.samples, 16):  # (16, n) counts at a time
+            w = poisson_weights(users, min(16, self.samples - first), self.seed, first)
+            w_pos, w_neg = w[:, pos_user], w[:, neg_user]
+            for i, b in enumerate(range(first, first + w.shape[0])):
+                pos = np.bincount(pos_run, weights=w_pos[i], minlength=k).astype(np.int64)  # exact: < 2**53
+                neg = np.bincount(neg_run, weights=w_neg[i], minlength=k).astype(np.int64)
+                below = self.neg[b] + np.cumsum(neg) - neg  # weighted negatives with a strictly lower score
+                self.num2[b] += int(pos @ (2 * below + neg))
+                self.pos[b] += int(pos.sum())
+                self.neg[b] += int(neg.sum())
 
     @staticmethod
     def tie_counts(samples: int, seed: int, user_ids: np.ndarray, labels: np.ndarray) -> np.ndarray:
         """(2, B) weighted (negatives, positives) of rows sharing one score (add chunks up, then :meth:`tie`)."""
-        w = poisson_weights(user_ids, samples, seed).astype(np.int64)
-        return np.stack([w[:, ~labels].sum(axis=1), w[:, labels].sum(axis=1)])
+        out = np.zeros((2, samples), dtype=np.int64)
+        for first in range(0, samples, 16):  # (16, n) counts at a time
+            w = poisson_weights(user_ids, min(16, samples - first), seed, first)
+            out[0, first:first + w.shape[0]] = w[:, ~labels].sum(axis=1, dtype=np.int64)
+            out[1, first:first + w.shape[0]] = w[:, labels].sum(axis=1, dtype=np.int64)
+        return out
 
     def tie(self, counts: np.ndarray) -> None:
         """Rows that all share one score, higher than all rows fed before, given their :meth:`tie_counts`."""

@@ -8,14 +8,15 @@ emulate the accelerator instead:
 * the rank's compute device becomes ``torch.device("cpu", 0)`` (:data:`EMULATED_DEVICE`): memory is still host
   memory, but the device *object* differs from ``cpu``, so ``x.to(info.device)`` and ``x.to("cpu")`` can be told
   apart;
-* a :class:`~torch.overrides.TorchFunctionMode` tracks which tensors are *host* tensors, i.e. would be on the CPU
-  on a GPU machine: those made by a factory (``torch.tensor``, ``torch.zeros``, ...) without ``device=`` the rank's
-  device, by ``torch.from_numpy``, ``.cpu()`` or ``.to("cpu")``, and everything computed from a host tensor
-  (``.to(info.device)`` clears the mark, as the copy to the GPU would);
+* a :class:`~torch.overrides.TorchFunctionMode` tracks which tensors our code makes on the host, i.e. that would
+  be on the CPU of a GPU machine: those made by a factory (``torch.tensor``, ``torch.zeros``, ...) without
+  ``device=``, by ``torch.from_numpy``, ``.cpu()`` or ``.to("cpu")``, and everything computed from them
+  (``.to(info.device)`` clears the mark, as the copy to the GPU would). A factory given any device is trusted:
+  ``device=x.device`` reads ``cpu`` on this machine but follows ``x`` on a GPU;
 * every tensor collective of ``torch.distributed`` (``all_reduce``, ``all_gather``, ``broadcast``, ``all_to_all``,
   ...) is wrapped to raise :class:`HostTensorInCollective` on a host tensor, naming the collective and the caller's
-  file and line. Calls made by ``torch.distributed`` itself (object collectives, DCP) are not checked: they pick the
-  group's device on their own.
+  file and line. Calls made by library code (``torch.distributed``'s object collectives and DCP, TorchRec) are not
+  checked: they derive the device from the group or their inputs.
 
 It is a test mechanism (like ``TORCH_DISTRIBUTED_DEBUG=DETAIL``), enabled per process by the environment variable,
 which :func:`mkt_torchrec.training.distributed.init_distributed` reads. It slows every op by a Python call.
@@ -26,13 +27,14 @@ from __future__ import annotations
 import functools
 import os
 import sys
-from typing import Any, Callable, Iterable
+from typing import Any, Callable, Iterable, Optional
 
 import torch
 import torch.distributed as dist
 from torch.overrides import TorchFunctionMode
 
 ENV = "MKT_EMULATE_ACCELERATOR"
+_SITE = os.path.dirname(os.path.dirname(torch.__file__))  # site-packages: torch, torchrec, fbgemm
 EMULATED_DEVICE = torch.device("cpu", 0)
 _MARK = "_mkt_host_tensor"
 
@@ -56,11 +58,19 @@ def is_host(t: Any) -> bool:
     return isinstance(t, torch.Tensor) and getattr(t, _MARK, False)
 
 
-def _mark(obj: Any, host: bool) -> None:
+def _origin() -> str:
+    frame = sys._getframe(1)
+    while frame is not None and (frame.f_code.co_filename == __file__ or
+                                 frame.f_code.co_filename.startswith(_SITE)):
+        frame = frame.f_back
+    return "?" if frame is None else f"{frame.f_code.co_filename}:{frame.f_lineno}"
+
+
+def _mark(obj: Any, host: bool, origin: Optional[str] = None) -> None:
     if isinstance(obj, torch.Tensor):
         try:
             if host:
-                setattr(obj, _MARK, True)
+                setattr(obj, _MARK, origin or getattr(obj, _MARK, None) or _origin())
             elif getattr(obj, _MARK, False):
                 delattr(obj, _MARK)
         except (AttributeError, RuntimeError):  # some tensor subclasses refuse attributes
@@ -90,15 +100,28 @@ def _target_device(args: tuple, kwargs: dict) -> Any:
     return None
 
 
+def _from_library() -> bool:
+    """Whether the torch function being run was called by library code (torch, TorchRec, fbgemm)."""
+    frame = sys._getframe(2)
+    while frame is not None and frame.f_code.co_filename == __file__:
+        frame = frame.f_back
+    return frame is None or frame.f_code.co_filename.startswith(_SITE)
+
+
 class HostTensorTracker(TorchFunctionMode):
-    """Marks host tensors (see the module docstring); the rank's device is :data:`EMULATED_DEVICE`."""
+    """Marks host tensors (see the module docstring); the rank's device is :data:`EMULATED_DEVICE`.
+
+    Only tensors our code makes on the host are marked (and what is computed from them): libraries derive the
+    device from their inputs, which on a CPU machine report ``cpu`` even for the emulated device.
+    """
 
     def __torch_function__(self, func: Callable, types: Any, args: tuple = (), kwargs: Any = None) -> Any:
         kwargs = kwargs or {}
         out = func(*args, **kwargs)
-        if func in _FACTORIES:
-            device = kwargs.get("device")
-            _mark(out, device is None or torch.device(device) != EMULATED_DEVICE)
+        if (func in _FACTORIES or func in _ALWAYS_HOST or func is torch.Tensor.to) and _from_library():
+            _mark(out, func is torch.Tensor.to and is_host(args[0]) and _target_device(args, kwargs) is None)
+        elif func in _FACTORIES:  # ``device=x.device`` reads "cpu" here but is right on a GPU: trust any device
+            _mark(out, kwargs.get("device") is None)
         elif func in _ALWAYS_HOST:
             _mark(out, True)
         elif func is torch.Tensor.to:
@@ -107,17 +130,23 @@ class HostTensorTracker(TorchFunctionMode):
                 _mark(out, is_host(args[0]))
             else:
                 _mark(out, device != EMULATED_DEVICE)
-        elif any(is_host(t) for t in _tensors(args)) or any(is_host(t) for t in _tensors(kwargs.values())):
-            _mark(out, True)
+        else:
+            hosts = [t for t in _tensors(args) if is_host(t)] + [t for t in _tensors(kwargs.values()) if is_host(t)]
+            if hosts:
+                _mark(out, True, getattr(hosts[0], _MARK))
         return out
 
 
 def _caller() -> tuple[str, int, bool]:
-    """(file, line, inside torch.distributed) of the code that called the collective."""
+    """(file, line, is library code) of the code that called the collective.
+
+    Only our code is checked: libraries derive devices from tensors (``kjt.device()``), which on a CPU machine
+    report ``cpu`` even for the emulated device, so their tensors cannot be told apart here; on the cluster
+    they follow the input's device by construction.
+    """
     frame = sys._getframe(2)
-    torch_dist = os.path.dirname(dist.__file__)
     name = frame.f_code.co_filename
-    return name, frame.f_lineno, name.startswith(torch_dist)
+    return name, frame.f_lineno, name.startswith(_SITE)
 
 
 def _checked(name: str, fn: Callable) -> Callable:
@@ -128,8 +157,9 @@ def _checked(name: str, fn: Callable) -> Callable:
             for t in _tensors(list(args) + list(kwargs.values())):
                 if is_host(t):
                     raise HostTensorInCollective(
-                        f"dist.{name} at {file}:{line} got a host (CPU) tensor of shape {tuple(t.shape)}: a NCCL "
-                        f"group serves CUDA tensors only; create it on the rank's device")
+                        f"dist.{name} at {file}:{line} got a host (CPU) tensor of shape {tuple(t.shape)} (made "
+                        f"on the host at {getattr(t, _MARK)}): a NCCL group serves CUDA tensors only; create it "
+                        "on the rank's device")
         return fn(*args, **kwargs)
 
     wrapper._mkt_checked = True  # type: ignore[attr-defined]

@@ -13,6 +13,7 @@ from mkt_torchrec.evaluation import analysis
 from mkt_torchrec.evaluation.analysis import (
     paired_comparison,
     percentile_ci,
+    poisson_weights,
     replicates,
     resample_counts,
     user_stats_from_rows,
@@ -37,7 +38,7 @@ def test_exact_replicates_match_resampled_rows():
     users, labels, scores = rows(60, seed=1)
     st = user_stats_from_rows(users, labels, scores)
     reps = replicates(st, samples=4, seed=11)
-    for b, c in enumerate(resample_counts(st.num_users, 4, seed=11)):
+    for b, c in enumerate(poisson_weights(st.user_ids, 4, seed=11)):
         # rows of a user drawn twice appear twice, and its AUC_u is unchanged
         take = np.concatenate([np.flatnonzero(users == u) for u, k in zip(st.user_ids, c) for _ in range(k)])
         want_auc = roc_auc_score(labels[take], scores[take])

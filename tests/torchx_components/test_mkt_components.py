@@ -95,7 +95,7 @@ def test_resume_adds_the_flag_only_when_asked(component):
     assert mkt_argv(build(component, resume=True).roles[0]) == EXPECTED_CLI[component] + ["--resume"]
 
 
-@pytest.mark.parametrize("component", COMPONENTS)
+@pytest.mark.parametrize("component", ("pretrain", "finetune"))
 def test_plan_and_overrides_become_set_flags_in_order(component):
     role = build(component, "train.max_steps=10", "model.tower=[16, 1]", "data.batch_size=64",
                  plan="plans/16x8.json").roles[0]
@@ -157,12 +157,18 @@ def test_arguments_are_not_mutated(component):
     mounts = ["type=bind", "src=/mnt/data", "dst=/data"]
     before = copy.deepcopy((env, overrides, mounts))
 
-    app = build(component, *overrides, env=env, mounts=mounts, plan="p.json")
+    app = build(component, *overrides, env=env, mounts=mounts, **({} if component == "evaluate" else {"plan": "p.json"}))
 
     assert (env, overrides, mounts) == before
     assert app.roles[0].env is not env
     app.roles[0].env["EXTRA"] = "1"  # and the AppDef shares nothing with the caller
     assert "EXTRA" not in env
+
+
+@pytest.mark.parametrize("component", COMPONENTS)
+def test_evaluate_takes_no_plan():
+    with pytest.raises(TypeError):
+        build("evaluate", plan="p.json")
 
 
 @pytest.mark.parametrize("component", COMPONENTS)
@@ -174,8 +180,9 @@ def test_app_depends_on_arguments_only(component, monkeypatch):
         m.delenv("USER", raising=False)
         m.setenv("LOGLEVEL", "DEBUG")
         m.setattr(os, "getcwd", no_cwd)
-        first = build(component, "a.b=1", plan="p.json")
-        second = build(component, "a.b=1", plan="p.json")
+        plan = {} if component == "evaluate" else {"plan": "p.json"}
+        first = build(component, "a.b=1", **plan)
+        second = build(component, "a.b=1", **plan)
 
     assert first == second
     assert first.roles[0].env["LOGLEVEL"] == "WARNING"

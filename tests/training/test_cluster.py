@@ -48,6 +48,9 @@ def _train(stage, data, run, nproc, *extra, sets=(), env=None):
     assert code == 0, err[-3000:]
 
 
+EVAL = ["--set", "data.batch_size=96"]  # evaluate takes the model from the run, and refuses other --set keys
+
+
 def _records(run):
     return [json.loads(line) for line in open(os.path.join(run, "metrics.jsonl"))]
 
@@ -94,7 +97,7 @@ def test_train_and_evaluate_pass_the_accelerator_emulation(small_dataset, tmp_pa
     env = {"MKT_EMULATE_ACCELERATOR": "1"}
     run = str(tmp_path / "mem")
     _train("mem", small_dataset, run, 2, sets=("train.max_steps=12", "train.checkpoint_every=5"), env=env)
-    code, err, _ = _mkt("evaluate", "--config", QUICKSTART, *_sets(), "--run-dir", run, "--data", small_dataset,
+    code, err, _ = _mkt("evaluate", "--config", QUICKSTART, *EVAL, "--run-dir", run, "--data", small_dataset,
                         "--nproc", "2", env=env)
     assert code == 0, err[-3000:]
     assert json.load(open(os.path.join(run, "metrics.json")))["target"]["rows"] > 0
@@ -115,7 +118,7 @@ def mem_run(small_dataset, tmp_path_factory):
 @pytest.mark.parametrize("command", ["evaluate", "train"])
 def test_a_failing_rank_ends_the_world_with_one_message(small_dataset, mem_run, tmp_path, command):
     if command == "evaluate":
-        args = ["evaluate", "--config", QUICKSTART, *_sets(), "--run-dir", mem_run, "--data", small_dataset]
+        args = ["evaluate", "--config", QUICKSTART, *EVAL, "--run-dir", mem_run, "--data", small_dataset]
     else:
         args = ["train", "--config", QUICKSTART, *_sets(), "--stage", "mem", "--data", small_dataset,
                 "--run-dir", str(tmp_path / "run")]
@@ -136,7 +139,7 @@ def test_evaluate_on_a_test_split_of_one_row_group(tmp_path):
     assert [len(f["row_groups"]) for f in manifest["splits"]["test"]] == [1]
     run = str(tmp_path / "mem")
     _train("mem", data, run, 2, sets=("train.max_steps=4",))
-    code, err, _ = _mkt("evaluate", "--config", QUICKSTART, *_sets(), "--run-dir", run, "--data", data,
+    code, err, _ = _mkt("evaluate", "--config", QUICKSTART, *EVAL, "--run-dir", run, "--data", data,
                         "--nproc", "2", timeout=120)
     assert code == 0, err[-3000:]
     metrics = json.load(open(os.path.join(run, "metrics.json")))

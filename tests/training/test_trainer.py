@@ -57,7 +57,7 @@ def test_stage1_then_stage2_then_evaluate(small_dataset, mem_run, tmp_path):
     assert os.path.isfile(os.path.join(tem_run, "serving", "model.pt2"))
 
     for run, entities in ((mem_run, {"source", "target"}), (tem_run, {"target"})):
-        assert main(["evaluate", "--config", QUICKSTART, *_sets(), "--run-dir", run, "--data", small_dataset,
+        assert main(["evaluate", "--config", QUICKSTART, "--set", "data.batch_size=128", "--run-dir", run, "--data", small_dataset,
                      "--nproc", "2"]) == 0
         metrics = json.load(open(os.path.join(run, "metrics.json")))
         assert entities <= set(metrics) and not ({"source", "target"} - entities) & set(metrics)
