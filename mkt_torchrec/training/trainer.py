@@ -402,7 +402,7 @@ def train(cfg: Config, stage: str, data_dir: str, run_dir: str, resume: bool = F
         checkpoint.load(latest, state_of(asm, cfg))
         extra = checkpoint.read_extra(latest)
         step, epoch = int(extra["step"]), int(extra["epoch"])
-        epoch_rows = int(extra.get("epoch_rows", 0))
+        epoch_rows = int(extra.get("epoch_rows", 0)) if info.is_main else 0  # all ranks' rows, counted on rank 0
         reader.load_state_dict(extra["readers"])  # re-split over this world if it has another size
         _truncate_log(run_dir, step, info.is_main)
         if info.is_main:
@@ -413,9 +413,10 @@ def train(cfg: Config, stage: str, data_dir: str, run_dir: str, resume: bool = F
     cadence = _Cadence(cfg.train, info.is_main)
 
     def save() -> None:
-        readers = all_gather_objects(reader.state_dict(), info.world_size)
+        gathered = all_gather_objects((reader.state_dict(), epoch_rows), info.world_size)
+        readers = [g[0] for g in gathered]
         saver.save(step, state_of(asm, cfg),
-                   {"step": step, "epoch": epoch, "epoch_rows": epoch_rows, "readers": readers,
+                   {"step": step, "epoch": epoch, "epoch_rows": sum(g[1] for g in gathered), "readers": readers,
                     "world_size": info.world_size, "stage": stage, "plan": plan_record})
         cadence.saved()
 
