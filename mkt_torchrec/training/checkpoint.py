@@ -201,6 +201,18 @@ def _prune(run_dir: str, keep: int) -> None:
             shutil.rmtree(os.path.join(root, n), ignore_errors=True)  # an abandoned partial save
 
 
-def load(ckpt: str, state: Dict[str, Any], no_dist: bool = False) -> None:
-    """Load ``ckpt`` into the tensors of ``state`` in place (DCP reshards to this world size / plan)."""
-    dcp.load(state, storage_reader=SafeFileSystemReader(ckpt), no_dist=no_dist)
+def load(ckpt: str, state: Dict[str, Any], no_dist: bool = False, optional_prefix: Optional[str] = None) -> set:
+    """Load ``ckpt`` into the tensors of ``state`` in place (DCP reshards to this world size / plan).
+
+    Keys starting with ``optional_prefix`` that the checkpoint does not hold are skipped (optimizer state is
+    lazy: a parameter that never had a gradient has none); every other missing key is an error. Returns the
+    skipped keys.
+    """
+    reader = SafeFileSystemReader(ckpt)
+    absent: set = set()
+    if optional_prefix is not None:
+        present = set(reader.read_metadata().state_dict_metadata)
+        absent = {k for k in state if k.startswith(optional_prefix) and k not in present}
+        state = {k: v for k, v in state.items() if k not in absent}
+    dcp.load(state, storage_reader=reader, no_dist=no_dist)
+    return absent

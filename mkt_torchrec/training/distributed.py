@@ -177,7 +177,12 @@ def _report(rank: int, e: BaseException) -> None:
         print(f"error on rank {rank}: {record['message']}", file=sys.stderr, flush=True)
 
 
+# what a rank sees when a peer died: a consequence, never the cause
+_PEER_LOST = ("Connection reset by peer", "Connection closed by peer", "DistBackendError", "Broken pipe")
+
+
 def _first_error(error_dir: str) -> Optional[dict]:
+    """The earliest error record that is not a rank's reaction to a lost peer (None: no such record)."""
     records = []
     for path in glob.glob(os.path.join(error_dir, "rank-*.json")):
         try:
@@ -185,7 +190,8 @@ def _first_error(error_dir: str) -> Optional[dict]:
                 records.append(json.load(f))
         except (OSError, ValueError):
             continue
-    return min(records, key=lambda r: (r["time"], r["rank"])) if records else None
+    causes = [r for r in records if not any(p in f"{r['type']}: {r['message']}" for p in _PEER_LOST)]
+    return min(causes, key=lambda r: (r["time"], r["rank"])) if causes else None
 
 
 def launch(nproc: int, fn: Callable[..., Any], *args: Any) -> Any:
@@ -215,10 +221,14 @@ def launch(nproc: int, fn: Callable[..., Any], *args: Any) -> Any:
         results = elastic_launch(config, run_rank)(fn, *args)
     except ChildFailedError as e:
         first = _first_error(error_dir)
-        if first is None:
-            failure = next(iter(e.failures.values()), None)
-            code = getattr(failure, "exitcode", "?")
-            raise RankFailed(f"rank {e.get_first_failure()[0]} exited with status {code} without a message "
+        if first is None:  # a rank died without raising (killed, out of memory, os._exit): name the dead one
+            dead = [(r, f) for r, f in e.failures.items()
+                    if not os.path.isfile(os.path.join(error_dir, f"rank-{r:05d}.json"))]
+            if not dead:
+                raise RankFailed("a rank died without a message (killed, out of memory, or os._exit); rank "
+                                 f"{min(e.failures)} then lost its connection to it") from None
+            rank, failure = min(dead, key=lambda rf: rf[0])
+            raise RankFailed(f"rank {rank} exited with status {failure.exitcode} without a message "
                              "(killed, out of memory, or os._exit)") from None
         raise RankFailed(f"rank {first['rank']}: {first['message']}") from None
     finally:

@@ -399,7 +399,7 @@ def train(cfg: Config, stage: str, data_dir: str, run_dir: str, resume: bool = F
     latest = checkpoint.latest_checkpoint(run_dir) if resume else None
     if latest is not None:
         optimizer.init_state()  # create lazy optimizer state so DCP has tensors to load into
-        checkpoint.load(latest, state_of(asm, cfg))
+        _drop_state(optimizer, checkpoint.load(latest, state_of(asm, cfg), optional_prefix="optim."))
         extra = checkpoint.read_extra(latest)
         step, epoch = int(extra["step"]), int(extra["epoch"])
         epoch_rows = int(extra.get("epoch_rows", 0)) if info.is_main else 0  # all ranks' rows, counted on rank 0
@@ -500,6 +500,18 @@ def train(cfg: Config, stage: str, data_dir: str, run_dir: str, resume: bool = F
     dist.barrier()
     return {"run_dir": run_dir, "stage": stage, "steps": step, "epochs": epoch, "loss": last_loss,
             "world_size": info.world_size}
+
+
+def _drop_state(optimizer: CombinedOptimizer, absent: set) -> None:
+    """Forget the optimizer state ``init_state`` made for parameters the checkpoint had none for (they had no
+    gradient yet), so the resumed run steps exactly as the uninterrupted one."""
+    for key, opt in optimizer.optimizers:
+        for name, param in opt.params.items():
+            full = CombinedOptimizer.prepend_opt_key(name, key)
+            per_param = opt.state.get(param, {})
+            names = [n for n, v in per_param.items() if isinstance(v, torch.Tensor)]
+            if names and all(f"optim.{full}.{n}" in absent for n in names):
+                del opt.state[param]
 
 
 def _filler_batch(reader: ParquetReader, info: DistInfo) -> Batch:

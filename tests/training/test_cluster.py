@@ -247,7 +247,6 @@ def test_frozen_mem_has_no_optimizer_state_gradient_or_ddp_sync(small_dataset, m
     assert any(n.startswith("model.mem.") for n in parts["ignored"])
 
 
-@pytest.mark.xfail(strict=True, reason="open: stage-2 --resume fails in DCP load (CheckpointException); issue 8")
 def test_stage2_killed_and_resumed_is_bit_equal(small_dataset, mem_run, tmp_path):
     sets = ("train.max_steps=14", "train.epochs=3", "train.checkpoint_every=5")
     straight = str(tmp_path / "straight")
