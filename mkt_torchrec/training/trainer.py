@@ -55,7 +55,7 @@ from mkt_torchrec.training.distributed import (DistInfo, all_gather_objects, all
 log = logging.getLogger("mkt.train")
 
 _DENSE_OPTIMIZERS = {"adam": torch.optim.Adam, "adagrad": torch.optim.Adagrad, "sgd": torch.optim.SGD}
-FAIL_AT_STEP_ENV = "MKT_FAIL_AT_STEP"  # testing hook: the last rank dies right after this step
+FAIL_AT_STEP_ENV = "MKT_FAIL_AT_STEP"  # testing hook "N" or "STAGE:N": the last rank dies right after step N
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -420,7 +420,8 @@ def train(cfg: Config, stage: str, data_dir: str, run_dir: str, resume: bool = F
                     "world_size": info.world_size, "stage": stage, "plan": plan_record})
         cadence.saved()
 
-    fail_at = int(os.environ.get(FAIL_AT_STEP_ENV, "0"))
+    fail_stage, _, fail_step = os.environ.get(FAIL_AT_STEP_ENV, "").rpartition(":")  # "N" or "STAGE:N"
+    fail_at = int(fail_step or 0) if fail_stage in ("", stage) else 0
     tc = cfg.train
     rows_per_step = reader.plan.batch_size * info.world_size
     target_rows = reader.manifest.rows["train"].get("target", 0)

@@ -348,3 +348,29 @@ def test_evaluate_refuses_options_it_would_ignore(small_dataset, mem_run, capsys
     code = main(["evaluate", "--config", QUICKSTART, "--set", "train.planner.plan_file=x.json", "--run-dir", mem_run,
                  "--data", small_dataset])
     assert code == 1 and "plan_file" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------------------------------------------------
+# the main job survives a rank killed in stage 1 and in stage 2
+# ------------------------------------------------------------------------------------------------------------
+
+
+def test_mkt_run_resumes_a_rank_killed_in_each_stage_bit_equal(tmp_path):
+    sets = [s for s in _sets("train.checkpoint_every=3", "train.epochs=2", "eval.bootstrap_samples=0")]
+    run = ["run", "--config", QUICKSTART, *sets, "--runs", "mkt", "--nproc", "2"]
+    straight, killed = str(tmp_path / "straight"), str(tmp_path / "killed")
+    code, err, _ = _mkt(*run, "--out", straight)
+    assert code == 0, err[-3000:]
+    for fault in ("mem:10", "tem:5"):
+        code, err, _ = _mkt(*run, "--out", killed, env={"MKT_FAIL_AT_STEP": fault})
+        assert code == 1 and "without a message" in err, err[-3000:]
+    code, err, _ = _mkt(*run, "--out", killed)
+    assert code == 0, err[-3000:]
+    for stage in ("mem", "tem"):
+        a = _full(checkpoint.latest_checkpoint(os.path.join(straight, "runs", "mkt", stage)))
+        b = _full(checkpoint.latest_checkpoint(os.path.join(killed, "runs", "mkt", stage)))
+        assert a.keys() == b.keys()
+        for k in a:
+            assert torch.equal(a[k], b[k]), f"{stage}: {k}"
+    for name in ("metrics.json", os.path.join("serving", "model.pt2")):
+        assert os.path.isfile(os.path.join(killed, "runs", "mkt", "tem", name))
