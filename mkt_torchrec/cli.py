@@ -186,7 +186,8 @@ def _train_entry(config: str, overrides: list, stage: str, data: str, run_dir: s
 def _run_train(args: argparse.Namespace, cfg: Config) -> int:
     summary = _in_world(args.nproc, _train_entry, args.config, args.overrides, args.stage, args.data,
                         args.run_dir, args.resume, args.mem_run)
-    if args.stage == "tem" and int(os.environ.get("RANK", "0")) == 0:
+    served = args.stage == "tem" or cfg.model.ablation == "no_tem_finetune"  # the MEM's own tower is served
+    if served and int(os.environ.get("RANK", "0")) == 0:
         # a separate single-process step, once every rank has left the process group
         from mkt_torchrec.training.export import export_run
 
@@ -299,7 +300,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     try:
         cfg = load_config(args.config, args.overrides)
     except ConfigError as e:
-        print(f"mkt {args.command}: config error: {e}", file=sys.stderr)
+        if int(os.environ.get("RANK", "0")) == 0:
+            print(f"mkt {args.command}: config error: {e}", file=sys.stderr)
         return 2
     _, _, handler = _COMMANDS[args.command]
     from mkt_torchrec.training.distributed import RankFailed
@@ -307,7 +309,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     try:
         return handler(args, cfg)
     except (ValueError, FileNotFoundError, FileExistsError, RankFailed) as e:
-        print(f"mkt {args.command}: error: {e}", file=sys.stderr)
+        if int(os.environ.get("RANK", "0")) == 0:  # under torchrun every rank sees the same option error: say it once
+            print(f"mkt {args.command}: error: {e}", file=sys.stderr)
         return 1
 
 

@@ -21,6 +21,11 @@ SMALL = [
 ]
 
 
+def set_flags(*sets: str) -> list:
+    """Command-line ``--set KEY=VALUE`` flags for each override."""
+    return [word for s in sets for word in ("--set", s)]
+
+
 def small_config(*extra: str) -> Config:
     return load_config(QUICKSTART, [*SMALL, *extra])
 

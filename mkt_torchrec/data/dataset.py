@@ -24,6 +24,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from mkt_torchrec.config import SchemaConfig
+from mkt_torchrec.fsutil import replace_dir
 from mkt_torchrec.data.schema import ENTITY_CODES, arrow_schema, check_columns
 
 FORMAT_VERSION = 1
@@ -77,17 +78,6 @@ class Manifest:
 
     def split_rows(self, split: str) -> int:
         return sum(f.rows for f in self.splits.get(split, []))
-
-
-def _replace_dir(tmp: str, final: str) -> None:
-    """Rename ``tmp`` to ``final``; an existing ``final`` is moved aside first and removed after."""
-    old = None
-    if os.path.exists(final):
-        old = f"{final}.old-{os.getpid()}"
-        os.rename(final, old)
-    os.rename(tmp, final)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
 
 
 class DatasetWriter:
@@ -206,7 +196,7 @@ class DatasetWriter:
         tmp_manifest = os.path.join(self.tmp_dir, MANIFEST)
         with open(tmp_manifest, "w", encoding="utf-8") as f:
             json.dump(manifest.to_json(), f, indent=2)
-        _replace_dir(self.tmp_dir, self.out_dir)
+        replace_dir(self.tmp_dir, self.out_dir)
         self._closed = True
         return manifest
 
@@ -270,35 +260,16 @@ def open_dataset(data_dir: str, schema: SchemaConfig, check_files: bool = True) 
 
 # An error carried through a collective: (exception class name, message). Only these classes travel as
 # themselves; anything else arrives as a RuntimeError naming its class and the rank it happened on.
-_CARRIED = {"FileNotFoundError": FileNotFoundError, "ValueError": ValueError}
-
-
-def _carry(e: BaseException, rank: int) -> tuple[str, str]:
-    if type(e).__name__ in _CARRIED and type(e) is _CARRIED[type(e).__name__]:
-        return type(e).__name__, str(e)
-    return "RuntimeError", f"rank {rank}: {type(e).__name__}: {e}"
-
-
-def _raise_carried(err: tuple[str, str], local: Optional[BaseException]) -> None:
-    """Raise the carried error. The rank it happened on (``local`` set) re-raises its own exception, with its
-    traceback, when that travels as itself, and otherwise chains it as the cause of the RuntimeError."""
-    kind, msg = err
-    if local is not None and kind in _CARRIED:
-        raise local
-    raise _CARRIED.get(kind, RuntimeError)(msg) from local
-
-
 def open_dataset_shared(data_dir: str, schema: SchemaConfig, group: Any = None) -> Manifest:
     """:func:`open_dataset` for every rank of a process group, reading each file's footer once in total.
 
     Rank 0 of ``group`` reads the manifest and broadcasts it, so every rank returns an equal
-    :class:`Manifest`. The footer checks are split across the ranks (file ``i`` of the manifest order is
-    checked by rank ``i % world_size``) and the outcomes are gathered, so every rank learns of every bad
-    file. Only object collectives are used (valid on gloo and, with the CUDA device set, on NCCL).
+    :class:`Manifest`. The footer checks are split across the ranks in contiguous shares of the manifest's
+    file order, and the outcomes are gathered (:class:`mkt_torchrec.collective.Collective`), so every rank
+    learns of a bad file.
 
-    Every rank of ``group`` must call it. Errors never leave a rank out of a collective: each rank takes part
-    in both collectives and carries its error through them, then every rank raises the same exception (the
-    manifest's error, or else the first failing file in manifest order) with the message
+    Every rank of ``group`` must call it. Errors never leave a rank out of a collective: every rank raises the
+    same exception (the manifest's error, or else the first failing file in manifest order) with the message
     :func:`open_dataset` gives. With ``torch.distributed`` uninitialised or a world of one it *is*
     :func:`open_dataset`.
 
@@ -319,40 +290,19 @@ def open_dataset_shared(data_dir: str, schema: SchemaConfig, group: Any = None) 
     """
     import torch.distributed as dist
 
+    from mkt_torchrec.collective import Collective
+
     if not dist.is_available() or not dist.is_initialized() or dist.get_world_size(group) == 1:
         return open_dataset(data_dir, schema)
-    rank, world = dist.get_rank(group), dist.get_world_size(group)
-
-    # 1. Rank 0 reads the manifest; every rank receives it, or the error reading it.
-    local: Optional[BaseException] = None
-    payload: list[Any] = [None]
-    if rank == 0:
-        try:
-            payload = [("ok", _read_manifest(data_dir))]
-        except Exception as e:  # noqa: BLE001 - carried to every rank below
-            local, payload = e, [("error", _carry(e, rank))]
-    src = 0 if group is None else dist.get_global_rank(group, 0)
-    dist.broadcast_object_list(payload, src=src, group=group)
-    status, value = payload[0]
-    if status == "error":
-        _raise_carried(value, local)
-    manifest: Manifest = value
-
-    # 2. Each rank checks its share of the footers and reports its first failure (index, error); the first
-    # failure overall is then the one with the smallest index.
-    outcome: Optional[tuple[int, tuple[str, str]]] = None
+    comm = Collective(group=group)
+    manifest = comm.on_root(lambda: _read_manifest(data_dir))
     files = _files_in_order(manifest)
-    i = rank
-    try:
+    lo, hi = len(files) * comm.rank // comm.world, len(files) * (comm.rank + 1) // comm.world
+
+    def check_share() -> None:  # a contiguous share: the lowest failing rank holds the first bad file
         expected = arrow_schema(schema)
-        for i in range(rank, len(files), world):
-            _check_file(data_dir, files[i], expected)
-    except Exception as e:  # noqa: BLE001 - carried to every rank below
-        local, outcome = e, (i, _carry(e, rank))
-    outcomes: list[Optional[tuple[int, tuple[str, str]]]] = [None] * world
-    dist.all_gather_object(outcomes, outcome, group=group)
-    failures = [o for o in outcomes if o is not None]
-    if failures:
-        first = min(failures, key=lambda o: o[0])
-        _raise_carried(first[1], local if first == outcome else None)
+        for fi in files[lo:hi]:
+            _check_file(data_dir, fi, expected)
+
+    comm.phase(check_share)
     return manifest

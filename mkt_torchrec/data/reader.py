@@ -25,7 +25,7 @@ Example:
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Callable, Iterator, Optional, Sequence, Union
 
 import numpy as np
@@ -417,6 +417,20 @@ class ParquetReader:
         """Raw rows (before the entity filter) this rank has still to read in the current epoch."""
         return sum(w[3] - w[2] for windows, pos in zip(self._layout(), self._positions)
                    for w in _remaining(windows, pos))
+
+    def first_batch(self) -> Batch:
+        """One row from the start of the split (entity filter applied): filler for a rank with no rows left.
+
+        Raises:
+            ValueError: the split has no row (of the entity).
+        """
+        plan = replace(self.plan, batch_size=1, shuffle=False)
+        decoder = _Decoder(plan.schema, plan.manifest.optional_columns)
+        windows = _fresh_windows(self.num_rows(), 1, 0, plan.window_rows)
+        for batch, _ in _slot_stream(plan, 0, windows, {"window": 0, "offset": 0}, decoder):
+            return batch
+        what = {None: "", 0: "source ", 1: "target "}[plan.entity]
+        raise ValueError(f"{plan.data_dir}: split {plan.split!r} has no {what}rows")
 
     def __iter__(self) -> Iterator[Batch]:
         ds = _SlotDataset(self.plan, self._epoch, self._layout(), [dict(p) for p in self._positions],

@@ -60,7 +60,7 @@ from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
 
 import numpy as np
 
-from mkt_torchrec.evaluation.metrics import group_auc_stats
+from mkt_torchrec.evaluation.metrics import GroupAUCStats, group_auc_stats, per_user_auc
 
 __all__ = [
     "EXACT_AUC_BUDGET",
@@ -74,7 +74,6 @@ __all__ = [
     "exact_sum",
     "gauc_terms",
     "poisson_weights",
-    "resample_counts",
     "user_bootstrap_sums",
     "replicates_from_sums",
     "replicates",
@@ -89,9 +88,6 @@ __all__ = [
 # distinct scores at 200 resamples); beyond it the linearised AUC is used. (It also keeps the exact weighted
 # Mann-Whitney sums inside int64: at most 7 * rows weighted rows, 2 * 7**2 * rows**2 < 2**63.)
 EXACT_AUC_BUDGET = 100_000_000
-# Users per block when drawing multinomial counts: bincount into a cache-sized block is several times faster
-# than into one array of millions of users.
-_COUNT_BLOCK = 1 << 16
 # Weighted exact sums: at most 2**16 users per block, so that a block's sums of (limb < 2**24) x
 # (count <= 7) stay below 2**43, exact in float64 whatever order the matrix product adds them in; and about
 # 2**22 (user, resample) counts per block (32 MB as float64).
@@ -326,57 +322,16 @@ class Replicates:
     gauc: np.ndarray
 
 
-def resample_counts(num_users: int, samples: int, seed: int) -> Iterator[np.ndarray]:
-    """Draw-counts of ``samples`` user resamples: each is ``Multinomial(U, uniform)``.
-
-    Drawing ``U`` users uniformly with replacement is done block by block: block totals are one multinomial
-    draw over the blocks, then the draws inside a block are uniform over it (the same distribution, faster).
-
-    Not what :func:`replicates` uses: these counts depend on the number and order of the users, so they
-    cannot be drawn for a share of the users; the bootstrap draws :func:`poisson_weights` instead.
-
-    Args:
-        num_users: U >= 1.
-        samples: number of resamples B.
-        seed: seed of ``np.random.default_rng``.
-
-    Yields:
-        (U,) int64 counts ``c`` with ``c.sum() == U``, ``samples`` times; deterministic given the arguments.
-
-    Example:
-        >>> [c.tolist() for c in resample_counts(3, 2, seed=0)]
-        [[0, 1, 2], [0, 1, 2]]
-    """
-    if num_users < 1:
-        raise ValueError(f"resample_counts: need at least one user, got {num_users}")
-    rng = np.random.default_rng(seed)
-    lo = np.arange(0, num_users, _COUNT_BLOCK)
-    sizes = np.minimum(lo + _COUNT_BLOCK, num_users) - lo
-    pvals = sizes / float(num_users)
-    for _ in range(samples):
-        totals = rng.multinomial(num_users, pvals) if sizes.shape[0] > 1 else np.array([num_users])
-        counts = np.empty(num_users, dtype=np.int64)
-        for start, size, total in zip(lo.tolist(), sizes.tolist(), totals.tolist()):
-            draws = rng.integers(0, size, total, dtype=np.uint16)  # size <= 2**16; uint16 draws are fastest
-            counts[start:start + size] = np.bincount(draws.astype(np.intp), minlength=size)
-        yield counts
-
-
-def gauc_terms(impressions: np.ndarray, positives: np.ndarray, numerator: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
+def gauc_terms(stats: GroupAUCStats) -> Tuple[np.ndarray, np.ndarray]:
     """Per-user GAUC terms: ``(n_u AUC_u, n_u)`` as float64, both 0 for users with a single class.
 
-    ``n_u AUC_u`` is rounded exactly like the point GAUC's terms (``AUC_u = numerator / (p_u (n_u - p_u))``,
-    then times ``n_u``), so sums of these terms give the point GAUC and its replicates alike.
+    ``AUC_u`` is :func:`~mkt_torchrec.evaluation.metrics.per_user_auc`'s, times ``n_u`` as the point GAUC
+    takes it, so sums of these terms give the point GAUC and its replicates alike.
     """
-    den = positives * (impressions - positives)
-    ok = den > 0
-    x = np.zeros(impressions.shape[0])
-    np.divide(numerator, den, out=x, where=ok)  # AUC_u
-    x *= impressions
-    x[~ok] = 0.0
-    n = impressions.astype(np.float64)
-    n[~ok] = 0.0
-    return x, n
+    _, auc_u, n_u = per_user_auc(stats, include_skipped=True)  # NaN for single-class users
+    ok = ~np.isnan(auc_u)
+    n = np.where(ok, n_u, 0).astype(np.float64)
+    return np.where(ok, auc_u, 0.0) * n, n
 
 
 def _ints(values: Sequence[Fraction]) -> List[int]:
@@ -432,15 +387,23 @@ def user_bootstrap_sums(user_ids: np.ndarray, impressions: np.ndarray, positives
         placement2: (U,) twice the placement sums ``L_u`` (integer-valued, below 2**53), for the linearised
             AUC; None: no AUC sums.
     """
-    x, n = gauc_terms(impressions, positives, numerator)
+    ids = np.asarray(user_ids, dtype=np.int64)
+    x, n = gauc_terms(GroupAUCStats(ids, impressions, positives, numerator))
     cols = [x, n]
     if placement2 is not None:
         cols += [np.asarray(placement2, dtype=np.float64), positives.astype(np.float64),
                  (impressions - positives).astype(np.float64)]
-    sums = _weighted_sums(np.asarray(user_ids, dtype=np.int64), cols, samples, seed)
+    sums = _weighted_sums(ids, cols, samples, seed)
     if placement2 is None:
         return BootstrapSums(sums[0], _ints(sums[1]))
     return BootstrapSums(sums[0], _ints(sums[1]), *[_ints(s) for s in sums[2:]])
+
+
+def _mw_concat(lower: Tuple[int, int, int], upper: Tuple[int, int, int]) -> Tuple[int, int, int]:
+    """Mann-Whitney statistics ``(twice the numerator, positives, negatives)`` of rows ``lower`` followed by
+    rows ``upper`` of strictly higher scores (each upper positive is above every lower negative); exact ints.
+    Rows sharing one score are ``(pos * neg, pos, neg)`` (tied pairs count one half)."""
+    return lower[0] + upper[0] + 2 * upper[1] * lower[2], lower[1] + upper[1], lower[2] + upper[2]
 
 
 @dataclass(frozen=True)
@@ -460,8 +423,9 @@ class AUCPieces:
 
     def then(self, upper: "AUCPieces") -> "AUCPieces":
         """The pieces of this range followed by a range of strictly higher scores."""
-        return AUCPieces([a + b + 2 * p * n for a, b, p, n in zip(self.num2, upper.num2, upper.pos, self.neg)],
-                         [a + b for a, b in zip(self.pos, upper.pos)], [a + b for a, b in zip(self.neg, upper.neg)])
+        both = [_mw_concat(lo, up) for lo, up in zip(zip(self.num2, self.pos, self.neg),
+                                                     zip(upper.num2, upper.pos, upper.neg))]
+        return AUCPieces([t[0] for t in both], [t[1] for t in both], [t[2] for t in both])
 
     @staticmethod
     def zeros(samples: int) -> "AUCPieces":
@@ -486,13 +450,15 @@ class WeightedAUCScan:
         self.pos = np.zeros(samples, dtype=np.int64)
         self.neg = np.zeros(samples, dtype=np.int64)
 
-    def block(self, user_ids: np.ndarray, labels: np.ndarray, run_starts: np.ndarray) -> None:
+    def block(self, user_ids: np.ndarray, labels: np.ndarray, run_starts: np.ndarray,
+              user_index: Optional[np.ndarray] = None) -> None:
         """Rows in score order holding whole runs of equal scores, higher than all rows fed before.
 
         Args:
-            user_ids: (n,) int64 user of each row.
+            user_ids: (n,) int64 user of each row; with ``user_index``, the (U,) distinct users instead.
             labels: (n,) bool.
             run_starts: (K,) first row of each run of equal scores (``run_starts[0] == 0``).
+            user_index: (n,) index of each row's user in ``user_ids`` (distinct ids), or None.
         """
         n = labels.shape[0]
         if n == 0:
@@ -502,7 +468,10 @@ class WeightedAUCScan:
         run = np.cumsum(flags) - 1
         k = int(run_starts.shape[0])
         pos_run, neg_run = run[labels], run[~labels]
-        users, row_user = np.unique(user_ids, return_inverse=True)  # draw each user's counts once
+        if user_index is None:
+            users, row_user = np.unique(user_ids, return_inverse=True)  # draw each user's counts once
+        else:
+            users, row_user = user_ids, user_index
         pos_user, neg_user = row_user[labels], row_user[~labels]
         for first in range(0, self.samples, 16):  # (16, n) counts at a time
             w = poisson_weights(users, min(16, self.samples - first), self.seed, first)
@@ -529,9 +498,8 @@ class WeightedAUCScan:
         """Rows that all share one score, higher than all rows fed before, given their :meth:`tie_counts`."""
         for b in range(self.samples):
             neg, pos = int(counts[0, b]), int(counts[1, b])
-            self.num2[b] += pos * (2 * int(self.neg[b]) + neg)
-            self.pos[b] += pos
-            self.neg[b] += neg
+            self.num2[b], self.pos[b], self.neg[b] = _mw_concat((self.num2[b], int(self.pos[b]), int(self.neg[b])),
+                                                                (pos * neg, pos, neg))
 
     def pieces(self) -> AUCPieces:
         """The rows fed so far as one :class:`AUCPieces`."""
@@ -588,7 +556,7 @@ def replicates(stats: UserStats, samples: int, seed: int) -> Replicates:
     if stats.order is not None:
         o = stats.order
         scan = WeightedAUCScan(samples, seed)
-        scan.block(stats.user_ids[o.user_index], o.label, o.run_starts)
+        scan.block(stats.user_ids, o.label, o.run_starts, user_index=o.user_index)
         pieces = scan.pieces()
     pos = int(stats.positives.sum())
     return replicates_from_sums(sums, pieces, stats.auc_num2, pos, int(stats.impressions.sum()) - pos)

@@ -79,28 +79,30 @@ import pyarrow.parquet as pq
 import torch
 import torch.distributed as dist
 
+from mkt_torchrec.collective import Collective
 from mkt_torchrec.config import EvalConfig
 from mkt_torchrec.evaluation import analysis
-from mkt_torchrec.evaluation.metrics import _sortable32, group_auc_stats, partition_by_user
+from mkt_torchrec.evaluation.analysis import _mw_concat
+from mkt_torchrec.evaluation.metrics import _sortable32, partition_by_user
 from mkt_torchrec.evaluation.report_metrics import (
     _LABEL_SHIFT,
     _MAX_GROUPS,
     _SCORE_SHIFT,
     ENTITIES,
     REQUIRED_COLUMNS,
-    EntityStatistics,
-    GroupStatistics,
     SpillLimits,
-    _auc,
-    _cut_points,
+    _bootstrap_entry,
+    _entity_statistics,
     _GaucSum,
-    _group_ranges,
+    _label_group_counts,
     _Layout,
     _layout,
     _OrderedAUC,
     _packed,
     _Rows,
     _runs,
+    _sorted_cut_points,
+    _user_statistics,
     _validated,
     entity_report,
 )
@@ -148,12 +150,12 @@ def compute_metrics_distributed(pred_dir: str, eval_cfg: EvalConfig, device: tor
         raise RuntimeError("compute_metrics_distributed: torch.distributed is not initialised; "
                            "call report_metrics.compute_metrics in a single process instead")
     bounds = np.asarray(eval_cfg.activity_bounds, dtype=np.int64)
-    comm = _Comm(device)
-    plan, token = comm.on_root(lambda: (_plan(pred_dir), uuid.uuid4().hex[:12]))
-    if plan.layout.activity and bounds.shape[0] + 1 > _MAX_GROUPS:  # the same on every rank
+    comm = Collective(device)
+    layout, token = comm.on_root(lambda: (_layout(pred_dir), uuid.uuid4().hex[:12]))
+    if layout.activity and bounds.shape[0] + 1 > _MAX_GROUPS:  # the same on every rank
         raise ValueError(f"eval.activity_bounds: at most {_MAX_GROUPS - 1} bounds are supported")
     parent = spill_dir if spill_dir is not None else os.path.dirname(os.path.abspath(pred_dir))
-    job = _Job(comm, plan, eval_cfg, bounds, limits, os.path.join(parent, f".mkt-eval-{token}"))
+    job = _Job(comm, layout, eval_cfg, bounds, limits, os.path.join(parent, f".mkt-eval-{token}"))
     try:
         return job.run()
     finally:
@@ -161,107 +163,17 @@ def compute_metrics_distributed(pred_dir: str, eval_cfg: EvalConfig, device: tor
 
 
 # --------------------------------------------------------------------------------------------------------
-# Collectives
-# --------------------------------------------------------------------------------------------------------
-
-
-_KINDS = {"FileNotFoundError": FileNotFoundError, "ValueError": ValueError, "OSError": OSError}
-
-
-def _rebuild(kind: str, message: str) -> Exception:
-    """Another rank's error, as an exception of the same kind (RuntimeError for any other kind)."""
-    return _KINDS.get(kind, RuntimeError)(message)
-
-
-def _kind(e: BaseException) -> str:
-    for name, cls in _KINDS.items():  # FileNotFoundError before its base OSError
-        if isinstance(e, cls):
-            return name
-    return "RuntimeError"
-
-
-class _Comm:
-    """Object collectives on the default group, with errors carried to every rank."""
-
-    def __init__(self, device: torch.device) -> None:
-        self.rank, self.world, self.device = dist.get_rank(), dist.get_world_size(), torch.device(device)
-
-    def _on_device(self) -> Any:
-        return torch.cuda.device(self.device) if self.device.type == "cuda" else contextlib.nullcontext()
-
-    def all_gather(self, obj: Any) -> List[Any]:
-        out: List[Any] = [None] * self.world
-        with self._on_device():
-            dist.all_gather_object(out, obj)
-        return out
-
-    def _raise_first(self, reports: Sequence[Optional[Tuple[str, str]]], own: Optional[BaseException]) -> None:
-        failed = [(r, rep) for r, rep in enumerate(reports) if rep is not None]
-        if not failed:
-            return
-        if own is not None:
-            raise own
-        r, (kind, message) = failed[0]
-        more = f" ({len(failed) - 1} other rank(s) failed too)" if len(failed) > 1 else ""
-        raise _rebuild(kind, f"rank {r}: {message}{more}")
-
-    def phase(self, fn: Callable[[], T]) -> List[T]:
-        """Run ``fn`` on every rank and all-gather its results; if it raised anywhere, raise everywhere."""
-        own: Optional[BaseException] = None
-        value: Any = None
-        try:
-            value = fn()
-        except Exception as e:  # noqa: BLE001 - carried to the other ranks, then raised again here
-            own = e
-        report = None if own is None else (_kind(own), f"{type(own).__name__}: {own}")
-        gathered = self.all_gather((report, None if own is not None else value))
-        self._raise_first([g[0] for g in gathered], own)
-        return [g[1] for g in gathered]
-
-    def on_root(self, fn: Callable[[], T]) -> T:
-        """Run ``fn`` on rank 0 only and broadcast its result (or its error) to every rank."""
-        own: Optional[BaseException] = None
-        box: List[Any] = [None]
-        if self.rank == 0:
-            try:
-                box[0] = (None, fn())
-            except Exception as e:  # noqa: BLE001 - carried to the other ranks
-                own = e
-                box[0] = ((_kind(e), str(e)), None)
-        with self._on_device():
-            dist.broadcast_object_list(box, src=0)
-        report, value = box[0]
-        if report is not None:
-            if own is not None:
-                raise own
-            raise _rebuild(*report)  # the same message as on rank 0 (it is rank 0's, naming the file)
-        return value
-
-
-# --------------------------------------------------------------------------------------------------------
 # Plan: which rows each rank reads
 # --------------------------------------------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class _Plan:
-    layout: _Layout
-    row_groups: Tuple[Tuple[int, ...], ...]  # rows of each row group, per file
-
-
-def _plan(pred_dir: str) -> _Plan:
-    layout = _layout(pred_dir)
-    metas = [pq.ParquetFile(f).metadata for f in layout.files]
-    return _Plan(layout, tuple(tuple(m.row_group(i).num_rows for i in range(m.num_row_groups)) for m in metas))
-
-
-def _my_units(plan: _Plan, rank: int, world: int) -> List[Tuple[str, int, int]]:
+def _my_units(layout: _Layout, rank: int, world: int) -> List[Tuple[str, int, int]]:
     """``(file, row group, row offset in the file)`` of the row groups rank ``rank`` reads: a row group goes
     to the rank whose ``1/W`` of all rows holds its first row."""
-    total = plan.layout.rows
+    total = layout.rows
     units: List[Tuple[str, int, int]] = []
     start = 0
-    for path, sizes in zip(plan.layout.files, plan.row_groups):
+    for path, sizes in zip(layout.files, layout.row_groups):
         offset = 0
         for i, n in enumerate(sizes):
             if n and min(world - 1, start * world // max(total, 1)) == rank:
@@ -380,33 +292,27 @@ class _Piece:
 
 def _ordered_total(pieces: Sequence[_Piece]) -> _Piece:
     """Pieces of consecutive ranges, lowest first -> one piece (exact integers)."""
-    num2 = pos = neg = 0
-    n_groups = len(pieces[0].group_num2) if pieces else 0
-    g_num2, g_pos, g_neg = [0] * n_groups, [0] * n_groups, [0] * n_groups
+    total = (0, 0, 0)
+    groups = [(0, 0, 0)] * (len(pieces[0].group_num2) if pieces else 0)
     for p in pieces:
-        num2 += p.num2 + 2 * p.pos * neg
-        pos += p.pos
-        neg += p.neg
-        for g in range(n_groups):
-            g_num2[g] += p.group_num2[g] + 2 * p.group_pos[g] * g_neg[g]
-            g_pos[g] += p.group_pos[g]
-            g_neg[g] += p.group_neg[g]
-    return _Piece(num2, pos, neg, tuple(g_num2), tuple(g_pos), tuple(g_neg))
+        total = _mw_concat(total, (p.num2, p.pos, p.neg))
+        groups = [_mw_concat(g, up) for g, up in zip(groups, zip(p.group_num2, p.group_pos, p.group_neg))]
+    return _Piece(*total, *(tuple(g[i] for g in groups) for i in range(3)))
 
 
 class _Job:
     """State of :func:`compute_metrics_distributed` on one rank."""
 
-    def __init__(self, comm: _Comm, plan: _Plan, eval_cfg: EvalConfig, bounds: np.ndarray, limits: SpillLimits,
-                 root: str) -> None:
-        self.comm, self.plan, self.bounds, self.limits, self.root = comm, plan, bounds, limits, root
+    def __init__(self, comm: Collective, layout: _Layout, eval_cfg: EvalConfig, bounds: np.ndarray,
+                 limits: SpillLimits, root: str) -> None:
+        self.comm, self.layout, self.bounds, self.limits, self.root = comm, layout, bounds, limits, root
         self.rank, self.world = comm.rank, comm.world
         self.samples, self.seed = int(eval_cfg.bootstrap_samples), int(eval_cfg.seed)
         self.eval_cfg = eval_cfg
         self.mine = os.path.join(root, f"rank-{self.rank:05d}")
-        self.n_groups = bounds.shape[0] + 1 if plan.layout.activity else 0
+        self.n_groups = bounds.shape[0] + 1 if layout.activity else 0
         self.slots = max(self.n_groups, 1)
-        self.true_prob = plan.layout.true_prob
+        self.true_prob = layout.true_prob
         self.writers: List[_Writer] = []
         self.user_arrays: Dict[int, List[Tuple[np.ndarray, ...]]] = {}  # per entity: this rank's users
         self.user_cols: _Columns = [("user_id", np.int64), ("entity", np.int8), ("label", np.int8),
@@ -443,8 +349,7 @@ class _Job:
                 sums = self.comm.phase(lambda: self._bootstrap_sums(scanned))
             for e in present:
                 out[ENTITIES[e]] = self._entity(e, scanned, sums)
-        out["bootstrap"] = {"samples": self.samples, "confidence": float(self.eval_cfg.confidence),
-                            "seed": self.seed}
+        out["bootstrap"] = _bootstrap_entry(self.eval_cfg)
         return out
 
     def cleanup(self) -> None:
@@ -466,12 +371,12 @@ class _Job:
     def _load(self) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
         os.makedirs(self.root, exist_ok=True)
         os.makedirs(self.mine, exist_ok=True)
-        layout = self.plan.layout
+        layout = self.layout
         columns = list(REQUIRED_COLUMNS) + [c for c, has in (("activity", layout.activity),
                                                              ("true_prob", layout.true_prob)) if has]
         parts: List[_Rows] = []
         files: Dict[str, pq.ParquetFile] = {}
-        for path, group, offset in _my_units(self.plan, self.rank, self.world):
+        for path, group, offset in _my_units(layout, self.rank, self.world):
             if path not in files:
                 files[path] = pq.ParquetFile(path, pre_buffer=False, buffer_size=1 << 20)
             for rb in files[path].iter_batches(batch_size=self.limits.batch_rows, row_groups=[group],
@@ -583,19 +488,12 @@ class _Job:
         sel = np.flatnonzero(rows["entity"] == e)
         if sel.shape[0] == 0:
             return
-        uid, y, s = rows["user_id"][sel], rows["label"][sel], rows["score"][sel]
-        st = group_auc_stats(uid, y, s)
+        r = _Rows(rows["user_id"], rows["entity"], rows["label"], rows["score"], rows.get("group"),
+                  rows.get("true_prob")).take(sel)
+        st = _user_statistics(r, side.groups, side.ceiling)
         side.main.add(st)
         if self.samples > 0:
             side.arrays.append((st.user_ids, st.impressions, st.positives, st.numerator))
-        if side.ceiling is not None:
-            side.ceiling.add(group_auc_stats(uid, y, rows["true_prob"][sel]))
-        if self.n_groups:
-            group = rows["group"][sel]
-            for g, acc in enumerate(side.groups):
-                gs = np.flatnonzero(group == g)
-                if gs.shape[0]:
-                    acc.add(group_auc_stats(uid[gs], y[gs], s[gs]))
 
     def _score_block(self, rows: Dict[str, np.ndarray], e: int, scan: _OrderedAUC,
                      wscan: Optional[analysis.WeightedAUCScan], place: Optional[_Writer]) -> None:
@@ -627,7 +525,8 @@ class _Job:
 
     def _score_tie(self, readers: List[_Reader], i: int, present: List[int], scans: Dict[int, _OrderedAUC],
                    wscans: Dict[int, analysis.WeightedAUCScan], place: Optional[_Writer]) -> None:
-        """A score range holding one score: streamed from every rank's file, only counted."""
+        """A score range holding one score: streamed from every rank's file, only counted (and streamed once
+        more for the linearised bootstrap's placement values, which need the range's counts)."""
         counts = {e: np.zeros((self.slots, 2), dtype=np.int64) for e in present}
         weighted = {e: np.zeros((2, self.samples), dtype=np.int64) for e in wscans}
         for rd in readers:
@@ -635,21 +534,23 @@ class _Job:
                 for e in present:
                     sel = p["entity"] == e
                     pk = p["key"][sel]
-                    code = (pk & (_MAX_GROUPS - 1)) * 2 + ((pk >> _LABEL_SHIFT) & 1)
-                    counts[e] += np.bincount(code, minlength=2 * self.slots).reshape(self.slots, 2)
+                    counts[e] += _label_group_counts(pk, self.slots)
                     if e in weighted:
                         weighted[e] += analysis.WeightedAUCScan.tie_counts(
                             self.samples, self.seed, p["user_id"][sel], ((pk >> _LABEL_SHIFT) & 1) == 1)
+        values: Dict[int, Tuple[int, int]] = {}  # (positive, negative) row value of each linearised entity
         for e in present:
-            if self.linear[e]:  # second pass: every positive / negative row gets one value
+            if self.linear[e]:
                 pos, neg = int(counts[e][:, 1].sum()), int(counts[e][:, 0].sum())
-                v_pos = 2 * scans[e].neg_seen + neg
-                v_neg = pos - 2 * (scans[e].pos_seen + pos)
-                for rd in readers:
-                    for p in rd.pieces(i, self.limits.batch_rows):
+                values[e] = (2 * scans[e].neg_seen + neg, pos - 2 * (scans[e].pos_seen + pos))
+        if values:  # second pass, for all entities at once: every positive / negative row gets one value
+            for rd in readers:
+                for p in rd.pieces(i, self.limits.batch_rows):
+                    for e, (v_pos, v_neg) in values.items():
                         sel = np.flatnonzero(p["entity"] == e)
                         y = (p["key"][sel] >> _LABEL_SHIFT) & 1
                         self._place(place, p["user_id"][sel], np.where(y == 1, v_pos, v_neg), y, e)
+        for e in present:
             scans[e].tie_counts(counts[e])
             if e in wscans:
                 wscans[e].tie(weighted[e])
@@ -666,8 +567,7 @@ class _Job:
             for rd in readers:
                 for p in rd.pieces(i, self.limits.batch_rows):
                     for e in present:
-                        y = (p["key"][p["entity"] == e] >> _LABEL_SHIFT) & 1
-                        counts[e] += np.bincount(y, minlength=2).reshape(1, 2)
+                        counts[e] += _label_group_counts(p["key"][p["entity"] == e], 1)  # group bits are 0
             for e in present:
                 scans[e].tie_counts(counts[e])
             return
@@ -736,18 +636,8 @@ class _Job:
                 ceil_sum.merge(c)
         score = _ordered_total([p["score"] for p in parts])
         rows, pos = self.entity_rows[e], score.pos
-        group_stats = [GroupStatistics(name, lo, hi, s.rows, s.users,
-                                       _auc(score.group_num2[g], s.positives, s.rows - s.positives), s.gauc)
-                       for g, ((name, lo, hi), s) in enumerate(zip(_group_ranges(self.bounds), groups))]
-        ceiling = None
-        if self.true_prob:
-            c = _ordered_total([p["ceiling"] for p in parts])
-            ceiling = {"auc": _auc(c.num2, pos, rows - pos), "gauc": ceil_sum.gauc}
-        st = EntityStatistics(
-            rows=rows, users=main.users, positives=main.positives, auc=_auc(score.num2, pos, rows - pos),
-            gauc=main.gauc, mean_user_auc=main.mean_user_auc, users_evaluated=main.evaluated,
-            users_skipped_single_class=main.users - main.evaluated, groups=group_stats, ceiling=ceiling,
-        )
+        ceiling = (_ordered_total([p["ceiling"] for p in parts]).num2, ceil_sum) if self.true_prob else None
+        st = _entity_statistics(rows, main, score.num2, self.bounds, groups, score.group_num2, ceiling)
         cis: Dict[str, Any] = {"auc_ci": None, "gauc_ci": None}
         if sums is not None:
             total = sums[0][e]
@@ -768,8 +658,8 @@ class _Job:
 def _ranges(sample: np.ndarray, m: int, world: int) -> Tuple[np.ndarray, np.ndarray]:
     """Score-key cut points (``compute_metrics``' rule: quantiles, each followed by its successor) and the
     rank of each of the ``len(cuts) + 1`` ranges: consecutive, by the sample's cumulative count."""
-    cuts = _cut_points(sample, m)
     s = np.sort(sample)
+    cuts = _sorted_cut_points(s, m)  # of the whole sample (under 2**21 keys): no second sort of a subsample
     if s.shape[0] == 0:
         return cuts, np.zeros(cuts.shape[0] + 1, dtype=np.int64)
     below = np.concatenate([[0], np.searchsorted(s, cuts, side="left")])  # sampled keys below each range

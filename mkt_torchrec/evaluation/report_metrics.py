@@ -78,6 +78,7 @@ import pyarrow.parquet as pq
 
 from mkt_torchrec.config import EvalConfig
 from mkt_torchrec.evaluation import analysis
+from mkt_torchrec.evaluation.analysis import _mw_concat
 from mkt_torchrec.evaluation.metrics import (
     GroupAUCStats,
     _sortable32,  # the float32 -> ordered-int key of metrics' fast path (-0.0 == +0.0)
@@ -177,9 +178,14 @@ def compute_metrics(pred_dir: str, eval_cfg: EvalConfig, spill_dir: Optional[str
     for name, st in _iter_entity_statistics(pred_dir, eval_cfg, spill_dir, None, limits):
         out[name] = _report(st, eval_cfg)
         del st  # before the next entity's statistics are built
-    out["bootstrap"] = {"samples": int(eval_cfg.bootstrap_samples), "confidence": float(eval_cfg.confidence),
-                        "seed": int(eval_cfg.seed)}
+    out["bootstrap"] = _bootstrap_entry(eval_cfg)
     return out
+
+
+def _bootstrap_entry(eval_cfg: EvalConfig) -> Dict[str, Any]:
+    """The ``"bootstrap"`` entry of :func:`compute_metrics`."""
+    return {"samples": int(eval_cfg.bootstrap_samples), "confidence": float(eval_cfg.confidence),
+            "seed": int(eval_cfg.seed)}
 
 
 def entity_statistics(pred_dir: str, eval_cfg: EvalConfig, spill_dir: Optional[str] = None,
@@ -264,6 +270,7 @@ class _Layout:
     rows: int
     activity: bool
     true_prob: bool
+    row_groups: Tuple[Tuple[int, ...], ...]  # rows of each row group, per file
 
 
 def _layout(pred_dir: str) -> _Layout:
@@ -272,21 +279,24 @@ def _layout(pred_dir: str) -> _Layout:
         raise FileNotFoundError(f"{pred_dir}: no predictions (part-*.parquet)")
     present: Dict[str, List[bool]] = {"activity": [], "true_prob": []}
     rows = 0
+    row_groups: List[Tuple[int, ...]] = []
     for path in files:
-        meta = pq.ParquetFile(path)
-        names = set(meta.schema_arrow.names)
+        pf = pq.ParquetFile(path)
+        names = set(pf.schema_arrow.names)
         missing = [c for c in REQUIRED_COLUMNS if c not in names]
         if missing:
             raise ValueError(f"{path}: missing column(s) {missing}; predictions need {list(REQUIRED_COLUMNS)}")
         for c in present:
             present[c].append(c in names)
-        rows += meta.metadata.num_rows
+        meta = pf.metadata
+        rows += meta.num_rows
+        row_groups.append(tuple(meta.row_group(i).num_rows for i in range(meta.num_row_groups)))
     for c, flags in present.items():
         if any(flags) and not all(flags):
             lacking = [f for f, has in zip(files, flags) if not has]
             raise ValueError(f"{lacking[0]}: no column {c!r} while other part files have it; "
                              "all part files of a run must have the same columns")
-    return _Layout(files, rows, all(present["activity"]), all(present["true_prob"]))
+    return _Layout(files, rows, all(present["activity"]), all(present["true_prob"]), tuple(row_groups))
 
 
 @dataclass
@@ -506,6 +516,50 @@ def _packed(score: np.ndarray, label: np.ndarray, group: Optional[np.ndarray]) -
     return pk
 
 
+def _user_statistics(rows: _Rows, groups: Sequence[_GaucSum], ceiling: Optional[_GaucSum]) -> GroupAUCStats:
+    """Per-user statistics of one entity's rows that hold every row of their users; adds the rows' GAUC sums to
+    their activity groups' (``groups``: one per group, empty without groups) and to the ``true_prob``
+    ceiling's (None: no ``true_prob``)."""
+    st = group_auc_stats(rows.user_id, rows.label, rows.score)
+    if ceiling is not None:
+        ceiling.add(group_auc_stats(rows.user_id, rows.label, rows.true_prob))
+    for g, acc in enumerate(groups):
+        sel = np.flatnonzero(rows.group == g)
+        if sel.shape[0]:
+            acc.add(group_auc_stats(rows.user_id[sel], rows.label[sel], rows.score[sel]))
+    return st
+
+
+def _entity_statistics(rows: int, users: _GaucSum, auc_num2: int, bounds: np.ndarray, groups: Sequence[_GaucSum],
+                       group_num2: Sequence[int], ceiling: Optional[Tuple[int, _GaucSum]],
+                       user_stats: Optional[analysis.UserStats] = None) -> EntityStatistics:
+    """:class:`EntityStatistics` of one entity from its exact sums.
+
+    Args:
+        rows: the entity's rows.
+        users: sums over all its users.
+        auc_num2: twice the Mann-Whitney numerator of all its rows.
+        bounds: activity bounds.
+        groups: sums over each activity group's rows (empty without groups).
+        group_num2: twice the Mann-Whitney numerator of each activity group's rows.
+        ceiling: twice the numerator of all rows by ``true_prob`` and their sums, or None.
+        user_stats: the bootstrap's input, or None.
+    """
+    pos = users.positives
+    group_stats = [GroupStatistics(name, lo, hi, s.rows, s.users, _auc(num2, s.positives, s.rows - s.positives),
+                                   s.gauc)
+                   for (name, lo, hi), s, num2 in zip(_group_ranges(bounds), groups, group_num2)]
+    ceiling_metrics = None
+    if ceiling is not None:
+        ceiling_metrics = {"auc": _auc(ceiling[0], pos, rows - pos), "gauc": ceiling[1].gauc}
+    return EntityStatistics(
+        rows=rows, users=users.users, positives=pos, auc=_auc(auc_num2, pos, rows - pos), gauc=users.gauc,
+        mean_user_auc=users.mean_user_auc, users_evaluated=users.evaluated,
+        users_skipped_single_class=users.users - users.evaluated, groups=group_stats, ceiling=ceiling_metrics,
+        user_stats=user_stats,
+    )
+
+
 class _EntityAccumulator:
     """Everything one entity needs, fed partition by partition (each holding all rows of its users)."""
 
@@ -530,7 +584,7 @@ class _EntityAccumulator:
 
     def add(self, rows: _Rows) -> None:
         """Rows of this entity from one user partition."""
-        st = group_auc_stats(rows.user_id, rows.label, rows.score)
+        st = _user_statistics(rows, self.group_sums, self.ceiling_sum)
         self.parts.append(st)
         index = None
         if self.samples > 0:  # users in partition-major order; finish() maps them to merged (sorted-id) order
@@ -538,12 +592,7 @@ class _EntityAccumulator:
         self.users_seen += st.num_users
         self.scores.add(_packed(rows.score, rows.label, rows.group), index)
         if self.ceiling is not None:
-            self.ceiling_sum.add(group_auc_stats(rows.user_id, rows.label, rows.true_prob))
             self.ceiling.add(_packed(rows.true_prob, rows.label, None), None)
-        for g, acc in enumerate(self.group_sums):
-            sel = np.flatnonzero(rows.group == g)
-            if sel.shape[0]:
-                acc.add(group_auc_stats(rows.user_id[sel], rows.label[sel], rows.score[sel]))
 
     def finish(self, bounds: np.ndarray) -> EntityStatistics:
         ids_partition_major = np.concatenate([p.user_ids for p in self.parts])
@@ -559,29 +608,17 @@ class _EntityAccumulator:
         scan = _OrderedAUC(self.n_groups, pos, users, rank, placement=self.samples > 0 and not self.exact,
                            keep_rows=self.samples > 0 and self.exact)
         self.scores.feed(scan)
-        auc = _auc(scan.num2, pos, self.rows - pos)
-
         total = _GaucSum()
         total.add(merged)
-        evaluated, gauc, mean_user_auc = total.evaluated, total.gauc, total.mean_user_auc
-
-        groups = []
-        for g, (name, lo, hi) in enumerate(_group_ranges(bounds) if self.n_groups else []):
-            s = self.group_sums[g]
-            groups.append(GroupStatistics(name, lo, hi, s.rows, s.users,
-                                          _auc(scan.group_num2[g], s.positives, s.rows - s.positives), s.gauc))
         ceiling = None
         if self.ceiling is not None:
             cscan = _OrderedAUC(0, pos, 0, None, placement=False, keep_rows=False)
             self.ceiling.feed(cscan)
-            ceiling = {"auc": _auc(cscan.num2, pos, self.rows - pos), "gauc": self.ceiling_sum.gauc}
+            ceiling = (cscan.num2, self.ceiling_sum)
         user_stats = analysis.UserStats(merged.user_ids, merged.impressions, merged.positives, merged.numerator,
                                         scan.num2, placement=scan.placement, order=scan.order())
-        return EntityStatistics(
-            rows=self.rows, users=users, positives=pos, auc=auc, gauc=gauc, mean_user_auc=mean_user_auc,
-            users_evaluated=evaluated, users_skipped_single_class=users - evaluated, groups=groups,
-            ceiling=ceiling, user_stats=user_stats,
-        )
+        return _entity_statistics(self.rows, total, scan.num2, bounds, self.group_sums, scan.group_num2, ceiling,
+                                  user_stats)
 
 
 def _auc(num2: int, pos: int, neg: int) -> Optional[float]:
@@ -602,6 +639,12 @@ def _group_ranges(bounds: np.ndarray) -> List[Tuple[str, int, Optional[int]]]:
 # --------------------------------------------------------------------------------------------------------
 
 
+def _label_group_counts(pk: np.ndarray, slots: int) -> np.ndarray:
+    """(slots, 2) int64 row counts of packed keys by (activity group, label)."""
+    code = (pk & (_MAX_GROUPS - 1)) * 2 + ((pk >> _LABEL_SHIFT) & 1)
+    return np.bincount(code, minlength=2 * slots).reshape(slots, 2)
+
+
 class _Bucket:
     """Rows of one score range: packed keys (+ user indices), in memory or appended to raw binary files."""
 
@@ -615,8 +658,7 @@ class _Bucket:
     def append(self, pk: np.ndarray, index: Optional[np.ndarray]) -> None:
         sk = pk >> _SCORE_SHIFT
         self.lo, self.hi = min(self.lo, int(sk.min())), max(self.hi, int(sk.max()))
-        code = (pk & (_MAX_GROUPS - 1)) * 2 + ((pk >> _LABEL_SHIFT) & 1)
-        self.counts += np.bincount(code, minlength=self.counts.size).reshape(self.counts.shape)
+        self.counts += _label_group_counts(pk, self.counts.shape[0])
         self.n += pk.shape[0]
         self.with_index = index is not None
         if self.path is None:
@@ -732,7 +774,13 @@ def _cut_points(sk: np.ndarray, m: int) -> np.ndarray:
     single-score bucket). Splitting by these cuts always leaves each non-single-score range smaller."""
     if m < 2:
         return np.zeros(0, dtype=np.int64)
-    s = np.sort(sk[:: max(1, sk.shape[0] // 1_000_000)])
+    return _sorted_cut_points(np.sort(sk[:: max(1, sk.shape[0] // 1_000_000)]), m)
+
+
+def _sorted_cut_points(s: np.ndarray, m: int) -> np.ndarray:
+    """:func:`_cut_points` of sorted score keys ``s``, all of them taken (no subsample)."""
+    if m < 2 or s.shape[0] == 0:
+        return np.zeros(0, dtype=np.int64)
     q = s[(np.arange(1, m) * s.shape[0]) // m]
     return np.unique(np.concatenate([q, q + 1]))
 
@@ -838,14 +886,12 @@ class _OrderedAUC:
     def tie_counts(self, counts: np.ndarray) -> None:
         """Rows that all have one score, given only their ``(group, label)`` counts ((slots, 2) int)."""
         pos, neg = int(counts[:, 1].sum()), int(counts[:, 0].sum())
-        self.num2 += pos * (2 * self.neg_seen + neg)
+        self.num2, self.pos_seen, self.neg_seen = _mw_concat((self.num2, self.pos_seen, self.neg_seen),
+                                                             (pos * neg, pos, neg))
         for g in range(len(self.group_num2)):
             gp, gn = int(counts[g, 1]), int(counts[g, 0])
-            self.group_num2[g] += gp * (2 * self.group_neg[g] + gn)
-            self.group_pos[g] += gp
-            self.group_neg[g] += gn
-        self.pos_seen += pos
-        self.neg_seen += neg
+            self.group_num2[g], self.group_pos[g], self.group_neg[g] = _mw_concat(
+                (self.group_num2[g], self.group_pos[g], self.group_neg[g]), (gp * gn, gp, gn))
 
     def order(self) -> Optional[analysis.ScoreOrder]:
         """The kept rows in score order (``keep_rows``), else None."""

@@ -116,19 +116,6 @@ class ServingModel(nn.Module):
         return torch.sigmoid(self.tem.dense_forward(self.tem_lookup(ids), dense, knowledge))
 
 
-class _TableView:
-    """What :class:`PaddedLookup` reads of a SparseArch (features, sequences, table weights), with the
-    weights as ``meta`` stand-ins of the same shape, so that its constructor copies nothing."""
-
-    def __init__(self, features: List[str], sequences: List[str], weights: Dict[str, torch.Tensor]) -> None:
-        self.features = features
-        self.sequences = sequences
-        self._weights = {t: torch.empty(w.shape, dtype=w.dtype, device="meta") for t, w in weights.items()}
-
-    def table_weights(self) -> Dict[str, torch.Tensor]:
-        return self._weights
-
-
 def _shared_lookup(schema: SchemaConfig, arch: SparseArch,
                    keep: Optional[Set[str]] = None) -> Tuple[PaddedLookup, Dict[str, str]]:
     """A PaddedLookup over ``arch``'s own (detached) tables, restricted to the features in ``keep`` (all by
@@ -137,12 +124,9 @@ def _shared_lookup(schema: SchemaConfig, arch: SparseArch,
     features = [f for f in arch.features if keep is None or f in keep]
     tables = {schema.table_of(k) for k in features + list(arch.sequences)}
     weights = {t: w for t, w in arch.table_weights().items() if t in tables}
-    lookup = PaddedLookup(schema, _TableView(features, list(arch.sequences), weights))  # type: ignore[arg-type]
+    lookup = PaddedLookup(schema, features, list(arch.sequences), weights)  # the trained tables, not copies
     name_of = {id(p): n for n, p in arch.named_parameters()}
-    keys: Dict[str, str] = {}
-    for table, weight in weights.items():
-        setattr(lookup, f"table__{table}", weight.detach())  # the trained table itself, not a copy
-        keys[f"table__{table}"] = "sparse_arch." + name_of[id(weight)]
+    keys = {f"table__{table}": "sparse_arch." + name_of[id(weight)] for table, weight in weights.items()}
     return lookup, keys
 
 

@@ -13,7 +13,7 @@ feature-group vectors (Eq. 1-2): v_u, v_seq (target attention), v_shared and v_s
 
 from __future__ import annotations
 
-from typing import Dict, NamedTuple, Optional, Sequence
+from typing import Dict, List, NamedTuple, Optional, Sequence
 
 import torch
 from torch import nn
@@ -111,17 +111,23 @@ class PaddedLookup(nn.Module):
 
     Args:
         schema: the feature schema.
-        arch: the trained SparseArch whose tables are copied (frozen buffers).
+        features: the single-valued features it looks up.
+        sequences: the behaviour sequences it looks up.
+        weights: table name -> (rows, D) trained weight, for every table of ``features`` and ``sequences``;
+            registered as buffers as they are (detached, not copied: build it from a finished model).
     """
 
-    def __init__(self, schema: SchemaConfig, arch: SparseArch) -> None:
+    def __init__(self, schema: SchemaConfig, features: List[str], sequences: List[str],
+                 weights: Dict[str, torch.Tensor]) -> None:
         super().__init__()
-        weights = arch.table_weights()
-        self.features = list(arch.features)
-        self.sequences = list(arch.sequences)
+        self.features = list(features)
+        self.sequences = list(sequences)
         self.table_of = {k: schema.table_of(k) for k in self.features + self.sequences}
+        missing = sorted({self.table_of[k] for k in self.table_of} - set(weights))
+        if missing:
+            raise ValueError(f"PaddedLookup: no weights for tables {missing}")
         for table, w in weights.items():
-            self.register_buffer(f"table__{table}", w.detach().clone())
+            self.register_buffer(f"table__{table}", w.detach())
 
     def _lookup(self, key: str, ids: torch.Tensor) -> torch.Tensor:
         weight = getattr(self, f"table__{self.table_of[key]}")

@@ -358,12 +358,11 @@ class ShardingRules:
         fails on our sequence KJTs (``split_with_sizes expects split_sizes to sum exactly to ...``), and the
         sequence tables are the item tables, far too large to replicate anyway.
         """
-        offered = [s for s in t.sharding_types if not (t.unpooled and s == "data_parallel")]
-        if self.sharding_type and self.sharding_type in offered:
+        replicable = not t.unpooled and (self.data_parallel or t.optimizer is None)
+        offered = [s for s in t.sharding_types if replicable or s != "data_parallel"]
+        if self.sharding_type in offered:
             return [self.sharding_type]
-        if (not self.data_parallel and t.optimizer is not None) or len(offered) < len(t.sharding_types):
-            return [s for s in offered if self.data_parallel or t.optimizer is None or s != "data_parallel"]
-        return None
+        return offered if len(offered) < len(t.sharding_types) else None
 
 
 def _rule_constraints(tables: Sequence[TableInfo], rules: ShardingRules) -> Dict[str, ParameterConstraints]:

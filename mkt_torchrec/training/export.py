@@ -22,6 +22,7 @@ Example:
 from __future__ import annotations
 
 import os
+from dataclasses import replace
 import shutil
 import uuid
 from typing import Any, Dict, Optional, Tuple
@@ -29,6 +30,7 @@ from typing import Any, Dict, Optional, Tuple
 import torch
 
 from mkt_torchrec.config import Config, SchemaConfig
+from mkt_torchrec.fsutil import replace_dir
 from mkt_torchrec.models.serving import SERVING_FILE, ServingModel, export_serving, padded_ids, serving_keys
 from mkt_torchrec.training import checkpoint
 from mkt_torchrec.training.build import build_train_module
@@ -55,8 +57,7 @@ def serving_from_run(run_dir: str) -> Tuple[Config, ServingModel]:
         FileNotFoundError: ``run_dir`` is not a run directory, or has no complete checkpoint.
         ValueError: a MEM run of another ablation (its served model is stage 2's).
     """
-    # imported here: the trainer imports this module to export at the end of a run
-    from mkt_torchrec.training.trainer import read_run, run_config
+    from mkt_torchrec.training.trainer import read_run, run_config  # the trainer module is heavy to import
 
     run = read_run(run_dir)
     cfg = run_config(run_dir)
@@ -121,28 +122,19 @@ def synthetic_example(schema: SchemaConfig, rows: int = EXAMPLE_ROWS,
 
 
 def _data_example(cfg: Config, data_dir: str) -> Tuple[Dict[str, torch.Tensor], torch.Tensor]:
+    """Up to EXAMPLE_ROWS target test rows (the manifest only: training already checked the files); a split
+    with fewer than 2 target rows (``torch.export`` traces a batch dimension of at least 2) gets the synthetic
+    example."""
+    from mkt_torchrec.data.dataset import open_dataset
     from mkt_torchrec.data.reader import ParquetReader
 
-    reader = ParquetReader(data_dir, "test", cfg.schema, cfg.data, training=False, entity="target",
-                           batch_size=EXAMPLE_ROWS)
-    example = next(iter(reader))
+    reader = ParquetReader(data_dir, "test", cfg.schema, replace(cfg.data, num_workers=0), training=False,
+                           entity="target", batch_size=EXAMPLE_ROWS,
+                           manifest=open_dataset(data_dir, cfg.schema, check_files=False))
+    example = next(iter(reader), None)
+    if example is None or len(example) < 2:
+        return synthetic_example(cfg.schema)
     return padded_ids(example.sparse_features, cfg.schema, serving_keys(cfg.schema)), example.dense_features
-
-
-def _publish_dir(tmp: str, out_dir: str) -> None:
-    """Rename the finished ``tmp`` to ``out_dir``, replacing a previous export."""
-    old = None
-    if os.path.exists(out_dir):
-        old = f"{out_dir}.old-{uuid.uuid4().hex[:8]}"
-        os.rename(out_dir, old)
-    try:
-        os.rename(tmp, out_dir)
-    except BaseException:
-        if old is not None:
-            os.rename(old, out_dir)
-        raise
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
 
 
 def export_run(run_dir: str, data_dir: Optional[str] = None, out_dir: Optional[str] = None) -> str:
@@ -175,7 +167,7 @@ def export_run(run_dir: str, data_dir: Optional[str] = None, out_dir: Optional[s
     os.makedirs(tmp)
     try:
         export_serving(cfg.schema, serving, tmp, ids, dense)
-        _publish_dir(tmp, out_dir)
+        replace_dir(tmp, out_dir)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -28,7 +28,7 @@ import math
 import os
 import shutil
 import time
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from typing import Any, Dict, Iterator, List, NamedTuple, Optional, Tuple
 
 import numpy as np
@@ -41,14 +41,15 @@ from torchrec.distributed.model_parallel import DefaultDataParallelWrapper, Dist
 from torchrec.distributed.types import ShardingEnv
 from torchrec.optim.keyed import CombinedOptimizer, KeyedOptimizerWrapper
 
+from mkt_torchrec.collective import Collective
 from mkt_torchrec.config import Config, config_from_dict
 from mkt_torchrec.data.batch import Batch
+from mkt_torchrec.data.dataset import open_dataset_shared
 from mkt_torchrec.data.reader import ParquetReader
 from mkt_torchrec.planning.plan import (FROZEN_MODULE, attach_embedding_optimizer, embedding_optimizer_kwargs,
                                        frozen_module, load_plan, make_plan, sharders, write_plan)
 from mkt_torchrec.training import checkpoint
 from mkt_torchrec.training.build import build_train_module, stage2_uses_mem
-from mkt_torchrec.data.dataset import open_dataset_shared
 from mkt_torchrec.training.distributed import (DistInfo, all_gather_objects, all_sum, any_true, fault_point,
                                                init_distributed)
 
@@ -270,24 +271,24 @@ def run_config(run_dir: str) -> Config:
 
 def _prepare_run_dir(cfg: Config, stage: str, data_dir: str, run_dir: str, resume: bool, mem_run: Optional[str],
                      info: DistInfo) -> None:
-    error = None
-    if info.is_main:
+    """Rank 0 checks and creates the run directory; every rank gets its verdict (a collective)."""
+
+    def prepare() -> None:
         has_ckpt = os.path.exists(os.path.join(run_dir, "checkpoints", checkpoint.LATEST))
         if has_ckpt and not resume:
-            error = f"{run_dir}: holds checkpoints already; pass --resume to continue it, or use a new --run-dir"
-        elif resume and os.path.isfile(os.path.join(run_dir, "run.json")) and read_run(run_dir)["stage"] != stage:
-            error = f"{run_dir}: is a {read_run(run_dir)['stage']!r} run, not {stage!r}"
-        else:
-            os.makedirs(os.path.join(run_dir, "checkpoints"), exist_ok=True)
-            if not os.path.isfile(os.path.join(run_dir, "run.json")):
-                _write_json(os.path.join(run_dir, "run.json"), {
-                    "stage": stage, "config": cfg.to_dict(), "data": os.path.abspath(data_dir),
-                    "mem_run": os.path.abspath(mem_run) if mem_run else None, "world_size": info.world_size,
-                    "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
-                })
-    errors = all_gather_objects(error, info.world_size)
-    if errors[0]:
-        raise ValueError(errors[0])
+            raise ValueError(f"{run_dir}: holds checkpoints already; pass --resume to continue it, or use a new "
+                             "--run-dir")
+        if resume and os.path.isfile(os.path.join(run_dir, "run.json")) and read_run(run_dir)["stage"] != stage:
+            raise ValueError(f"{run_dir}: is a {read_run(run_dir)['stage']!r} run, not {stage!r}")
+        os.makedirs(os.path.join(run_dir, "checkpoints"), exist_ok=True)
+        if not os.path.isfile(os.path.join(run_dir, "run.json")):
+            _write_json(os.path.join(run_dir, "run.json"), {
+                "stage": stage, "config": cfg.to_dict(), "data": os.path.abspath(data_dir),
+                "mem_run": os.path.abspath(mem_run) if mem_run else None, "world_size": info.world_size,
+                "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
+            })
+
+    Collective(info.device).on_root(prepare)
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -360,8 +361,7 @@ def _weighted(batch: Batch, global_rows: float, world_size: int, real: bool) -> 
     training does not depend on how rows are split over ranks (or on a rank having only filler).
     """
     value = world_size / global_rows if real else 0.0
-    batch.weights = torch.full((len(batch),), value, dtype=torch.float32)
-    return batch
+    return replace(batch, weights=torch.full((len(batch),), value, dtype=torch.float32))
 
 
 def train(cfg: Config, stage: str, data_dir: str, run_dir: str, resume: bool = False,
@@ -449,7 +449,7 @@ def train(cfg: Config, stage: str, data_dir: str, run_dir: str, resume: bool = F
                 break
             if batch is None:
                 if filler is None:
-                    filler = _filler_batch(reader, info)
+                    filler = reader.first_batch()
                 batch = _weighted(filler, rows, info.world_size, real=False)
             else:
                 batch = _weighted(batch, rows, info.world_size, real=True)
@@ -513,22 +513,6 @@ def _drop_state(optimizer: CombinedOptimizer, absent: set) -> None:
             names = [n for n, v in per_param.items() if isinstance(v, torch.Tensor)]
             if names and all(f"optim.{full}.{n}" in absent for n in names):
                 del opt.state[param]
-
-
-def _filler_batch(reader: ParquetReader, info: DistInfo) -> Batch:
-    """A batch for a rank that had no row at all this epoch: the first rows of the split (weighted 0)."""
-    probe = ParquetReader(reader.plan.data_dir, reader.plan.split, reader.plan.schema, _probe_data(reader),
-                          training=False, batch_size=1, manifest=reader.manifest)
-    for batch in probe:
-        return batch
-    raise ValueError(f"{reader.plan.data_dir}: split {reader.plan.split!r} has no rows")
-
-
-def _probe_data(reader: ParquetReader) -> Any:
-    from mkt_torchrec.config import DataConfig
-
-    return DataConfig(batch_size=1, shuffle=False, num_workers=0, seed=reader.plan.seed,
-                      shuffle_window_rows=reader.plan.window_rows)
 
 
 def _log_step(run_dir: str, info: DistInfo, tc: Any, stats: torch.Tensor, steps: int, rows: int, start: float,
@@ -601,7 +585,7 @@ def _padded_stream(reader: ParquetReader, info: DistInfo) -> Iterator[Tuple[Batc
         if not any_true(batch is not None, info.device):
             return
         if batch is None:
-            yield (last if last is not None else _filler_batch(reader, info)), False
+            yield (last if last is not None else reader.first_batch()), False
         else:
             last = batch
             yield batch, True
@@ -644,7 +628,7 @@ def evaluate(cfg: Config, run_dir: str, data_dir: str) -> Dict[str, Any]:
     fault_point("evaluate")
     cols: Dict[str, list] = {"user_id": [], "entity": [], "label": [], "score": [], "activity": [],
                              "true_prob": []}
-    names = np.array(["source", "target"], dtype=object)
+    names = pa.array(["source", "target"])  # entity code -> name
     bar = _bar(-(-wanted // max(1, reader.plan.batch_size * info.world_size)), "evaluate", 0, info.is_main)
     with torch.no_grad():
         for batch, real in _padded_stream(reader, info):
@@ -666,7 +650,7 @@ def evaluate(cfg: Config, run_dir: str, data_dir: str) -> Dict[str, Any]:
         return np.concatenate(cols[name]).astype(dtype) if cols[name] else np.zeros(0, dtype)
 
     arrays = {"user_id": pa.array(column("user_id", np.int64)),
-              "entity": pa.array(names[column("entity", np.int64)].tolist(), pa.string()),
+              "entity": names.take(pa.array(column("entity", np.int64))),
               "label": pa.array(column("label", np.float32)), "score": pa.array(column("score", np.float32))}
     has = reader.manifest.optional_columns
     if "activity" in has:

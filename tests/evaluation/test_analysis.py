@@ -15,7 +15,6 @@ from mkt_torchrec.evaluation.analysis import (
     percentile_ci,
     poisson_weights,
     replicates,
-    resample_counts,
     user_stats_from_rows,
 )
 from mkt_torchrec.evaluation.report_metrics import compute_metrics
@@ -64,16 +63,6 @@ def test_linearised_auc_is_close_to_exact():
     assert np.mean(err) < 0.05 * spread and np.max(err) < 0.4 * spread
     lo, hi = percentile_ci(exact.auc, 0.95)
     assert percentile_ci(linear.auc, 0.95) == pytest.approx([lo, hi], abs=0.05 * (hi - lo))
-
-
-def test_resample_counts():
-    for n in (1, 5, 70_000):  # 70_000 users span two blocks
-        draws = list(resample_counts(n, 3, seed=4))
-        assert len(draws) == 3 and all(c.sum() == n and c.min() >= 0 for c in draws)
-        assert all(np.array_equal(a, b) for a, b in zip(draws, resample_counts(n, 3, seed=4)))
-    c = next(resample_counts(70_000, 1, seed=5))
-    assert abs(c[:65536].mean() - 1) < 0.02 and abs(c[65536:].mean() - 1) < 0.05  # blocks are not biased
-    assert np.bincount(c)[:3] / c.shape[0] == pytest.approx(np.exp(-1) / np.array([1, 1, 2]), abs=0.01)
 
 
 def test_percentile_ci():

@@ -319,7 +319,7 @@ def test_finetune_job_through_local_cwd_writes_checkpoint_and_metrics(e2e_runs):
 
 def test_evaluate_job_through_local_cwd_writes_metrics(e2e_runs):
     torchx_run("evaluate", e2e_runs["logs"], "--config", QUICKSTART, "--data", e2e_runs["data"],
-               "--run_dir", e2e_runs["tem"], "--nproc_per_node", "2", *SMALL)
+               "--run_dir", e2e_runs["tem"], "--nproc_per_node", "2", "data.batch_size=128")
 
     with open(os.path.join(e2e_runs["tem"], "metrics.json"), encoding="utf-8") as f:
         assert json.load(f), "metrics.json is empty"

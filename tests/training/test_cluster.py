@@ -22,16 +22,13 @@ from mkt_torchrec.cli import main
 from mkt_torchrec.training import checkpoint
 from mkt_torchrec.training.distributed import launch
 
-from tests.conftest import QUICKSTART, REPO, SMALL, small_config
+from tests.conftest import QUICKSTART, REPO, SMALL, set_flags, small_config
 
 TRAIN = ["train.log_every=5", "data.batch_size=96", "train.checkpoint_every_minutes=0"]
 
 
 def _sets(*extra):
-    out = []
-    for s in (*SMALL, *TRAIN, *extra):
-        out += ["--set", s]
-    return out
+    return set_flags(*SMALL, *TRAIN, *extra)
 
 
 def _mkt(*args, env=None, timeout=240):
@@ -57,8 +54,6 @@ def _records(run):
 
 def _full(ckpt, keys=None):
     """Every tensor of a checkpoint, unsharded, read without a process group."""
-    from torch.distributed.checkpoint import FileSystemReader
-
     md = checkpoint.SafeFileSystemReader(ckpt).read_metadata()
     state = {k: torch.empty(m.size, dtype=m.properties.dtype) for k, m in md.state_dict_metadata.items()
              if hasattr(m, "size") and (keys is None or k in keys)}
@@ -356,7 +351,7 @@ def test_evaluate_refuses_options_it_would_ignore(small_dataset, mem_run, capsys
 
 
 def test_mkt_run_resumes_a_rank_killed_in_each_stage_bit_equal(tmp_path):
-    sets = [s for s in _sets("train.checkpoint_every=3", "train.epochs=2", "eval.bootstrap_samples=0")]
+    sets = _sets("train.checkpoint_every=3", "train.epochs=2", "eval.bootstrap_samples=0")
     run = ["run", "--config", QUICKSTART, *sets, "--runs", "mkt", "--nproc", "2"]
     straight, killed = str(tmp_path / "straight"), str(tmp_path / "killed")
     code, err, _ = _mkt(*run, "--out", straight)

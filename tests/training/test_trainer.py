@@ -10,16 +10,13 @@ from mkt_torchrec.cli import main
 from mkt_torchrec.training import checkpoint
 from mkt_torchrec.training.trainer import FAIL_AT_STEP_ENV, load_unsharded
 
-from tests.conftest import QUICKSTART, SMALL, small_config
+from tests.conftest import QUICKSTART, SMALL, set_flags, small_config
 
 TRAIN = ["train.log_every=5", "train.checkpoint_every=10", "data.batch_size=256"]
 
 
 def _sets(*extra):
-    out = []
-    for s in (*SMALL, *TRAIN, *extra):
-        out += ["--set", s]
-    return out
+    return set_flags(*SMALL, *TRAIN, *extra)
 
 
 def _train(stage, data, run, nproc=2, *extra_args, sets=()):
