@@ -78,11 +78,13 @@ def _baseline(cfg, data_dir: str, steps: int, warmup: int) -> float:
     from mkt_torchrec.data.reader import ParquetReader
     from mkt_torchrec.models.mkt import MEM
     from mkt_torchrec.models.train import MEMTrain, pdl_gamma
+    from mkt_torchrec.training.distributed import all_sum, init_distributed
 
     torch.manual_seed(0)
     mem = MEM(cfg.schema, cfg.model, device=torch.device("meta"))
     mem.sparse_arch = _plain_sparse(cfg.schema, mem.sparse_arch)
-    model = DDP(MEMTrain(mem, pdl_gamma(cfg.model)), find_unused_parameters=True)
+    device = init_distributed().device  # the world is already up: this returns its device
+    model = DDP(MEMTrain(mem, pdl_gamma(cfg.model)).to(device), find_unused_parameters=True)
     tables = [p for n, p in model.named_parameters() if "sparse_arch.tables" in n]
     dense = [p for n, p in model.named_parameters() if "sparse_arch.tables" not in n]
     opts = [torch.optim.Adagrad(tables, lr=cfg.train.embedding_lr), torch.optim.Adam(dense, lr=cfg.train.dense_lr)]
@@ -96,7 +98,7 @@ def _baseline(cfg, data_dir: str, steps: int, warmup: int) -> float:
             dist.barrier()
             start = time.perf_counter()
         batch = next(it)
-        loss, _ = model(batch)
+        loss, _ = model(batch.to(device))
         for o in opts:
             o.zero_grad()
         loss.backward()
@@ -106,9 +108,7 @@ def _baseline(cfg, data_dir: str, steps: int, warmup: int) -> float:
             rows += len(batch)
     dist.barrier()
     seconds = time.perf_counter() - start
-    total = torch.tensor([float(rows)])
-    dist.all_reduce(total)
-    return float(total) / seconds
+    return all_sum([rows], device)[0] / seconds  # on the group's device: NCCL serves CUDA tensors only
 
 
 def _worker(config: str, overrides: list[str], data_dir: str, run_dir: str, steps: int, warmup: int) -> dict:
@@ -116,7 +116,6 @@ def _worker(config: str, overrides: list[str], data_dir: str, run_dir: str, step
     import torch.distributed as dist
 
     from mkt_torchrec.config import load_config
-    from mkt_torchrec.training.distributed import shutdown
     from mkt_torchrec.training.trainer import train
 
     os.environ["MKT_PROGRESS"] = "0"
@@ -132,10 +131,8 @@ def _worker(config: str, overrides: list[str], data_dir: str, run_dir: str, step
     torch.set_num_threads(1)
     baseline = _baseline(cfg2, data_dir, steps, warmup)
     out = {"rows_per_s": torchrec_rows_per_s, "baseline_rows_per_s": baseline}
-    world = dist.get_world_size()
-    shutdown()
-    out["world_size"] = world
-    return out
+    out["world_size"] = dist.get_world_size()
+    return out  # launch() leaves the process group
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -88,6 +88,17 @@ def test_emulated_accelerator_catches_a_collective_on_a_host_tensor(monkeypatch)
     assert "dist.all_reduce" in message and "test_cluster.py" in message and "host (CPU) tensor" in message
 
 
+def test_train_benchmark_passes_the_accelerator_emulation():
+    """tools/bench_train.py all-reduced a host tensor (``torch.tensor([rows])``) like the old trainer."""
+    proc = subprocess.run([sys.executable, os.path.join(REPO, "tools", "bench_train.py"), "--rows", "8000",
+                           "--users", "800", "--batch-size", "128", "--steps", "3", "--warmup", "1"], cwd=REPO,
+                          capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "MKT_EMULATE_ACCELERATOR": "1", "MKT_PROGRESS": "0"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert result["rows_per_s"] > 0 and result["baseline_rows_per_s"] > 0
+
+
 def test_train_and_evaluate_pass_the_accelerator_emulation(small_dataset, tmp_path):
     env = {"MKT_EMULATE_ACCELERATOR": "1"}
     run = str(tmp_path / "mem")
@@ -110,16 +121,19 @@ def mem_run(small_dataset, tmp_path_factory):
     return run
 
 
-@pytest.mark.parametrize("command", ["evaluate", "train"])
+@pytest.mark.parametrize("command", ["evaluate", "train", "run"])
 def test_a_failing_rank_ends_the_world_with_one_message(small_dataset, mem_run, tmp_path, command):
+    point = {"run": "train"}.get(command, command)
     if command == "evaluate":
         args = ["evaluate", "--config", QUICKSTART, *EVAL, "--run-dir", mem_run, "--data", small_dataset]
-    else:
+    elif command == "train":
         args = ["train", "--config", QUICKSTART, *_sets(), "--stage", "mem", "--data", small_dataset,
                 "--run-dir", str(tmp_path / "run")]
-    code, err, seconds = _mkt(*args, "--nproc", "2", env={"MKT_FAULT": f"{command}:1"}, timeout=120)
+    else:
+        args = ["run", "--config", QUICKSTART, *_sets(), "--runs", "mkt", "--out", str(tmp_path / "out")]
+    code, err, seconds = _mkt(*args, "--nproc", "2", env={"MKT_FAULT": f"{point}:1"}, timeout=120)
     assert code == 1
-    assert err.count(f"injected fault at {command}") == 1 and "rank 1:" in err, err
+    assert err.count(f"injected fault at {point}") == 1 and "rank 1:" in err, err
     assert "Traceback" not in err
     assert seconds < 60  # not the process-group timeout (30 min)
 
