@@ -201,6 +201,12 @@ def _prune(run_dir: str, keep: int) -> None:
             shutil.rmtree(os.path.join(root, n), ignore_errors=True)  # an abandoned partial save
 
 
+def global_sizes(ckpt: str) -> Dict[str, tuple]:
+    """Key -> global shape of every tensor in a checkpoint (from its metadata)."""
+    md = SafeFileSystemReader(ckpt).read_metadata().state_dict_metadata
+    return {k: tuple(m.size) for k, m in md.items() if hasattr(m, "size")}
+
+
 def load(ckpt: str, state: Dict[str, Any], no_dist: bool = False, optional_prefix: Optional[str] = None) -> set:
     """Load ``ckpt`` into the tensors of ``state`` in place (DCP reshards to this world size / plan).
 

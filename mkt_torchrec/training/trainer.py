@@ -398,9 +398,8 @@ def train(cfg: Config, stage: str, data_dir: str, run_dir: str, resume: bool = F
     step, epoch, epoch_rows = 0, 0, 0
     latest = checkpoint.latest_checkpoint(run_dir) if resume else None
     if latest is not None:
-        optimizer.init_state()  # create lazy optimizer state so DCP has tensors to load into
-        _drop_state(optimizer, checkpoint.load(latest, state_of(asm, cfg), optional_prefix="optim."))
         extra = checkpoint.read_extra(latest)
+        load_train_state(asm, cfg, latest, extra.get("plan") or {})
         step, epoch = int(extra["step"]), int(extra["epoch"])
         epoch_rows = int(extra.get("epoch_rows", 0)) if info.is_main else 0  # all ranks' rows, counted on rank 0
         reader.load_state_dict(extra["readers"])  # re-split over this world if it has another size
@@ -501,6 +500,81 @@ def train(cfg: Config, stage: str, data_dir: str, run_dir: str, resume: bool = F
     dist.barrier()
     return {"run_dir": run_dir, "stage": stage, "steps": step, "epochs": epoch, "loss": last_loss,
             "world_size": info.world_size}
+
+
+def load_train_state(asm: Assembled, cfg: Config, ckpt: str, saved_plan: Dict[str, Any]) -> None:
+    """Load a checkpoint into an assembled stage, whatever world size and plan it was saved under.
+
+    DCP reshards every tensor whose global shape is the same under both plans. The one state that changes shape
+    is a row-wise optimizer's (rowwise adagrad) momentum of a column-wise sharded table: fbgemm keeps one value per
+    row *and column shard* (``rows x shards``). It is carried through its plan-independent form, one value per
+    row, the column-width-weighted mean over the saved shards (exact: each value is a running mean of squared
+    gradients over its columns); every new column shard starts from that mean (exact when the shards are the same).
+
+    Args:
+        asm: the assembled stage.
+        cfg: its config.
+        ckpt: the checkpoint directory.
+        saved_plan: the plan record the checkpoint was saved under (its ``extra.json``), for column widths.
+
+    Raises:
+        ValueError: a tensor of another shape that is not such a momentum (another model, naming the key).
+    """
+    asm.optimizer.init_state()  # create lazy optimizer state so DCP has tensors to load into
+    state = state_of(asm, cfg)
+    saved = checkpoint.global_sizes(ckpt)
+    regroup = {k: v for k, v in state.items() if k in saved and tuple(_global_size(v)) != saved[k]}
+    for key in regroup:
+        if not (key.startswith("optim.") and key.endswith(".momentum1") and len(saved[key]) == 1):
+            raise ValueError(f"{ckpt}: {key} has shape {list(saved[key])} there but "
+                             f"{list(_global_size(regroup[key]))} in this model")
+    _drop_state(asm.optimizer, checkpoint.load(ckpt, {k: v for k, v in state.items() if k not in regroup},
+                                               optional_prefix="optim."))
+    # a rank holds the optimizer state of its own shards only: agree on the keys, then load them collectively
+    keys = sorted(set().union(*all_gather_objects(sorted(regroup), dist.get_world_size())))
+    if not keys:
+        return
+    full = {k: torch.empty(saved[k]) for k in keys}
+    checkpoint.load(ckpt, full)  # every rank reads these (one float per row and column shard)
+    with torch.no_grad():
+        for key, target in regroup.items():
+            per_row = _rowwise_mean(full[key], key, saved_plan)
+            repeated = per_row.repeat(_global_size(target)[0] // per_row.numel())
+            for offset, local in _local_pieces(target):
+                local.copy_(repeated[offset:offset + local.numel()].to(local.device))
+
+
+def _global_size(t: Any) -> tuple:
+    return tuple(t.size())
+
+
+def _local_pieces(t: Any) -> List[Tuple[int, torch.Tensor]]:
+    """(offset, tensor) of this rank's pieces of a 1-d tensor, sharded or not."""
+    from torch.distributed._shard.sharded_tensor import ShardedTensor
+
+    if isinstance(t, ShardedTensor):
+        return [(int(s.metadata.shard_offsets[0]), s.tensor) for s in t.local_shards()]
+    return [(0, t)]
+
+
+def _rowwise_mean(saved: torch.Tensor, key: str, saved_plan: Dict[str, Any]) -> torch.Tensor:
+    """One value per row from a saved ``rows x column shards`` row-wise momentum, weighted by shard widths."""
+    name = key[len("optim."):]
+    for attr in (".embedding_bags.", ".embeddings."):
+        if attr in name:
+            module, table = name.split(attr)[0], name.split(attr)[1].split(".")[0]
+            break
+    else:
+        raise ValueError(f"{key}: not an embedding table's optimizer state")
+    entry = (saved_plan.get("modules") or {}).get(module, {}).get(table) or {}
+    widths = [s[3] for s in (entry.get("shards") or [])] if entry.get("sharding_type") in (
+        "column_wise", "table_column_wise") else []
+    rows = int(entry["rows"]) if "rows" in entry else saved.numel() // max(1, len(widths))
+    blocks = saved.view(-1, rows)  # (column shards, rows)
+    if len(widths) != blocks.shape[0]:
+        widths = [1] * blocks.shape[0]
+    w = torch.tensor(widths, dtype=torch.float64).unsqueeze(1) / float(sum(widths))
+    return (blocks.double() * w).sum(0).float()  # (rows,)
 
 
 def _drop_state(optimizer: CombinedOptimizer, absent: set) -> None:

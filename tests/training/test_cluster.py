@@ -304,30 +304,50 @@ def test_restart_at_1_then_3_ranks_and_other_plans_trains_every_row_once(small_d
 
 def _carry(ckpt_in, sharding_type, out) -> str:
     from mkt_torchrec.training.distributed import init_distributed
-    from mkt_torchrec.training.trainer import assemble, state_of
+    from mkt_torchrec.training.trainer import assemble, load_train_state, state_of
 
     torch.set_num_threads(1)
     info = init_distributed()
-    cfg = small_config(*TRAIN, f"train.planner.sharding_type={sharding_type}", "schema.tables.category.dim=64")
+    cfg = small_config(*TRAIN, f"train.planner.sharding_type={sharding_type}", "schema.tables.category.dim=256")
     asm = assemble(cfg, "mem", info)
-    asm.optimizer.init_state()
-    checkpoint.load(ckpt_in, state_of(asm, cfg))
-    checkpoint.save(out, 1, state_of(asm, cfg), {}, info.is_main, 1)
+    load_train_state(asm, cfg, ckpt_in, checkpoint.read_extra(ckpt_in)["plan"])
+    checkpoint.save(out, 1, state_of(asm, cfg), {"plan": _plan_record(asm, info.world_size)}, info.is_main, 1)
     return checkpoint.checkpoint_dir(out, 1)
 
 
+def _plan_record(asm, world_size) -> dict:
+    """What the trainer records as a checkpoint's plan (RUN/plan.json)."""
+    from mkt_torchrec.planning.plan import plan_to_dict
+
+    return plan_to_dict(asm.plan, asm.model.module, {"world_size": world_size})
+
+
+def _per_row(momentum, rows):
+    """A rowwise momentum as (column shards, rows)."""
+    return momentum.view(-1, rows)
+
+
 def test_model_and_optimizer_state_carry_across_plans(small_dataset, tmp_path):
+    """table_wise (2 ranks) -> column_wise (2 ranks: the 256-wide table splits into 2 column shards, whose
+    row-wise momentum is rows x 2) -> data_parallel -> table_wise on 3 ranks; and column_wise back."""
     run = str(tmp_path / "tw")
-    _train("mem", small_dataset, run, 2, sets=("train.max_steps=6", "schema.tables.category.dim=64",
+    _train("mem", small_dataset, run, 2, sets=("train.max_steps=6", "schema.tables.category.dim=256",
                                                 "train.planner.sharding_type=table_wise"))
     src = checkpoint.latest_checkpoint(run)
     ref = _full(src)
-    assert any(k.endswith("momentum1") for k in ref)
-    for kind, nproc in (("column_wise", 2), ("data_parallel", 2), ("table_wise", 3)):
-        got = _full(launch(nproc, _carry, src, kind, str(tmp_path / kind)))
+    key = "optim.model.sparse_arch.ebc.embedding_bags.category.weight.category.momentum1"
+    rows = ref["model.model.sparse_arch.ebc.embedding_bags.category.weight"].shape[0]
+    assert ref[key].shape == (rows,) and ref[key].abs().sum() > 0
+    cw = _full(launch(2, _carry, src, "column_wise", str(tmp_path / "cw")))
+    assert cw[key].shape == (2 * rows,)  # really split in two column shards
+    for kind, source, nproc in (("data_parallel", "cw", 2), ("table_wise", "cw", 3), ("table_wise", "tw", 3)):
+        ckpt = checkpoint.checkpoint_dir(str(tmp_path / source), 1) if source == "cw" else src
+        got = _full(launch(nproc, _carry, ckpt, kind, str(tmp_path / f"{kind}-{source}-{nproc}")))
         for k in ref:
             if k.startswith("model.") or k.endswith("momentum1"):
-                assert torch.equal(got[k], ref[k]), f"{kind}: {k}"
+                assert torch.equal(got[k], ref[k]), f"{kind} from {source}: {k}"
+    for block in _per_row(cw[key], rows):
+        assert torch.equal(block, ref[key])
 
 
 # ------------------------------------------------------------------------------------------------------------
