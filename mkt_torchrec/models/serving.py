@@ -13,10 +13,12 @@ loads only the tensors it holds (:attr:`ServingModel.source_keys`) from a checkp
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import os
-from typing import Dict, List, Optional, Set, Tuple, Union
+import pickle
+from typing import Any, Dict, Iterator, List, Optional, Set, Tuple, Union
 
 import torch
 from torch import nn
@@ -175,9 +177,49 @@ def export_serving(schema: SchemaConfig, model: Union[MKTTarget, MEM, ServingMod
     return path
 
 
-def load_serving(path: str) -> nn.Module:
-    """Load an exported serving model (no pickle; torch.export's own format)."""
-    return torch.export.load(path).module()
+class UnsafeServingFile(ValueError):
+    """A serving archive that asks to unpickle more than tensors."""
 
 
-__all__ = ["ServingModel", "export_serving", "load_serving", "padded_ids", "serving_keys"]
+@contextlib.contextmanager
+def _tensor_only_torch_load() -> Iterator[None]:
+    """Make every ``torch.load`` inside the block ``weights_only=True`` (tensors and plain containers only)."""
+    real = torch.load
+
+    def tensors_only(*args: Any, **kwargs: Any) -> Any:
+        kwargs["weights_only"] = True
+        return real(*args, **kwargs)
+
+    torch.load = tensors_only  # type: ignore[assignment]
+    try:
+        yield
+    finally:
+        torch.load = real  # type: ignore[assignment]
+
+
+def load_serving(path: str, trusted: bool = False) -> nn.Module:
+    """Load an exported serving model (``model.pt2``).
+
+    A ``.pt2`` archive may mark weights, constants and example inputs as pickles, and ``torch.export.load``
+    unpickles them with ``torch.load(weights_only=False)``, i.e. a crafted archive runs code. Ours never
+    pickles (plain tensors are stored raw), so by default every ``torch.load`` during loading is forced to
+    ``weights_only=True``: a file from someone else can then hold tensors and graph JSON only.
+
+    Args:
+        path: the ``.pt2`` file.
+        trusted: skip that restriction (only for files you exported yourself with custom objects).
+
+    Raises:
+        UnsafeServingFile: the archive holds a pickle that is not plain tensors.
+    """
+    if trusted:
+        return torch.export.load(path).module()
+    try:
+        with _tensor_only_torch_load():
+            return torch.export.load(path).module()
+    except pickle.UnpicklingError as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise UnsafeServingFile(f"{path}: refused: it holds a pickle that is not plain tensors ({first})") from None
+
+
+__all__ = ["ServingModel", "UnsafeServingFile", "export_serving", "load_serving", "padded_ids", "serving_keys"]

@@ -11,8 +11,12 @@ Layout of a run directory::
 checkpoint as the latest. :class:`AsyncCheckpointer` saves in the background (``dcp.async_save``: the state is
 copied to host memory, then written by a thread while training goes on, over a gloo group of its own); rank 0
 publishes ``latest`` when its save has completed, which DCP's coordinator reaches only after every rank's write
-returned (it gathers their results before writing ``.metadata``). Only tensors go into DCP; loading reads DCP's ``.metadata`` with a restricted
-unpickler that admits DCP's own metadata classes and nothing else, and ``extra.json`` is JSON.
+returned (it gathers their results before writing ``.metadata``).
+
+Only tensors go into DCP. Loading reads DCP's ``.metadata`` with an unpickler that admits an exact list of
+(module, name) pairs (DCP's tensor metadata classes, torch dtypes and sizes) and refuses every entry that is not
+a tensor stored in the checkpoint's own files (a bytes entry would make DCP call
+``torch.load(weights_only=False)`` on a file of the checkpoint's choosing); ``extra.json`` is JSON.
 """
 
 from __future__ import annotations
@@ -33,33 +37,76 @@ from torch.distributed.checkpoint.metadata import Metadata
 LATEST = "latest"
 EXTRA = "extra.json"
 
-_ALLOWED_PREFIXES = ("torch.distributed.checkpoint.", "torch.distributed._shard.", "torch.distributed.tensor.")
-_ALLOWED = {("collections", "OrderedDict"), ("torch", "Size"), ("builtins", "set"), ("builtins", "frozenset"),
-            ("torch", "device"), ("torch.serialization", "_get_layout"),
-            ("pathlib", "PosixPath"), ("pathlib", "PurePosixPath")}
+# Exactly the (module, name) pairs DCP's ``.metadata`` of tensor-only checkpoints refers to. No prefixes and no
+# dotted names: protocol-4 ``STACK_GLOBAL`` resolves ``a.b`` inside an allowed module (``os.system`` through a
+# module that imports ``os``), so only whole pairs are safe. ``BytesStorageMetadata`` is not here on purpose: DCP
+# reads a bytes entry with ``torch.load(weights_only=False)``, i.e. it would unpickle a file the checkpoint names.
+_DCP_METADATA = "torch.distributed.checkpoint.metadata"
+_ALLOWED = {(_DCP_METADATA, n) for n in ("Metadata", "TensorStorageMetadata", "ChunkStorageMetadata",
+                                         "TensorProperties", "MetadataIndex", "StorageMeta",
+                                         "_MEM_FORMAT_ENCODING")} | {
+    ("torch.distributed.checkpoint.filesystem", "_StorageInfo"), ("torch.serialization", "_get_layout"),
+    ("torch", "Size"), ("torch", "device"), ("collections", "OrderedDict"), ("pathlib", "PosixPath"),
+    ("pathlib", "PurePosixPath")}
+_DTYPES = {"float32", "float16", "bfloat16", "float64", "int64", "int32", "int16", "int8", "uint8", "bool"}
+
+
+class UnsafeCheckpoint(ValueError):
+    """A checkpoint whose metadata asks for more than tensors at plain file offsets."""
 
 
 class _MetadataUnpickler(pickle.Unpickler):
-    """Unpickles DCP metadata only: DCP dataclasses, torch.Size / dtype / layout / memory_format."""
+    """Unpickles DCP metadata only: DCP's dataclasses, torch.Size / dtype / layout / memory_format."""
 
     def find_class(self, module: str, name: str) -> Any:
-        if module.startswith(_ALLOWED_PREFIXES) or (module, name) in _ALLOWED:
+        if (module, name) in _ALLOWED or (module == "torch" and name in _DTYPES):
             return super().find_class(module, name)
-        if module == "torch" and (name in {"float32", "float16", "bfloat16", "float64", "int64", "int32", "int8",
-                                           "uint8", "bool", "strided", "contiguous_format", "preserve_format"}):
-            return getattr(torch, name)
-        raise pickle.UnpicklingError(f"checkpoint metadata refers to {module}.{name}, which is not allowed")
+        raise UnsafeCheckpoint(f"refers to {module}.{name}, which a tensor checkpoint never needs")
+
+
+def _check_storage(metadata: Metadata) -> None:
+    """Every entry is a tensor stored at a non-negative offset of a file directly in the checkpoint."""
+    from torch.distributed.checkpoint.filesystem import _StorageInfo
+    from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+
+    for key, entry in (metadata.state_dict_metadata or {}).items():
+        if not isinstance(entry, TensorStorageMetadata):
+            raise UnsafeCheckpoint(f"entry {key!r} is a {type(entry).__name__}, not a tensor")
+    for index, info in (metadata.storage_data or {}).items():
+        if not isinstance(info, _StorageInfo):
+            raise UnsafeCheckpoint(f"storage of {getattr(index, 'fqn', index)!r} is a {type(info).__name__}")
+        rel = str(info.relative_path)
+        if rel != os.path.basename(rel) or rel in ("", ".", "..") or int(info.offset) < 0 or int(info.length) < 0:
+            raise UnsafeCheckpoint(f"storage of {getattr(index, 'fqn', index)!r} points at {rel!r} "
+                                   f"(offset {info.offset}), outside the checkpoint's own files")
 
 
 class SafeFileSystemReader(FileSystemReader):
-    """DCP's FileSystemReader with a restricted unpickler for the ``.metadata`` file."""
+    """DCP's FileSystemReader that reads ``.metadata`` with an exact allow-list and accepts tensors only.
+
+    Raises (from :meth:`read_metadata`):
+        UnsafeCheckpoint (a ValueError): the metadata names anything but DCP's tensor metadata classes, holds a
+            non-tensor entry, or points outside the checkpoint directory.
+        ValueError: the metadata is missing, truncated or not DCP metadata.
+    """
 
     def read_metadata(self) -> Metadata:
         path = os.path.join(str(self.path), ".metadata")
-        with open(path, "rb") as f:
-            metadata = _MetadataUnpickler(io.BytesIO(f.read())).load()
+        try:
+            with open(path, "rb") as f:
+                metadata = _MetadataUnpickler(io.BytesIO(f.read())).load()
+        except UnsafeCheckpoint as e:
+            raise UnsafeCheckpoint(f"{path}: refused: {e}") from None
+        except FileNotFoundError:
+            raise FileNotFoundError(f"{path}: missing (not a complete checkpoint)") from None
+        except Exception as e:  # noqa: BLE001 - truncated or random bytes: any unpickling error
+            raise ValueError(f"{path}: unreadable checkpoint metadata ({type(e).__name__}: {e})") from None
         if not isinstance(metadata, Metadata):
             raise ValueError(f"{path}: not DCP metadata")
+        try:
+            _check_storage(metadata)
+        except UnsafeCheckpoint as e:
+            raise UnsafeCheckpoint(f"{path}: refused: {e}") from None
         if getattr(metadata, "storage_meta", None) is None:
             from torch.distributed.checkpoint.metadata import StorageMeta
 
@@ -215,9 +262,10 @@ def load(ckpt: str, state: Dict[str, Any], no_dist: bool = False, optional_prefi
     skipped keys.
     """
     reader = SafeFileSystemReader(ckpt)
+    # read (and vet) the metadata here first: inside dcp.load its errors come back wrapped in pages of trace
+    present = set(reader.read_metadata().state_dict_metadata)
     absent: set = set()
     if optional_prefix is not None:
-        present = set(reader.read_metadata().state_dict_metadata)
         absent = {k for k in state if k.startswith(optional_prefix) and k not in present}
         state = {k: v for k, v in state.items() if k not in absent}
     dcp.load(state, storage_reader=reader, no_dist=no_dist)
