@@ -118,6 +118,9 @@ class _Decoder:
         dense_cols = [t.column(c).combine_chunks().fill_null(0).to_numpy().astype(np.float32)
                       for c in self.schema.dense]
         dense = np.stack(dense_cols, axis=1)[order] if dense_cols else np.zeros((n, 0), np.float32)
+        if dense.size and not np.isfinite(dense).all():
+            i, j = np.argwhere(~np.isfinite(dense))[0]
+            self._bad(locate, order[i], list(self.schema.dense)[j], f"{dense[i, j]} is not a finite number")
 
         def col(name: str, dtype: Any) -> np.ndarray:
             a = t.column(name)
@@ -125,13 +128,24 @@ class _Decoder:
                 raise ValueError(f"{where}: column {name!r} has {a.null_count} null values")
             return a.to_numpy().astype(dtype)[order]
 
+        labels, entity = col("label", np.float32), col("entity", np.int64)
+        for name, codes in (("label", labels), ("entity", entity)):
+            bad = np.flatnonzero((codes != 0) & (codes != 1))
+            if bad.size:
+                meaning = "a label must be 0 or 1" if name == "label" else "entity must be 0 (source) or 1 (target)"
+                self._bad(locate, order[bad[0]], name, f"{codes[bad[0]]:g}: {meaning}")
         user_col = self.schema.user_id_feature
         return _Window(
             n=n, lengths=lengths, offsets=offsets, values=values, dense=dense,
-            labels=col("label", np.float32), entity=col("entity", np.int64), user_id=col(user_col, np.int64),
+            labels=labels, entity=entity, user_id=col(user_col, np.int64),
             true_prob=col("true_prob", np.float32) if "true_prob" in self.optional else None,
             activity=col("activity", np.int64) if "activity" in self.optional else None,
         )
+
+    @staticmethod
+    def _bad(locate: Callable[[int], tuple[str, int]], row: int, column: str, what: str) -> None:
+        place, in_group = locate(int(row))
+        raise ValueError(f"{place}: column {column!r} row {in_group}: {what}")
 
 
 def _make_batch(parts: list[tuple[_Window, int, int]], keys: list[str]) -> Batch:

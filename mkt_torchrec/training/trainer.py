@@ -393,6 +393,8 @@ def train(cfg: Config, stage: str, data_dir: str, run_dir: str, resume: bool = F
     if stage == "tem" and stage2_uses_mem(cfg):
         _load_mem_into_stage2(model, mem_run)  # type: ignore[arg-type]
     entity = "target" if stage == "tem" else None
+    if entity and not manifest.rows.get("train", {}).get("target", 0):
+        raise ValueError(f"{data_dir}: the train split has no target-entity rows: stage 2 has nothing to learn from")
     reader = ParquetReader(data_dir, "train", cfg.schema, cfg.data, rank=info.rank, world_size=info.world_size,
                            entity=entity, manifest=manifest)
     step, epoch, epoch_rows = 0, 0, 0
@@ -412,6 +414,8 @@ def train(cfg: Config, stage: str, data_dir: str, run_dir: str, resume: bool = F
     cadence = _Cadence(cfg.train, info.is_main)
 
     def save() -> None:
+        if window_steps:  # never publish a checkpoint of a run that diverged since its last log step
+            _check_finite(all_sum([float(stats.sum())], info.device)[0], step - window_steps, step)
         gathered = all_gather_objects((reader.state_dict(), epoch_rows), info.world_size)
         readers = [g[0] for g in gathered]
         saver.save(step, state_of(asm, cfg),
@@ -595,6 +599,7 @@ def _log_step(run_dir: str, info: DistInfo, tc: Any, stats: torch.Tensor, steps:
     totals = stats.clone()
     dist.all_reduce(totals)
     loss, bce, pdl = (float(v) / steps / info.world_size for v in totals.tolist())  # weights carry world_size
+    _check_finite(loss, step - steps, step)
     seconds = max(time.perf_counter() - start, 1e-9)
     record = {"step": step, "epoch": epoch, "loss": loss, "bce": bce, "pdl": pdl, "rows_per_s": rows / seconds,
               "dense_lr": tc.dense_lr, "embedding_lr": tc.embedding_lr, "time": time.time()}
@@ -603,6 +608,13 @@ def _log_step(run_dir: str, info: DistInfo, tc: Any, stats: torch.Tensor, steps:
         bar.set_postfix(loss=f"{loss:.4f}", rows_s=f"{record['rows_per_s']:.0f}")
         log.info("step %d epoch %d loss %.4f rows/s %.0f", step, epoch, loss, record["rows_per_s"])
     return loss
+
+
+def _check_finite(loss: float, after: int, upto: int) -> None:
+    """Stop a run whose loss became NaN / inf (every rank sees the same all-reduced value, so all stop)."""
+    if not math.isfinite(loss):
+        raise ValueError(f"the loss became {loss} between steps {after + 1} and {upto}; stopping before anything "
+                         "is saved (lower train.embedding_lr / train.dense_lr, or check the data)")
 
 
 def _truncate_log(run_dir: str, step: int, is_main: bool) -> None:

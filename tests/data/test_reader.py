@@ -250,3 +250,23 @@ def test_null_sequence_is_an_error_naming_the_row(small_dataset, tmp_path):
     cfg = small_config()
     with pytest.raises(ValueError, match=r"'hist_target_items' row 3: null sequence"):
         list(ParquetReader(ds, "train", cfg.schema, cfg.data, training=False))
+
+
+@pytest.mark.parametrize("column, value, message", [
+    ("label", 2, "2: a label must be 0 or 1"), ("label", -1, "-1: a label must be 0 or 1"),
+    ("entity", 2, "2: entity must be 0 (source) or 1 (target)"),
+    ("log_price", float("nan"), "nan is not a finite number"), ("log_price", float("inf"), "inf is not a finite"),
+])
+def test_bad_values_are_errors_naming_file_column_and_row(small_dataset, tmp_path, column, value, message):
+    """Used to train silently (negative loss, NaN checkpoints) or fail later with KeyError: 2."""
+    ds = _copy_dataset(small_dataset, tmp_path)
+    path = os.path.join(ds, "train", "part-00001.parquet")
+    t = pq.read_table(path)
+    values = t.column(column).to_pylist()
+    values[7] = value
+    t = t.set_column(t.schema.get_field_index(column), t.schema.field(column), pa.array(values, t.schema.field(column).type))
+    pq.write_table(t, path, row_group_size=500)
+    cfg = small_config()
+    with pytest.raises(ValueError) as e:
+        list(ParquetReader(ds, "train", cfg.schema, cfg.data, training=False))
+    assert f"part-00001.parquet: row group 0: column {column!r} row 7: {message}" in str(e.value)

@@ -123,3 +123,26 @@ def test_stage2_refuses_a_mem_of_another_structure(small_dataset, mem_run, tmp_p
     code = main(["train", "--config", QUICKSTART, *_sets("model.ablation=no_hfa"), "--stage", "tem",
                  "--data", small_dataset, "--run-dir", str(tmp_path / "tem"), "--mem-run", mem_run])
     assert code == 1 and "['no_hfa']" in capsys.readouterr().err
+
+
+def test_a_diverging_run_stops_naming_the_steps_and_saves_nothing(small_dataset, tmp_path, capsys):
+    run = str(tmp_path / "diverged")
+    code = main(["train", "--config", QUICKSTART, *_sets("train.dense_lr=1e30", "train.embedding_lr=1e30",
+                                                         "train.log_every=2", "train.max_steps=8"),
+                 "--stage", "mem", "--data", small_dataset, "--run-dir", run])
+    err = capsys.readouterr().err
+    assert code == 1 and "the loss became nan between steps" in err, err
+    assert checkpoint.latest_checkpoint(run) is None
+
+
+def test_stage2_without_target_rows_is_an_error(small_dataset, tmp_path, capsys):
+    import shutil
+
+    data = str(tmp_path / "data")
+    shutil.copytree(small_dataset, data)
+    manifest = json.load(open(os.path.join(data, "manifest.json")))
+    manifest["rows"]["train"]["target"] = 0
+    json.dump(manifest, open(os.path.join(data, "manifest.json"), "w"))
+    code = main(["train", "--config", QUICKSTART, *_sets("model.ablation=no_mem_pretrain"), "--stage", "tem",
+                 "--data", data, "--run-dir", str(tmp_path / "tem")])
+    assert code == 1 and "no target-entity rows" in capsys.readouterr().err
