@@ -57,10 +57,11 @@ def _evaluated(run_dir: str) -> bool:
 
 def _train_and_evaluate(config: str, overrides: List[str], data: str, out: str, names: List[str]) -> Dict[str, Any]:
     """Per rank: train and evaluate every named run, in order, in this process group."""
-    import torch.distributed as dist
-
     from mkt_torchrec.training import checkpoint
+    from mkt_torchrec.training.distributed import init_distributed
     from mkt_torchrec.training.trainer import evaluate, train
+
+    info = init_distributed()  # also when every run is done already: the world is left cleanly either way
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     seconds: Dict[str, float] = {}
@@ -77,7 +78,7 @@ def _train_and_evaluate(config: str, overrides: List[str], data: str, out: str, 
             train(cfg, "tem", data, dirs["tem"], resume=resume, mem_run=dirs.get("mem"))
             evaluate(cfg, dirs["tem"], data)
         seconds[name] = round(time.perf_counter() - start, 1)
-        if dist.get_rank() == 0:
+        if info.is_main:
             log.info("run %s done in %.0fs", name, seconds[name])
     return seconds
 
@@ -100,6 +101,7 @@ def run_all(cfg: Config, config_path: str, overrides: Sequence[str], out: str, n
     if not os.path.isfile(os.path.join(data, "manifest.json")):
         log.info("synthesising data into %s", data)
         generate(cfg, data, overwrite=True)
+    _check_reuse(config_path, list(overrides), data, out, list(names))
     seconds = launch(nproc, _train_and_evaluate, config_path, list(overrides), data, out, list(names))
     from mkt_torchrec.training.export import export_run
 
@@ -118,6 +120,45 @@ def run_all(cfg: Config, config_path: str, overrides: Sequence[str], out: str, n
         json.dump(summary, f, indent=2)
     os.replace(os.path.join(out, "summary.json.tmp"), os.path.join(out, "summary.json"))
     return summary
+
+
+def _flat(d: Any, prefix: str = "") -> Dict[str, Any]:
+    if not isinstance(d, dict):
+        return {prefix: d}
+    out: Dict[str, Any] = {}
+    for k, v in d.items():
+        out.update(_flat(v, f"{prefix}.{k}" if prefix else str(k)))
+    return out
+
+
+def _differing(a: Dict[str, Any], b: Dict[str, Any]) -> List[str]:
+    fa, fb = _flat(a), _flat(b)
+    return sorted(k for k in set(fa) | set(fb) if fa.get(k) != fb.get(k))
+
+
+def _check_reuse(config: str, overrides: List[str], data: str, out: str, names: List[str]) -> None:
+    """A rerun reuses OUT's data and runs only if they were made with the settings of this one."""
+    from dataclasses import asdict
+
+    from mkt_torchrec.training.trainer import read_run
+
+    manifest = os.path.join(data, "manifest.json")
+    if os.path.isfile(manifest):
+        with open(manifest, encoding="utf-8") as f:
+            made = json.load(f).get("source", {}).get("synth")
+        differ = _differing(made or {}, asdict(load_config(config, overrides).synth))
+        if differ:
+            raise ValueError(f"{data}: was synthesised with other settings for {['synth.' + k for k in differ]}; "
+                             "use another --out, or --overwrite to start over")
+    for name in names:
+        cfg = load_config(config, [*overrides, f"model.ablation={_ablation(name)}"]).to_dict()
+        for run_dir in _run_dirs(out, name).values():
+            if os.path.isfile(os.path.join(run_dir, "run.json")):
+                recorded = read_run(run_dir)["config"]
+                differ = [k for k in _differing(recorded, cfg) if not k.startswith("eval.")]
+                if differ:
+                    raise ValueError(f"{run_dir}: was made with other settings for {differ[:8]}"
+                                     f"{' ...' if len(differ) > 8 else ''}; use another --out, or --overwrite")
 
 
 def _target_metrics(run_dir: str) -> Optional[Dict[str, Any]]:

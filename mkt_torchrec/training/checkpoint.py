@@ -133,8 +133,16 @@ def latest_checkpoint(run_dir: str) -> Optional[str]:
 
 
 def read_extra(ckpt: str) -> Dict[str, Any]:
-    with open(os.path.join(ckpt, EXTRA), encoding="utf-8") as f:
-        return json.load(f)
+    """A checkpoint's extra.json (step, epoch, reader positions, plan); a ValueError names a broken one."""
+    path = os.path.join(ckpt, EXTRA)
+    try:
+        with open(path, encoding="utf-8") as f:
+            extra = json.load(f)
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ValueError(f"{path}: unreadable ({type(e).__name__}: {e})") from None
+    if not isinstance(extra, dict) or not all(k in extra for k in ("step", "epoch", "readers")):
+        raise ValueError(f"{path}: not a checkpoint record (needs 'step', 'epoch' and 'readers')")
+    return extra
 
 
 def save(run_dir: str, step: int, state: Dict[str, Any], extra: Dict[str, Any], is_main: bool,

@@ -257,11 +257,22 @@ def _write_json(path: str, obj: Any) -> None:
 
 
 def read_run(run_dir: str) -> Dict[str, Any]:
+    """RUN/run.json (stage, config, data, ...).
+
+    Raises:
+        FileNotFoundError / ValueError: not a run directory, or a run.json that is not a JSON object (naming it).
+    """
     path = os.path.join(run_dir, "run.json")
     if not os.path.isfile(path):
         raise FileNotFoundError(f"{run_dir}: not a run directory (run.json is missing)")
-    with open(path, encoding="utf-8") as f:
-        return json.load(f)
+    try:
+        with open(path, encoding="utf-8") as f:
+            run = json.load(f)
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ValueError(f"{path}: unreadable ({type(e).__name__}: {e})") from None
+    if not isinstance(run, dict) or "stage" not in run or "config" not in run:
+        raise ValueError(f"{path}: not a run record (needs 'stage' and 'config')")
+    return run
 
 
 def run_config(run_dir: str) -> Config:
@@ -278,15 +289,24 @@ def _prepare_run_dir(cfg: Config, stage: str, data_dir: str, run_dir: str, resum
         if has_ckpt and not resume:
             raise ValueError(f"{run_dir}: holds checkpoints already; pass --resume to continue it, or use a new "
                              "--run-dir")
-        if resume and os.path.isfile(os.path.join(run_dir, "run.json")) and read_run(run_dir)["stage"] != stage:
-            raise ValueError(f"{run_dir}: is a {read_run(run_dir)['stage']!r} run, not {stage!r}")
+        if os.path.exists(run_dir) and not os.path.isdir(run_dir):
+            raise ValueError(f"{run_dir}: exists and is not a directory")
+        previous = read_run(run_dir) if has_ckpt else None  # a start without a checkpoint records itself anew
+        if previous is not None:
+            if previous.get("stage") != stage:
+                raise ValueError(f"{run_dir}: is a {previous.get('stage')!r} run, not {stage!r}")
+            mine, theirs = cfg.to_dict(), previous.get("config", {})
+            differ = sorted(k for k in ("schema", "model") if mine.get(k) != theirs.get(k))
+            if differ:
+                raise ValueError(f"{run_dir}: its checkpoints were trained with other {' and '.join(differ)} "
+                                 "settings than this config; resume with the run's own config or use a new --run-dir")
         os.makedirs(os.path.join(run_dir, "checkpoints"), exist_ok=True)
-        if not os.path.isfile(os.path.join(run_dir, "run.json")):
-            _write_json(os.path.join(run_dir, "run.json"), {
-                "stage": stage, "config": cfg.to_dict(), "data": os.path.abspath(data_dir),
-                "mem_run": os.path.abspath(mem_run) if mem_run else None, "world_size": info.world_size,
-                "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
-            })
+        _write_json(os.path.join(run_dir, "run.json"), {
+            "stage": stage, "config": cfg.to_dict(), "data": os.path.abspath(data_dir),
+            "mem_run": os.path.abspath(mem_run) if mem_run else None, "world_size": info.world_size,
+            "created": (previous or {}).get("created", time.strftime("%Y-%m-%dT%H:%M:%S")),
+            "updated": time.strftime("%Y-%m-%dT%H:%M:%S"),
+        })
 
     Collective(info.device).on_root(prepare)
 
@@ -379,8 +399,8 @@ def train(cfg: Config, stage: str, data_dir: str, run_dir: str, resume: bool = F
         raise ValueError("stage tem needs --mem-run MEM_RUN_DIR (or model.ablation=no_mem_pretrain)")
     if stage == "tem" and stage2_uses_mem(cfg):
         check_mem_run(cfg, mem_run)  # type: ignore[arg-type]
+    manifest = open_dataset_shared(data_dir, cfg.schema)  # a bad --data fails before the run directory exists
     _prepare_run_dir(cfg, stage, data_dir, run_dir, resume, mem_run, info)
-    manifest = open_dataset_shared(data_dir, cfg.schema)
     asm = assemble(cfg, stage, info)
     model, optimizer, plan = asm.model, asm.optimizer, asm.plan
     plan_record: Dict[str, Any] = {}

@@ -311,7 +311,8 @@ def _carry(ckpt_in, sharding_type, out) -> str:
     cfg = small_config(*TRAIN, f"train.planner.sharding_type={sharding_type}", "schema.tables.category.dim=256")
     asm = assemble(cfg, "mem", info)
     load_train_state(asm, cfg, ckpt_in, checkpoint.read_extra(ckpt_in)["plan"])
-    checkpoint.save(out, 1, state_of(asm, cfg), {"plan": _plan_record(asm, info.world_size)}, info.is_main, 1)
+    extra = {"step": 1, "epoch": 0, "readers": [], "plan": _plan_record(asm, info.world_size)}
+    checkpoint.save(out, 1, state_of(asm, cfg), extra, info.is_main, 1)
     return checkpoint.checkpoint_dir(out, 1)
 
 
@@ -403,3 +404,7 @@ def test_mkt_run_resumes_a_rank_killed_in_each_stage_bit_equal(tmp_path):
             assert torch.equal(a[k], b[k]), f"{stage}: {k}"
     for name in ("metrics.json", os.path.join("serving", "model.pt2")):
         assert os.path.isfile(os.path.join(killed, "runs", "mkt", "tem", name))
+    code, err, _ = _mkt(*run, "--out", killed)  # a rerun on finished output skips everything
+    assert code == 0, err[-3000:]
+    code, err, _ = _mkt(*run[:-4], *set_flags("data.batch_size=64"), *run[-4:], "--out", killed)
+    assert code == 1 and "was made with other settings for ['data.batch_size']" in err, err[-3000:]

@@ -146,3 +146,41 @@ def test_stage2_without_target_rows_is_an_error(small_dataset, tmp_path, capsys)
     code = main(["train", "--config", QUICKSTART, *_sets("model.ablation=no_mem_pretrain"), "--stage", "tem",
                  "--data", data, "--run-dir", str(tmp_path / "tem")])
     assert code == 1 and "no target-entity rows" in capsys.readouterr().err
+
+
+def test_broken_run_records_are_one_line_errors_naming_the_file(small_dataset, mem_run, tmp_path, capsys):
+    import shutil
+
+    run = str(tmp_path / "copy")
+    shutil.copytree(mem_run, run)
+    extra = os.path.join(checkpoint.latest_checkpoint(run), "extra.json")
+    open(extra, "w").write("{not json")
+    args = ["train", "--config", QUICKSTART, *_sets(), "--stage", "mem", "--data", small_dataset, "--run-dir", run,
+            "--resume"]
+    assert main(args) == 1
+    err = capsys.readouterr().err.strip()
+    assert extra in err and "unreadable" in err and len(err.splitlines()) == 1, err
+    open(os.path.join(run, "run.json"), "w").write("")
+    assert main(["evaluate", "--config", QUICKSTART, "--run-dir", run, "--data", small_dataset]) == 1
+    err = capsys.readouterr().err.strip()
+    assert os.path.join(run, "run.json") in err and len(err.splitlines()) == 1, err
+    a_file = str(tmp_path / "a_file")
+    open(a_file, "w").write("x")
+    assert main(["train", "--config", QUICKSTART, *_sets(), "--stage", "mem", "--data", small_dataset,
+                 "--run-dir", a_file]) == 1
+    assert "is not a directory" in capsys.readouterr().err
+
+
+def test_run_json_records_the_attempt_that_trained(small_dataset, mem_run, tmp_path, capsys):
+    """A start that failed before its first checkpoint (a --data typo) is recorded anew by the next start; a
+    resume with another model is refused."""
+    run = str(tmp_path / "run")
+    bad = ["train", "--config", QUICKSTART, *_sets(), "--stage", "mem", "--run-dir", run]
+    assert main([*bad, "--data", str(tmp_path / "typo")]) == 1
+    assert not os.path.exists(run)  # checked before the run directory is made
+    assert main([*bad[:3], *_sets("train.max_steps=2"), *bad[3:], "--data", small_dataset]) == 0
+    recorded = json.load(open(os.path.join(run, "run.json")))
+    assert recorded["data"] == os.path.abspath(small_dataset) and recorded["config"]["train"]["max_steps"] == 2
+    capsys.readouterr()
+    assert main([*bad[:3], *_sets("model.ablation=no_hfa"), *bad[3:], "--data", small_dataset, "--resume"]) == 1
+    assert "other model settings" in capsys.readouterr().err
