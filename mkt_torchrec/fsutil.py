@@ -25,3 +25,20 @@ def replace_dir(tmp: str, final: str) -> None:
         raise
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
+
+
+def check_replaceable(path: str, markers: tuple, what: str) -> None:
+    """Refuse to replace ``path`` unless it is absent, an empty directory, or what this tool wrote there (a
+    directory holding one of ``markers``): ``--overwrite`` must never delete someone's other files.
+
+    Raises:
+        FileExistsError: naming the path and what it would have had to hold.
+    """
+    if not os.path.lexists(path):
+        return
+    if os.path.isdir(path) and not os.path.islink(path):
+        entries = os.listdir(path)
+        if not entries or any(m in entries for m in markers):
+            return
+    raise FileExistsError(f"{path}: exists and is not {what} (it has no {' or '.join(markers)}); refusing to "
+                          "replace it: choose another path or remove it yourself")

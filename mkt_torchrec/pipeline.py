@@ -94,6 +94,9 @@ def run_all(cfg: Config, config_path: str, overrides: Sequence[str], out: str, n
     if unknown:
         raise ValueError(f"unknown runs {unknown}; choose from {list(ABLATION_RUNS)}")
     if overwrite and os.path.exists(out):
+        from mkt_torchrec.fsutil import check_replaceable
+
+        check_replaceable(out, ("summary.json", "runs", "data"), "the output of mkt run")
         shutil.rmtree(out)
     os.makedirs(out, exist_ok=True)
     started = time.perf_counter()

@@ -24,7 +24,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from mkt_torchrec.config import SchemaConfig
-from mkt_torchrec.fsutil import replace_dir
+from mkt_torchrec.fsutil import check_replaceable, replace_dir
 from mkt_torchrec.data.schema import ENTITY_CODES, arrow_schema, check_columns
 
 FORMAT_VERSION = 1
@@ -103,6 +103,7 @@ class DatasetWriter:
         self.out_dir = os.path.abspath(out_dir)
         if os.path.exists(self.out_dir) and not overwrite:
             raise FileExistsError(f"{out_dir}: already exists (pass --overwrite to replace it)")
+        check_replaceable(self.out_dir, (MANIFEST,), "a dataset")
         self.schema = arrow_schema(schema, optional)
         self.optional = list(optional)
         self.rows_per_file = rows_per_file

@@ -7,7 +7,7 @@ import pytest
 
 from mkt_torchrec.data.synth import generate
 
-from tests.conftest import small_config
+from tests.conftest import QUICKSTART, SMALL, set_flags, small_config
 
 
 def test_planted_structure(small_dataset):
@@ -81,3 +81,25 @@ def test_schema_without_synth_features_is_rejected():
     del cfg.schema.tables["style"]
     with pytest.raises(ValueError, match=r"schema.features lacks \['style'\]"):
         generate(cfg, "/nonexistent/never-written")
+
+
+def test_overwrite_replaces_only_what_this_tool_wrote(tmp_path, capsys):
+    """``--overwrite`` used to delete any directory (``mkt synth --out victim --overwrite``)."""
+    from mkt_torchrec.cli import main
+
+    victim = tmp_path / "victim"
+    victim.mkdir()
+    (victim / "thesis.txt").write_text("years of work")
+    args = ["synth", "--config", QUICKSTART, *set_flags(*SMALL), "--out", str(victim),
+            "--overwrite"]
+    assert main(args) == 1
+    assert "is not a dataset" in capsys.readouterr().err
+    assert (victim / "thesis.txt").read_text() == "years of work"
+    out = tmp_path / "ds"
+    assert main([*args[:-3], "--out", str(out)]) == 0
+    assert main([*args[:-3], "--out", str(out), "--overwrite"]) == 0  # a dataset is replaced
+    run_out = tmp_path / "notarun"
+    run_out.mkdir()
+    (run_out / "keep.txt").write_text("x")
+    assert main(["run", "--config", QUICKSTART, "--out", str(run_out), "--overwrite"]) == 1
+    assert (run_out / "keep.txt").exists() and "is not the output of mkt run" in capsys.readouterr().err
