@@ -528,8 +528,15 @@ def load_config(path: str | os.PathLike, overrides: Sequence[str] = ()) -> Confi
             raw = yaml.safe_load(f)
     except FileNotFoundError:
         raise ConfigError(f"{path}: config file not found") from None
+    except IsADirectoryError:
+        raise ConfigError(f"{path}: is a directory, not a YAML config file (see configs/)") from None
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{path}: not a UTF-8 text file (byte {e.start}): not a YAML config") from None
+    except OSError as e:
+        raise ConfigError(f"{path}: unreadable: {e.strerror or e}") from None
     except yaml.YAMLError as e:
-        raise ConfigError(f"{path}: not valid YAML: {e}") from None
+        first = " ".join(str(e).split())  # one line
+        raise ConfigError(f"{path}: not valid YAML: {first}") from None
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: the top level must be a mapping of sections, got {type(raw).__name__}")
     try:

@@ -58,3 +58,19 @@ def test_missing_schema_and_bad_yaml(tmp_path):
 def test_unused_table_is_rejected(tmp_path):
     with pytest.raises(ConfigError, match="schema.tables: tables used by no feature"):
         load_config(QUICKSTART, ["schema.tables.orphan.rows=3"])
+
+
+@pytest.mark.parametrize("kind", ["directory", "binary", "bad yaml"])
+def test_unreadable_config_is_a_one_line_error_naming_it(tmp_path, kind, capsys):
+    from mkt_torchrec.cli import main
+
+    path = tmp_path / "c.yaml"
+    if kind == "directory":
+        path.mkdir()
+    elif kind == "binary":
+        path.write_bytes(b"\xff\xfe\x00bad")
+    else:
+        path.write_text("schema: [unclosed\n  - x: {")
+    assert main(["synth", "--config", str(path), "--out", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert str(path) in err and len(err.splitlines()) == 1, err
