@@ -30,7 +30,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch-size", type=int, default=None, help="batch size per rank (default: data.batch_size)")
     p.add_argument("--stage", choices=("mem", "tem"), default="mem", help="which stage's module to plan (default: mem)")
     p.add_argument("--compute-device", choices=COMPUTE_DEVICES, default=None,
-                   help="device the ranks train on (default: train.planner.compute_device unless auto, else cuda)")
+                   help="device the ranks train on (default: train.planner.compute_device; auto: cuda if this machine has "
+                        "a GPU, else cpu)")
     p.add_argument("--out", required=True, help="plan file to write (JSON)")
 
 
@@ -72,17 +73,21 @@ def _numeric(c: str) -> bool:
 
 
 def run(args: argparse.Namespace, cfg: Config) -> int:
+    """Plan, print, write; returns the exit code."""
     # torch / torchrec are imported here, not at module level, so building `mkt`'s parser stays cheap
     import torch
 
     from mkt_torchrec.planning.plan import (PlanDoesNotFit, attach_embedding_optimizer, check_topology,
-                                            describe_plan, plan_module, topology, write_plan)
-
-    """Plan, print, write; returns the exit code."""
+                                            describe_plan, plan_module, resolve_compute_device, topology,
+                                            write_plan)
     from mkt_torchrec.training.build import build_train_module
 
     pc = cfg.train.planner
-    device = args.compute_device or (pc.compute_device if pc.compute_device != "auto" else "cuda")
+    device = args.compute_device or resolve_compute_device(pc.compute_device)
+    if args.compute_device is None:
+        source = "from the config" if pc.compute_device != "auto" else "what this machine has"
+        print(f"mkt plan: planning for compute device {device!r} ({source}; --compute-device cuda plans for GPUs "
+              "on any machine)", file=sys.stderr)
     world = args.world_size
     local = args.local_world_size if args.local_world_size is not None else (pc.local_world_size or world)
     hbm = pc.hbm_gb if args.hbm_gb is None else args.hbm_gb

@@ -292,3 +292,14 @@ def test_collective_plan_gives_every_rank_the_same_plan(tmp_path, quick_cfg):
                                        2, 2, "cpu"))
     for r in results:
         assert r["error"] and "does not fit" in r["error"] and "item_id" in r["error"]
+
+
+def test_plan_defaults_to_this_machines_device_and_says_so(tmp_path, capsys):
+    """It used to plan for cuda on a CPU-only machine, and the trainer here then refused the plan file."""
+    import torch
+
+    out = tmp_path / "plan.json"
+    assert main(["plan", "--config", QUICKSTART, "--world-size", "2", "--out", str(out)]) == 0
+    expected = "cuda" if torch.cuda.is_available() else "cpu"
+    assert json.load(open(out))["compute_device"] == expected
+    assert f"compute device '{expected}'" in capsys.readouterr().err
