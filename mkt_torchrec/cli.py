@@ -174,11 +174,8 @@ def _in_world(nproc: int, fn: Callable, *args) -> object:
 
 def _train_entry(config: str, overrides: list, stage: str, data: str, run_dir: str, resume: bool,
                  mem_run: Optional[str]) -> dict:
-    import logging
-
     from mkt_torchrec.training.trainer import train
 
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     cfg = load_config(config, overrides)
     return train(cfg, stage, data, run_dir, resume=resume, mem_run=mem_run)
 
@@ -296,6 +293,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
+    from mkt_torchrec import logs
+
+    logs.configure()
     args = build_parser().parse_args(argv)
     try:
         cfg = load_config(args.config, args.overrides)

@@ -63,7 +63,6 @@ def _train_and_evaluate(config: str, overrides: List[str], data: str, out: str, 
 
     info = init_distributed()  # also when every run is done already: the world is left cleanly either way
 
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     seconds: Dict[str, float] = {}
     for name in names:
         start = time.perf_counter()

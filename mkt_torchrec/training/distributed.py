@@ -63,6 +63,10 @@ def quiet_libraries() -> None:
     import warnings
 
     logging.getLogger("torchrec").setLevel(logging.ERROR)
+    logging.getLogger("torch.fx._symbolic_trace").setLevel(logging.ERROR)  # is_fx_tracing's deprecation notice
+    from mkt_torchrec import logs
+
+    logs.configure()  # our own progress lines (rank 0 logs them), whatever the root logger has
     logging.getLogger("torch.distributed.checkpoint").setLevel(logging.ERROR)
     warnings.filterwarnings("ignore", category=DeprecationWarning)
     warnings.filterwarnings("ignore", category=FutureWarning)

@@ -43,6 +43,7 @@ def _train(stage, data, run, nproc, *extra, sets=(), env=None):
     code, err, _ = _mkt("train", "--config", QUICKSTART, *_sets(*sets), "--stage", stage, "--data", data,
                         "--run-dir", run, "--nproc", str(nproc), *extra, env=env)
     assert code == 0, err[-3000:]
+    return err
 
 
 EVAL = ["--set", "data.batch_size=96"]  # evaluate takes the model from the run, and refuses other --set keys
@@ -293,7 +294,9 @@ def test_restart_at_1_then_3_ranks_and_other_plans_trains_every_row_once(small_d
                       env={"MKT_FAIL_AT_STEP": "30"})
     second = checkpoint.latest_checkpoint(run)
     assert code == 1 and second != first and checkpoint.read_extra(second)["world_size"] == 1
-    _train("mem", small_dataset, run, 3, "--resume", sets=(*sets, "train.planner.sharding_type=column_wise"))
+    err = _train("mem", small_dataset, run, 3, "--resume", sets=(*sets, "train.planner.sharding_type=column_wise"))
+    assert "mkt.train resumed" in err and "saved by 1 ranks, now 3" in err  # rank 0's log lines reach the user
+    assert "is_fx_tracing" not in err
     manifest = json.load(open(os.path.join(small_dataset, "manifest.json")))
     train_rows = sum(manifest["rows"]["train"].values())
     ends = [r for r in _records(run) if "epoch_end" in r]

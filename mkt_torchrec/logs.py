@@ -1,0 +1,21 @@
+"""Our log lines (``mkt.*`` loggers) go to stderr at INFO, whatever handlers libraries put on the root logger.
+
+Some import (torch's) installs a WARNING-level root handler first, which made ``logging.basicConfig`` a no-op
+and dropped every ``mkt.train`` line; this gives the ``mkt`` logger its own handler instead.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+
+
+def configure() -> None:
+    """Give the ``mkt`` logger its own stderr handler at INFO (idempotent)."""
+    mkt = logging.getLogger("mkt")
+    if not mkt.handlers:
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("%(asctime)s %(name)s %(message)s", "%H:%M:%S"))
+        mkt.addHandler(handler)
+        mkt.setLevel(logging.INFO)
+        mkt.propagate = False
