@@ -261,6 +261,22 @@ def _run_report(args: argparse.Namespace, cfg: Config) -> int:
     return run(args, cfg)
 
 
+def _add_config(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--show", action="store_true", help="print every setting with its value and meaning (the default)")
+
+
+def _run_config(args: argparse.Namespace, cfg: Optional[Config]) -> int:
+    from mkt_torchrec.config import describe_keys
+
+    rows = describe_keys(cfg)
+    width = max(len(f"{k} = {v!r}") for k, v, _ in rows)
+    source = args.config or "the defaults"
+    print(f"# settings of {source} (besides schema.*, which describes the dataset); override with --set KEY=VALUE")
+    for key, value, meaning in rows:
+        print(f"{f'{key} = {value!r}':<{width}}  # {meaning}")
+    return 0
+
+
 _COMMANDS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], None], Handler]] = {
     "synth": ("write a synthetic dataset with planted cross-entity structure", _add_synth, _run_synth),
     "tenrec": ("convert Tenrec's QK-video / QK-article CSVs into a dataset", _add_tenrec, _run_tenrec),
@@ -271,6 +287,8 @@ _COMMANDS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], None], Handl
     "export": ("export a finished run's serving model (TEM + the MEM's target path) to RUN/serving",
                _add_export, _run_export),
     "plan": ("plan embedding shards for a topology and write a plan file the trainer accepts", _add_plan, _run_plan),
+    "config": ("list every config key with its value (from --config, else the default) and meaning", _add_config,
+               _run_config),
     "report": ("compare evaluated runs side by side: report.html, report.md, plots", _add_report, _run_report),
     "run": ("the main job: synthesise data and run the pipeline end to end", _add_run, _run_run),
 }
@@ -280,12 +298,15 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="mkt",
         description="MKT: multi-entity knowledge transfer CTR prediction on TorchRec.",
-        epilog="Every subcommand takes --config FILE and repeatable --set dotted.key=value overrides.",
+        epilog="Every subcommand takes --config FILE (optional for config and report) and repeatable --set "
+           "dotted.key=value overrides.",
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name, (help_text, add, _) in _COMMANDS.items():
         p = sub.add_parser(name, help=help_text, description=help_text)
-        p.add_argument("--config", required=True, help="YAML config file (see configs/)")
+        optional = name in ("config", "report")  # report reads the runs; a config only sets its eval.* options
+        p.add_argument("--config", required=not optional,
+                       help="YAML config file (see configs/)" + (" (optional)" if optional else ""))
         p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                        help="override a config value, e.g. --set data.batch_size=256 (repeatable)")
         add(p)
@@ -298,7 +319,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     logs.configure()
     args = build_parser().parse_args(argv)
     try:
-        cfg = load_config(args.config, args.overrides)
+        if not args.config and args.overrides:
+            raise ConfigError("--set needs --config (the file whose values it overrides)")
+        cfg = load_config(args.config, args.overrides) if args.config else None
     except ConfigError as e:
         if int(os.environ.get("RANK", "0")) == 0:
             print(f"mkt {args.command}: config error: {e}", file=sys.stderr)

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import inspect
 import json
 import os
 import types
@@ -190,8 +191,8 @@ class DataConfig:
     Args:
         batch_size: rows per batch on each rank.
         shuffle: shuffle row groups and rows (seeded) in training; evaluation never shuffles.
-        shuffle_window_rows: rows are shuffled within windows of consecutive (shuffled) row groups holding up
-            to this many rows (at least one row group each). It bounds the reader's memory.
+        shuffle_window_rows: rows are shuffled within windows of this many consecutive rows of the epoch's
+            (shuffled) row-group order; also the read unit when not shuffling. It bounds the reader's memory.
         num_workers: DataLoader worker processes per rank (0: read in the training process).
         seed: base seed of all shuffles.
     """
@@ -216,11 +217,13 @@ class SynthConfig:
         users: number of users.
         source_rows: total source-entity impressions; target rows are ``target_ratio`` of that.
         target_ratio: target rows per source row (the paper's industrial data: 1/3).
-        source_items / target_items: catalogue sizes; ``categories``: categories shared by both entities.
+        source_items / target_items: catalogue sizes.
+        categories: item categories, shared by both entities.
         latent_dim: dimension of the planted user / item interest vectors.
         test_fraction: the last fraction of each user's impressions (time order) goes to the test split.
         rows_per_file / row_group_rows: Parquet layout.
         noise_features: entity-specific features that carry no signal, per entity.
+        seed: seed of everything generated.
     """
 
     users: int = 20000
@@ -662,3 +665,54 @@ def _validate_tree(obj: Any, key: str) -> None:
         for k, v in obj.items():
             if dataclasses.is_dataclass(v):
                 _validate_tree(v, _join(key, str(k)))
+
+
+# --------------------------------------------------------------------------------------------------------
+# Self-description (``mkt config --show``)
+# --------------------------------------------------------------------------------------------------------
+
+
+def _arg_docs(cls: type) -> dict[str, str]:
+    """Field name -> its line(s) in the class docstring's ``Args:`` section (``a / b: text`` documents both)."""
+    doc = inspect.getdoc(cls) or ""
+    out: dict[str, str] = {}
+    names: list[str] = []
+    in_args = False
+    for line in doc.splitlines():
+        if line.strip() == "Args:":
+            in_args = True
+            continue
+        if not in_args or not line.strip():
+            continue
+        indent = len(line) - len(line.lstrip())
+        head, sep, text = line.strip().partition(":")
+        if indent <= 4 and sep and all(n.strip().isidentifier() for n in head.split("/")):
+            names = [n.strip() for n in head.split("/")]
+            for n in names:
+                out[n] = text.strip()
+        elif names:
+            for n in names:
+                out[n] += " " + line.strip()
+    return out
+
+
+def describe_keys(cfg: Optional[Config] = None) -> list[tuple[str, Any, str]]:
+    """(dotted key, value, meaning) of every setting outside ``schema``: ``cfg``'s values, or the defaults."""
+    rows: list[tuple[str, Any, str]] = []
+
+    def walk(obj: Any, prefix: str) -> None:
+        docs = _arg_docs(type(obj))
+        for f in dataclasses.fields(obj):
+            value = getattr(obj, f.name)
+            key = f"{prefix}.{f.name}"
+            if dataclasses.is_dataclass(value):
+                walk(value, key)
+            else:
+                rows.append((key, value, docs.get(f.name, "")))
+
+    for name in ("data", "synth", "tenrec", "model", "train", "eval"):
+        section = getattr(cfg, name) if cfg is not None else {
+            "data": DataConfig, "synth": SynthConfig, "tenrec": TenrecConfig, "model": ModelConfig,
+            "train": TrainConfig, "eval": EvalConfig}[name]()
+        walk(section, name)
+    return rows

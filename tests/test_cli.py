@@ -34,3 +34,16 @@ def test_existing_output_exits_1_with_message(tmp_path, capsys):
     (tmp_path / "x").mkdir()
     code = main(["synth", "--config", QUICKSTART, *_sets(), "--out", str(tmp_path / "x")])
     assert code == 1 and "already exists" in capsys.readouterr().err
+
+
+def test_config_lists_every_key_with_value_and_meaning(capsys):
+    from mkt_torchrec.cli import main
+    from mkt_torchrec.config import describe_keys
+
+    assert main(["config"]) == 0
+    defaults = capsys.readouterr().out.splitlines()
+    assert all(meaning for _, _, meaning in describe_keys()), "every setting documents its meaning"
+    assert any(line.startswith("train.checkpoint_every_minutes = 30.0") for line in defaults)
+    assert main(["config", "--config", QUICKSTART, "--set", "train.epochs=7"]) == 0
+    assert any(line.startswith("train.epochs = 7 ") for line in capsys.readouterr().out.splitlines())
+    assert main(["config", "--set", "train.epochs=7"]) == 2

@@ -32,8 +32,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace, cfg: Any) -> int:
     """Write the report; print its location and the overall numbers. Returns the exit code."""
+    from mkt_torchrec.config import EvalConfig
+
+    eval_cfg = cfg.eval if cfg is not None else EvalConfig()  # --config only for eval.* (bootstrap, groups)
     summary = write_report(args.runs, args.out, baseline=args.baseline, entity=args.entity, names=args.names,
-                           eval_cfg=cfg.eval)
+                           eval_cfg=eval_cfg)
     overall = next(t for t in summary["tables"] if t["key"] == "overall")
     keep = [overall["columns"].index(c) for c in ("Run", "Rows", "AUC", "Δ AUC vs baseline", "GAUC",
                                                   "Δ GAUC vs baseline")]

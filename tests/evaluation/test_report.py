@@ -319,3 +319,13 @@ def test_cli(runs, tmp_path, capsys, no_figures):
     assert f"{m['auc']:.4f}" in line and f"{m['auc'] - base['auc']:+.4f}" in line
     with pytest.raises(ValueError, match="baseline 'x'"):
         run(parser.parse_args([runs[0], "--out", out, "--baseline", "x"]), cfg)
+
+
+def test_report_needs_no_config(runs, tmp_path, capsys, no_figures):
+    """The README's `mkt report RUN ... --out DIR` works as written (it used to require --config)."""
+    from mkt_torchrec.cli import main
+
+    out = str(tmp_path / "nocfg")
+    assert main(["report", *runs, "--out", out, "--set", "eval.bootstrap_samples=0"]) == 2  # --set needs --config
+    assert main(["report", *runs, "--out", out]) == 0
+    assert os.path.isfile(os.path.join(out, "report.html"))
