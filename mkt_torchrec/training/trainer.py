@@ -48,7 +48,7 @@ from mkt_torchrec.data.dataset import open_dataset_shared
 from mkt_torchrec.data.reader import ParquetReader
 from mkt_torchrec.planning.plan import (FROZEN_MODULE, attach_embedding_optimizer, embedding_optimizer_kwargs,
                                        frozen_module, load_plan, make_plan, sharders, write_plan)
-from mkt_torchrec.training import checkpoint
+from mkt_torchrec.training import checkpoint, runlock
 from mkt_torchrec.training.build import build_train_module, stage2_uses_mem
 from mkt_torchrec.training.distributed import (DistInfo, all_gather_objects, all_sum, any_true, fault_point,
                                                init_distributed)
@@ -281,16 +281,27 @@ def run_config(run_dir: str) -> Config:
 
 
 def _prepare_run_dir(cfg: Config, stage: str, data_dir: str, run_dir: str, resume: bool, mem_run: Optional[str],
-                     info: DistInfo) -> None:
-    """Rank 0 checks and creates the run directory; every rank gets its verdict (a collective)."""
+                     info: DistInfo) -> Optional[str]:
+    """Rank 0 locks, checks and creates the run directory; every rank gets its verdict (a collective). Returns
+    the lock's path on rank 0 (None elsewhere)."""
 
-    def prepare() -> None:
+    def prepare() -> str:
+        if os.path.exists(run_dir) and not os.path.isdir(run_dir):
+            raise ValueError(f"{run_dir}: exists and is not a directory")
+        os.makedirs(run_dir, exist_ok=True)
+        lock = runlock.acquire(run_dir, f"mkt train --stage {stage}")
+        try:
+            _check_and_record()
+        except BaseException:
+            runlock.release(lock)
+            raise
+        return lock
+
+    def _check_and_record() -> None:
         has_ckpt = os.path.exists(os.path.join(run_dir, "checkpoints", checkpoint.LATEST))
         if has_ckpt and not resume:
             raise ValueError(f"{run_dir}: holds checkpoints already; pass --resume to continue it, or use a new "
                              "--run-dir")
-        if os.path.exists(run_dir) and not os.path.isdir(run_dir):
-            raise ValueError(f"{run_dir}: exists and is not a directory")
         previous = read_run(run_dir) if has_ckpt else None  # a start without a checkpoint records itself anew
         if previous is not None:
             if previous.get("stage") != stage:
@@ -308,7 +319,8 @@ def _prepare_run_dir(cfg: Config, stage: str, data_dir: str, run_dir: str, resum
             "updated": time.strftime("%Y-%m-%dT%H:%M:%S"),
         })
 
-    Collective(info.device).on_root(prepare)
+    lock = Collective(info.device).on_root(prepare)
+    return lock if info.is_main else None
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -400,7 +412,16 @@ def train(cfg: Config, stage: str, data_dir: str, run_dir: str, resume: bool = F
     if stage == "tem" and stage2_uses_mem(cfg):
         check_mem_run(cfg, mem_run)  # type: ignore[arg-type]
     manifest = open_dataset_shared(data_dir, cfg.schema)  # a bad --data fails before the run directory exists
-    _prepare_run_dir(cfg, stage, data_dir, run_dir, resume, mem_run, info)
+    lock = _prepare_run_dir(cfg, stage, data_dir, run_dir, resume, mem_run, info)
+    try:
+        return _train_locked(cfg, stage, data_dir, run_dir, resume, mem_run, info, manifest, lock)
+    finally:
+        runlock.release(lock)
+
+
+def _train_locked(cfg: Config, stage: str, data_dir: str, run_dir: str, resume: bool, mem_run: Optional[str],
+                  info: DistInfo, manifest: Any, lock: Optional[str]) -> Dict[str, Any]:
+    """:func:`train` once the run directory is locked and prepared."""
     asm = assemble(cfg, stage, info)
     model, optimizer, plan = asm.model, asm.optimizer, asm.plan
     plan_record: Dict[str, Any] = {}
@@ -436,6 +457,7 @@ def train(cfg: Config, stage: str, data_dir: str, run_dir: str, resume: bool = F
     def save() -> None:
         if window_steps:  # never publish a checkpoint of a run that diverged since its last log step
             _check_finite(all_sum([float(stats.sum())], info.device)[0], step - window_steps, step)
+        runlock.refresh(lock)
         gathered = all_gather_objects((reader.state_dict(), epoch_rows), info.world_size)
         readers = [g[0] for g in gathered]
         saver.save(step, state_of(asm, cfg),
@@ -490,6 +512,7 @@ def train(cfg: Config, stage: str, data_dir: str, run_dir: str, resume: bool = F
             if step % tc.log_every == 0:
                 last_loss = _log_step(run_dir, info, tc, stats, window_steps, window_rows, window_start, step, epoch,
                                       bar)
+                runlock.refresh(lock)
                 stats.zero_()
                 window_rows, window_steps, window_start = 0, 0, time.perf_counter()
             saver.poll()
@@ -705,8 +728,6 @@ def evaluate(cfg: Config, run_dir: str, data_dir: str) -> Dict[str, Any]:
     its predictions, then every rank computes the exact statistics of its share of users and rank 0 merges small
     sums (:mod:`mkt_torchrec.evaluation.distributed_metrics`): no rank works while the others wait.
     """
-    from mkt_torchrec.evaluation.distributed_metrics import compute_metrics_distributed
-
     run = read_run(run_dir)
     evaluation = cfg
     if evaluation.train.planner.plan_file:
@@ -722,6 +743,18 @@ def evaluate(cfg: Config, run_dir: str, data_dir: str) -> Dict[str, Any]:
     if ckpt is None:
         raise FileNotFoundError(f"{run_dir}: no complete checkpoint to evaluate")
     manifest = open_dataset_shared(data_dir, cfg.schema)
+    lock = Collective(info.device).on_root(lambda: runlock.acquire(run_dir, "mkt evaluate"))
+    try:
+        return _evaluate_locked(cfg, run_dir, data_dir, info, manifest, stage, ckpt)
+    finally:
+        runlock.release(lock if info.is_main else None)
+
+
+def _evaluate_locked(cfg: Config, run_dir: str, data_dir: str, info: DistInfo, manifest: Any, stage: str,
+                     ckpt: str) -> Dict[str, Any]:
+    """:func:`evaluate` once the run directory is locked."""
+    from mkt_torchrec.evaluation.distributed_metrics import compute_metrics_distributed
+
     model = assemble(cfg, stage, info).model
     checkpoint.load(ckpt, train_state(model, None))
     model.eval()

@@ -184,3 +184,27 @@ def test_run_json_records_the_attempt_that_trained(small_dataset, mem_run, tmp_p
     capsys.readouterr()
     assert main([*bad[:3], *_sets("model.ablation=no_hfa"), *bad[3:], "--data", small_dataset, "--resume"]) == 1
     assert "other model settings" in capsys.readouterr().err
+
+
+def test_a_run_directory_serves_one_job_at_a_time(small_dataset, tmp_path, capsys):
+    """Two mkt train into one run directory used to both succeed and overwrite each other."""
+    import socket
+    import subprocess
+
+    from mkt_torchrec.training import runlock
+
+    run = str(tmp_path / "run")
+    os.makedirs(run)
+    sleeper = subprocess.Popen(["sleep", "60"])  # a live process on this host holds the lock
+    try:
+        json.dump({"job": "other", "host": socket.gethostname(), "pid": sleeper.pid, "what": "mkt train",
+                   "since": "now"}, open(os.path.join(run, runlock.LOCK), "w"))
+        args = ["train", "--config", QUICKSTART, *_sets("train.max_steps=2"), "--stage", "mem", "--data",
+                small_dataset, "--run-dir", run]
+        assert main(args) == 1
+        assert f"pid {sleeper.pid}" in capsys.readouterr().err and not os.path.exists(os.path.join(run, "run.json"))
+    finally:
+        sleeper.kill()
+        sleeper.wait()
+    assert main(args) == 0  # the holder is gone: its lock is taken over
+    assert not os.path.exists(os.path.join(run, runlock.LOCK))  # and released at the end
