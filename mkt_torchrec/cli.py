@@ -331,7 +331,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
     try:
         return handler(args, cfg)
-    except (ValueError, FileNotFoundError, FileExistsError, RankFailed) as e:
+    except (ValueError, OSError, RankFailed) as e:  # OSError: a read-only or full disk names its path
         if int(os.environ.get("RANK", "0")) == 0:  # under torchrun every rank sees the same option error: say it once
             print(f"mkt {args.command}: error: {e}", file=sys.stderr)
         return 1

@@ -59,6 +59,7 @@ class TableConfig:
 
     def _validate(self, key: str) -> None:
         _check(self.rows >= 1, f"{key}.rows", f"expected a positive int, got {self.rows}")
+        _check(self.rows < 1 << 62, f"{key}.rows", f"{self.rows} rows cannot be indexed by int64 table rows")
         _check(self.dim >= 1, f"{key}.dim", f"expected a positive int, got {self.dim}")
 
 

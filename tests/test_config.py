@@ -74,3 +74,12 @@ def test_unreadable_config_is_a_one_line_error_naming_it(tmp_path, kind, capsys)
     assert main(["synth", "--config", str(path), "--out", str(tmp_path / "out")]) == 2
     err = capsys.readouterr().err.strip()
     assert str(path) in err and len(err.splitlines()) == 1, err
+
+
+def test_table_rows_beyond_int64_are_a_config_error():
+    from mkt_torchrec.config import ConfigError, load_config
+
+    from tests.conftest import QUICKSTART
+
+    with pytest.raises(ConfigError, match="item_id.rows: 9223372036854775808 rows cannot be indexed"):
+        load_config(QUICKSTART, ["schema.tables.item_id.rows=9223372036854775808"])

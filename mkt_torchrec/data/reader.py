@@ -102,6 +102,12 @@ class _Decoder:
                     place, row = locate(int(np.flatnonzero(~arr.is_valid().to_numpy(zero_copy_only=False))[0]))
                     raise ValueError(f"{place}: column {key!r} row {row}: null sequence (use an empty list)")
                 off = arr.offsets.to_numpy()
+                mine = arr.values.slice(int(off[0]), int(off[-1] - off[0]))  # .values ignores a slice
+                if mine.null_count:  # offsets index the values: find the row holding the first null
+                    first = int(off[0]) + int(np.flatnonzero(~mine.is_valid().to_numpy(zero_copy_only=False))[0])
+                    place, row = locate(int(np.searchsorted(off, first, side="right")) - 1)
+                    raise ValueError(f"{place}: column {key!r} row {row}: a null inside the sequence (drop it, or "
+                                     "map it to an id)")
                 flat = arr.values.to_numpy()
                 end = off[1:]
                 start = np.maximum(off[:-1], end - max_len)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from collections import Counter
@@ -82,6 +83,8 @@ def run(args: argparse.Namespace, cfg: Config) -> int:
                                             write_plan)
     from mkt_torchrec.training.build import build_train_module
 
+    if os.path.isdir(args.out):
+        raise ValueError(f"{args.out}: is a directory; --out takes the plan file's path (e.g. {args.out}/plan.json)")
     pc = cfg.train.planner
     device = args.compute_device or resolve_compute_device(pc.compute_device)
     if args.compute_device is None:

@@ -270,3 +270,21 @@ def test_bad_values_are_errors_naming_file_column_and_row(small_dataset, tmp_pat
     with pytest.raises(ValueError) as e:
         list(ParquetReader(ds, "train", cfg.schema, cfg.data, training=False))
     assert f"part-00001.parquet: row group 0: column {column!r} row 7: {message}" in str(e.value)
+
+
+def test_null_inside_a_sequence_names_file_column_and_row(small_dataset, tmp_path):
+    """Used to fail with pyarrow's 'zero_copy_only was True' and no file, column or row."""
+    ds = _copy_dataset(small_dataset, tmp_path)
+    path = os.path.join(ds, "train", "part-00000.parquet")
+    t = pq.read_table(path)
+    seq = t.column("hist_source_items").to_pylist()
+    row = next(i for i, s in enumerate(seq) if i >= 5 and len(s) >= 2)
+    seq[row][1] = None
+    field = pa.field("hist_source_items", pa.list_(pa.field("element", pa.int64(), nullable=True)), nullable=False)
+    t = t.set_column(t.schema.get_field_index("hist_source_items"), field, pa.array(seq, field.type))
+    pq.write_table(t, path, row_group_size=500)
+    cfg = small_config()
+    with pytest.raises(ValueError) as e:
+        list(ParquetReader(ds, "train", cfg.schema, cfg.data, training=False))
+    assert f"part-00000.parquet: row group {row // 500}: column 'hist_source_items' row {row % 500}: a null inside" \
+        in str(e.value)

@@ -303,3 +303,9 @@ def test_plan_defaults_to_this_machines_device_and_says_so(tmp_path, capsys):
     expected = "cuda" if torch.cuda.is_available() else "cpu"
     assert json.load(open(out))["compute_device"] == expected
     assert f"compute device '{expected}'" in capsys.readouterr().err
+
+
+def test_plan_out_that_is_a_directory_is_a_one_line_error(tmp_path, capsys):
+    assert main(["plan", "--config", QUICKSTART, "--world-size", "2", "--out", str(tmp_path)]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert "is a directory; --out takes the plan file's path" in err[-1] and len(err) == 1
