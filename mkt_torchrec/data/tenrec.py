@@ -109,6 +109,7 @@ PRODUCED: dict[str, tuple[str, Optional[str]]] = {
 REQUIRED = ("user_id", "item_id", LABEL)  # columns that may not be missing
 NULL_VALUES = ["", "\\N", "NULL", "null", "NaN", "nan"]
 LOG_BUCKET_OFFSET = 128  # log buckets lie in [0, 255]: tables of 256 rows with id_mapping modulo
+_BLOCK = 1 << 22  # bytes pyarrow parses at a time; a line must fit in one
 _MAX_EXACT = float(2 ** 53)  # ids are parsed as float64: integers up to 2**53 are exact
 _ENTITY = {"video": 0, "article": 1}
 
@@ -139,7 +140,7 @@ class _Csv:
         self.path = path
         self.kind = kind
         self.names = _read_header(path)
-        dup = sorted({c for c in self.names if self.names.count(c) > 1})
+        dup = sorted(c for c, n in collections.Counter(self.names).items() if n > 1)  # linear in the header
         missing = [c for c in expected if c not in self.names]
         unexpected = [c for c in self.names if c not in expected]
         if dup:
@@ -156,7 +157,7 @@ class _Csv:
         # then does pyarrow name the line of a parse error.
         return pacsv.open_csv(
             self.path,
-            read_options=pacsv.ReadOptions(column_names=self.names, skip_rows=1, block_size=1 << 22,
+            read_options=pacsv.ReadOptions(column_names=self.names, skip_rows=1, block_size=_BLOCK,
                                            use_threads=False),
             convert_options=pacsv.ConvertOptions(
                 column_types=types or {c: pa.float64() for c in columns}, include_columns=columns,
@@ -177,6 +178,9 @@ class _Csv:
         """Name the file, column and line of a CSV error. pyarrow names the line when it parses single-threaded
         (older versions not for conversion errors: then the column is re-read to find the row)."""
         msg = str(err)
+        if "straddl" in msg:  # pyarrow: a field longer than its block, "try to increase block size?"
+            return ValueError(f"{self.path}: after data row {done}: a line longer than {_BLOCK >> 20} MiB; Tenrec "
+                              "lines are a few dozen bytes, so the file is probably damaged (or not this CSV) there")
         col_m = re.search(r"In CSV column #(\d+): ", msg)
         col = self.names[int(col_m.group(1))] if col_m and int(col_m.group(1)) < len(self.names) else None
         row_m = re.search(r"Row #(\d+): ", msg)
@@ -333,7 +337,12 @@ def _int_column(x: np.ndarray, col: str, fail: _Fail, required: bool) -> tuple[n
     if required and not valid.all():
         fail(col, int(np.flatnonzero(~valid)[0]), "missing value")
     xs = np.where(valid, x, 0.0)
-    ok = (np.abs(xs) <= _MAX_EXACT) & (np.floor(xs) == xs)
+    big = np.abs(xs) > _MAX_EXACT
+    if big.any():
+        i = int(np.flatnonzero(big)[0])
+        fail(col, i, f"id {float(x[i]):.17g} is above 2**53: ids are read as float64 (the article file writes "
+                     "1.0 for 1), where larger integers lose digits; renumber the ids below 2**53")
+    ok = np.floor(xs) == xs
     if not ok.all():
         i = int(np.flatnonzero(~ok)[0])
         fail(col, i, f"value {float(x[i]):.17g} is not an integer id")
