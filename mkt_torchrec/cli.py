@@ -22,8 +22,10 @@ Handler = Callable[[argparse.Namespace, Config], int]
 def _progress(total: Optional[int], desc: str, unit: str = "rows"):
     from tqdm import tqdm
 
+    from mkt_torchrec import logs
+
     return tqdm(total=total, desc=desc, unit=unit, unit_scale=True, dynamic_ncols=True,
-                disable=not sys.stderr.isatty() and os.environ.get("MKT_PROGRESS") != "1")
+                disable=not logs.progress_enabled())
 
 
 # --------------------------------------------------------------------------------------------------------

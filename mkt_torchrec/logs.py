@@ -19,3 +19,14 @@ def configure() -> None:
         mkt.addHandler(handler)
         mkt.setLevel(logging.INFO)
         mkt.propagate = False
+
+
+def progress_enabled() -> bool:
+    """Progress bars: ``MKT_PROGRESS=1`` on, ``MKT_PROGRESS=0`` off, otherwise only on a terminal (every command
+    decides the same way; a log file gets our log lines, not bar redraws)."""
+    import os
+
+    choice = os.environ.get("MKT_PROGRESS")
+    if choice in ("0", "1"):
+        return choice == "1"
+    return sys.stderr.isatty()

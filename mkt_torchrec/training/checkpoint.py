@@ -32,6 +32,7 @@ import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint import FileSystemReader
+from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.metadata import Metadata
 
 LATEST = "latest"
@@ -152,7 +153,10 @@ def save(run_dir: str, step: int, state: Dict[str, Any], extra: Dict[str, Any], 
     if is_main and os.path.exists(ckpt):
         shutil.rmtree(ckpt)  # a leftover of an interrupted save of the same step
     dist.barrier()
-    dcp.save(state, checkpoint_id=ckpt)
+    try:
+        dcp.save(state, checkpoint_id=ckpt)
+    except Exception as e:  # noqa: BLE001 - reported in one line, naming the checkpoint
+        raise _write_failed(ckpt, e) from None
     if is_main:
         _publish(run_dir, ckpt, extra, keep)
     dist.barrier()
@@ -227,7 +231,10 @@ class AsyncCheckpointer:
             return None
         future, ckpt, extra = self._pending
         self._pending = None
-        future.result()  # raises the writer's error (e.g. no space left) on this rank
+        try:
+            future.result()  # the writer's error (e.g. no space left) on this rank
+        except Exception as e:  # noqa: BLE001 - reported in one line, naming the checkpoint
+            raise _write_failed(ckpt, e) from None
         if self.is_main:
             _publish(self.run_dir, ckpt, extra, self.keep)
         return ckpt
@@ -276,5 +283,26 @@ def load(ckpt: str, state: Dict[str, Any], no_dist: bool = False, optional_prefi
     if optional_prefix is not None:
         absent = {k for k in state if k.startswith(optional_prefix) and k not in present}
         state = {k: v for k, v in state.items() if k not in absent}
-    dcp.load(state, storage_reader=reader, no_dist=no_dist)
+    try:
+        dcp.load(state, storage_reader=reader, no_dist=no_dist)
+    except CheckpointException as e:
+        raise ValueError(f"{ckpt}: unreadable checkpoint data ({_last_line(e)})") from None
     return absent
+
+
+def _last_line(e: BaseException) -> str:
+    """The actual error inside a CheckpointException (whose text is a traceback per rank)."""
+    lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+    return lines[-1] if lines else type(e).__name__
+
+
+def _write_failed(ckpt: str, e: BaseException) -> OSError:
+    """A one-line error for a failed checkpoint write, saying so when the disk is (nearly) full: torch's own
+    message for a short write is ``unexpected pos ... vs ...``."""
+    try:
+        free = shutil.disk_usage(os.path.dirname(ckpt) or ".").free
+    except OSError:
+        free = None
+    hint = f"; only {free / 2**20:.0f} MiB free there: the disk is probably full" if free is not None and \
+        free < 1 << 30 else ""
+    return OSError(f"{ckpt}: writing the checkpoint failed ({_last_line(e)}){hint}")

@@ -41,6 +41,7 @@ from torchrec.distributed.model_parallel import DefaultDataParallelWrapper, Dist
 from torchrec.distributed.types import ShardingEnv
 from torchrec.optim.keyed import CombinedOptimizer, KeyedOptimizerWrapper
 
+from mkt_torchrec import logs
 from mkt_torchrec.collective import Collective
 from mkt_torchrec.config import Config, config_from_dict
 from mkt_torchrec.data.batch import Batch
@@ -682,7 +683,7 @@ def _bar(total: int, desc: str, initial: int, enabled: bool):
     from tqdm import tqdm
 
     return tqdm(total=total, initial=min(initial, total), desc=desc, unit="step", dynamic_ncols=True,
-                disable=not enabled or os.environ.get("MKT_PROGRESS") == "0")
+                disable=not enabled or not logs.progress_enabled())
 
 
 # --------------------------------------------------------------------------------------------------------

@@ -146,3 +146,13 @@ def test_stage2_refuses_a_crafted_mem_run(small_dataset, tmp_path, capsys):
     err = capsys.readouterr().err.strip()
     assert code == 1 and "refused" in err and len(err.splitlines()) == 1, err
     assert not os.path.exists(marker)
+
+
+def test_truncated_tensor_data_is_a_one_line_error(good_ckpt, tmp_path):
+    ckpt = _copy(good_ckpt, tmp_path, "truncated")
+    data = next(os.path.join(ckpt, n) for n in os.listdir(ckpt) if n.endswith(".distcp"))
+    with open(data, "r+b") as f:
+        f.truncate(10)
+    with pytest.raises(ValueError) as e:
+        checkpoint.load(ckpt, {"model.w": torch.zeros(2, 3)}, no_dist=True)
+    assert "\n" not in str(e.value) and "unreadable checkpoint data" in str(e.value) and ckpt in str(e.value)
