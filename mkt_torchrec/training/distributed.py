@@ -218,6 +218,10 @@ def launch(nproc: int, fn: Callable[..., Any], *args: Any) -> Any:
     error_dir = tempfile.mkdtemp(prefix="mkt-errors-")
     previous = os.environ.get(ERROR_DIR_ENV)
     os.environ[ERROR_DIR_ENV] = error_dir
+    # C++ notices each worker would print (e.g. DDP's find_unused_parameters advice, once per rank) say nothing
+    # to a user; TORCH_CPP_LOG_LEVEL=WARNING (or MKT_DEBUG=1) shows them again. Read when a worker starts.
+    if "TORCH_CPP_LOG_LEVEL" not in os.environ and os.environ.get("MKT_DEBUG") != "1":
+        os.environ["TORCH_CPP_LOG_LEVEL"] = "ERROR"
     elastic_log = logging.getLogger("torch.distributed.elastic")
     level = elastic_log.level
     elastic_log.setLevel(logging.CRITICAL)  # its failure report is pages of tracebacks; ours is one line

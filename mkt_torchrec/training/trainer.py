@@ -413,17 +413,17 @@ def train(cfg: Config, stage: str, data_dir: str, run_dir: str, resume: bool = F
     if stage == "tem" and stage2_uses_mem(cfg):
         check_mem_run(cfg, mem_run)  # type: ignore[arg-type]
     manifest = open_dataset_shared(data_dir, cfg.schema)  # a bad --data fails before the run directory exists
+    asm = assemble(cfg, stage, info)  # a plan that cannot apply fails before the run directory exists
     lock = _prepare_run_dir(cfg, stage, data_dir, run_dir, resume, mem_run, info)
     try:
-        return _train_locked(cfg, stage, data_dir, run_dir, resume, mem_run, info, manifest, lock)
+        return _train_locked(cfg, stage, data_dir, run_dir, resume, mem_run, info, manifest, lock, asm)
     finally:
         runlock.release(lock)
 
 
 def _train_locked(cfg: Config, stage: str, data_dir: str, run_dir: str, resume: bool, mem_run: Optional[str],
-                  info: DistInfo, manifest: Any, lock: Optional[str]) -> Dict[str, Any]:
-    """:func:`train` once the run directory is locked and prepared."""
-    asm = assemble(cfg, stage, info)
+                  info: DistInfo, manifest: Any, lock: Optional[str], asm: Assembled) -> Dict[str, Any]:
+    """:func:`train` once the stage is assembled and the run directory locked and prepared."""
     model, optimizer, plan = asm.model, asm.optimizer, asm.plan
     plan_record: Dict[str, Any] = {}
     if info.is_main:

@@ -296,7 +296,7 @@ def test_restart_at_1_then_3_ranks_and_other_plans_trains_every_row_once(small_d
     assert code == 1 and second != first and checkpoint.read_extra(second)["world_size"] == 1
     err = _train("mem", small_dataset, run, 3, "--resume", sets=(*sets, "train.planner.sharding_type=column_wise"))
     assert "mkt.train resumed" in err and "saved by 1 ranks, now 3" in err  # rank 0's log lines reach the user
-    assert "is_fx_tracing" not in err
+    assert "is_fx_tracing" not in err and "find_unused_parameters" not in err  # no library chatter
     manifest = json.load(open(os.path.join(small_dataset, "manifest.json")))
     train_rows = sum(manifest["rows"]["train"].values())
     ends = [r for r in _records(run) if "epoch_end" in r]
@@ -411,3 +411,29 @@ def test_mkt_run_resumes_a_rank_killed_in_each_stage_bit_equal(tmp_path):
     assert code == 0, err[-3000:]
     code, err, _ = _mkt(*run[:-4], *set_flags("data.batch_size=64"), *run[-4:], "--out", killed)
     assert code == 1 and "was made with other settings for ['data.batch_size']" in err, err[-3000:]
+
+
+def test_evaluate_again_at_another_world_size_replaces_the_predictions(small_dataset, mem_run, tmp_path):
+    """Evaluating with 2 ranks and then 1 used to report the rows of both (old part files were kept)."""
+    manifest = json.load(open(os.path.join(small_dataset, "manifest.json")))
+    for nproc in (2, 1):
+        code, err, _ = _mkt("evaluate", "--config", QUICKSTART, *EVAL, "--run-dir", mem_run, "--data",
+                            small_dataset, "--nproc", str(nproc))
+        assert code == 0, err[-3000:]
+        metrics = json.load(open(os.path.join(mem_run, "metrics.json")))
+        assert metrics["world_size"] == nproc
+        assert metrics["source"]["rows"] + metrics["target"]["rows"] == sum(manifest["rows"]["test"].values())
+        assert len(os.listdir(os.path.join(mem_run, "predictions"))) == nproc
+
+
+def test_evaluate_without_test_rows_is_a_one_line_error(small_dataset, mem_run, tmp_path, capsys):
+    import shutil
+
+    data = str(tmp_path / "data")
+    shutil.copytree(small_dataset, data)
+    manifest = json.load(open(os.path.join(data, "manifest.json")))
+    manifest["splits"]["test"], manifest["rows"]["test"] = [], {"source": 0, "target": 0}
+    json.dump(manifest, open(os.path.join(data, "manifest.json"), "w"))
+    assert main(["evaluate", "--config", QUICKSTART, *EVAL, "--run-dir", mem_run, "--data", data]) == 1
+    err = capsys.readouterr().err.strip()
+    assert "the test split has no rows to evaluate" in err and len(err.splitlines()) == 1, err

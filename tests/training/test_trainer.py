@@ -117,6 +117,7 @@ def test_plan_file_from_mkt_plan_is_used_by_the_trainer(small_dataset, tmp_path)
     with pytest.raises(Exception):  # a plan for another world size is refused, naming it
         _train("mem", small_dataset, str(tmp_path / "refused"), 1,
                sets=("train.max_steps=2", f"train.planner.plan_file={plan}"))
+    assert not os.path.exists(tmp_path / "refused")  # before the run directory is made
 
 
 def test_stage2_refuses_a_mem_of_another_structure(small_dataset, mem_run, tmp_path, capsys):
