@@ -47,3 +47,23 @@ def test_config_lists_every_key_with_value_and_meaning(capsys):
     assert main(["config", "--config", QUICKSTART, "--set", "train.epochs=7"]) == 0
     assert any(line.startswith("train.epochs = 7 ") for line in capsys.readouterr().out.splitlines())
     assert main(["config", "--set", "train.epochs=7"]) == 2
+
+
+def test_every_command_decides_progress_bars_the_same_way(monkeypatch):
+    from mkt_torchrec import logs
+
+    for value, expected in (("1", True), ("0", False)):
+        monkeypatch.setenv("MKT_PROGRESS", value)
+        assert logs.progress_enabled() is expected
+    monkeypatch.delenv("MKT_PROGRESS")
+    assert logs.progress_enabled() is False  # pytest's stderr is not a terminal
+
+
+def test_an_os_error_is_a_one_line_error(tmp_path, capsys):
+    """A read-only or full disk, or a path under a file, surfaces as one line naming the path."""
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    assert main(["synth", "--config", QUICKSTART, *[w for s in SMALL for w in ("--set", s)],
+                 "--out", str(blocker / "ds")]) == 1
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and str(blocker) in err, err

@@ -288,3 +288,15 @@ def test_null_inside_a_sequence_names_file_column_and_row(small_dataset, tmp_pat
         list(ParquetReader(ds, "train", cfg.schema, cfg.data, training=False))
     assert f"part-00000.parquet: row group {row // 500}: column 'hist_source_items' row {row % 500}: a null inside" \
         in str(e.value)
+
+
+def test_files_that_differ_only_in_nullability_read_together(small_dataset, tmp_path):
+    """A window spanning two files whose schemas differ only in nullability used to fail in concat_tables."""
+    ds = _copy_dataset(small_dataset, tmp_path)
+    path = os.path.join(ds, "train", "part-00000.parquet")
+    t = pq.read_table(path)
+    loose = pa.schema([f.with_nullable(True) for f in t.schema])
+    pq.write_table(t.cast(loose), path, row_group_size=500)
+    cfg = small_config("data.shuffle_window_rows=100000")  # one window across every file
+    reference = collections.Counter(_all_rows(ParquetReader(small_dataset, "train", cfg.schema, cfg.data)))
+    assert collections.Counter(_all_rows(ParquetReader(ds, "train", cfg.schema, cfg.data))) == reference

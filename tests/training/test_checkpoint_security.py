@@ -156,3 +156,21 @@ def test_truncated_tensor_data_is_a_one_line_error(good_ckpt, tmp_path):
     with pytest.raises(ValueError) as e:
         checkpoint.load(ckpt, {"model.w": torch.zeros(2, 3)}, no_dist=True)
     assert "\n" not in str(e.value) and "unreadable checkpoint data" in str(e.value) and ckpt in str(e.value)
+
+
+def test_a_failed_write_on_a_full_disk_says_so(tmp_path, monkeypatch):
+    """torch's own message for a short write is 'unexpected pos 704 vs 598', which never says 'no space left'."""
+    import collections
+
+    def short_write(*args, **kwargs):
+        raise RuntimeError("[enforce fail at inline_container.cc:603] . unexpected pos 704 vs 598")
+
+    monkeypatch.setattr(checkpoint.dcp, "save", short_write)
+    monkeypatch.setattr(checkpoint.shutil, "disk_usage", lambda p: collections.namedtuple("U", "total used free")(
+        10 << 30, (10 << 30) - (3 << 20), 3 << 20))
+    monkeypatch.setattr(checkpoint.dist, "barrier", lambda *a, **k: None)
+    with pytest.raises(OSError) as e:
+        checkpoint.save(str(tmp_path / "run"), 5, {"w": torch.zeros(2)}, {}, False, 1)
+    message = str(e.value)
+    assert "\n" not in message and "step-00000005" in message and "disk is probably full" in message
+    assert "unexpected pos 704 vs 598" in message
