@@ -21,6 +21,16 @@ SMALL = [
 ]
 
 
+class CommandOnUnpickle:
+    """An attack payload: unpickling it runs ``command`` in a shell (``os.system``)."""
+
+    def __init__(self, command: str) -> None:
+        self.command = command
+
+    def __reduce__(self):
+        return os.system, (self.command,)
+
+
 def set_flags(*sets: str) -> list:
     """Command-line ``--set KEY=VALUE`` flags for each override."""
     return [word for s in sets for word in ("--set", s)]

@@ -12,15 +12,7 @@ from mkt_torchrec.models.mkt import MEM, TEM, MKTTarget, knowledge_dims
 from mkt_torchrec.models.serving import UnsafeServingFile, export_serving, load_serving, padded_ids, serving_keys
 from mkt_torchrec.data.reader import ParquetReader
 
-from tests.conftest import small_config
-
-
-class _Reduce:
-    def __init__(self, command: str) -> None:
-        self.command = command
-
-    def __reduce__(self):
-        return os.system, (self.command,)
+from tests.conftest import CommandOnUnpickle, small_config
 
 
 @pytest.fixture(scope="module")
@@ -38,7 +30,7 @@ def exported(small_dataset, tmp_path_factory) -> str:
 def _poisoned(path: str, out: str, command: str) -> str:
     """The archive with its first weight turned into a pickle whose loading runs ``command``."""
     buf = io.BytesIO()
-    torch.save(_Reduce(command), buf)
+    torch.save(CommandOnUnpickle(command), buf)
     with zipfile.ZipFile(path) as src, zipfile.ZipFile(out, "w") as dst:
         for item in src.infolist():
             data = src.read(item.filename)

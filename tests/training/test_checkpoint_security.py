@@ -18,7 +18,7 @@ from mkt_torchrec.cli import main
 from mkt_torchrec.training import checkpoint
 from mkt_torchrec.training.checkpoint import UnsafeCheckpoint
 
-from tests.conftest import QUICKSTART, SMALL, set_flags
+from tests.conftest import QUICKSTART, SMALL, CommandOnUnpickle, set_flags
 
 
 def _short(s: str) -> bytes:  # SHORT_BINUNICODE
@@ -31,14 +31,6 @@ def _dotted_global_attack(command: str) -> bytes:
     DCP's own (what a module-prefix allow-list admits); the dotted name reaches ``os`` through it."""
     return (b"\x80\x04" + _short("torch.distributed.checkpoint.filesystem") + _short("os.system") + b"\x93"
             + _short(command) + b"\x85" + b"R" + b".")
-
-
-class _Reduce:
-    def __init__(self, command: str) -> None:
-        self.command = command
-
-    def __reduce__(self):
-        return os.system, (self.command,)
 
 
 @pytest.fixture(scope="module")
@@ -62,7 +54,7 @@ def _bytes_entry_attack(good: str, tmp_path, command: str) -> str:
 
     ckpt = _copy(good, tmp_path, "bytes")
     buf = io.BytesIO()
-    torch.save(_Reduce(command), buf)
+    torch.save(CommandOnUnpickle(command), buf)
     with open(os.path.join(ckpt, "payload.distcp"), "wb") as f:
         f.write(buf.getvalue())
     md = checkpoint.SafeFileSystemReader(good).read_metadata()
@@ -81,7 +73,7 @@ def _attacks(good: str, tmp_path, marker: str) -> dict:
         f.write(_dotted_global_attack(command))
     reduce = _copy(good, tmp_path, "reduce")
     with open(os.path.join(reduce, ".metadata"), "wb") as f:
-        pickle.dump(_Reduce(command), f)
+        pickle.dump(CommandOnUnpickle(command), f)
     return {"dotted name through an allowed module": dotted, "plain __reduce__": reduce,
             "bytes entry -> torch.load": _bytes_entry_attack(good, tmp_path, command)}
 
