@@ -206,6 +206,10 @@ def _add_export(p: argparse.ArgumentParser) -> None:
 def _run_export(args: argparse.Namespace, cfg: Config) -> int:
     from mkt_torchrec.training.export import export_run
 
+    if args.config or args.overrides:
+        raise ValueError(f"export takes no --config / --set: the model and its settings come from "
+                         f"{os.path.join(args.run_dir, 'run.json')}")
+
     print(json.dumps({"serving": export_run(args.run_dir, args.data, args.out)}))
     return 0
 
@@ -300,13 +304,15 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="mkt",
         description="MKT: multi-entity knowledge transfer CTR prediction on TorchRec.",
-        epilog="Every subcommand takes --config FILE (optional for config and report) and repeatable --set "
-           "dotted.key=value overrides.",
+        epilog="Every subcommand takes --config FILE (optional for config and report; export uses the run's own) "
+           "and repeatable --set dotted.key=value overrides.",
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name, (help_text, add, _) in _COMMANDS.items():
         p = sub.add_parser(name, help=help_text, description=help_text)
-        optional = name in ("config", "report")  # report reads the runs; a config only sets its eval.* options
+        # config lists settings; report reads the runs (a config only sets its eval.* options); export uses the
+        # run's own config
+        optional = name in ("config", "report", "export")
         p.add_argument("--config", required=not optional,
                        help="YAML config file (see configs/)" + (" (optional)" if optional else ""))
         p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",

@@ -144,3 +144,14 @@ def test_run_without_checkpoint_is_refused(runs, tmp_path):
     shutil.copy(os.path.join(runs["tem"], "run.json"), run / "run.json")
     with pytest.raises(FileNotFoundError, match="no checkpoint"):
         export_run(str(run))
+
+
+def test_export_command_uses_the_runs_own_config(runs, tmp_path, capsys):
+    from mkt_torchrec.cli import main
+
+    out = str(tmp_path / "cli-export")
+    assert main(["export", "--run-dir", runs["tem"], "--out", out]) == 0
+    assert os.path.isfile(os.path.join(out, "model.pt2"))
+    assert main(["export", "--run-dir", runs["tem"], "--set", "model.ablation=no_hfa"]) == 2  # --set needs --config
+    assert main(["export", "--config", QUICKSTART, "--run-dir", runs["tem"]]) == 1
+    assert "takes no --config" in capsys.readouterr().err
