@@ -73,6 +73,25 @@ def _run_tenrec(args: argparse.Namespace, cfg: Config) -> int:
 
 
 # --------------------------------------------------------------------------------------------------------
+# mkt rewrite: an older dataset into this release's layout
+# --------------------------------------------------------------------------------------------------------
+
+
+def _add_rewrite(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--data", required=True, help="dataset to read (left untouched)")
+    p.add_argument("--out", required=True, help="dataset directory to create")
+    p.add_argument("--overwrite", action="store_true", help="replace --out if it exists (once the new one is complete)")
+
+
+def _run_rewrite(args: argparse.Namespace, cfg: Config) -> int:
+    from mkt_torchrec.data.dataset import rewrite_dataset
+
+    manifest = rewrite_dataset(args.data, args.out, cfg.schema, overwrite=args.overwrite)
+    print(json.dumps({"out": args.out, "rows": manifest.rows, "format_version": manifest.format_version}))
+    return 0
+
+
+# --------------------------------------------------------------------------------------------------------
 # mkt inspect: read a dataset back through the reader
 # --------------------------------------------------------------------------------------------------------
 
@@ -286,6 +305,8 @@ def _run_config(args: argparse.Namespace, cfg: Optional[Config]) -> int:
 _COMMANDS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], None], Handler]] = {
     "synth": ("write a synthetic dataset with planted cross-entity structure", _add_synth, _run_synth),
     "tenrec": ("convert Tenrec's QK-video / QK-article CSVs into a dataset", _add_tenrec, _run_tenrec),
+    "rewrite": ("rewrite a dataset of an older release into this one's layout (entity-pure row groups)",
+                _add_rewrite, _run_rewrite),
     "inspect": ("read a dataset split back through the reader and summarise it", _add_inspect, _run_inspect),
     "train": ("train a stage (mem: pre-train, tem: fine-tune) with DistributedModelParallel", _add_train, _run_train),
     "evaluate": ("score a run on the test split: predictions + metrics.json (AUC, GAUC)", _add_evaluate,

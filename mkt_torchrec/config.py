@@ -193,14 +193,18 @@ class DataConfig:
         batch_size: rows per batch on each rank.
         shuffle: shuffle row groups and rows (seeded) in training; evaluation never shuffles.
         shuffle_window_rows: rows are shuffled within windows of this many consecutive rows of the epoch's
-            (shuffled) row-group order; also the read unit when not shuffling. It bounds the reader's memory.
+            (shuffled) row-group order; also the read unit when not shuffling. Keep it several row groups large
+            (the writers' row groups: 20000 rows for ``mkt synth``'s default, 100000 for ``mkt tenrec``) so rows
+            mix across row groups; the reader warns once when a row group is larger. It bounds the reader's
+            memory: one window per slot (``max(1, num_workers)`` per rank), about 1.5 KB a row at peak with
+            sequences of length 50 (about 0.8 GB per slot at the default; ``tools/bench_data.py`` measures it).
         num_workers: DataLoader worker processes per rank (0: read in the training process).
         seed: base seed of all shuffles.
     """
 
     batch_size: int = 512
     shuffle: bool = True
-    shuffle_window_rows: int = 131072
+    shuffle_window_rows: int = 524288
     num_workers: int = 0
     seed: int = 0
 
@@ -399,6 +403,10 @@ class PlannerConfig:
         plan_file: a plan written by ``mkt plan``; when set the trainer uses it instead of planning.
         sharding_type: shard every table this way where its collection and the compute device allow it
             (``data_parallel``, ``table_wise``, ``column_wise``, ``row_wise``, ...); empty: the planner chooses.
+        pooling_factors: mean ids looked up per row for each sparse key (feature or sequence name -> number
+            > 0), which the planner's cost and memory estimates scale with, e.g. ``{hist_source_items: 31.5}``.
+            A key missing here takes the dataset's measured mean (``mkt plan --data``, the trainer's data),
+            else 1 for a single-valued feature and max_len for a sequence (an upper bound).
     """
 
     compute_device: Literal["auto", "cpu", "cuda"] = "auto"
@@ -407,12 +415,16 @@ class PlannerConfig:
     local_world_size: int = 0
     plan_file: Optional[str] = None
     sharding_type: str = ""
+    pooling_factors: dict[str, float] = field(default_factory=dict)
 
     def _validate(self, key: str) -> None:
         allowed = ("", "data_parallel", "table_wise", "column_wise", "table_column_wise", "row_wise",
                    "table_row_wise", "grid_shard")
         _check(self.sharding_type in allowed, f"{key}.sharding_type",
                f"expected one of {list(allowed[1:])} or empty, got {self.sharding_type!r}")
+        for name, v in self.pooling_factors.items():  # the keys are checked against the schema when planning
+            _check(0 < v < float("inf"), f"{key}.pooling_factors.{name}",
+                   f"expected a number > 0 (mean ids per row), got {v}")
 
 
 @dataclass
@@ -429,7 +441,12 @@ class TrainConfig:
         checkpoint_every_minutes: minutes of training between checkpoints (0: none by time); saves are
             asynchronous, so training does not wait for the write.
         keep_checkpoints: how many complete checkpoints to keep.
-        log_every: steps between log lines / metrics records.
+        log_every: steps between log lines / metrics records; also how often the losses are read back from the
+            device (the only host sync of training) and rank 0's clock is checked for a time-based checkpoint.
+        precision: ``bf16`` runs the dense towers under bfloat16 autocast (loss and optimizer state stay fp32);
+            ``fp32`` runs everything in float32.
+        embedding_precision: storage of the trainable embedding tables: ``fp16`` halves their memory (and the
+            lookup traffic); the fused optimizer's state stays fp32. A frozen stage-1 MEM keeps its precision.
         seed: seed of parameter initialisation.
         threads: intra-op threads per rank (1 avoids oversubscribing small machines).
         planner: topology for TorchRec's planner.
@@ -445,6 +462,8 @@ class TrainConfig:
     checkpoint_every_minutes: float = 30.0
     keep_checkpoints: int = 2
     log_every: int = 50
+    precision: Literal["fp32", "bf16"] = "fp32"
+    embedding_precision: Literal["fp32", "fp16"] = "fp32"
     seed: int = 0
     threads: int = 1
     planner: PlannerConfig = field(default_factory=PlannerConfig)

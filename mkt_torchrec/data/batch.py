@@ -68,7 +68,7 @@ class Batch(Pipelineable):
             return None if t is None else t.pin_memory()
 
         return Batch(
-            sparse_features=self.sparse_features.pin(),
+            sparse_features=self.sparse_features.pin_memory(),
             dense_features=pin(self.dense_features),  # type: ignore[arg-type]
             labels=pin(self.labels),  # type: ignore[arg-type]
             entity=pin(self.entity),  # type: ignore[arg-type]

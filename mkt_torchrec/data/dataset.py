@@ -2,9 +2,18 @@
 
 Layout::
 
-    DIR/manifest.json            format version, schema digest, columns, per-split files and row counts
+    DIR/manifest.json            format version, schema digest, columns, per-split files, row groups and the
+                                 entity of each row group, row counts, mean values per row of each sparse key
     DIR/train/part-00000.parquet
     DIR/test/part-00000.parquet
+
+**Entity-pure row groups (format 2).** Every row group holds rows of one entity only, and the manifest records
+which (``FileInfo.row_group_entity``, codes of :data:`~mkt_torchrec.data.schema.ENTITY_CODES`), so a reader of
+one entity (stage 2 reads ``target``) opens only that entity's row groups and never decodes a row of the other.
+The writer buffers rows per (split, entity) and writes a row group when a buffer is full, so row groups follow
+the order their last row arrived, and within one entity rows keep their arrival order exactly. Format 1
+datasets (mixed row groups, no per-row-group entity) still open and read whole; reading one entity of them
+raises and names :func:`rewrite_dataset`, which streams a dataset into format 2.
 
 :class:`DatasetWriter` writes into ``DIR.tmp-<pid>`` and renames it to ``DIR`` only when every file and the
 manifest are complete, so an interrupted run never leaves a dataset that looks finished.
@@ -20,15 +29,20 @@ import shutil
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
+import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from mkt_torchrec.config import SchemaConfig
 from mkt_torchrec.fsutil import check_replaceable, replace_dir
 from mkt_torchrec.data.schema import ENTITY_CODES, arrow_schema, check_columns
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: entity-pure row groups, FileInfo.row_group_entity, Manifest.mean_lengths
+READABLE_VERSIONS = (1, 2)
 MANIFEST = "manifest.json"
+REWRITE_HINT = ("rewrite it with `mkt rewrite --config CONFIG --data {data} --out NEW` (mkt_torchrec.data.dataset."
+                "rewrite_dataset), or regenerate it with `mkt synth` / `mkt tenrec` of this release")
 
 
 @dataclass
@@ -36,6 +50,13 @@ class FileInfo:
     path: str  # relative to the dataset directory
     rows: int
     row_groups: list[int]  # rows per row group
+    row_group_entity: Optional[list[int]] = None  # entity code of each row group; None in a format-1 dataset
+
+    def to_json(self) -> dict[str, Any]:
+        d: dict[str, Any] = {"path": self.path, "rows": self.rows, "row_groups": self.row_groups}
+        if self.row_group_entity is not None:
+            d["row_group_entity"] = self.row_group_entity
+        return d
 
 
 @dataclass
@@ -47,6 +68,9 @@ class Manifest:
     splits: dict[str, list[FileInfo]]
     rows: dict[str, dict[str, int]]  # split -> entity -> rows
     source: dict[str, Any] = field(default_factory=dict)  # how it was made (synth params, tenrec inputs)
+    # split -> sparse key -> mean values per row (single-valued: fraction non-null; sequence: mean length after
+    # truncation to max_len). The planner's pooling factors. Empty in a format-1 dataset.
+    mean_lengths: dict[str, dict[str, float]] = field(default_factory=dict)
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -54,42 +78,79 @@ class Manifest:
             "schema_digest": self.schema_digest,
             "columns": self.columns,
             "optional_columns": self.optional_columns,
-            "splits": {s: [vars(f) for f in fs] for s, fs in self.splits.items()},
+            "splits": {s: [f.to_json() for f in fs] for s, fs in self.splits.items()},
             "rows": self.rows,
             "source": self.source,
+            "mean_lengths": self.mean_lengths,
         }
 
     @classmethod
     def from_json(cls, d: dict[str, Any], where: str) -> "Manifest":
         try:
-            if d["format_version"] != FORMAT_VERSION:
-                raise ValueError(f"format_version {d['format_version']} (this code reads {FORMAT_VERSION})")
+            version = d["format_version"]
+            if version not in READABLE_VERSIONS:
+                raise ValueError(f"format_version {version} (this code reads {list(READABLE_VERSIONS)})")
+            splits = {s: [FileInfo(**f) for f in fs] for s, fs in d["splits"].items()}
+            for fi in (fi for fs in splits.values() for fi in fs):
+                _check_file_info(fi, version)
             return cls(
-                format_version=d["format_version"],
+                format_version=version,
                 schema_digest=d["schema_digest"],
                 columns=list(d["columns"]),
                 optional_columns=list(d.get("optional_columns", [])),
-                splits={s: [FileInfo(**f) for f in fs] for s, fs in d["splits"].items()},
+                splits=splits,
                 rows={s: dict(v) for s, v in d["rows"].items()},
                 source=dict(d.get("source", {})),
+                mean_lengths={s: {k: float(m) for k, m in v.items()} for s, v in d.get("mean_lengths", {}).items()},
             )
         except (KeyError, TypeError, ValueError) as e:
             raise ValueError(f"{where}: not a valid manifest ({type(e).__name__}: {e})") from None
 
-    def split_rows(self, split: str) -> int:
-        return sum(f.rows for f in self.splits.get(split, []))
+    @property
+    def entity_pure(self) -> bool:
+        """Every row group holds one entity and the manifest says which (format 2 and later)."""
+        return self.format_version >= 2
+
+    def split_rows(self, split: str, entity: Optional[int] = None) -> int:
+        """Rows of ``split``; of one entity (code) only if ``entity`` is given (needs :attr:`entity_pure`)."""
+        files = self.splits.get(split, [])
+        if entity is None:
+            return sum(f.rows for f in files)
+        return sum(n for f in files for n, e in zip(f.row_groups, f.row_group_entity or []) if e == entity)
+
+
+def _check_file_info(fi: FileInfo, version: int) -> None:
+    """A file entry's row groups add up, and (format 2) each has an entity code."""
+    if sum(fi.row_groups) != fi.rows:
+        raise ValueError(f"{fi.path}: row groups of {sum(fi.row_groups)} rows but rows={fi.rows}")
+    if version < 2:
+        return
+    codes = fi.row_group_entity
+    if codes is None or len(codes) != len(fi.row_groups):
+        raise ValueError(f"{fi.path}: row_group_entity must give the entity of each of its "
+                         f"{len(fi.row_groups)} row groups, got {codes!r}")
+    if any(c not in ENTITY_CODES.values() for c in codes):
+        raise ValueError(f"{fi.path}: row_group_entity holds a code other than {sorted(ENTITY_CODES.values())}")
 
 
 class DatasetWriter:
     """Streams Arrow tables into sharded Parquet files; publishes the dataset atomically on ``close``.
 
+    Rows are buffered per (split, entity) and written as entity-pure row groups of ``row_group_rows`` rows as
+    soon as a buffer holds that many (the rest at ``close``), so a row group's rows are all of one entity, and
+    row groups follow the order their last row arrived. Memory: up to ``row_group_rows`` rows per (split,
+    entity) buffer.
+
     Args:
         out_dir: the dataset directory to create.
-        schema: the feature schema (decides the columns).
+        schema: the feature schema (decides the columns, and the ``max_len`` of each sequence that
+            ``Manifest.mean_lengths`` truncates to).
         optional: optional columns to write (``true_prob``, ``activity``).
         rows_per_file: rows per Parquet file (a new file starts after this many rows).
-        row_group_rows: rows per row group (the reader's unit of work).
+        row_group_rows: rows per row group (the reader's unit of work); the last of each (split, entity) may be
+            smaller.
         overwrite: replace an existing ``out_dir`` (only once the new one is complete).
+        schema_digest: recorded in the manifest.
 
     Example:
         >>> with DatasetWriter("data/ds", cfg.schema) as w:   # doctest: +SKIP
@@ -109,14 +170,19 @@ class DatasetWriter:
         self.rows_per_file = rows_per_file
         self.row_group_rows = row_group_rows
         self.schema_digest = schema_digest
+        self._max_len = {k: (schema.sequences[k].max_len if k in schema.sequences else None)
+                         for k in schema.sparse_keys}
         self.tmp_dir = f"{self.out_dir}.tmp-{os.getpid()}"
         shutil.rmtree(self.tmp_dir, ignore_errors=True)
         os.makedirs(self.tmp_dir)
         self._writers: dict[str, Optional[pq.ParquetWriter]] = {}
         self._files: dict[str, list[FileInfo]] = {}
         self._rows: dict[str, dict[str, int]] = {}
-        self._pending: dict[str, list[pa.Table]] = {}
-        self._pending_rows: dict[str, int] = {}
+        self._values: dict[str, dict[str, int]] = {}  # split -> sparse key -> values (after truncation)
+        self._pending: dict[tuple[str, int], list[pa.Table]] = {}  # (split, entity code) -> buffered rows
+        self._pending_rows: dict[tuple[str, int], int] = {}
+        self._last_arrival: dict[tuple[str, int], int] = {}  # arrival number of the newest buffered row
+        self._arrived = 0  # rows passed to write() so far
         self._source: dict[str, Any] = {}
         self._closed = False
 
@@ -135,33 +201,61 @@ class DatasetWriter:
         self._source = source
 
     def write(self, split: str, table: pa.Table) -> None:
-        """Append rows to ``split``. Columns are cast to the dataset schema (a mismatch raises)."""
+        """Append rows to ``split``. Columns are cast to the dataset schema (a mismatch raises); each row goes to
+        its entity's buffer, written as a row group once it holds ``row_group_rows`` rows."""
         if table.num_rows == 0:
             return
         table = table.select(self.schema.names).cast(self.schema)
         ent = table.column("entity").to_numpy()
+        bad = np.flatnonzero(~np.isin(ent, list(ENTITY_CODES.values())))
+        if bad.size:
+            raise ValueError(f"{self.out_dir}: split {split!r}: entity {ent[bad[0]]} in row {bad[0]} of a write; "
+                             f"entity must be one of {ENTITY_CODES}")
         counts = self._rows.setdefault(split, {"source": 0, "target": 0})
+        self._count_values(split, table)
+        full = []
         for name, code in ENTITY_CODES.items():
-            counts[name] += int((ent == code).sum())
-        self._pending.setdefault(split, []).append(table)
-        self._pending_rows[split] = self._pending_rows.get(split, 0) + table.num_rows
-        if self._pending_rows[split] >= self.row_group_rows:
-            self._flush(split, final=False)
+            mine = ent == code
+            n = int(mine.sum())
+            if n == 0:
+                continue
+            counts[name] += n
+            key = (split, code)
+            self._pending.setdefault(key, []).append(table if n == table.num_rows else table.filter(pa.array(mine)))
+            self._pending_rows[key] = self._pending_rows.get(key, 0) + n
+            self._last_arrival[key] = self._arrived + int(np.flatnonzero(mine)[-1])
+            if self._pending_rows[key] >= self.row_group_rows:
+                full.append(key)
+        self._arrived += table.num_rows
+        for key in sorted(full, key=self._last_arrival.__getitem__):  # the buffer whose last row came first
+            self._flush(key, final=False)
 
-    def _flush(self, split: str, final: bool) -> None:
-        pending = pa.concat_tables(self._pending.pop(split, []))
-        self._pending_rows[split] = 0
+    def _count_values(self, split: str, table: pa.Table) -> None:
+        """Add the values per sparse key of ``table`` (sequences truncated to ``max_len``) to ``split``'s sums."""
+        sums = self._values.setdefault(split, dict.fromkeys(self._max_len, 0))
+        for key, max_len in self._max_len.items():
+            col = table.column(key)
+            if max_len is None:
+                sums[key] += len(col) - col.null_count
+            else:
+                lengths = pc.list_value_length(col).to_numpy()
+                sums[key] += int(np.minimum(lengths, max_len).sum())
+
+    def _flush(self, key: tuple[str, int], final: bool) -> None:
+        """Write the full row groups buffered for ``key`` (and the rest too if ``final``)."""
+        pending = pa.concat_tables(self._pending.pop(key, []))
+        self._pending_rows[key] = 0
         start = 0
         n = pending.num_rows
         while n - start >= self.row_group_rows or (final and start < n):
             take = min(self.row_group_rows, n - start)
-            self._write_row_group(split, pending.slice(start, take))
+            self._write_row_group(key[0], key[1], pending.slice(start, take))
             start += take
         if start < n:
-            self._pending[split] = [pending.slice(start)]
-            self._pending_rows[split] = n - start
+            self._pending[key] = [pending.slice(start)]
+            self._pending_rows[key] = n - start
 
-    def _write_row_group(self, split: str, rg: pa.Table) -> None:
+    def _write_row_group(self, split: str, entity: int, rg: pa.Table) -> None:
         files = self._files.setdefault(split, [])
         writer = self._writers.get(split)
         if writer is None or files[-1].rows >= self.rows_per_file:
@@ -171,17 +265,25 @@ class DatasetWriter:
             os.makedirs(os.path.join(self.tmp_dir, split), exist_ok=True)
             writer = pq.ParquetWriter(os.path.join(self.tmp_dir, rel), self.schema, compression="zstd")
             self._writers[split] = writer
-            files.append(FileInfo(path=rel, rows=0, row_groups=[]))
+            files.append(FileInfo(path=rel, rows=0, row_groups=[], row_group_entity=[]))
         writer.write_table(rg, row_group_size=rg.num_rows)
         files[-1].rows += rg.num_rows
         files[-1].row_groups.append(rg.num_rows)
+        files[-1].row_group_entity.append(entity)  # type: ignore[union-attr]
+
+    def _mean_lengths(self) -> dict[str, dict[str, float]]:
+        out = {}
+        for split, sums in self._values.items():
+            rows = sum(self._rows[split].values())
+            out[split] = {k: v / rows for k, v in sums.items()} if rows else {}
+        return out
 
     def close(self) -> Manifest:
         """Flush, write the manifest, and rename the temporary directory into place."""
         if self._closed:
             raise RuntimeError("DatasetWriter already closed")
-        for split in list(self._pending):
-            self._flush(split, final=True)
+        for key in sorted(self._pending, key=self._last_arrival.__getitem__):
+            self._flush(key, final=True)
         for w in self._writers.values():
             if w is not None:
                 w.close()
@@ -193,6 +295,7 @@ class DatasetWriter:
             splits=self._files,
             rows=self._rows,
             source=self._source,
+            mean_lengths=self._mean_lengths(),
         )
         tmp_manifest = os.path.join(self.tmp_dir, MANIFEST)
         with open(tmp_manifest, "w", encoding="utf-8") as f:
@@ -307,3 +410,49 @@ def open_dataset_shared(data_dir: str, schema: SchemaConfig, group: Any = None) 
 
     comm.phase(check_share)
     return manifest
+
+
+def check_entity_readable(manifest: Manifest, data_dir: str, entity: str) -> None:
+    """Raise a one-line ``ValueError`` if ``entity``'s rows of the dataset cannot be read alone (format 1)."""
+    if not manifest.entity_pure:
+        raise ValueError(f"{data_dir}: format {manifest.format_version} dataset has row groups of mixed entities, "
+                         f"so entity={entity!r} cannot read only its rows; " + REWRITE_HINT.format(data=data_dir))
+
+
+def rewrite_dataset(src: str, dst: str, schema: SchemaConfig, overwrite: bool = False,
+                    row_group_rows: Optional[int] = None, rows_per_file: Optional[int] = None) -> Manifest:
+    """Stream the dataset ``src`` (any readable format) into a new dataset ``dst`` of this format.
+
+    Reads one row group at a time, in file order, through a :class:`DatasetWriter`, so memory is a row group
+    plus the writer's buffers; within each split and entity the rows keep their order. The new manifest keeps
+    ``src``'s schema digest and source, and adds ``source["rewritten_from"]``.
+
+    Args:
+        src: the dataset to read (left untouched).
+        dst: the dataset to write (atomically).
+        schema: the feature schema both datasets are for.
+        overwrite: replace an existing ``dst`` that is a dataset.
+        row_group_rows / rows_per_file: the new layout; default: ``src``'s largest row group and file.
+
+    Returns:
+        The manifest of ``dst``.
+
+    Example:
+        >>> rewrite_dataset("data/old", "data/new", cfg.schema)   # doctest: +SKIP
+    """
+    if os.path.abspath(src) == os.path.abspath(dst):
+        raise ValueError(f"{dst}: rewrite needs a new directory, not the dataset it reads")
+    old = open_dataset(src, schema)
+    files = _files_in_order(old)
+    with DatasetWriter(dst, schema, optional=tuple(old.optional_columns),
+                       rows_per_file=rows_per_file or max([f.rows for f in files], default=1_000_000),
+                       row_group_rows=row_group_rows or max([n for f in files for n in f.row_groups], default=100_000),
+                       overwrite=overwrite, schema_digest=old.schema_digest) as writer:
+        for split, split_files in old.splits.items():
+            for fi in split_files:
+                pf = pq.ParquetFile(os.path.join(src, fi.path))
+                for rg in range(pf.num_row_groups):
+                    writer.write(split, pf.read_row_group(rg))
+        writer.set_source({**old.source, "rewritten_from": {"path": os.path.abspath(src),
+                                                            "format_version": old.format_version}})
+        return writer.close()

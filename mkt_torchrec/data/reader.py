@@ -1,21 +1,34 @@
 """Streaming Parquet -> :class:`Batch` reader with exact, balanced and resumable sharding.
 
-An epoch's rows are the split's row groups in the epoch's order (shuffled with ``seed + epoch`` when training),
-numbered ``0 .. N-1``. They are dealt to ``world_size * max(1, num_workers)`` *slots* in contiguous shares of
-equal size (to one row: a row group is split between two slots where a share ends inside it), so every rank reads
-the same number of rows, a split with fewer row groups than ranks still feeds every rank, and across all ranks and
-workers every row is read exactly once per epoch. A slot reads its share in *windows* of at most
-``shuffle_window_rows`` rows: each window is read (only the needed columns), permuted with a seed of
-(seed, epoch, window start, window end), filtered to the wanted entity, its ids mapped to table rows and its
-sequences truncated to ``max_len``. Batches are cut from the stream of windows (a batch may span two windows).
+An epoch's *row sequence* is the split's row groups in the epoch's order (shuffled with ``seed + epoch`` when
+training), numbered ``0 .. N-1``. A reader of one entity (``entity="target"``, stage 2) takes only that entity's
+row groups (a format-2 dataset's row groups are entity-pure, :mod:`mkt_torchrec.data.dataset`), so it never reads
+or decodes a row of the other entity and ``N`` is the entity's row count. The rows are dealt to
+``world_size * max(1, num_workers)`` *slots* in contiguous shares of equal size (to one row: a row group is split
+between two slots where a share ends inside it), so every rank reads the same number of rows, a split with fewer
+row groups than ranks still feeds every rank, and across all ranks and workers every row is read exactly once per
+epoch. A slot reads its share in *windows* of at most ``shuffle_window_rows`` rows: each window is read (only the
+needed columns), permuted with a seed of (seed, epoch, window start, window end), its ids mapped to table rows and
+its sequences truncated to ``max_len``. Batches are cut from the stream of windows (a batch may span two windows);
+only a slot's last batch may be short.
 
-A window is ``[a, b, k0, k1]``: positions ``k0 .. k1-1`` of rows ``a .. b-1`` taken in the window's order.
-Positions count raw rows (before the entity filter), so all of this is known from the manifest without reading
-data. A slot's position is ``(window, offset)``. :meth:`ParquetReader.state_dict` holds every slot's windows and
-position plus which worker yields next, so a resumed run yields exactly the batches an uninterrupted one would have.
-A run restarted at another world size or worker count loads the states of *all* saved ranks: the windows no old
-slot has finished are cut and dealt to the new slots in equal shares (``_resplit``), so the epoch continues with
-no row read twice or skipped. Memory is bounded by one window (plus one cached row group) per slot.
+A window is ``[a, b, k0, k1]``: positions ``k0 .. k1-1`` of rows ``a .. b-1`` taken in the window's order. Every
+row of the sequence is yielded, so all of this is known from the manifest without reading data. A slot's position
+is ``(window, offset)``. :meth:`ParquetReader.state_dict` holds every slot's windows and position plus which worker
+yields next, so a resumed run yields exactly the batches an uninterrupted one would have. A run restarted at
+another world size or worker count loads the states of *all* saved ranks: the windows no old slot has finished are
+cut and dealt to the new slots in equal shares (``_resplit``), so the epoch continues with no row read twice or
+skipped.
+
+**Step schedule.** With ``num_workers`` W > 0 a rank's batches come from its W slots through a DataLoader, which
+asks its workers in turn, starting at the saved rotation and skipping a worker once it is exhausted; with W = 0
+the one slot yields them in order. So the length of every batch every rank will yield is a function of the
+layout (every rank's windows, positions and rotation) alone: :meth:`ParquetReader.step_rows` gives, for each
+remaining step of the epoch, the rows all ranks train together, without I/O or communication.
+
+Memory is bounded by one window (its Arrow rows and their decoded arrays, plus one cached row group) per slot:
+about 1.5 KB per row of ``shuffle_window_rows`` at peak with sequences of length 50. Training warns once (logger
+``mkt.data``) when a row group is larger than the window, since rows then mix only within a row group.
 
 Example:
     >>> reader = ParquetReader("data/ds", "train", cfg.schema, cfg.data)   # doctest: +SKIP
@@ -24,13 +37,13 @@ Example:
 
 from __future__ import annotations
 
+import logging
 import os
 from dataclasses import dataclass, replace
 from typing import Any, Callable, Iterator, Optional, Sequence, Union
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
@@ -38,11 +51,15 @@ from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 from mkt_torchrec.config import DataConfig, SchemaConfig
 from mkt_torchrec.data.batch import Batch
-from mkt_torchrec.data.dataset import Manifest, open_dataset
+from mkt_torchrec.data.dataset import Manifest, check_entity_readable, open_dataset
 from mkt_torchrec.data.jagged import gather_jagged, offsets_of
 from mkt_torchrec.data.schema import map_ids
 
 STATE_VERSION = 2
+ENTITY_NAMES = {None: None, 0: "source", 1: "target"}
+
+logger = logging.getLogger("mkt.data")
+_warned_windows: set[tuple[str, int]] = set()  # (dataset, window rows) already warned about
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -89,7 +106,10 @@ class _Decoder:
             col = t.column(key)
             arr = col.combine_chunks() if isinstance(col, pa.ChunkedArray) else col
             if max_len is None:  # single-valued, nullable
-                if arr.null_count:
+                if arr.null_count == len(arr):  # the other entity's feature in an entity-pure row group
+                    lens = np.zeros(n, dtype=np.int64)
+                    vals = np.zeros(0, dtype=np.int64)
+                elif arr.null_count:
                     valid = arr.is_valid().to_numpy(zero_copy_only=False)
                     raw = arr.fill_null(0).to_numpy()
                     lens = valid.astype(np.int64)[order]
@@ -201,19 +221,20 @@ class _Plan:
     window_rows: int
     seed: int
     drop_last: bool
-    entity: Optional[int]  # keep only rows of this entity code (None: all)
+    entity: Optional[int]  # read only the row groups of this entity code (None: all)
 
 
 # A window is [a, b, k0, k1]: the rows at positions k0..k1-1 of the epoch's rows a..b-1 taken in the window's
-# order (a seeded permutation of b - a when shuffling, else file order). Positions count raw rows (before the
-# entity filter), so every quantity here is known from the manifest without reading data.
+# order (a seeded permutation of b - a when shuffling, else file order). Every row is yielded, so every quantity
+# here is known from the manifest without reading data.
 Window = list  # [a, b, k0, k1]
 
 
 def _units(plan: _Plan, epoch: int) -> list[tuple[int, int]]:
-    """All (file, row group) units of the split, in this epoch's order."""
+    """The (file, row group) units of the split (of ``plan.entity`` only, if set), in this epoch's order."""
     units = [(fi, rg) for fi, f in enumerate(plan.manifest.splits.get(plan.split, []))
-             for rg in range(len(f.row_groups))]
+             for rg in range(len(f.row_groups))
+             if plan.entity is None or f.row_group_entity[rg] == plan.entity]  # type: ignore[index]
     if plan.shuffle:
         rng = np.random.default_rng([plan.seed, epoch, 0x5EED])
         units = [units[i] for i in rng.permutation(len(units))]
@@ -246,7 +267,7 @@ def _resplit(remaining: list[list[Window]], num_slots: int) -> list[list[Window]
 
 
 def _remaining(windows: list[Window], pos: dict[str, int]) -> list[Window]:
-    """The windows a slot has still to read from ``pos`` (``window`` index, ``offset`` raw rows into it)."""
+    """The windows a slot has still to read from ``pos`` (``window`` index, ``offset`` rows into it)."""
     wi, off = pos["window"], pos["offset"]
     if wi >= len(windows):
         return []
@@ -324,11 +345,12 @@ def _slot_stream(plan: _Plan, epoch: int, windows: list[Window], pos: dict[str, 
             order = np.random.default_rng([plan.seed, epoch, a, b]).permutation(b - a)[start:k1]
         else:
             order = np.arange(start, k1, dtype=np.int64)
-        raw_after = np.arange(start - k0 + 1, k1 - k0 + 1, dtype=np.int64)  # raw position after each row
-        if plan.entity is not None:
-            keep = table.column("entity").to_numpy()[order] == plan.entity
-            order, raw_after = order[keep], raw_after[keep]
         window = decoder.decode(table, order, locate)
+        if plan.entity is not None and window.n and (window.entity != plan.entity).any():
+            i = int(np.flatnonzero(window.entity != plan.entity)[0])
+            place, row = locate(int(order[i]))
+            raise ValueError(f"{place}: row {row} is of entity {window.entity[i]} but the manifest says the row "
+                             f"group holds entity {plan.entity} only (the files do not match the manifest)")
         i = 0
         while i < window.n:
             take = min(plan.batch_size - have, window.n - i)
@@ -336,7 +358,7 @@ def _slot_stream(plan: _Plan, epoch: int, windows: list[Window], pos: dict[str, 
             have += take
             i += take
             if have == plan.batch_size:
-                end = int(raw_after[i - 1])
+                end = start - k0 + i  # position (in the window's rows k0..k1-1) after the batch's last row
                 next_pos = {"window": wi, "offset": end} if end < k1 - k0 else {"window": wi + 1, "offset": 0}
                 yield _make_batch(parts, decoder.keys), next_pos
                 parts, have = [], 0
@@ -370,6 +392,40 @@ def _passthrough(x: Any) -> Any:
     return x
 
 
+@dataclass
+class _RankLayout:
+    """What is left of one rank's epoch: its slots' windows and positions, and the local slot that yields next."""
+
+    windows: list[list[Window]]  # per local slot
+    positions: list[dict[str, int]]  # per local slot
+    rotation: int
+
+    def slot_rows(self) -> list[int]:
+        """Rows each local slot has still to yield."""
+        return [sum(w[3] - w[2] for w in _remaining(ws, p)) for ws, p in zip(self.windows, self.positions)]
+
+
+def _batch_lengths(slot_rows: list[int], rotation: int, batch_size: int, drop_last: bool) -> np.ndarray:
+    """The length of each batch one rank will yield, in order, given the rows left in each of its slots.
+
+    A slot yields full batches and then its short rest (unless ``drop_last``); the slots take turns from
+    ``rotation`` on, one batch each, and an exhausted slot is skipped (what a DataLoader's in-order round robin
+    over its workers does; with one slot, the slot's own order).
+
+    Returns:
+        (S,) int64: the rows of this rank's batch at each of its S remaining steps.
+    """
+    w = len(slot_rows)
+    order = [(rotation + i) % w for i in range(w)]  # the turn of each slot within a round
+    full = np.array([slot_rows[s] // batch_size for s in order], dtype=np.int64)  # (W,)
+    rest = np.array([0 if drop_last else slot_rows[s] % batch_size for s in order], dtype=np.int64)  # (W,)
+    count = full + (rest > 0)  # (W,) batches per slot
+    rounds = int(count.max(initial=0))
+    k = np.arange(rounds, dtype=np.int64)[:, None]  # (K, 1) round
+    lengths = np.where(k < full[None, :], batch_size, rest[None, :])  # (K, W)
+    return lengths[k < count[None, :]]  # round-major: (S,)
+
+
 class ParquetReader:
     """Iterates one epoch of :class:`Batch` objects of a dataset split for one rank.
 
@@ -380,14 +436,24 @@ class ParquetReader:
         data: batch size, shuffling, workers, seed.
         rank / world_size: this process's share of the work.
         training: shuffle (if ``data.shuffle``); evaluation reads in file order.
-        entity: ``source`` / ``target`` to keep only that entity's rows (stage 2 reads ``target``).
+        entity: ``source`` / ``target`` to read only the row groups of that entity (stage 2 reads ``target``);
+            needs a format-2 dataset (entity-pure row groups), a format-1 one raises ``ValueError`` naming the
+            way to rewrite it.
         drop_last: drop each slot's last partial batch.
+        batch_size: rows per batch, instead of ``data.batch_size``.
         manifest: the dataset's manifest when the caller has opened it already (skips re-reading it).
 
     Iterating yields the rest of the current epoch and then moves the position to the next epoch.
     ``state_dict()`` / ``load_state_dict()`` save and restore the exact position (JSON-serialisable);
     ``load_state_dict`` also takes the states of every rank of a run saved at another world size (or worker
-    count) and deals the epoch's remaining rows over this world (see the module docstring).
+    count) and deals the epoch's remaining rows over this world (see the module docstring). ``step_rows()``
+    tells, from the layout alone, how many rows all ranks yield at each remaining step of the epoch.
+
+    Example:
+        >>> readers = [ParquetReader("data/ds", "train", cfg.schema, cfg.data, rank=r, world_size=2,
+        ...                          entity="target") for r in range(2)]          # doctest: +SKIP
+        >>> readers[0].step_rows() == readers[1].step_rows()                      # doctest: +SKIP
+        True
     """
 
     def __init__(self, data_dir: str, split: str, schema: SchemaConfig, data: DataConfig, rank: int = 0,
@@ -396,11 +462,13 @@ class ParquetReader:
                  manifest: Optional[Manifest] = None) -> None:
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} is outside world_size {world_size}")
+        if entity not in (None, "source", "target"):
+            raise ValueError(f"entity must be 'source', 'target' or None, got {entity!r}")
         self.manifest = manifest if manifest is not None else open_dataset(data_dir, schema)
         if split not in self.manifest.splits:
             raise ValueError(f"{data_dir}: no split {split!r}; splits: {sorted(self.manifest.splits)}")
-        if entity not in (None, "source", "target"):
-            raise ValueError(f"entity must be 'source', 'target' or None, got {entity!r}")
+        if entity is not None:
+            check_entity_readable(self.manifest, data_dir, entity)
         self.plan = _Plan(
             data_dir=data_dir, manifest=self.manifest, split=split, schema=schema,
             batch_size=batch_size or data.batch_size, shuffle=training and data.shuffle,
@@ -410,43 +478,95 @@ class ParquetReader:
         self.rank, self.world_size = rank, world_size
         self.num_workers = data.num_workers
         self._slots = max(1, self.num_workers)
-        self._epoch = 0
-        self._windows: Optional[list[list[Window]]] = None  # per local slot; None: the epoch's fresh layout
-        self._positions = self._fresh_positions()
-        self._rotation = 0
+        self._warn_if_windows_are_small()
+        self.set_epoch(0)
 
     @property
     def epoch(self) -> int:
         return self._epoch
 
+    def _warn_if_windows_are_small(self) -> None:
+        """Log once per dataset and window size if a shuffled window holds less than one row group."""
+        largest = max((n for f in self.manifest.splits[self.plan.split] for n in f.row_groups), default=0)
+        key = (os.path.abspath(self.plan.data_dir), self.plan.window_rows)
+        if self.plan.shuffle and largest > self.plan.window_rows and key not in _warned_windows:
+            _warned_windows.add(key)
+            logger.warning("%s: row groups of up to %d rows are larger than data.shuffle_window_rows=%d, so "
+                           "training shuffles rows within parts of one row group only; raise "
+                           "data.shuffle_window_rows (memory: one decoded window per rank and worker)",
+                           self.plan.data_dir, largest, self.plan.window_rows)
+
     def _fresh_positions(self) -> list[dict[str, int]]:
         return [{"window": 0, "offset": 0} for _ in range(self._slots)]
+
+    def _fresh_rank(self, rank: int) -> _RankLayout:
+        total, num_slots = self.num_rows(), self.world_size * self._slots
+        return _RankLayout([_fresh_windows(total, num_slots, rank * self._slots + s, self.plan.window_rows)
+                            for s in range(self._slots)], self._fresh_positions(), 0)
 
     def _layout(self) -> list[list[Window]]:
         if self._windows is not None:
             return self._windows
-        total, num_slots = self.num_rows(), self.world_size * self._slots
-        return [_fresh_windows(total, num_slots, self.rank * self._slots + s, self.plan.window_rows)
-                for s in range(self._slots)]
+        return self._fresh_rank(self.rank).windows
+
+    def _restart_pass(self, ranks: Optional[list[_RankLayout]], known: bool) -> None:
+        """Every rank's layout from here (``None``: the epoch's fresh one; unknown if not ``known``)."""
+        self._ranks = ranks
+        self._ranks_known = known
+        self._steps = 0  # batches this rank has yielded since
+        self._schedule: Optional[np.ndarray] = None
 
     def num_rows(self) -> int:
-        """Rows of the split in the dataset (all ranks together; before any entity filter)."""
-        return self.manifest.split_rows(self.plan.split)
+        """Rows of the split this reader's epoch reads, all ranks together: the entity's rows when reading one
+        entity, else every row."""
+        return self.manifest.split_rows(self.plan.split, self.plan.entity)
 
     def rows_left(self) -> int:
-        """Raw rows (before the entity filter) this rank has still to read in the current epoch."""
+        """Rows this rank has still to yield in the current epoch (those :meth:`num_rows` counts)."""
         return sum(w[3] - w[2] for windows, pos in zip(self._layout(), self._positions)
                    for w in _remaining(windows, pos))
 
+    def batches_left(self) -> int:
+        """Batches this rank has still to yield in the current epoch."""
+        mine = _RankLayout(self._layout(), self._positions, self._rotation)
+        return len(_batch_lengths(mine.slot_rows(), self._rotation, self.plan.batch_size, self.plan.drop_last))
+
+    def step_rows(self) -> list[int]:
+        """Rows all ranks yield together at each remaining global step of the current epoch.
+
+        Element ``t`` is the sum over ranks of the length of the batch each rank yields at the ``t``-th step from
+        here (0 for a rank that has run out); ``len`` is the most batches any rank has left. It is computed from
+        the layout alone (manifest, windows, every rank's positions and worker rotation), so every rank gets the
+        same list without reading data or communicating. The ranks are taken to step together: every rank has
+        yielded as many batches as this one since the epoch began or the state was loaded. Once this rank's
+        iteration has ended, the reader is at the next epoch and this is that epoch's schedule.
+
+        Raises:
+            ValueError: :meth:`load_state_dict` was given only this rank's state (of a world of more than one),
+                so the other ranks' positions in this epoch are unknown.
+        """
+        if not self._ranks_known:
+            raise ValueError(f"ParquetReader.step_rows needs every rank's state: load_state_dict was given only "
+                             f"rank {self.rank}'s of {self.world_size}; pass the states of all ranks (a list)")
+        if self._schedule is None:
+            ranks = self._ranks if self._ranks is not None else [self._fresh_rank(r) for r in range(self.world_size)]
+            per_rank = [_batch_lengths(r.slot_rows(), r.rotation, self.plan.batch_size, self.plan.drop_last)
+                        for r in ranks]
+            total = np.zeros(max(len(p) for p in per_rank), dtype=np.int64)  # (steps,)
+            for p in per_rank:
+                total[:len(p)] += p
+            self._schedule = total
+        return self._schedule[self._steps:].tolist()
+
     def first_batch(self) -> Batch:
-        """One row from the start of the split (entity filter applied): filler for a rank with no rows left.
+        """One row from the start of the split (of the reader's entity): filler for a rank with no rows left.
 
         Raises:
             ValueError: the split has no row (of the entity).
         """
         plan = replace(self.plan, batch_size=1, shuffle=False)
         decoder = _Decoder(plan.schema, plan.manifest.optional_columns)
-        windows = _fresh_windows(self.num_rows(), 1, 0, plan.window_rows)
+        windows = _fresh_windows(min(1, self.num_rows()), 1, 0, 1)  # the first row alone: decode only it
         for batch, _ in _slot_stream(plan, 0, windows, {"window": 0, "offset": 0}, decoder):
             return batch
         what = {None: "", 0: "source ", 1: "target "}[plan.entity]
@@ -463,23 +583,25 @@ class ParquetReader:
         for batch, local, pos in source:
             self._positions[local] = pos
             self._rotation = (local + 1) % self._slots
+            self._steps += 1
             yield batch
         self.set_epoch(self._epoch + 1)
 
     def set_epoch(self, epoch: int) -> None:
         """Start ``epoch`` from its beginning on the next iteration."""
         self._epoch = epoch
-        self._windows = None
+        self._windows: Optional[list[list[Window]]] = None  # per local slot; None: the epoch's fresh layout
         self._positions = self._fresh_positions()
         self._rotation = 0
+        self._restart_pass(None, known=True)
 
     def state_dict(self) -> dict[str, Any]:
         return {
             "version": STATE_VERSION, "epoch": self._epoch, "rank": self.rank, "world_size": self.world_size,
             "num_workers": self.num_workers, "split": self.plan.split, "seed": self.plan.seed,
             "batch_size": self.plan.batch_size, "window_rows": self.plan.window_rows, "rows": self.num_rows(),
-            "shuffle": self.plan.shuffle, "windows": self._windows, "positions": [dict(p) for p in self._positions],
-            "rotation": self._rotation,
+            "entity": ENTITY_NAMES[self.plan.entity], "shuffle": self.plan.shuffle, "windows": self._windows,
+            "positions": [dict(p) for p in self._positions], "rotation": self._rotation,
         }
 
     def load_state_dict(self, state: Union[dict[str, Any], Sequence[dict[str, Any]]]) -> None:
@@ -487,7 +609,8 @@ class ParquetReader:
 
         With every rank's state, a run saved at another world size or worker count continues too: the rows that
         no old slot had read yet are dealt to this world's slots in equal shares, so each row of the epoch is
-        read exactly once across the restart.
+        read exactly once across the restart. Every rank's state also lets :meth:`step_rows` tell the rest of
+        the epoch's schedule; with only this rank's own state it raises until the next epoch.
         """
         states = [state] if isinstance(state, dict) else list(state)
         if not states:
@@ -497,22 +620,28 @@ class ParquetReader:
         epochs = {int(st["epoch"]) for st in states}
         if len(epochs) != 1:
             raise ValueError(f"reader state: the saved ranks are in different epochs {sorted(epochs)}")
-        same = (len(states) == 1 and states[0]["rank"] == self.rank and states[0]["world_size"] == self.world_size
-                and states[0]["num_workers"] == self.num_workers)
-        full = len(states) == self.world_size and all(st["num_workers"] == self.num_workers and
-                                                      st["world_size"] == self.world_size for st in states)
         self._epoch = epochs.pop()
-        if same or full:
-            mine = states[0] if same else states[self.rank]
-            if mine["rank"] != self.rank:
-                raise ValueError(f"reader state: saved by rank {mine['rank']}, loaded on rank {self.rank}")
+        ranks = sorted(int(st["rank"]) for st in states)
+        saved_world = int(states[0]["world_size"])
+        same_world = all(st["num_workers"] == self.num_workers and st["world_size"] == self.world_size
+                         for st in states)
+        if same_world and (len(states) == 1 or ranks == list(range(self.world_size))):
+            by_rank = {int(st["rank"]): st for st in states}
+            if self.rank not in by_rank:
+                raise ValueError(f"reader state: saved by rank {ranks[0]}, loaded on rank {self.rank}")
+            mine = by_rank[self.rank]
             self._windows = mine["windows"]
             self._positions = [dict(p) for p in mine["positions"]]
             self._rotation = int(mine["rotation"])
+            if len(by_rank) < self.world_size:
+                self._restart_pass(None, known=False)
+            else:
+                self._restart_pass([_RankLayout(_layout_of_state(by_rank[r], self.num_rows()),
+                                                [dict(p) for p in by_rank[r]["positions"]], int(by_rank[r]["rotation"]))
+                                    for r in range(self.world_size)], known=True)
             return
-        ranks = sorted(int(st["rank"]) for st in states)
-        if ranks != list(range(int(states[0]["world_size"]))):
-            raise ValueError(f"reader state: a run saved at world size {states[0]['world_size']} continues at "
+        if ranks != list(range(saved_world)):
+            raise ValueError(f"reader state: a run saved at world size {saved_world} continues at "
                              f"world size {self.world_size} only from the states of all its ranks; got ranks {ranks}")
         remaining = []
         for st in sorted(states, key=lambda s: int(s["rank"])):
@@ -522,6 +651,8 @@ class ParquetReader:
         self._windows = layout[self.rank * self._slots:(self.rank + 1) * self._slots]
         self._positions = self._fresh_positions()
         self._rotation = 0
+        self._restart_pass([_RankLayout(layout[r * self._slots:(r + 1) * self._slots], self._fresh_positions(), 0)
+                            for r in range(self.world_size)], known=True)
 
     def _check_state(self, state: dict[str, Any]) -> None:
         if not isinstance(state, dict) or state.get("version") != STATE_VERSION:
@@ -529,11 +660,11 @@ class ParquetReader:
             raise ValueError(f"reader state: version {got!r} is not {STATE_VERSION} (saved by another release)")
         for key, mine in (("split", self.plan.split), ("seed", self.plan.seed), ("batch_size", self.plan.batch_size),
                           ("window_rows", self.plan.window_rows), ("rows", self.num_rows()),
-                          ("shuffle", self.plan.shuffle)):
+                          ("entity", ENTITY_NAMES[self.plan.entity]), ("shuffle", self.plan.shuffle)):
             if state.get(key) != mine:
                 raise ValueError(f"reader state: saved with {key}={state.get(key)!r} but this run has {mine!r}; "
-                                 "a reader position resumes only with the same data, split, seed, batch size and "
-                                 "shuffle window")
+                                 "a reader position resumes only with the same data, split, entity, seed, batch "
+                                 "size and shuffle window")
 
 
 def _layout_of_state(state: dict[str, Any], total: int) -> list[list[Window]]:

@@ -35,7 +35,8 @@ class MEMOutput(NamedTuple):
     g_com: torch.Tensor  # (B, d_CKE)
     g_ind: torch.Tensor  # (B, d_CKE)
     pdl: torch.Tensor  # () Eq. 10: mean cosine(g_com, g_ind) over source rows + the same over target rows
-    hfa_scores: Dict[str, torch.Tensor]  # entity -> (B_e, F_spec_e), rows of that entity only
+    hfa_scores: Dict[str, torch.Tensor]  # entity -> (B, F_spec_e) every row scored as that entity's; select
+    # a row's own with ``entity == ENTITY_CODE[e]``
 
 
 class Knowledge(NamedTuple):
@@ -64,6 +65,7 @@ class MEM(nn.Module):
         schema: feature schema.
         cfg: model config (HFA, CKE, extractors, towers, ablation).
         device: ``meta`` to build without allocating tables (planning, DMP).
+        embedding_precision: table storage, ``fp32`` or ``fp16``.
 
     Example:
         >>> mem = MEM(cfg.schema, cfg.model)                          # doctest: +SKIP
@@ -71,10 +73,12 @@ class MEM(nn.Module):
         >>> out.logits.shape                                          # (B,)
     """
 
-    def __init__(self, schema: SchemaConfig, cfg: ModelConfig, device: Optional[torch.device] = None) -> None:
+    def __init__(self, schema: SchemaConfig, cfg: ModelConfig, device: Optional[torch.device] = None,
+                 embedding_precision: str = "fp32") -> None:
         super().__init__()
         _check_schema(schema)
-        self.sparse_arch = SparseArch(schema, list(schema.features), list(schema.sequences), device=device)
+        self.sparse_arch = SparseArch(schema, list(schema.features), list(schema.sequences), device=device,
+                                      precision=embedding_precision)
         self.group_arch = GroupArch(schema, cfg.sequence, ENTITIES)
         ctx = self.group_arch.context_dim
         spec_widths = {e: sum(d) for e, d in self.group_arch.spec_dims.items()}
@@ -102,24 +106,29 @@ class MEM(nn.Module):
         return EntityOutput(q=hfa.q, g_com=g_com, g_ind=g_ind, logits=logits, scores=hfa.scores)
 
     def dense_forward(self, sparse: SparseFeatures, dense: torch.Tensor, entity: torch.Tensor) -> MEMOutput:
+        """Each entity's path runs on every row and each row keeps its own entity's result (``torch.where``).
+
+        Selecting rows instead (``nonzero`` + index) would make the step wait for the device to report how many
+        rows each entity has, and a batch without one entity would leave that path's parameters without a
+        gradient (DDP's ``find_unused_parameters``); masking costs the per-entity layers twice the FLOPs of a
+        split and keeps the step free of host syncs, with the same values and gradients.
+        """
         groups = self.group_arch(sparse, dense)
-        b = entity.shape[0]
-        logits = groups.user.new_zeros(b)
-        g_com = groups.user.new_zeros(b, self.cke.out_dim)
-        g_ind = groups.user.new_zeros(b, self.cke.out_dim)
-        pdl = groups.user.new_zeros(())
+        logits = g_com = g_ind = pdl = None
         scores: Dict[str, torch.Tensor] = {}
         for name, code in ENTITY_CODE.items():
-            idx = (entity == code).nonzero().squeeze(1)  # (B_e,) rows of this entity
-            if idx.numel() == 0:
-                continue
-            rows = FeatureGroups(user=groups.user[idx], seq=groups.seq[idx], shared=groups.shared[idx],
-                                 spec={name: groups.spec[name][idx]})
-            out = self.entity_forward(rows, name)
-            logits = logits.index_copy(0, idx, out.logits)
-            g_com = g_com.index_copy(0, idx, out.g_com)
-            g_ind = g_ind.index_copy(0, idx, out.g_ind)
-            pdl = pdl + nn.functional.cosine_similarity(out.g_com, out.g_ind, dim=-1).mean()  # Eq. 9-10
+            out = self.entity_forward(groups, name)  # every row as a row of this entity
+            mine = entity == code  # (B,)
+            weight = mine.to(out.logits.dtype)
+            cosine = nn.functional.cosine_similarity(out.g_com, out.g_ind, dim=-1)  # (B,) Eq. 9
+            part = (cosine * weight).sum() / weight.sum().clamp(min=1.0)  # mean over this entity's rows (Eq. 10)
+            if logits is None:
+                logits, g_com, g_ind, pdl = out.logits, out.g_com, out.g_ind, part
+            else:
+                logits = torch.where(mine, out.logits, logits)
+                g_com = torch.where(mine.unsqueeze(-1), out.g_com, g_com)
+                g_ind = torch.where(mine.unsqueeze(-1), out.g_ind, g_ind)
+                pdl = pdl + part
             scores[name] = out.scores
         return MEMOutput(logits=logits, g_com=g_com, g_ind=g_ind, pdl=pdl, hfa_scores=scores)
 
@@ -156,6 +165,7 @@ class TEM(nn.Module):
         knowledge_dims: widths of the MEM's (user, seq, shared, cross) vectors; ``None`` builds the TEM
             without gates (the ``no_mem_pretrain`` single-domain baseline).
         device: ``meta`` to build without allocating tables.
+        embedding_precision: table storage, ``fp32`` or ``fp16``.
 
     Example:
         >>> tem = TEM(cfg.schema, cfg.model, knowledge_dims=None)    # doctest: +SKIP
@@ -163,12 +173,13 @@ class TEM(nn.Module):
     """
 
     def __init__(self, schema: SchemaConfig, cfg: ModelConfig, knowledge_dims: Optional[Knowledge] = None,
-                 device: Optional[torch.device] = None) -> None:
+                 device: Optional[torch.device] = None, embedding_precision: str = "fp32") -> None:
         super().__init__()
         _check_schema(schema)
         features = (schema.features_of("user") + schema.features_of("shared")
                     + schema.features_of("specific", "target"))
-        self.sparse_arch = SparseArch(schema, features, list(schema.sequences), device=device)
+        self.sparse_arch = SparseArch(schema, features, list(schema.sequences), device=device,
+                                      precision=embedding_precision)
         self.group_arch = GroupArch(schema, cfg.sequence, ("target",))
         ga = self.group_arch
         x_dim = ga.context_dim + sum(ga.spec_dims["target"])

@@ -6,7 +6,8 @@ tensors for logging and metrics.
 
 from __future__ import annotations
 
-from typing import NamedTuple, Optional, Tuple
+from contextlib import nullcontext
+from typing import ContextManager, NamedTuple, Optional, Tuple
 
 import torch
 from torch import nn
@@ -31,6 +32,13 @@ def _bce(logits: torch.Tensor, labels: torch.Tensor, weights: Optional[torch.Ten
         return nn.functional.binary_cross_entropy_with_logits(logits, labels)
     per_row = nn.functional.binary_cross_entropy_with_logits(logits, labels, reduction="none")  # (B,)
     return (per_row * weights).sum()
+
+
+def precision_context(module: nn.Module) -> ContextManager:
+    """bfloat16 autocast on ``module.autocast_device`` (set by the trainer for ``train.precision: bf16``), else
+    nothing. Read from an attribute, not from the batch, so the forward stays traceable by TorchRec's pipeline."""
+    device = getattr(module, "autocast_device", None)
+    return torch.autocast(device_type=device, dtype=torch.bfloat16) if device else nullcontext()
 
 
 def _share(batch: Batch, like: torch.Tensor) -> torch.Tensor:
@@ -60,11 +68,13 @@ class MEMTrain(nn.Module):
         self.gamma = gamma
 
     def forward(self, batch: Batch) -> Tuple[torch.Tensor, StepOutput]:
-        out = self.model(batch.sparse_features, batch.dense_features, batch.entity)
-        bce = _bce(out.logits, batch.labels, batch.weights)
-        loss = bce + self.gamma * out.pdl * _share(batch, bce)
-        return loss, StepOutput(loss.detach(), out.logits.detach(), batch.labels, batch.entity,
-                                bce.detach(), out.pdl.detach())
+        with precision_context(self):
+            out = self.model(batch.sparse_features, batch.dense_features, batch.entity)
+        logits, pdl = out.logits.float(), out.pdl.float()  # the loss is computed in fp32
+        bce = _bce(logits, batch.labels, batch.weights)
+        loss = bce + self.gamma * pdl * _share(batch, bce)
+        return loss, StepOutput(loss.detach(), logits.detach(), batch.labels, batch.entity, bce.detach(),
+                                pdl.detach())
 
 
 def pdl_gamma(cfg: ModelConfig) -> float:
@@ -84,7 +94,8 @@ class TEMTrain(nn.Module):
         self.model = model
 
     def forward(self, batch: Batch) -> Tuple[torch.Tensor, StepOutput]:
-        logits = self.model(batch.sparse_features, batch.dense_features)
+        with precision_context(self):
+            logits = self.model(batch.sparse_features, batch.dense_features).float()
         loss = _bce(logits, batch.labels, batch.weights)
         zero = loss.new_zeros(())
         return loss, StepOutput(loss.detach(), logits.detach(), batch.labels, batch.entity, loss.detach(), zero)

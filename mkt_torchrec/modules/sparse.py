@@ -17,8 +17,9 @@ from typing import Dict, List, NamedTuple, Optional, Sequence
 
 import torch
 from torch import nn
-from torchrec import EmbeddingBagCollection, EmbeddingBagConfig, EmbeddingCollection, EmbeddingConfig
-from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
+from torch.autograd.profiler import record_function
+from torchrec import DataType, EmbeddingBagCollection, EmbeddingBagConfig, EmbeddingCollection, EmbeddingConfig
+from torchrec.sparse.jagged_tensor import JaggedTensor, KeyedJaggedTensor, KeyedTensor
 
 from mkt_torchrec.config import SchemaConfig, SequenceEncoderConfig
 from mkt_torchrec.modules.sequence import make_attention
@@ -38,6 +39,8 @@ class SparseArch(nn.Module):
         features: single-valued features to embed (pooled).
         sequences: behaviour sequences to embed (unpooled, padded to ``max_len``).
         device: where to build the tables (``meta`` to plan or shard without allocating).
+        precision: ``fp32`` or ``fp16`` table storage (TorchRec's ``data_type``; lookups return it, the dense
+            phase casts to its own dtype).
 
     Example:
         >>> arch = SparseArch(cfg.schema, list(cfg.schema.features), list(cfg.schema.sequences))  # doctest: +SKIP
@@ -45,8 +48,9 @@ class SparseArch(nn.Module):
     """
 
     def __init__(self, schema: SchemaConfig, features: Sequence[str], sequences: Sequence[str],
-                 device: Optional[torch.device] = None) -> None:
+                 device: Optional[torch.device] = None, precision: str = "fp32") -> None:
         super().__init__()
+        data_type = {"fp32": DataType.FP32, "fp16": DataType.FP16}[precision]
         self.features = list(features)
         self.sequences = list(sequences)
         self.max_len = {s: schema.sequences[s].max_len for s in self.sequences}
@@ -64,34 +68,29 @@ class SparseArch(nn.Module):
                              f"dim (TorchRec's EmbeddingCollection requires it), got dims {sorted(dims)}")
         self.ebc = EmbeddingBagCollection(
             tables=[EmbeddingBagConfig(name=t, num_embeddings=schema.tables[t].rows,
-                                       embedding_dim=schema.tables[t].dim, feature_names=fs)
+                                       embedding_dim=schema.tables[t].dim, feature_names=fs, data_type=data_type)
                     for t, fs in bag_tables.items()], device=device) if bag_tables else None
         self.ec = EmbeddingCollection(
             tables=[EmbeddingConfig(name=t, num_embeddings=schema.tables[t].rows,
-                                    embedding_dim=schema.tables[t].dim, feature_names=fs)
+                                    embedding_dim=schema.tables[t].dim, feature_names=fs, data_type=data_type)
                     for t, fs in seq_table_features.items()], device=device) if seq_table_features else None
         self.bag_keys = [f for fs in bag_tables.values() for f in fs]
         self.seq_keys = [f for fs in seq_table_features.values() for f in fs]
         self.dims = {f: schema.tables[schema.table_of(f)].dim for f in self.features}
+        self.unpack = _Unpack(self.max_len)
 
     def forward(self, kjt: KeyedJaggedTensor) -> SparseFeatures:
-        """kjt: jagged, keys include this arch's features and sequences -> SparseFeatures."""
-        pooled: Dict[str, torch.Tensor] = {}
-        sequences: Dict[str, torch.Tensor] = {}
-        lengths: Dict[str, torch.Tensor] = {}
-        keys = kjt.keys()
-        if self.ebc is not None:
-            bag_in = kjt.permute([keys.index(k) for k in self.bag_keys])
-            pooled.update(self.ebc(bag_in).to_dict())  # feature -> (B, D)
-        if self.ec is not None:
-            seq_in = kjt.permute([keys.index(k) for k in self.seq_keys])
-            for name, jt in self.ec(seq_in).items():
-                if name in self.max_len:
-                    sequences[name] = jt.to_padded_dense(self.max_len[name])  # (B, L, D)
-                    lengths[name] = jt.lengths().long()  # (B,)
-                else:  # the candidate's single value on a sequence table
-                    pooled[name] = jt.to_padded_dense(1)[:, 0]  # (B, D)
-        return SparseFeatures(pooled=pooled, sequences=sequences, lengths=lengths)
+        """kjt: jagged, keys include this arch's features and sequences (other keys are ignored) -> SparseFeatures.
+
+        Written for TorchRec's train pipelines, which FX-trace this forward to find each sharded module's input:
+        the collections take the batch's KJT itself (they select their own keys), so their input distribution
+        can start a batch ahead, and everything that iterates over their outputs lives in :class:`_Unpack`,
+        a leaf module the tracer does not enter.
+        """
+        with record_function("mkt.sparse_forward"):  # a phase of its own in profiles (tools/bench_train.py)
+            pooled = self.ebc(kjt) if self.ebc is not None else None  # KeyedTensor
+            unpooled = self.ec(kjt) if self.ec is not None else None  # feature -> JaggedTensor
+            return self.unpack(pooled, unpooled)
 
     def table_weights(self) -> Dict[str, torch.Tensor]:
         """Unsharded table name -> (rows, D) weight (for the serving export)."""
@@ -100,6 +99,29 @@ class SparseArch(nn.Module):
             out.update({name: bag.weight for name, bag in self.ebc.embedding_bags.items()})
         if self.ec is not None:
             out.update({name: emb.weight for name, emb in self.ec.embeddings.items()})
+        return out
+
+
+class _Unpack(nn.Module):
+    """The collections' outputs -> :class:`SparseFeatures` (pooled (B, D), padded (B, L, D), lengths (B,)).
+
+    A separate module without parameters so that a train pipeline's tracer treats it as a leaf (it iterates
+    over its inputs, which a trace cannot).
+    """
+
+    def __init__(self, max_len: Dict[str, int]) -> None:
+        super().__init__()
+        self.max_len = dict(max_len)
+
+    def forward(self, pooled: Optional[KeyedTensor], unpooled: Optional[Dict[str, JaggedTensor]]) -> SparseFeatures:
+        out = SparseFeatures(pooled={} if pooled is None else {k: v.float() for k, v in pooled.to_dict().items()},
+                             sequences={}, lengths={})
+        for name, jt in (unpooled or {}).items():
+            if name in self.max_len:
+                out.sequences[name] = jt.to_padded_dense(self.max_len[name]).float()  # (B, L, D)
+                out.lengths[name] = jt.lengths().long()  # (B,)
+            else:  # the candidate's single value on a sequence table
+                out.pooled[name] = jt.to_padded_dense(1)[:, 0].float()  # (B, D)
         return out
 
 
@@ -132,7 +154,7 @@ class PaddedLookup(nn.Module):
     def _lookup(self, key: str, ids: torch.Tensor) -> torch.Tensor:
         weight = getattr(self, f"table__{self.table_of[key]}")
         valid = ids >= 0
-        emb = nn.functional.embedding(ids.clamp(min=0), weight)  # (B, [L,] D)
+        emb = nn.functional.embedding(ids.clamp(min=0), weight).float()  # (B, [L,] D); fp16 tables -> fp32
         return emb * valid.unsqueeze(-1).to(emb.dtype)
 
     def forward(self, ids: Dict[str, torch.Tensor]) -> SparseFeatures:
@@ -183,12 +205,14 @@ class GroupArch(nn.Module):
         self.user_features = schema.features_of("user")
         self.shared_features = schema.features_of("shared")
         self.spec_features = {e: schema.features_of("specific", e) for e in entities}
-        dense_names = list(schema.dense)
-        self.dense_index = {n: i for i, n in enumerate(dense_names)}
         self.user_dense = schema.dense_of("user")
         self.shared_dense = schema.dense_of("shared")
         self.spec_dense = {e: schema.dense_of("specific", e) for e in entities}
-        self.dense_weight = nn.Parameter(torch.randn(len(dense_names), dense_dim) * 0.1)  # (F_dense, D)
+        used = self.user_dense + self.shared_dense + [n for e in entities for n in self.spec_dense[e]]
+        self.dense_column = {n: i for i, n in enumerate(schema.dense)}  # column of the batch's dense features
+        self.dense_row = {n: i for i, n in enumerate(used)}  # row of dense_weight
+        # only the dense features this arch uses get a vector: DDP expects a gradient for every parameter
+        self.dense_weight = nn.Parameter(torch.randn(len(used), dense_dim) * 0.1) if used else None  # (F_used, D)
         self.sequences = list(schema.sequences)
         self.query_of = {s: schema.sequences[s].shared_feature for s in self.sequences}
         dims = {f: schema.tables[schema.table_of(f)].dim for f in schema.features}
@@ -203,7 +227,7 @@ class GroupArch(nn.Module):
         self.context_dim = self.user_dim + self.seq_dim + self.shared_dim
 
     def _dense(self, dense: torch.Tensor, names: list[str]) -> list[torch.Tensor]:
-        return [dense[:, self.dense_index[n]: self.dense_index[n] + 1] * self.dense_weight[self.dense_index[n]]
+        return [dense[:, self.dense_column[n]: self.dense_column[n] + 1] * self.dense_weight[self.dense_row[n]]
                 for n in names]  # each (B, D)
 
     def _cat(self, parts: list[torch.Tensor], batch: int, like: torch.Tensor) -> torch.Tensor:

@@ -1,10 +1,16 @@
 """``mkt plan``: shard a stage's embedding tables for a topology and write a plan file the trainer accepts.
 
     mkt plan --config configs/industrial.yaml --world-size 128 --local-world-size 8 --hbm-gb 80 --out plan.json
+    mkt plan --config configs/industrial.yaml --compute-device cuda --local-world-size 8 \
+        --compare world_size=8,16,32 sharding=auto,table_wise
 
 The stage module is built on the meta device (nothing is allocated), so a GPU topology is planned on a
-CPU-only machine. Prints the plan per table and per rank, writes ``--out`` (atomically) and prints a one-line
-JSON summary last. Exit codes: 0 planned, 1 the model does not fit (nothing written), 2 bad arguments.
+CPU-only machine. Prints the plan per table and per rank (storage and TorchRec's estimated embedding step time),
+writes ``--out`` (atomically) and prints a one-line JSON summary last. ``--compare`` plans every combination of
+the given world sizes and sharding strategies instead and prints one row each (nothing is written).
+The planner's cost model scales with the ids looked up per row: ``--data DIR`` takes them from the dataset's
+manifest, ``train.planner.pooling_factors`` overrides them (see :func:`mkt_torchrec.planning.plan.resolve_pooling`).
+Exit codes: 0 planned (or compared), 1 the model does not fit (nothing written), 2 bad arguments.
 """
 
 from __future__ import annotations
@@ -15,14 +21,22 @@ import os
 import sys
 import time
 from collections import Counter
-from typing import Any, Dict, List, Sequence
+from typing import TYPE_CHECKING, Any, Dict, List, Optional, Sequence, Tuple
 
-from mkt_torchrec.config import COMPUTE_DEVICES, Config
+from mkt_torchrec.config import COMPUTE_DEVICES, Config, ConfigError
+
+if TYPE_CHECKING:
+    from mkt_torchrec.planning.plan import Pooling
+
+SHARDING_CHOICES = ("auto", "data_parallel", "table_wise", "column_wise", "table_column_wise", "row_wise",
+                    "table_row_wise", "grid_shard")
+COMPARE_AXES = ("world_size", "sharding")
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     """``mkt plan``'s own flags (``--config`` / ``--set`` come from ``mkt_torchrec.cli``)."""
-    p.add_argument("--world-size", type=int, required=True, help="total ranks (GPUs or CPU processes)")
+    p.add_argument("--world-size", type=int, default=None,
+                   help="total ranks (GPUs or CPU processes); required unless --compare gives world_size=...")
     p.add_argument("--local-world-size", type=int, default=None,
                    help="ranks per node (default: train.planner.local_world_size, or all ranks on one node)")
     p.add_argument("--hbm-gb", type=float, default=None, help="GPU memory per rank, GiB (default: train.planner.hbm_gb)")
@@ -33,7 +47,18 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--compute-device", choices=COMPUTE_DEVICES, default=None,
                    help="device the ranks train on (default: train.planner.compute_device; auto: cuda if this machine has "
                         "a GPU, else cpu)")
-    p.add_argument("--out", required=True, help="plan file to write (JSON)")
+    p.add_argument("--data", default=None,
+                   help="dataset directory (from mkt synth / mkt tenrec) whose manifest's measured mean ids per row "
+                        "(train split) become the planner's pooling factors; train.planner.pooling_factors "
+                        "overrides them. Without it a sequence is planned at its max_len (an upper bound)")
+    p.add_argument("--compare", nargs="+", action="extend", default=None, metavar="AXIS=V1,V2",
+                   help="plan every combination of the given values side by side and print one row each (step "
+                        "time, imbalance, fullest rank's HBM / DDR, fits or why not) instead of writing a plan. "
+                        "Axes: world_size=N,... (replaces --world-size) and sharding=S,... (auto: the planner "
+                        f"chooses; or one of {', '.join(SHARDING_CHOICES[1:])}: every table that way where its "
+                        "collection and device allow it; default: train.planner.sharding_type). Example: "
+                        "--compare world_size=8,16,32 sharding=auto,table_wise,column_wise (6 rows)")
+    p.add_argument("--out", default=None, help="plan file to write (JSON); required unless --compare")
 
 
 def _table(rows: Sequence[Dict[str, Any]], columns: Sequence[tuple[str, str]]) -> str:
@@ -73,42 +98,159 @@ def _numeric(c: str) -> bool:
     return c.replace(",", "").replace(".", "").replace("-", "").isdigit()
 
 
-def run(args: argparse.Namespace, cfg: Config) -> int:
-    """Plan, print, write; returns the exit code."""
-    # torch / torchrec are imported here, not at module level, so building `mkt`'s parser stays cheap
-    import torch
+def parse_compare(items: Sequence[str]) -> Dict[str, List[Any]]:
+    """``["world_size=8,16", "sharding=auto,row_wise"]`` -> ``{"world_size": [8, 16], "sharding": ["auto",
+    "row_wise"]}`` (an axis given twice gets both lists, duplicates dropped).
 
-    from mkt_torchrec.planning.plan import (PlanDoesNotFit, attach_embedding_optimizer, check_topology,
-                                            describe_plan, plan_module, resolve_compute_device, topology,
-                                            write_plan)
-    from mkt_torchrec.training.build import build_train_module
+    Raises:
+        ValueError: an unknown axis, a missing value, a world size that is not a positive int, an unknown sharding.
+    """
+    axes: Dict[str, List[Any]] = {}
+    for item in items:
+        name, sep, text = item.partition("=")
+        name = name.strip().replace("-", "_")
+        if not sep or name not in COMPARE_AXES:
+            raise ValueError(f"--compare {item!r}: expected AXIS=V1,V2,... with AXIS one of {list(COMPARE_AXES)}, "
+                             f"e.g. --compare world_size=8,16,32 sharding=auto,table_wise")
+        values = [v.strip() for v in text.split(",") if v.strip()]
+        if not values:
+            raise ValueError(f"--compare {item!r}: no values after {name}=")
+        if name == "world_size":
+            bad = [v for v in values if not v.isdigit() or int(v) < 1]
+            if bad:
+                raise ValueError(f"--compare {item!r}: world sizes must be positive ints, got {bad[0]!r}")
+            values = [int(v) for v in values]
+        else:
+            bad = [v for v in values if v not in SHARDING_CHOICES]
+            if bad:
+                raise ValueError(f"--compare {item!r}: unknown sharding {bad[0]!r}; expected one of "
+                                 f"{list(SHARDING_CHOICES)}")
+        axes.setdefault(name, [])
+        axes[name].extend(v for v in values if v not in axes[name])
+    return axes
 
-    if os.path.isdir(args.out):
-        raise ValueError(f"{args.out}: is a directory; --out takes the plan file's path (e.g. {args.out}/plan.json)")
+
+def _pooling_from_data(data_dir: Optional[str], cfg: Config) -> Dict[str, float]:
+    """The measured mean ids per row of ``data_dir``'s train split ({} without --data)."""
+    if data_dir is None:
+        return {}
+    from mkt_torchrec.data.dataset import open_dataset
+    from mkt_torchrec.planning.plan import manifest_pooling
+
+    measured = manifest_pooling(open_dataset(data_dir, cfg.schema, check_files=False))
+    if not measured:
+        print(f"mkt plan: {data_dir}: the manifest records no mean lengths of the train split (a dataset written "
+              "before they were measured): planning with the defaults", file=sys.stderr)
+    return measured
+
+
+def _describe_pooling(pooling: Pooling) -> str:
+    """'ids per row (pooling factors): config: a 3; manifest: b 1, c 24.5; default (...): d 50'."""
+    by_source: Dict[str, List[str]] = {}
+    for key, value in pooling.factors.items():
+        by_source.setdefault(pooling.sources[key], []).append(f"{key} {value:.3g}")
+    labels = {"config": "train.planner.pooling_factors", "manifest": "measured (--data)",
+              "default": "default (1 per feature, max_len per sequence: an upper bound)"}
+    parts = [f"{labels[src]}: {', '.join(by_source[src])}" for src in ("config", "manifest", "default")
+             if src in by_source]
+    return "ids per row (the planner's pooling factors): " + "; ".join(parts)
+
+
+def _describe_estimate(est: Dict[str, Any]) -> str:
+    imb = est.get("imbalance", {})
+    lines = [f"estimated embedding step time (TorchRec's cost model; the dense part is not modelled): slowest rank "
+             f"{_fmt(est.get('max_rank_ms'))} ms (rank {est.get('max_rank')}), mean {_fmt(est.get('mean_rank_ms'))} ms"]
+    if est.get("critical_path_ms") is not None:
+        lines.append(f"critical path (ranks synchronise after each compute phase and all-to-all): "
+                     f"{_fmt(est['critical_path_ms'])} ms = compute {_fmt(est['critical_path_compute_ms'])} + comms "
+                     f"{_fmt(est['critical_path_comms_ms'])}")
+    lines.append(f"imbalance (max / mean over ranks): step time {_fmt(imb.get('perf'))}, HBM {_fmt(imb.get('hbm'))}, "
+                 f"DDR {_fmt(imb.get('ddr'))}")
+    return "\n".join(lines)
+
+
+def _resolve_topology(args: argparse.Namespace, cfg: Config) -> Tuple[str, float, float, int]:
+    """(compute device, HBM GiB, DDR GiB, per-rank batch) from the flags and ``train.planner``."""
+    from mkt_torchrec.planning.plan import resolve_compute_device
+
     pc = cfg.train.planner
     device = args.compute_device or resolve_compute_device(pc.compute_device)
     if args.compute_device is None:
         source = "from the config" if pc.compute_device != "auto" else "what this machine has"
         print(f"mkt plan: planning for compute device {device!r} ({source}; --compute-device cuda plans for GPUs "
               "on any machine)", file=sys.stderr)
-    world = args.world_size
-    local = args.local_world_size if args.local_world_size is not None else (pc.local_world_size or world)
     hbm = pc.hbm_gb if args.hbm_gb is None else args.hbm_gb
     ddr = pc.ddr_gb if args.ddr_gb is None else args.ddr_gb
     batch = cfg.data.batch_size if args.batch_size is None else args.batch_size
+    return device, hbm, ddr, batch
+
+
+def run(args: argparse.Namespace, cfg: Config) -> int:
+    """Plan, print, write (or compare and print); returns the exit code."""
+    try:
+        axes = parse_compare(args.compare) if args.compare else None
+        if axes is None and args.out is None:
+            raise ValueError("--out is required (the plan file to write), unless --compare")
+        if axes is not None and args.out is not None:
+            raise ValueError("--compare writes no plan file: drop --out, and plan the chosen candidate without "
+                             "--compare to write it")
+        if args.world_size is None and not (axes and "world_size" in axes):
+            raise ValueError("--world-size is required (or --compare world_size=N,...)")
+        if args.batch_size is not None and args.batch_size < 1:
+            raise ValueError(f"--batch-size must be positive, got {args.batch_size}")
+    except ValueError as e:
+        print(f"mkt plan: error: {e}", file=sys.stderr)
+        return 2
+    from mkt_torchrec.planning.plan import resolve_pooling
+
+    try:
+        measured = _pooling_from_data(args.data, cfg)
+    except (OSError, ValueError) as e:
+        print(f"mkt plan: error: --data {args.data}: {e}", file=sys.stderr)
+        return 2
+    try:
+        pooling = resolve_pooling(cfg, measured)
+    except ConfigError as e:
+        print(f"mkt plan: config error: {e}", file=sys.stderr)
+        return 2
+    if axes is not None:
+        return _run_compare(args, cfg, axes, measured, pooling)
+    return _run_one(args, cfg, measured, pooling)
+
+
+def _stage_module(cfg: Config, stage: str) -> Any:
+    # torch / torchrec are imported here, not at module level, so building `mkt`'s parser stays cheap
+    import torch
+
+    from mkt_torchrec.planning.plan import attach_embedding_optimizer
+    from mkt_torchrec.training.build import build_train_module
+
+    module = build_train_module(cfg, stage, torch.device("meta"))
+    attach_embedding_optimizer(module, cfg, stage)  # as the trainer does: the planner counts its state
+    return module
+
+
+def _run_one(args: argparse.Namespace, cfg: Config, measured: Dict[str, float], pooling: Pooling) -> int:
+    from mkt_torchrec.planning.plan import (PlanDoesNotFit, check_topology, describe_plan, plan_module, topology,
+                                            write_plan)
+
+    if os.path.isdir(args.out):
+        raise ValueError(f"{args.out}: is a directory; --out takes the plan file's path (e.g. {args.out}/plan.json)")
+    device, hbm, ddr, batch = _resolve_topology(args, cfg)
+    world = args.world_size
+    pc_local = cfg.train.planner.local_world_size
+    local = args.local_world_size if args.local_world_size is not None else (pc_local or world)
     try:
         check_topology(world, local, device, hbm, ddr)
-        if batch < 1:
-            raise ValueError(f"--batch-size must be positive, got {batch}")
     except ValueError as e:
         print(f"mkt plan: error: {e}", file=sys.stderr)
         return 2
 
     start = time.perf_counter()
-    module = build_train_module(cfg, args.stage, torch.device("meta"))
-    attach_embedding_optimizer(module, cfg, args.stage)  # as the trainer does: the planner counts its state
+    module = _stage_module(cfg, args.stage)
     try:
-        result = plan_module(module, cfg, world, local, device, hbm_gb=hbm, ddr_gb=ddr, batch_size=batch)
+        result = plan_module(module, cfg, world, local, device, hbm_gb=hbm, ddr_gb=ddr, batch_size=batch,
+                             pooling=measured)
     except PlanDoesNotFit as e:
         print(f"mkt plan: {e}", file=sys.stderr)
         print(f"mkt plan: no plan written ({args.out})", file=sys.stderr)
@@ -119,31 +261,77 @@ def run(args: argparse.Namespace, cfg: Config) -> int:
     tables, ranks = describe_plan(result.plan, module, topo, result.per_rank)
     print(f"stage {args.stage}: {len(tables)} tables on {world} ranks ({world // local} nodes x {local}), "
           f"{device}, {hbm:g} GiB HBM / {ddr:g} GiB DDR per rank, batch {batch} per rank")
+    print(_describe_pooling(pooling))
     print(_table(tables, [("module", "module"), ("table", "table"), ("rows", "rows"), ("dim", "dim"),
                           ("gb", "GiB"), ("sharding_type", "sharding"), ("compute_kernel", "kernel"),
                           ("shards", "shards"), ("ranks", "ranks")]))
     print()
     print("per rank (the planner's estimate: tables incl. optimizer state and I/O buffers; "
-          "reserved: margin, dense parameters, input batches):")
+          "reserved: margin, dense parameters, input batches; step time of the embeddings in ms):")
     print(_table(_group_ranks(ranks), [("ranks", "ranks"), ("hbm_gb", "HBM GiB"), ("hbm_reserved_gb", "reserved"),
                                        ("hbm_cap_gb", "HBM cap"), ("ddr_gb", "DDR GiB"),
-                                       ("ddr_reserved_gb", "reserved"), ("ddr_cap_gb", "DDR cap")]))
+                                       ("ddr_reserved_gb", "reserved"), ("ddr_cap_gb", "DDR cap"),
+                                       ("est_ms", "step ms"), ("fwd_compute_ms", "fwd comp"),
+                                       ("fwd_comms_ms", "fwd comms"), ("bwd_compute_ms", "bwd comp"),
+                                       ("bwd_comms_ms", "bwd comms"), ("prefetch_ms", "prefetch")]))
+    print()
+    print(_describe_estimate(result.estimate))
 
     meta = {"world_size": world, "local_world_size": local, "compute_device": device, "stage": args.stage,
             "per_rank": ranks, "batch_size": batch, "hbm_gb": hbm, "ddr_gb": ddr, "config": args.config,
             "schema_digest": cfg.schema_digest(), "embedding_optimizer": cfg.train.embedding_optimizer,
-            "search": result.search}
+            "search": result.search, "estimate": result.estimate,
+            "pooling_factors": pooling.factors, "pooling_sources": pooling.sources}
     write_plan(result.plan, module, args.out, meta)
     tier = "hbm_gb" if device == "cuda" else "ddr_gb"
     busiest = max(ranks, key=lambda r: r[tier])
     types: Counter[str] = Counter(t["sharding_type"] for t in tables)
+    est = result.estimate
     summary = {
         "plan": args.out, "stage": args.stage, "world_size": world, "local_world_size": local,
         "compute_device": device, "tables": len(tables), "sharding_types": dict(sorted(types.items())),
         "max_rank": busiest["rank"], f"max_rank_{tier}": busiest[tier], f"{tier[:3]}_cap_gb": busiest[f"{tier[:3]}_cap_gb"],
+        "max_rank_ms": est.get("max_rank_ms"), "critical_path_ms": est.get("critical_path_ms"),
+        "imbalance": est.get("imbalance"),
         "search": result.search, "plan_seconds": round(result.seconds, 3), "seconds": round(seconds, 3),
     }
     print(json.dumps(summary))
+    return 0
+
+
+def _run_compare(args: argparse.Namespace, cfg: Config, axes: Dict[str, List[Any]], measured: Dict[str, float],
+                 pooling: Pooling) -> int:
+    from mkt_torchrec.planning.plan import Candidate, compare_plans
+
+    device, hbm, ddr, batch = _resolve_topology(args, cfg)
+    worlds = axes.get("world_size") or [args.world_size]
+    shardings = axes.get("sharding") or [cfg.train.planner.sharding_type or "auto"]
+    local = args.local_world_size if args.local_world_size is not None else (cfg.train.planner.local_world_size or None)
+    candidates = [Candidate(w, "" if s == "auto" else s) for w in worlds for s in shardings]
+
+    start = time.perf_counter()
+    module = _stage_module(cfg, args.stage)
+    rows = compare_plans(module, cfg, candidates, local, device, hbm_gb=hbm, ddr_gb=ddr, batch_size=batch,
+                         pooling=measured)
+    seconds = time.perf_counter() - start
+
+    print(f"stage {args.stage}: {len(rows)} candidates, {device}, {hbm:g} GiB HBM / {ddr:g} GiB DDR per rank, "
+          f"batch {batch} per rank")
+    print(_describe_pooling(pooling))
+    shown = []
+    for r in rows:
+        nodes = f"{r['world_size'] // r['local_world_size']} x {r['local_world_size']}" if r["world_size"] % \
+            r["local_world_size"] == 0 else "-"
+        shown.append({**r, "nodes": nodes, "fits": "yes" if r["fits"] else "no", "reason": r.get("reason", "")})
+    print(_table(shown, [("world_size", "world"), ("nodes", "nodes x ranks"), ("sharding", "sharding"),
+                         ("chosen", "chosen"), ("fits", "fits"), ("critical_path_ms", "step ms"),
+                         ("max_rank_ms", "slowest rank ms"), ("imbalance", "imbalance"),
+                         ("max_hbm_gb", "max HBM GiB"), ("max_ddr_gb", "max DDR GiB"), ("reason", "why not")]))
+    print("step ms: TorchRec's critical-path estimate of the embeddings' forward + backward per step (ranks "
+          "synchronise after each phase); slowest rank ms: the slowest rank's own total; imbalance: max / mean of "
+          "the ranks' step times; max HBM / DDR: the fullest rank's tables incl. optimizer state and I/O buffers")
+    print(json.dumps({"stage": args.stage, "compute_device": device, "hbm_gb": hbm, "ddr_gb": ddr,
+                      "batch_size": batch, "compare": rows, "seconds": round(seconds, 3)}))
     return 0
 
 

@@ -22,6 +22,18 @@ Storage. The planner counts the optimizer state of a table from ``param._optimiz
 ``apply_optimizer_in_backward``); :func:`attach_embedding_optimizer` does that the way the trainer does, so
 ``mkt plan`` and the trainer plan the same module. A module without it is planned as weights only.
 
+Workload. TorchRec's cost model (shard perf, I/O buffers, the input-batch reservation) scales with each feature's
+pooling factor, the mean ids looked up per row, and with the batch size. Every table gets a constraint with one
+pooling factor per feature it serves (in its ``feature_names`` order) and the per-rank batch size per feature:
+``train.planner.pooling_factors``, else the training data's measured mean (``pooling=`` of :func:`make_plan`,
+``mkt plan --data``), else 1 per single-valued feature and max_len per sequence (:func:`resolve_pooling`).
+Without them a 50-long behaviour sequence would be planned like one id.
+
+Estimates. The planner attaches a perf estimate (ms: forward / backward compute and comms, prefetch) and a
+storage estimate to every shard of the options it chooses; :func:`step_estimate` sums them per rank and gives the
+slowest rank, TorchRec's critical path and the imbalance over ranks. They cover the embeddings only (not the dense
+part of a step) and stage 2's frozen MEM tables are costed with a backward they do not run.
+
 Plan file (JSON, ``format: mkt-plan-v1``)::
 
     {"format": "mkt-plan-v1", "world_size": 128, "local_world_size": 8, "compute_device": "cuda",
@@ -29,10 +41,15 @@ Plan file (JSON, ``format: mkt-plan-v1``)::
      "modules": {"model.sparse_arch.ec": {"item_id": {"sharding_type": "row_wise", "compute_kernel": "fused",
                                                       "ranks": [0, 1, ...], "rows": 300000000, "dim": 8,
                                                       "shards": [[row_offset, col_offset, rows, cols, rank], ...]}}},
-     "per_rank": [{"rank": 0, "hbm_gb": 3.1, "hbm_cap_gb": 80.0, "ddr_gb": 0.0, "ddr_cap_gb": 128.0}, ...],
-     ...}
+     "per_rank": [{"rank": 0, "hbm_gb": 3.1, "hbm_cap_gb": 80.0, "ddr_gb": 0.0, "ddr_cap_gb": 128.0,
+                   "est_ms": 2.27, "fwd_compute_ms": ..., "fwd_comms_ms": ..., "bwd_compute_ms": ...,
+                   "bwd_comms_ms": ..., "prefetch_ms": ...}, ...],
+     "estimate": {"max_rank_ms": 2.27, "max_rank": 0, "mean_rank_ms": 2.2, "critical_path_ms": 2.27, ...,
+                  "imbalance": {"perf": 1.01, "hbm": 1.2, "ddr": null}},
+     "pooling_factors": {"item_id": 1.0, "hist_source_items": 50.0, ...}, "pooling_sources": {...}, ...}
 
-``shards`` is null for data_parallel tables. Sizes are GiB (2**30 bytes).
+``shards`` is null for data_parallel tables. Sizes are GiB (2**30 bytes). ``mkt plan`` writes ``estimate`` and
+the pooling keys; :func:`load_plan` reads none of them.
 """
 
 from __future__ import annotations
@@ -44,7 +61,7 @@ import math
 import os
 import time
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Callable, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple
 
 import torch
@@ -58,8 +75,10 @@ from torchrec.distributed.embeddingbag import EmbeddingBagCollectionSharder
 from torchrec.distributed.planner import EmbeddingShardingPlanner, ParameterConstraints
 from torchrec.distributed.planner.proposers import GreedyProposer, GridSearchProposer, UniformProposer
 from torchrec.distributed.planner.storage_reservations import HeuristicalStorageReservation
+from torchrec.distributed.planner import stats as planner_stats
 from torchrec.distributed.planner.types import (
     KernelConfig,
+    Perf,
     PlannerError,
     ShardingOption,
     Stats,
@@ -85,7 +104,7 @@ from torchrec.distributed.types import (
     ShardMetadata,
 )
 
-from mkt_torchrec.config import COMPUTE_DEVICES, Config
+from mkt_torchrec.config import COMPUTE_DEVICES, Config, ConfigError
 
 FORMAT = "mkt-plan-v1"
 GIB = float(1 << 30)
@@ -127,7 +146,9 @@ def frozen_module(module: nn.Module, stage: str) -> Optional[nn.Module]:
 
 class PlanDoesNotFit(ValueError):
     """The planner found no plan; the message says by how much the model does not fit and names the largest
-    tables."""
+    tables. ``reason`` is the verdict alone (e.g. ``short by 3.20 GiB (0.40 GiB per rank); ...``)."""
+
+    reason: str = ""
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -303,6 +324,87 @@ def _dense_bytes_estimate(module: nn.Module, sharder_list: Sequence[ModuleSharde
 
 
 # --------------------------------------------------------------------------------------------------------
+# Workload: ids looked up per sample
+# --------------------------------------------------------------------------------------------------------
+
+MIN_POOLING = 0.01  # a measured mean below this (a feature that is almost always null) is planned as this
+
+
+@dataclass(frozen=True)
+class Pooling:
+    """Mean ids looked up per row (TorchRec's pooling factor) of every sparse key, and where each came from:
+    ``config`` (``train.planner.pooling_factors``), ``manifest`` (the dataset's measured mean of the train
+    split) or ``default`` (1 for a single-valued feature, max_len for a sequence: an upper bound, so a plan
+    without measurements over- rather than under-estimates the sequences' cost)."""
+
+    factors: Dict[str, float]
+    sources: Dict[str, str]
+
+
+def manifest_pooling(manifest: Any) -> Dict[str, float]:
+    """The measured mean lengths of a dataset manifest's train split (sparse key -> mean ids per row); empty
+    for a manifest written before datasets recorded them."""
+    by_split = getattr(manifest, "mean_lengths", None) or {}
+    return dict(by_split.get("train") or {})
+
+
+def resolve_pooling(cfg: Config, measured: Optional[Mapping[str, float]] = None) -> Pooling:
+    """Every sparse key's pooling factor: ``train.planner.pooling_factors``, else ``measured`` (e.g.
+    :func:`manifest_pooling`), else the default (see :class:`Pooling`). Measured values are clipped to
+    [``MIN_POOLING``, the key's bound]: 1 for a single-valued feature, max_len for a sequence (the reader keeps
+    the latest max_len elements); unknown keys and non-finite values in ``measured`` are ignored.
+
+    Raises:
+        ConfigError: a configured key that is not a sparse key of the schema, or a value above its bound.
+    """
+    schema = cfg.schema
+    bounds = {f: 1.0 for f in schema.features}
+    bounds.update({name: float(seq.max_len) for name, seq in schema.sequences.items()})
+    configured = cfg.train.planner.pooling_factors
+    for key, value in configured.items():
+        where = f"train.planner.pooling_factors.{key}"
+        if key not in bounds:
+            raise ConfigError(f"{where}: not a feature or sequence of the schema; expected one of {sorted(bounds)}")
+        if value > bounds[key]:
+            what = f"sequence with max_len {bounds[key]:g}" if key in schema.sequences else "single-valued feature"
+            raise ConfigError(f"{where}: {value:g} ids per row, but {key} is a {what}: at most {bounds[key]:g}")
+    factors: Dict[str, float] = {}
+    sources: Dict[str, str] = {}
+    for key in schema.sparse_keys:
+        value = (measured or {}).get(key)
+        if key in configured:
+            factors[key], sources[key] = float(configured[key]), "config"
+        elif isinstance(value, (int, float)) and math.isfinite(value):
+            factors[key], sources[key] = min(max(float(value), MIN_POOLING), bounds[key]), "manifest"
+        else:
+            factors[key], sources[key] = bounds[key], "default"
+    return Pooling(factors, sources)
+
+
+def _table_features(module: nn.Module, sharder_list: Sequence[ModuleSharder[nn.Module]]) -> Dict[str, List[str]]:
+    """Table name -> the features it serves, in its config's ``feature_names`` order (the order TorchRec reads a
+    constraint's ``pooling_factors`` in). A name shared by two collections (stage 2's MEM and TEM) gets the union
+    of their features, since the planner's constraints are per table name."""
+    out: Dict[str, List[str]] = {}
+    for _, sub, _ in _shardable_modules(module, sharder_list):
+        configs = sub.embedding_bag_configs() if isinstance(sub, EmbeddingBagCollection) else sub.embedding_configs()
+        for c in configs:
+            names = out.setdefault(c.name, [])
+            names.extend(f for f in c.feature_names if f not in names)
+    return out
+
+
+def _with_workload(constraints: Dict[str, ParameterConstraints], table_features: Mapping[str, Sequence[str]],
+                   pooling: Mapping[str, float], batch_size: int) -> Dict[str, ParameterConstraints]:
+    """``constraints`` plus, for every table, one pooling factor and the per-rank batch size per feature."""
+    for table, features in table_features.items():
+        c = constraints.setdefault(table, ParameterConstraints())
+        c.pooling_factors = [float(pooling.get(f, 1.0)) for f in features]
+        c.batch_sizes = [int(batch_size)] * len(features)
+    return constraints
+
+
+# --------------------------------------------------------------------------------------------------------
 # Planning
 # --------------------------------------------------------------------------------------------------------
 
@@ -326,12 +428,20 @@ class _Capture(Stats):
 
 @dataclass
 class PlanResult:
-    """What :func:`plan_module` found."""
+    """What :func:`plan_module` found.
+
+    ``per_rank`` rows hold the planner's storage estimate (see the module docstring) and its step-time estimate
+    in ms: ``fwd_compute_ms``, ``fwd_comms_ms``, ``bwd_compute_ms``, ``bwd_comms_ms``, ``prefetch_ms`` and their
+    sum ``est_ms`` (the embedding part of a step on that rank; the dense part is not modelled). ``estimate``
+    sums them up (see :func:`step_estimate`).
+    """
 
     plan: ShardingPlan
-    per_rank: List[Dict[str, Any]]  # the planner's storage estimate per rank (see the module docstring)
+    per_rank: List[Dict[str, Any]]
     search: str  # "restricted" (first search) or "full"
     seconds: float
+    estimate: Dict[str, Any] = field(default_factory=dict)
+    pooling: Optional[Pooling] = None
 
 
 @dataclass(frozen=True)
@@ -341,7 +451,9 @@ class ShardingRules:
     Args:
         sharding_type: shard every table this way where its sharder offers it ("" = the planner chooses).
         data_parallel: whether tables may be replicated; not under a lazy (sparse) Adam, which a replicated
-            table's dense optimizer cannot reproduce.
+            table's dense optimizer cannot reproduce, nor with fp16 tables (``train.embedding_precision``): a
+            replicated table trains with a regular optimizer on its fp16 dense gradient, whose squares underflow
+            to 0 (adagrad's step becomes 0/0), while fbgemm's fused kernels accumulate in fp32.
     """
 
     sharding_type: str = ""
@@ -349,7 +461,8 @@ class ShardingRules:
 
     @classmethod
     def of(cls, cfg: Config) -> "ShardingRules":
-        return cls(cfg.train.planner.sharding_type, cfg.train.embedding_optimizer != "adam")
+        return cls(cfg.train.planner.sharding_type,
+                   cfg.train.embedding_optimizer != "adam" and cfg.train.embedding_precision == "fp32")
 
     def types(self, t: TableInfo) -> Optional[List[str]]:
         """Allowed sharding types of a table, or None for no restriction.
@@ -456,8 +569,60 @@ def _gib(n: float) -> float:
     return round(n / GIB, 4)
 
 
-def _does_not_fit_message(tables: Sequence[TableInfo], topo: Topology, reserved: Optional[Topology],
-                          error: Exception) -> str:
+_PERF_FIELDS = (("fwd_compute_ms", "fwd_compute"), ("fwd_comms_ms", "fwd_comms"), ("bwd_compute_ms", "bwd_compute"),
+                ("bwd_comms_ms", "bwd_comms"), ("prefetch_ms", "prefetch_compute"))
+
+
+def _max_over_mean(values: Sequence[float]) -> Optional[float]:
+    """max / mean of the per-rank figures (1: perfectly balanced); None when they are all 0."""
+    mean = sum(values) / len(values) if values else 0.0
+    return round(max(values) / mean, 4) if mean > 0 else None
+
+
+def step_estimate(best_plan: Sequence[ShardingOption], world_size: int
+                  ) -> Tuple[List[Dict[str, float]], Dict[str, Any]]:
+    """TorchRec's cost model of a plan, from the perf (ms) and storage the planner attached to every shard of its
+    chosen sharding options.
+
+    Returns per-rank rows (``rank``, the ``*_ms`` fields of :class:`PlanResult`, ``est_ms`` their sum) and a
+    summary: ``max_rank_ms`` / ``max_rank`` (the slowest rank's total, what bounds a step when ranks wait for
+    each other once per step), ``mean_rank_ms``, ``critical_path_ms`` (TorchRec's critical path, as its
+    ``EmbeddingStats`` prints it: ranks synchronise after every forward / backward compute and after each module
+    x sharding-type all-to-all, so it is at least ``max_rank_ms`` less prefetch), and ``imbalance``: max / mean
+    over ranks of the step time (``perf``) and of the table storage (``hbm``, ``ddr``; None where unused).
+    """
+    perf = [Perf(fwd_compute=0.0, fwd_comms=0.0, bwd_compute=0.0, bwd_comms=0.0) for _ in range(world_size)]
+    hbm = [0.0] * world_size
+    ddr = [0.0] * world_size
+    for option in best_plan:
+        for shard in option.shards:
+            if shard.rank is None or not 0 <= shard.rank < world_size:
+                continue
+            if shard.perf is not None:
+                perf[shard.rank] += shard.perf
+            if shard.storage is not None:
+                hbm[shard.rank] += shard.storage.hbm
+                ddr[shard.rank] += shard.storage.ddr
+    rows = [{"rank": r, **{k: round(getattr(p, attr), 4) for k, attr in _PERF_FIELDS}, "est_ms": round(p.total, 4)}
+            for r, p in enumerate(perf)]
+    totals = [p.total for p in perf]
+    slowest = max(range(world_size), key=lambda r: totals[r])
+    summary: Dict[str, Any] = {
+        "max_rank_ms": round(totals[slowest], 4), "max_rank": slowest,
+        "mean_rank_ms": round(sum(totals) / world_size, 4),
+        "critical_path_ms": None, "critical_path_compute_ms": None, "critical_path_comms_ms": None,
+        "imbalance": {"perf": _max_over_mean(totals), "hbm": _max_over_mean(hbm), "ddr": _max_over_mean(ddr)},
+    }
+    critical_path = getattr(planner_stats, "_calculate_critical_path", None)  # private in TorchRec 1.8
+    if critical_path is not None and best_plan:
+        cp = critical_path(list(best_plan))
+        summary.update(critical_path_ms=round(cp.total(), 4), critical_path_compute_ms=round(cp.comp_estimate, 4),
+                       critical_path_comms_ms=round(cp.comms_estimate, 4))
+    return rows, summary
+
+
+def _does_not_fit(tables: Sequence[TableInfo], topo: Topology, reserved: Optional[Topology],
+                  error: Exception, rules: ShardingRules = ShardingRules()) -> PlanDoesNotFit:
     world = topo.world_size
     cuda = topo.compute_device == "cuda"
     need = sum(t.bytes for t in tables)
@@ -490,11 +655,14 @@ def _does_not_fit_message(tables: Sequence[TableInfo], topo: Topology, reserved:
                    f"rest to DDR (UVM caching keeps part of each offloaded table in HBM)")
     else:
         per_rank = (hbm_a + ddr_a) / world
-        unsplittable = [t for t in largest if not any(s in t.sharding_types for s in _ROW_SPLIT_TYPES)]
+        unsplittable = [t for t in largest if not any(s in (rules.types(t) or t.sharding_types)
+                                                      for s in _ROW_SPLIT_TYPES)]
         big = unsplittable[0] if unsplittable else None
+        forced = rules.sharding_type and rules.sharding_type in (big.sharding_types if big else [])
+        how = f"under sharding {rules.sharding_type}" if forced else f"on {topo.compute_device}"
         if big is not None and big.bytes > per_rank:
             verdict = (f"in total they fit ({need / GIB:.2f} of {total / GIB:.2f} GiB), but {big.name} cannot be "
-                       f"split by rows on {topo.compute_device} and needs {big.bytes / GIB:.2f} GiB on one rank, "
+                       f"split by rows {how} and needs {big.bytes / GIB:.2f} GiB on one rank, "
                        f"which has {per_rank / GIB:.2f} GiB: short by {(big.bytes - per_rank) / GIB:.2f} GiB")
         else:
             verdict = (f"in total they fit ({need / GIB:.2f} of {total / GIB:.2f} GiB), but the planner found no "
@@ -502,60 +670,78 @@ def _does_not_fit_message(tables: Sequence[TableInfo], topo: Topology, reserved:
     shown = [t for t in largest[:3] if t.bytes >= 0.01 * need] or largest[:1]
     named = "; ".join(f"{t.name} ({t.module}) {t.rows:,} x {t.dim} = {t.bytes / GIB:.2f} GiB" for t in shown)
     first = str(error).strip().splitlines()[0].strip() if str(error).strip() else type(error).__name__
-    return (f"the model does not fit: {what}, but {where}: {verdict}. Largest tables: {named}. "
-            f"(TorchRec planner: {first})")
+    failure = PlanDoesNotFit(f"the model does not fit: {what}, but {where}: {verdict}. Largest tables: {named}. "
+                             f"(TorchRec planner: {first})")
+    failure.reason = verdict
+    return failure
 
 
 def _plan_local(module: nn.Module, sharder_list: Sequence[ModuleSharder[nn.Module]], topo: Topology,
-                batch_size: int, rules: ShardingRules = ShardingRules()) -> PlanResult:
+                batch_size: int, rules: ShardingRules = ShardingRules(),
+                pooling: Optional[Mapping[str, float]] = None) -> PlanResult:
+    """Plan on this process; ``pooling`` is a resolved sparse key -> pooling factor map (missing keys: 1)."""
     start = time.perf_counter()
     tables = table_infos(module, topo.compute_device, sharder_list)
+    features = _table_features(module, sharder_list)
     dense_bytes = _dense_bytes_estimate(module, sharder_list)
     capture = _Capture()
     search = "restricted"
     try:
-        plan = _run_planner(module, sharder_list, topo, batch_size,
-                            _fast_constraints(tables, topo.compute_device, rules), capture, dense_bytes)
+        constraints = _with_workload(_fast_constraints(tables, topo.compute_device, rules), features,
+                                     pooling or {}, batch_size)
+        plan = _run_planner(module, sharder_list, topo, batch_size, constraints, capture, dense_bytes)
     except PlannerError as first_error:
         if topo.compute_device != "cuda":
-            raise PlanDoesNotFit(_does_not_fit_message(tables, topo, capture.reserved, first_error)) from None
+            raise _does_not_fit(tables, topo, capture.reserved, first_error, rules) from None
         capture = _Capture()
         search = "full"
         try:
-            plan = _run_planner(module, sharder_list, topo, batch_size, _rule_constraints(tables, rules), capture,
-                                dense_bytes)
+            constraints = _with_workload(_rule_constraints(tables, rules), features, pooling or {}, batch_size)
+            plan = _run_planner(module, sharder_list, topo, batch_size, constraints, capture, dense_bytes)
         except PlannerError as error:
-            raise PlanDoesNotFit(_does_not_fit_message(tables, topo, capture.reserved, error)) from None
-    per_rank = _per_rank_usage(capture.best_plan or [], topo, capture.reserved)
-    return PlanResult(plan=plan, per_rank=per_rank, search=search, seconds=time.perf_counter() - start)
+            raise _does_not_fit(tables, topo, capture.reserved, error, rules) from None
+    best_plan = capture.best_plan or []
+    per_rank = _per_rank_usage(best_plan, topo, capture.reserved)
+    perf_rows, estimate = step_estimate(best_plan, topo.world_size)
+    for row, perf_row in zip(per_rank, perf_rows):
+        row.update({k: v for k, v in perf_row.items() if k != "rank"})
+    return PlanResult(plan=plan, per_rank=per_rank, search=search, seconds=time.perf_counter() - start,
+                      estimate=estimate)
 
 
 @dataclass
 class _Failure:
     kind: str
     message: str
+    reason: str = ""
 
 
 def _plan_or_failure(module: nn.Module, sharder_list: Sequence[ModuleSharder[nn.Module]], topo: Topology,
-                     batch_size: int, rules: ShardingRules) -> Any:
+                     batch_size: int, rules: ShardingRules, pooling: Mapping[str, float]) -> Any:
     try:
-        return _plan_local(module, sharder_list, topo, batch_size, rules)
+        return _plan_local(module, sharder_list, topo, batch_size, rules, pooling)
     except Exception as e:  # sent to every rank, which raises it: no rank waits forever for rank 0
-        return _Failure(type(e).__name__, str(e))
+        return _Failure(type(e).__name__, str(e), getattr(e, "reason", ""))
 
 
 def plan_module(module: nn.Module, cfg: Config, world_size: int, local_world_size: Optional[int],
                 compute_device: str, pg: Optional[dist.ProcessGroup] = None, *, hbm_gb: Optional[float] = None,
                 ddr_gb: Optional[float] = None, batch_size: Optional[int] = None,
-                sharder_list: Optional[Sequence[ModuleSharder[nn.Module]]] = None) -> PlanResult:
+                sharder_list: Optional[Sequence[ModuleSharder[nn.Module]]] = None,
+                pooling: Optional[Mapping[str, float]] = None, sharding_type: Optional[str] = None) -> PlanResult:
     """Plan ``module`` for ``world_size`` ranks (``local_world_size`` per node; 0/None: one node).
 
     Per-rank HBM / DDR default to ``cfg.train.planner``, the per-rank batch to ``cfg.data.batch_size``.
+    ``pooling`` is the measured mean ids per row of sparse keys (e.g. :func:`manifest_pooling` of the training
+    data); ``train.planner.pooling_factors`` overrides it and defaults fill the rest (:func:`resolve_pooling`).
+    The planner gets one pooling factor per feature of every table and the per-rank batch as its batch sizes.
+    ``sharding_type`` overrides ``train.planner.sharding_type`` ("" lets the planner choose).
     With ``pg`` rank 0 plans and broadcasts the result (TorchRec's ``collective_plan`` pattern); a failure on
     rank 0 is raised on every rank.
 
     Raises:
         PlanDoesNotFit: no plan fits (the message says by how much and names the largest tables).
+        ConfigError: a ``train.planner.pooling_factors`` key the schema does not have, or a value above its bound.
         ValueError: an impossible topology.
     """
     compute_device = resolve_compute_device(compute_device)
@@ -566,24 +752,99 @@ def plan_module(module: nn.Module, cfg: Config, world_size: int, local_world_siz
     batch = batch_size or cfg.data.batch_size
     shs = list(sharder_list) if sharder_list is not None else sharders()
     rules = ShardingRules.of(cfg)
+    if sharding_type is not None:
+        rules = replace(rules, sharding_type=sharding_type)
+    resolved = resolve_pooling(cfg, pooling)
     if pg is None:
-        return _plan_local(module, shs, topo, batch, rules)
-    if pg.size() != world_size:
-        raise ValueError(f"the process group has {pg.size()} ranks but the plan is for world_size {world_size}")
-    outcome = invoke_on_rank_and_broadcast_result(pg, 0, _plan_or_failure, module, shs, topo, batch, rules)
-    if isinstance(outcome, _Failure):
-        if outcome.kind == "PlanDoesNotFit":
-            raise PlanDoesNotFit(outcome.message)
-        if outcome.kind == "ValueError":
-            raise ValueError(outcome.message)
-        raise RuntimeError(f"planning failed on rank 0: {outcome.kind}: {outcome.message}")
-    return outcome
+        result = _plan_local(module, shs, topo, batch, rules, resolved.factors)
+    else:
+        if pg.size() != world_size:
+            raise ValueError(f"the process group has {pg.size()} ranks but the plan is for world_size {world_size}")
+        result = invoke_on_rank_and_broadcast_result(pg, 0, _plan_or_failure, module, shs, topo, batch, rules,
+                                                     resolved.factors)
+        if isinstance(result, _Failure):
+            if result.kind == "PlanDoesNotFit":
+                failure = PlanDoesNotFit(result.message)
+                failure.reason = result.reason
+                raise failure
+            if result.kind == "ValueError":
+                raise ValueError(result.message)
+            raise RuntimeError(f"planning failed on rank 0: {result.kind}: {result.message}")
+    result.pooling = resolved
+    return result
 
 
 def make_plan(module: nn.Module, cfg: Config, world_size: int, local_world_size: Optional[int],
-              compute_device: str, pg: Optional[dist.ProcessGroup] = None) -> ShardingPlan:
-    """The sharding plan of ``module`` (see :func:`plan_module`); collective when ``pg`` is given."""
-    return plan_module(module, cfg, world_size, local_world_size, compute_device, pg).plan
+              compute_device: str, pg: Optional[dist.ProcessGroup] = None, *,
+              pooling: Optional[Mapping[str, float]] = None) -> ShardingPlan:
+    """The sharding plan of ``module`` (see :func:`plan_module`; ``pooling``: the training data's measured mean
+    ids per row, e.g. ``manifest_pooling(manifest)``); collective when ``pg`` is given."""
+    return plan_module(module, cfg, world_size, local_world_size, compute_device, pg, pooling=pooling).plan
+
+
+SHARDING_ABBREVIATIONS = {"data_parallel": "DP", "table_wise": "TW", "column_wise": "CW", "table_column_wise": "TCW",
+                          "row_wise": "RW", "table_row_wise": "TRW", "grid_shard": "GS"}
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """One topology / strategy to plan in :func:`compare_plans`: ``world_size`` ranks, every table sharded
+    ``sharding_type`` where its collection and the device allow it ("": the planner chooses)."""
+
+    world_size: int
+    sharding_type: str = ""
+
+
+def compare_plans(module: nn.Module, cfg: Config, candidates: Sequence[Candidate], local_world_size: Optional[int],
+                  compute_device: str, *, hbm_gb: Optional[float] = None, ddr_gb: Optional[float] = None,
+                  batch_size: Optional[int] = None, pooling: Optional[Mapping[str, float]] = None
+                  ) -> List[Dict[str, Any]]:
+    """Plan ``module`` once per candidate (arguments as for :func:`plan_module`) and return one row each.
+
+    A row has ``world_size``, ``local_world_size`` (``local_world_size``, at most the candidate's world; None: one
+    node), ``sharding`` (requested; ``auto``: the planner chooses), and either ``fits: True`` with ``chosen``
+    (sharding types used, e.g. ``RW 3, DP 10``), ``max_rank_ms``, ``critical_path_ms``, ``imbalance`` (the
+    step-time imbalance, max / mean over ranks), ``max_hbm_gb`` / ``max_ddr_gb`` (the fullest rank's tables),
+    ``search`` and ``seconds``; or ``fits: False`` with ``reason`` (why it does not fit, or what is wrong with the
+    topology) and ``message`` (the whole error).
+
+    Raises:
+        ConfigError: as :func:`resolve_pooling` (the same for every candidate).
+    """
+    compute_device = resolve_compute_device(compute_device)
+    resolve_pooling(cfg, pooling)  # a ConfigError here, not one per row
+    rows = []
+    for c in candidates:
+        local = min(local_world_size or c.world_size, c.world_size)
+        row: Dict[str, Any] = {"world_size": c.world_size, "local_world_size": local,
+                               "sharding": c.sharding_type or "auto"}
+        start = time.perf_counter()
+        try:
+            result = plan_module(module, cfg, c.world_size, local, compute_device, hbm_gb=hbm_gb, ddr_gb=ddr_gb,
+                                 batch_size=batch_size, pooling=pooling, sharding_type=c.sharding_type)
+        except PlanDoesNotFit as e:
+            row.update(fits=False, reason=e.reason or str(e), message=str(e))
+        except ConfigError:
+            raise
+        except ValueError as e:  # an impossible topology
+            row.update(fits=False, reason=str(e), message=str(e))
+        else:
+            used: Dict[str, int] = {}
+            for mplan in result.plan.plan.values():
+                for ps in mplan.values():  # type: ignore[union-attr]
+                    used[ps.sharding_type] = used.get(ps.sharding_type, 0) + 1
+            est = result.estimate
+            row.update(
+                fits=True,
+                chosen=", ".join(f"{SHARDING_ABBREVIATIONS.get(t, t)} {n}" for t, n in sorted(used.items(),
+                                                                                              key=lambda i: -i[1])),
+                max_rank_ms=est.get("max_rank_ms"), critical_path_ms=est.get("critical_path_ms"),
+                imbalance=est.get("imbalance", {}).get("perf"),
+                max_hbm_gb=max(r["hbm_gb"] for r in result.per_rank),
+                max_ddr_gb=max(r["ddr_gb"] for r in result.per_rank), search=result.search)
+        row["seconds"] = round(time.perf_counter() - start, 3)
+        rows.append(row)
+    return rows
 
 
 # --------------------------------------------------------------------------------------------------------

@@ -26,13 +26,16 @@ def stage2_uses_mem(cfg: Config) -> bool:
 
 def build_train_module(cfg: Config, stage: str, device: Optional[torch.device] = None) -> nn.Module:
     """The loss-wrapped model of ``stage`` (``mem`` or ``tem``), tables on ``device``."""
+    precision = cfg.train.embedding_precision
     if stage == "mem":
-        return MEMTrain(MEM(cfg.schema, cfg.model, device=device), pdl_gamma(cfg.model))
+        return MEMTrain(MEM(cfg.schema, cfg.model, device=device, embedding_precision=precision),
+                        pdl_gamma(cfg.model))
     if stage == "tem":
         if cfg.model.ablation == "no_tem_finetune":
             raise ValueError("model.ablation=no_tem_finetune: there is no stage 2; the MEM's target tower is the "
                              "final model (evaluate the MEM run)")
-        mem = MEM(cfg.schema, cfg.model, device=device) if stage2_uses_mem(cfg) else None
-        tem = TEM(cfg.schema, cfg.model, knowledge_dims(mem) if mem is not None else None, device=device)
+        mem = MEM(cfg.schema, cfg.model, device=device, embedding_precision=precision) if stage2_uses_mem(cfg) else None
+        tem = TEM(cfg.schema, cfg.model, knowledge_dims(mem) if mem is not None else None, device=device,
+                  embedding_precision=precision)
         return TEMTrain(MKTTarget(tem, mem))
     raise ValueError(f"unknown stage {stage!r}; expected one of {STAGES}")

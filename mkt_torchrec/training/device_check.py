@@ -13,6 +13,8 @@ emulate the accelerator instead:
   ``device=``, by ``torch.from_numpy``, ``.cpu()`` or ``.to("cpu")``, and everything computed from them
   (``.to(info.device)`` clears the mark, as the copy to the GPU would). A factory given any device is trusted:
   ``device=x.device`` reads ``cpu`` on this machine but follows ``x`` on a GPU;
+* :data:`SYNCS` records every host sync our code makes on a device tensor (``.item()``, ``.tolist()``, ``bool()``,
+  ``.nonzero()``, ``.cpu()``, ...): tests count them per training step;
 * every tensor collective of ``torch.distributed`` (``all_reduce``, ``all_gather``, ``broadcast``, ``all_to_all``,
   ...) is wrapped to raise :class:`HostTensorInCollective` on a host tensor, naming the collective and the caller's
   file and line. Calls made by library code (``torch.distributed``'s object collectives and DCP, TorchRec) are not
@@ -44,6 +46,12 @@ _ALWAYS_HOST = {torch.from_numpy, torch.frombuffer, torch.Tensor.cpu}
 _COLLECTIVES = ("all_reduce", "all_gather", "all_gather_into_tensor", "broadcast", "reduce", "reduce_scatter",
                 "reduce_scatter_tensor", "all_to_all", "all_to_all_single", "scatter", "gather", "send", "recv",
                 "isend", "irecv")
+
+
+# Calls that make the host wait for the device (they read a device tensor's value on the host)
+_SYNCS = {torch.Tensor.item, torch.Tensor.tolist, torch.Tensor.__bool__, torch.Tensor.__int__, torch.Tensor.__float__,
+          torch.Tensor.__index__, torch.Tensor.nonzero, torch.nonzero, torch.Tensor.numpy, torch.Tensor.cpu}
+SYNCS: list = []  # origin ("file:line") of every host sync our code made on a device tensor, in order
 
 
 class HostTensorInCollective(RuntimeError):
@@ -118,6 +126,9 @@ class HostTensorTracker(TorchFunctionMode):
     def __torch_function__(self, func: Callable, types: Any, args: tuple = (), kwargs: Any = None) -> Any:
         kwargs = kwargs or {}
         out = func(*args, **kwargs)
+        if args and isinstance(args[0], torch.Tensor) and not is_host(args[0]) and not _from_library():
+            if func in _SYNCS or (func is torch.Tensor.to and _target_device(args, kwargs) == torch.device("cpu")):
+                SYNCS.append(_origin())
         if (func in _FACTORIES or func in _ALWAYS_HOST or func is torch.Tensor.to) and _from_library():
             _mark(out, func is torch.Tensor.to and is_host(args[0]) and _target_device(args, kwargs) is None)
         elif func in _FACTORIES:  # ``device=x.device`` reads "cpu" here but is right on a GPU: trust any device

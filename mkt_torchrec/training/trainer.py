@@ -29,7 +29,8 @@ import os
 import shutil
 import time
 from dataclasses import asdict, replace
-from typing import Any, Dict, Iterator, List, NamedTuple, Optional, Tuple
+from collections import deque
+from typing import Any, Deque, Dict, Iterator, List, NamedTuple, Optional, Tuple
 
 import numpy as np
 import pyarrow as pa
@@ -48,10 +49,10 @@ from mkt_torchrec.data.batch import Batch
 from mkt_torchrec.data.dataset import open_dataset_shared
 from mkt_torchrec.data.reader import ParquetReader
 from mkt_torchrec.planning.plan import (FROZEN_MODULE, attach_embedding_optimizer, embedding_optimizer_kwargs,
-                                       frozen_module, load_plan, make_plan, sharders, write_plan)
+                                       frozen_module, load_plan, make_plan, manifest_pooling, sharders, write_plan)
 from mkt_torchrec.training import checkpoint, runlock
 from mkt_torchrec.training.build import build_train_module, stage2_uses_mem
-from mkt_torchrec.training.distributed import (DistInfo, all_gather_objects, all_sum, any_true, fault_point,
+from mkt_torchrec.training.distributed import (DistInfo, all_gather_objects, all_sum, fault_point,
                                                init_distributed)
 
 log = logging.getLogger("mkt.train")
@@ -161,16 +162,19 @@ def init_tables(model: nn.Module, seed: int) -> None:
                 value.copy_(_table_values(seed, table, rows, 0, 0, (rows, dim), dim).to(value.device))
 
 
-def assemble(cfg: Config, stage: str, info: DistInfo, plan_file: Optional[str] = None) -> Assembled:
+def assemble(cfg: Config, stage: str, info: DistInfo, plan_file: Optional[str] = None,
+             manifest: Optional[Any] = None) -> Assembled:
     """Build, plan and shard the stage module; build its optimizer.
 
     Every trainable table trains with the configured embedding optimizer, whatever its sharding: fused into
     backward for sharded tables, the same rule as a regular optimizer for data_parallel ones. Stage 2's frozen
     MEM is in no optimizer and not in DDP. Tables are initialised the same way under every plan
-    (:func:`init_tables`), so a seed gives the same model at any world size.
+    (:func:`init_tables`), so a seed gives the same model at any world size. The planner costs each feature with
+    the dataset's measured mean ids per row (``manifest``; see ``train.planner.pooling_factors``).
     """
     torch.manual_seed(cfg.train.seed)
     module = build_train_module(cfg, stage, device=torch.device("meta"))
+    module.autocast_device = info.device.type if cfg.train.precision == "bf16" else None  # see precision_context
     attach_embedding_optimizer(module, cfg, stage)  # fused into backward, for the tables that train
     frozen = FROZEN_MODULE.get(stage) if frozen_module(module, stage) is not None else None
     frozen_names = [n for n, _ in module.named_parameters() if _under(n, frozen)]
@@ -180,12 +184,14 @@ def assemble(cfg: Config, stage: str, info: DistInfo, plan_file: Optional[str] =
     if plan_file:
         plan = load_plan(plan_file, module, info.world_size, local_world, device_type)
     else:
-        plan = make_plan(module, cfg, info.world_size, local_world, device_type, pg=dist.group.WORLD)
+        plan = make_plan(module, cfg, info.world_size, local_world, device_type, pg=dist.group.WORLD,
+                         pooling=manifest_pooling(manifest) if manifest is not None else None)
     model = DistributedModelParallel(
         module=module, env=ShardingEnv.from_process_group(dist.group.WORLD), device=info.device, plan=plan,
         sharders=sharders(),
-        # a batch may hold rows of one entity only: the other entity's modules then get no gradient
-        data_parallel_wrapper=DefaultDataParallelWrapper(static_graph=False, find_unused_parameters=True,
+        # every dense parameter gets a gradient every step (the MEM runs both entity paths on all rows; the frozen
+        # MEM is not in DDP), so DDP need not search the graph for unused ones
+        data_parallel_wrapper=DefaultDataParallelWrapper(static_graph=False, find_unused_parameters=False,
                                                          params_to_ignore=frozen_names),
     )
     init_tables(model, cfg.train.seed)
@@ -367,8 +373,8 @@ def _log_record(run_dir: str, record: Dict[str, Any]) -> None:
 class _Cadence:
     """When to checkpoint: every ``checkpoint_every`` steps and every ``checkpoint_every_minutes`` of wall time.
 
-    Rank 0's clock decides, and the decision travels in the step's all-reduce, so every rank saves at the same
-    step (a save is a collective).
+    Rank 0's clock decides, and the decision travels in the log step's all-reduce (so time is checked every
+    ``train.log_every`` steps), so every rank saves at the same step (a save is a collective).
     """
 
     def __init__(self, tc: Any, is_main: bool) -> None:
@@ -397,6 +403,90 @@ def _weighted(batch: Batch, global_rows: float, world_size: int, real: bool) -> 
     return replace(batch, weights=torch.full((len(batch),), value, dtype=torch.float32))
 
 
+class _Fed(NamedTuple):
+    """One batch the feed handed to the pipeline, and what the trainer needs to know of it once trained."""
+
+    batch: Batch  # host memory (pinned on CUDA), loss weights set
+    epoch: int  # the reader's epoch it belongs to
+    rows: int  # this rank's real rows (0: filler)
+    global_rows: int  # real rows of the step, all ranks together
+    reader_state: Dict[str, Any]  # this rank's reader position after it
+    epoch_end: bool  # the last step of its epoch
+
+
+class _Feed:
+    """Loss-weighted batches for a train pipeline, without any collective or host sync.
+
+    The reader's step schedule (:meth:`ParquetReader.step_rows`) gives every rank, from the manifest alone, the
+    number of steps left in the epoch and the rows all ranks train at each. So a rank that has run out of rows
+    steps on a zero-weight filler batch until the epoch's last step (sharded lookups are collectives every rank
+    joins), and each row's loss weight, ``world_size / rows of the step`` (see :func:`_weighted`), needs no
+    all-reduce. The pipeline pulls batches ahead of the step it trains, so the feed keeps what it handed out in
+    ``handed``, in order: the trainer pops one per trained step and so knows the reader position to checkpoint.
+
+    Args:
+        reader: this rank's reader, at the position to continue from.
+        info: the process group.
+        epochs: stop at the end of this epoch count.
+        steps: stop after this many batches (None: no limit).
+    """
+
+    def __init__(self, reader: ParquetReader, info: DistInfo, epochs: int, steps: Optional[int]) -> None:
+        self.reader, self.world_size = reader, info.world_size
+        self.epochs, self.steps = epochs, steps
+        self.pin = info.device.type == "cuda"  # pinned host memory: the pipeline's copy is non-blocking
+        self.handed: Deque[_Fed] = deque()
+        self._filler: Optional[Batch] = None
+        self._batches = self._generate()
+
+    def __iter__(self) -> "_Feed":
+        return self
+
+    def __next__(self) -> Batch:
+        fed = next(self._batches)
+        self.handed.append(fed)
+        return fed.batch
+
+    def _generate(self) -> Iterator[_Fed]:
+        left = self.steps
+        while self.reader.epoch < self.epochs:
+            epoch = self.reader.epoch
+            schedule = self.reader.step_rows()
+            mine = self.reader.batches_left()
+            batches = iter(self.reader)
+            for i, global_rows in enumerate(schedule):
+                if left is not None and left <= 0:
+                    return
+                batch = next(batches) if i < mine else None
+                if batch is not None:
+                    self._filler = batch
+                else:
+                    batch = self._filler if self._filler is not None else self.reader.first_batch()
+                rows = len(batch) if i < mine else 0
+                batch = _weighted(batch, global_rows, self.world_size, real=rows > 0)
+                yield _Fed(batch.pin_memory() if self.pin else batch, epoch, rows, global_rows,
+                           self.reader.state_dict(), i == len(schedule) - 1)
+                if left is not None:
+                    left -= 1
+            if next(batches, None) is not None:  # ending the iteration moves the reader to the next epoch
+                raise RuntimeError(f"the reader yielded more than the {mine} batches its schedule counts")
+
+
+def make_pipeline(model: nn.Module, optimizer: Any, device: torch.device) -> Any:
+    """TorchRec's ``TrainPipelineSparseDist`` over the sharded model.
+
+    Why this pipeline: it overlaps the next batch's host-to-device copy and the sharded modules' input
+    distribution (the id all-to-alls) with the current step's forward and backward, keeps the plain
+    forward / backward / step order (so training equals the serial loop), and needs nothing of the model beyond
+    FX-traceability around its sharded modules. The semi-sync and prefetch variants change the update order or
+    need UVM caching, which our plans do not use. On CPU there are no side streams, so it overlaps nothing but
+    runs the same code.
+    """
+    from torchrec.distributed.train_pipeline import TrainPipelineSparseDist
+
+    return TrainPipelineSparseDist(model, optimizer, device, execute_all_batches=True)
+
+
 def train(cfg: Config, stage: str, data_dir: str, run_dir: str, resume: bool = False,
           mem_run: Optional[str] = None) -> Dict[str, Any]:
     """Train one stage in the current process group (every rank calls it). Returns a summary (rank 0).
@@ -413,7 +503,7 @@ def train(cfg: Config, stage: str, data_dir: str, run_dir: str, resume: bool = F
     if stage == "tem" and stage2_uses_mem(cfg):
         check_mem_run(cfg, mem_run)  # type: ignore[arg-type]
     manifest = open_dataset_shared(data_dir, cfg.schema)  # a bad --data fails before the run directory exists
-    asm = assemble(cfg, stage, info)  # a plan that cannot apply fails before the run directory exists
+    asm = assemble(cfg, stage, info, manifest=manifest)  # a plan that cannot apply fails before the run dir exists
     lock = _prepare_run_dir(cfg, stage, data_dir, run_dir, resume, mem_run, info)
     try:
         return _train_locked(cfg, stage, data_dir, run_dir, resume, mem_run, info, manifest, lock, asm)
@@ -445,7 +535,7 @@ def _train_locked(cfg: Config, stage: str, data_dir: str, run_dir: str, resume: 
         extra = checkpoint.read_extra(latest)
         load_train_state(asm, cfg, latest, extra.get("plan") or {})
         step, epoch = int(extra["step"]), int(extra["epoch"])
-        epoch_rows = int(extra.get("epoch_rows", 0)) if info.is_main else 0  # all ranks' rows, counted on rank 0
+        epoch_rows = int(extra.get("epoch_rows", 0))  # all ranks' rows of the epoch so far
         reader.load_state_dict(extra["readers"])  # re-split over this world if it has another size
         _truncate_log(run_dir, step, info.is_main)
         if info.is_main:
@@ -454,91 +544,74 @@ def _train_locked(cfg: Config, stage: str, data_dir: str, run_dir: str, resume: 
 
     saver = checkpoint.AsyncCheckpointer(run_dir, info.is_main, cfg.train.keep_checkpoints)
     cadence = _Cadence(cfg.train, info.is_main)
+    tc = cfg.train
+    feed = _Feed(reader, info, tc.epochs, max(0, tc.max_steps - step) if tc.max_steps else None)
+    reader_state = reader.state_dict()  # this rank's position after the last trained step
 
     def save() -> None:
         if window_steps:  # never publish a checkpoint of a run that diverged since its last log step
             _check_finite(all_sum([float(stats.sum())], info.device)[0], step - window_steps, step)
         runlock.refresh(lock)
-        gathered = all_gather_objects((reader.state_dict(), epoch_rows), info.world_size)
-        readers = [g[0] for g in gathered]
+        readers = all_gather_objects(reader_state, info.world_size)
         saver.save(step, state_of(asm, cfg),
-                   {"step": step, "epoch": epoch, "epoch_rows": sum(g[1] for g in gathered), "readers": readers,
+                   {"step": step, "epoch": epoch, "epoch_rows": epoch_rows, "readers": readers,
                     "world_size": info.world_size, "stage": stage, "plan": plan_record})
         cadence.saved()
 
     fail_stage, _, fail_step = os.environ.get(FAIL_AT_STEP_ENV, "").rpartition(":")  # "N" or "STAGE:N"
     fail_at = int(fail_step or 0) if fail_stage in ("", stage) else 0
-    tc = cfg.train
     rows_per_step = reader.plan.batch_size * info.world_size
     target_rows = reader.manifest.rows["train"].get("target", 0)
-    est_steps = tc.epochs * max(1, -(-(target_rows if entity else reader.num_rows()) // rows_per_step))
+    split_rows = target_rows if entity else reader.num_rows()
+    est_steps = tc.epochs * max(1, -(-split_rows // rows_per_step))
     if tc.max_steps:
         est_steps = min(est_steps, tc.max_steps)
     bar = _bar(est_steps, f"train {stage}", step, info.is_main)
     model.train()
+    pipeline = make_pipeline(model, optimizer, info.device)
     window_rows, window_start = 0, time.perf_counter()
     stats = torch.zeros(3, dtype=torch.float64, device=info.device)  # loss, bce, pdl summed since the last log
     window_steps, last_loss = 0, float("nan")
-    done = bool(tc.max_steps and step >= tc.max_steps)
     fault_point("train")
-    while epoch < tc.epochs and not done:
-        batches = iter(reader)
-        filler: Optional[Batch] = None
-        while True:
-            batch = next(batches, None)
-            if batch is not None:
-                filler = batch
-            # one all-reduce per step: rows of the step, ranks still reading, rank 0's clock says "checkpoint"
-            rows, active, time_due = all_sum(
-                [len(batch) if batch is not None else 0, batch is not None, cadence.due_by_time()], info.device)
-            if active == 0:
-                break
-            if batch is None:
-                if filler is None:
-                    filler = reader.first_batch()
-                batch = _weighted(filler, rows, info.world_size, real=False)
-            else:
-                batch = _weighted(batch, rows, info.world_size, real=True)
-                epoch_rows += len(batch)
-            batch = batch.to(info.device)
-            loss, out = model(batch)
-            optimizer.zero_grad()
-            loss.backward()
-            optimizer.step()
-            step += 1
-            window_rows += int(rows)
-            stats += torch.stack([loss.detach(), out.bce, out.pdl * batch.weights.sum()]).double()  # rank's parts
-            window_steps += 1
-            bar.update(1)
-            if step % tc.log_every == 0:
-                last_loss = _log_step(run_dir, info, tc, stats, window_steps, window_rows, window_start, step, epoch,
-                                      bar)
-                runlock.refresh(lock)
-                stats.zero_()
-                window_rows, window_steps, window_start = 0, 0, time.perf_counter()
-            saver.poll()
-            if cadence.due(step, time_due > 0):
-                save()
-            if fail_at and step == fail_at:
-                saver.wait()  # testing hook: the checkpoint before the failure is published
-                if info.rank == info.world_size - 1:
-                    os._exit(3)  # testing hook: simulate a rank dying mid-run
-            if tc.max_steps and step >= tc.max_steps:
-                done = True
-                break
-        if not done:
-            total = all_sum([epoch_rows], info.device)[0]
+    while True:
+        try:
+            out = pipeline.progress(feed)  # forward, backward and update of one step; no host sync
+        except StopIteration:
+            break
+        fed = feed.handed.popleft()  # the batch this step trained (the pipeline has pulled later ones already)
+        step += 1
+        epoch, reader_state = fed.epoch, fed.reader_state
+        epoch_rows += fed.global_rows
+        window_rows += fed.global_rows
+        share = fed.rows * info.world_size / fed.global_rows  # this rank's share of the step's rows (x world)
+        stats += torch.stack([out.loss, out.bce, out.pdl * share]).double()
+        window_steps += 1
+        bar.update(1)
+        time_due = False
+        if step % tc.log_every == 0:
+            last_loss, time_due = _log_step(run_dir, info, tc, stats, window_steps, window_rows, window_start, step,
+                                            epoch, bar, cadence)
+            runlock.refresh(lock)
+            stats.zero_()
+            window_rows, window_steps, window_start = 0, 0, time.perf_counter()
+        if fed.epoch_end:
             if info.is_main:
-                _log_record(run_dir, {"epoch_end": epoch, "step": step, "rows_trained": int(total),
-                                      "rows_in_split": target_rows if entity else reader.num_rows()})
-                log.info("epoch %d done: %d rows trained (of %d in the split%s)", epoch, int(total),
-                         target_rows if entity else reader.num_rows(), ", target rows" if entity else "")
-            epoch += 1
+                _log_record(run_dir, {"epoch_end": epoch, "step": step, "rows_trained": epoch_rows,
+                                      "rows_in_split": split_rows})
+                log.info("epoch %d done: %d rows trained (of %d in the split%s)", epoch, epoch_rows, split_rows,
+                         ", target rows" if entity else "")
             epoch_rows = 0
-            reader.set_epoch(epoch)
+        saver.poll()
+        if cadence.due(step, time_due):
+            save()
+        if fail_at and step == fail_at:
+            saver.wait()  # testing hook: the checkpoint before the failure is published
+            if info.rank == info.world_size - 1:
+                os._exit(3)  # testing hook: simulate a rank dying mid-run
     bar.close()
     if window_steps:
-        last_loss = _log_step(run_dir, info, tc, stats, window_steps, window_rows, window_start, step, epoch, bar)
+        last_loss, _ = _log_step(run_dir, info, tc, stats, window_steps, window_rows, window_start, step, epoch, bar,
+                                 cadence)
     saver.wait()
     final = checkpoint.latest_checkpoint(run_dir) if info.is_main else None
     final = all_gather_objects(final, info.world_size)[0]
@@ -546,7 +619,7 @@ def _train_locked(cfg: Config, stage: str, data_dir: str, run_dir: str, resume: 
         save()
         saver.wait()
     dist.barrier()
-    return {"run_dir": run_dir, "stage": stage, "steps": step, "epochs": epoch, "loss": last_loss,
+    return {"run_dir": run_dir, "stage": stage, "steps": step, "epochs": reader.epoch, "loss": last_loss,
             "world_size": info.world_size}
 
 
@@ -638,11 +711,15 @@ def _drop_state(optimizer: CombinedOptimizer, absent: set) -> None:
 
 
 def _log_step(run_dir: str, info: DistInfo, tc: Any, stats: torch.Tensor, steps: int, rows: int, start: float,
-              step: int, epoch: int, bar: Any) -> float:
-    """All-reduce the window's losses (device tensors) and write one metrics record (rank 0)."""
-    totals = stats.clone()
+              step: int, epoch: int, bar: Any, cadence: "_Cadence") -> Tuple[float, bool]:
+    """All-reduce the window's losses (device tensors) and rank 0's "checkpoint by time" flag; write one metrics
+    record (rank 0). The only collective and host sync of a training step, every ``train.log_every`` steps.
+    Returns (loss, whether a time-based checkpoint is due)."""
+    due = torch.full((1,), float(cadence.due_by_time()), dtype=torch.float64, device=info.device)
+    totals = torch.cat([stats, due])
     dist.all_reduce(totals)
-    loss, bce, pdl = (float(v) / steps / info.world_size for v in totals.tolist())  # weights carry world_size
+    values = totals.tolist()
+    loss, bce, pdl = (float(v) / steps / info.world_size for v in values[:3])  # weights carry world_size
     _check_finite(loss, step - steps, step)
     seconds = max(time.perf_counter() - start, 1e-9)
     record = {"step": step, "epoch": epoch, "loss": loss, "bce": bce, "pdl": pdl, "rows_per_s": rows / seconds,
@@ -651,7 +728,7 @@ def _log_step(run_dir: str, info: DistInfo, tc: Any, stats: torch.Tensor, steps:
         _log_record(run_dir, record)
         bar.set_postfix(loss=f"{loss:.4f}", rows_s=f"{record['rows_per_s']:.0f}")
         log.info("step %d epoch %d loss %.4f rows/s %.0f", step, epoch, loss, record["rows_per_s"])
-    return loss
+    return loss, values[3] > 0
 
 
 def _check_finite(loss: float, after: int, upto: int) -> None:
@@ -705,22 +782,6 @@ def load_unsharded(cfg: Config, stage: str, ckpt: str) -> nn.Module:
 # --------------------------------------------------------------------------------------------------------
 
 
-def _padded_stream(reader: ParquetReader, info: DistInfo) -> Iterator[Tuple[Batch, bool]]:
-    """Yield (batch, is_real) until every rank is done; a finished rank repeats a batch as filler, because
-    sharded lookups are collectives that every rank must join."""
-    batches = iter(reader)
-    last: Optional[Batch] = None
-    while True:
-        batch = next(batches, None)
-        if not any_true(batch is not None, info.device):
-            return
-        if batch is None:
-            yield (last if last is not None else reader.first_batch()), False
-        else:
-            last = batch
-            yield batch, True
-
-
 def evaluate(cfg: Config, run_dir: str, data_dir: str) -> Dict[str, Any]:
     """Score the test split with the run's latest checkpoint; write predictions and RUN/metrics.json.
 
@@ -756,7 +817,8 @@ def _evaluate_locked(cfg: Config, run_dir: str, data_dir: str, info: DistInfo, m
     """:func:`evaluate` once the run directory is locked."""
     from mkt_torchrec.evaluation.distributed_metrics import compute_metrics_distributed
 
-    model = assemble(cfg, stage, info).model
+    asm = assemble(cfg, stage, info, manifest=manifest)
+    model = asm.model
     checkpoint.load(ckpt, train_state(model, None))
     model.eval()
     entity = "target" if stage == "tem" else None
@@ -766,25 +828,33 @@ def _evaluate_locked(cfg: Config, run_dir: str, data_dir: str, info: DistInfo, m
     if wanted == 0:
         raise ValueError(f"{data_dir}: the test split has no {'target ' if entity else ''}rows to evaluate")
     fault_point("evaluate")
-    cols: Dict[str, list] = {"user_id": [], "entity": [], "label": [], "score": [], "activity": [],
-                             "true_prob": []}
+    cols: Dict[str, list] = {"user_id": [], "entity": [], "label": [], "activity": [], "true_prob": []}
+    logits: List[torch.Tensor] = []  # on the device until the end: no host sync per batch
     names = pa.array(["source", "target"])  # entity code -> name
+    feed = _Feed(reader, info, epochs=reader.epoch + 1, steps=None)
+    pipeline = make_pipeline(model, asm.optimizer, info.device)
     bar = _bar(-(-wanted // max(1, reader.plan.batch_size * info.world_size)), "evaluate", 0, info.is_main)
     with torch.no_grad():
-        for batch, real in _padded_stream(reader, info):
-            _, out = model(batch.to(info.device))
-            if not real:
-                continue
+        while True:
+            try:
+                out = pipeline.progress(feed)  # the forward's StepOutput (no backward in eval mode)
+            except StopIteration:
+                break
+            fed = feed.handed.popleft()
             bar.update(1)
+            if fed.rows == 0:  # filler: this rank has scored all its rows
+                continue
+            batch = fed.batch
+            logits.append(out.logits)
             cols["user_id"].append(batch.user_id.numpy())
             cols["entity"].append(batch.entity.numpy())
             cols["label"].append(batch.labels.numpy())
-            cols["score"].append(torch.sigmoid(out.logits.float()).cpu().numpy())
             if batch.activity is not None:
                 cols["activity"].append(batch.activity.numpy())
             if batch.true_prob is not None:
                 cols["true_prob"].append(batch.true_prob.numpy())
     bar.close()
+    cols["score"] = [torch.sigmoid(torch.cat(logits).float()).cpu().numpy()] if logits else []
 
     def column(name: str, dtype: Any) -> np.ndarray:
         return np.concatenate(cols[name]).astype(dtype) if cols[name] else np.zeros(0, dtype)

@@ -1,4 +1,7 @@
 import collections
+import itertools
+import json
+import logging
 import os
 
 import numpy as np
@@ -128,7 +131,8 @@ def test_fewer_row_groups_than_ranks_still_feeds_every_rank(small_dataset):
     manifest = ParquetReader(small_dataset, "test", cfg.schema, cfg.data).manifest
     files = manifest.splits["test"]
     one_group = type(manifest)(**{**vars(manifest), "splits": {"test": [type(files[0])(
-        path=files[0].path, rows=files[0].row_groups[0], row_groups=[files[0].row_groups[0]])]}})
+        path=files[0].path, rows=files[0].row_groups[0], row_groups=[files[0].row_groups[0]],
+        row_group_entity=[files[0].row_group_entity[0]])]}})
     counts = [sum(len(b) for b in ParquetReader(small_dataset, "test", cfg.schema, cfg.data, rank=r, world_size=3,
                                                  training=False, manifest=one_group)) for r in range(3)]
     assert sum(counts) == files[0].row_groups[0] and max(counts) - min(counts) <= 1
@@ -300,3 +304,152 @@ def test_files_that_differ_only_in_nullability_read_together(small_dataset, tmp_
     cfg = small_config("data.shuffle_window_rows=100000")  # one window across every file
     reference = collections.Counter(_all_rows(ParquetReader(small_dataset, "train", cfg.schema, cfg.data)))
     assert collections.Counter(_all_rows(ParquetReader(ds, "train", cfg.schema, cfg.data))) == reference
+
+
+# ---------------------------------------------------------------------------------------------- step schedule
+
+
+def _lockstep(readers) -> list[int]:
+    """Iterate every rank's reader one batch per step until all are done: the rows of each step, all ranks."""
+    its, steps = [iter(r) for r in readers], []
+    while True:
+        lengths = [len(b) for b in (next(it, None) for it in its) if b is not None]
+        if not lengths:
+            return steps
+        steps.append(sum(lengths))
+
+
+STEP_CFG = ("data.batch_size=64", "data.shuffle_window_rows=700")
+
+
+@pytest.mark.parametrize("world", [1, 2, 3])
+@pytest.mark.parametrize("workers", [0, 2])
+@pytest.mark.parametrize("entity", [None, "target"])
+def test_step_rows_is_the_rows_every_rank_yields_at_each_step(small_dataset, world, workers, entity):
+    cfg = small_config(*STEP_CFG, f"data.num_workers={workers}")
+    readers = _readers(small_dataset, cfg, world, entity)
+    schedule = readers[0].step_rows()
+    assert all(r.step_rows() == schedule for r in readers[1:])
+    assert len(schedule) == max(r.batches_left() for r in readers)
+    assert sum(schedule) == readers[0].num_rows() == (readers[0].manifest.rows["train"]["target"] if entity
+                                                      else readers[0].manifest.split_rows("train"))
+    assert _lockstep(readers) == schedule
+    assert all(r.epoch == 1 and r.step_rows() == schedule for r in readers)  # a fresh epoch: the same shares
+    eval_readers = [ParquetReader(small_dataset, "test", cfg.schema, cfg.data, rank=r, world_size=world,
+                                  training=False, entity=entity, drop_last=True) for r in range(world)]
+    schedule = eval_readers[0].step_rows()
+    assert all(n % 64 == 0 for n in schedule) and _lockstep(eval_readers) == schedule
+
+
+@pytest.mark.parametrize("entity, old_world, old_workers, new_world, new_workers, steps", [
+    (None, 2, 2, 3, 0, 5),          # another world size: the rest is dealt afresh
+    ("target", 3, 0, 2, 2, 4),
+    ("target", 2, 2, 2, 2, 3),      # the same world: every rank's windows, positions and (odd) rotation
+    (None, 1, 2, 1, 2, 7),
+])
+def test_step_rows_after_a_restart_mid_epoch(small_dataset, entity, old_world, old_workers, new_world,
+                                             new_workers, steps):
+    old_cfg = small_config(*STEP_CFG, f"data.num_workers={old_workers}")
+    old = _readers(small_dataset, old_cfg, old_world, entity)
+    full = old[0].step_rows()
+    _, states = _take(old, steps)
+    assert old[0].step_rows() == full[steps:]  # ranks in step: the schedule moves with them
+    if old_workers == 2 and old_world == new_world:
+        assert any(st["rotation"] == 1 for st in states)
+    json_states = json.loads(json.dumps(states))  # as a checkpoint holds them
+    cfg = small_config(*STEP_CFG, f"data.num_workers={new_workers}")
+    new = _readers(small_dataset, cfg, new_world, entity)
+    for r in new:
+        r.load_state_dict(json_states)
+    schedule = new[0].step_rows()
+    assert all(r.step_rows() == schedule for r in new[1:])
+    assert sum(schedule) == sum(r.rows_left() for r in new) == sum(full) - sum(full[:steps])
+    if old_world == new_world and old_workers == new_workers:
+        assert schedule == full[steps:]
+    assert _lockstep(new) == schedule
+
+
+def test_step_rows_follow_the_workers_turns_when_slots_run_out_unevenly(small_dataset):
+    """3 workers per rank, the second slot with at most 70 rows left, starting at the third worker's turn: the
+    DataLoader skips the exhausted worker and the schedule knows it."""
+    cfg = small_config(*STEP_CFG, "data.num_workers=3")
+
+    def loaded(states, rank):
+        r = ParquetReader(small_dataset, "train", cfg.schema, cfg.data, rank=rank, world_size=2)
+        r.load_state_dict(states)
+        return r
+
+    states = []
+    for r in _readers(small_dataset, cfg, 2):
+        st = r.state_dict()
+        st["windows"] = windows = [[list(w) for w in ws] for ws in r._layout()]
+        last = len(windows[1]) - 1
+        st["positions"][1] = {"window": last, "offset": max(0, windows[1][last][3] - windows[1][last][2] - 70)}
+        st["rotation"] = 2
+        states.append(st)
+    readers = [loaded(states, r) for r in range(2)]
+    schedule = readers[0].step_rows()
+    alone = [[len(b) for b in loaded(states, r)] for r in range(2)]  # each rank's batches, read on its own
+    assert [r.batches_left() for r in readers] == [len(a) for a in alone]
+    assert schedule == [sum(n) for n in itertools.zip_longest(*alone, fillvalue=0)]
+    assert _lockstep(readers) == schedule
+
+
+def test_step_rows_needs_every_rank_state(small_dataset):
+    cfg = small_config(*STEP_CFG)
+    _, states = _take(_readers(small_dataset, cfg, 2), 2)
+    own = _readers(small_dataset, cfg, 2)[1]
+    own.load_state_dict(states[1])
+    assert own.batches_left() == len(_lockstep([own]))  # its own batches it knows
+    own.load_state_dict(states[1])
+    with pytest.raises(ValueError, match="needs every rank's state"):
+        own.step_rows()
+    list(own)
+    assert own.epoch == 1 and len(own.step_rows()) > 0  # the next epoch's layout is known again
+
+
+# ---------------------------------------------------------------------------------------------- one entity
+
+
+def test_target_reader_never_reads_a_source_row_group(small_dataset, monkeypatch):
+    cfg = small_config(*STEP_CFG)
+    manifest = ParquetReader(small_dataset, "train", cfg.schema, cfg.data).manifest
+    entity_of = {(f.path, rg): code for f in manifest.splits["train"] for rg, code in enumerate(f.row_group_entity)}
+    reads = []
+
+    class Recording(pq.ParquetFile):  # the reader opens files as pq.ParquetFile(path)
+        def __init__(self, source, *args, **kwargs):
+            super().__init__(source, *args, **kwargs)
+            self.rel = os.path.relpath(source, small_dataset)
+
+        def read_row_group(self, i, *args, **kwargs):
+            reads.append((self.rel, i))
+            return super().read_row_group(i, *args, **kwargs)
+
+    monkeypatch.setattr(pq, "ParquetFile", Recording)
+    readers = _readers(small_dataset, cfg, 2, "target")
+    rows = sum(len(b) for r in readers for b in r)
+    readers[0].first_batch()
+    assert rows == manifest.rows["train"]["target"]
+    assert reads and {entity_of[r] for r in reads} == {1}
+    assert set(reads) == {k for k, code in entity_of.items() if code == 1}  # and every target one
+
+
+def test_format_1_reads_whole_but_not_one_entity(format_1_dataset, small_dataset):
+    cfg = small_config()
+    everything = collections.Counter(_all_rows(ParquetReader(format_1_dataset, "train", cfg.schema, cfg.data)))
+    assert everything == collections.Counter(_all_rows(ParquetReader(small_dataset, "train", cfg.schema, cfg.data)))
+    with pytest.raises(ValueError) as e:
+        ParquetReader(format_1_dataset, "train", cfg.schema, cfg.data, entity="target")
+    message = str(e.value)
+    assert "\n" not in message and message.startswith(f"{format_1_dataset}: format 1 dataset")
+    assert f"mkt rewrite --config CONFIG --data {format_1_dataset} --out NEW" in message and "mkt synth" in message
+
+
+def test_a_window_smaller_than_a_row_group_is_warned_about_once(small_dataset, caplog):
+    cfg = small_config("data.shuffle_window_rows=333")
+    with caplog.at_level(logging.WARNING, logger="mkt.data"):
+        for _ in range(2):
+            ParquetReader(small_dataset, "train", cfg.schema, cfg.data)
+    warned = [r for r in caplog.records if "larger than data.shuffle_window_rows=333" in r.getMessage()]
+    assert len(warned) == 1 and "500 rows" in warned[0].getMessage()

@@ -128,19 +128,31 @@ def reference(video, article, max_src: int, max_tgt: int, split: str, test_fract
     return out
 
 
-def read_split(out: str, split: str) -> list[dict]:
+def read_split(out: str, split: str, entities: list[int] | None = None) -> list[dict]:
+    """The rows of ``split`` in file order, or in time order given the entity of each row in time order.
+
+    Row groups are entity-pure (checked here against the manifest): file order keeps each entity's rows in time
+    order but not how the two entities interleave, which ``entities`` restores.
+    """
     manifest = json.load(open(os.path.join(out, "manifest.json")))
     rows = []
     for f in manifest["splits"].get(split, []):
-        rows += pq.read_table(os.path.join(out, f["path"])).to_pylist()
-    return rows
+        pf = pq.ParquetFile(os.path.join(out, f["path"]))
+        for rg, code in enumerate(f["row_group_entity"]):
+            assert set(pf.read_row_group(rg, columns=["entity"]).column(0).to_pylist()) == {code}
+        rows += pf.read().to_pylist()
+    if entities is None:
+        return rows
+    assert sorted(entities) == sorted(r["entity"] for r in rows)
+    per_entity = {code: collections.deque(r for r in rows if r["entity"] == code) for code in (0, 1)}
+    return [per_entity[code].popleft() for code in entities]
 
 
 def check_against_reference(out: str, expected: list[dict]) -> None:
     item_ids: dict = {}  # (entity, raw item) -> dataset item_id
     for split in ("train", "test"):
         exp = [e for e in expected if e["test"] == (split == "test")]
-        got = read_split(out, split)
+        got = read_split(out, split, [e["entity"] for e in exp])
         assert len(got) == len(exp), split
         for g, e in zip(got, exp):
             assert (g["entity"], g["user_id"], g["label"]) == (e["entity"], e["user_id"], e["label"])
@@ -182,7 +194,8 @@ def test_hand_built_timeline(tmp_path):
     v, a = write_pair(tmp_path, video, article)
     cfg = tenrec_config("tenrec.chunk_rows=2", "tenrec.test_fraction=0.25")
     manifest = convert(v, a, cfg, str(tmp_path / "out"))
-    train, test = read_split(str(tmp_path / "out"), "train"), read_split(str(tmp_path / "out"), "test")
+    train = read_split(str(tmp_path / "out"), "train", [0, 1, 0, 0])
+    test = read_split(str(tmp_path / "out"), "test", [1, 0])
     # user 1 has 4 rows (v0 a0 v2 v3): the last one is test; user 2 has 2 rows (v1 a1): floor(0.75 * 2) = 1
     assert [(r["entity"], r["user_id"]) for r in train] == [(0, 1), (1, 1), (0, 2), (0, 1)]
     assert [(r["entity"], r["user_id"]) for r in test] == [(1, 2), (0, 1)]
@@ -422,7 +435,8 @@ def test_category_sequence(tmp_path):
     cfg = tenrec_config("schema.sequences.hist_target_items.shared_feature=category", "tenrec.test_fraction=0",
                         "tenrec.chunk_rows=11", "schema.sequences.hist_target_items.max_len=3")
     convert(v, a, cfg, str(tmp_path / "out"))
-    rows = read_split(str(tmp_path / "out"), "train")  # all rows, in merged time order
+    timeline = [e["entity"] for e in reference(video, article, 3, 3, "per_user", 0)]
+    rows = read_split(str(tmp_path / "out"), "train", timeline)  # all rows, in merged time order
     assert len(rows) == 150
     liked: dict = {}
     for r in rows:

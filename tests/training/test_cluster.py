@@ -11,6 +11,7 @@ How each test stands in for the cluster condition:
 
 import json
 import os
+from collections import Counter
 import subprocess
 import sys
 import time
@@ -90,14 +91,29 @@ def test_emulated_accelerator_catches_a_collective_on_a_host_tensor(monkeypatch)
 
 
 def test_train_benchmark_passes_the_accelerator_emulation():
-    """tools/bench_train.py all-reduced a host tensor (``torch.tensor([rows])``) like the old trainer."""
+    """tools/bench_train.py all-reduced a host tensor (``torch.tensor([rows])``) like the old trainer.
+
+    Its report must also hold what the benchmark promises: a paired ratio inside its range, both arms training
+    the same model (equal warm-up losses, up to summation order), and each arm's per-phase breakdown, exclusive
+    phases that fit in the step.
+    """
     proc = subprocess.run([sys.executable, os.path.join(REPO, "tools", "bench_train.py"), "--rows", "8000",
-                           "--users", "800", "--batch-size", "128", "--steps", "3", "--warmup", "1"], cwd=REPO,
+                           "--users", "800", "--batch-size", "128", "--warmup", "2", "--windows", "2",
+                           "--window-steps", "2", "--profile-steps", "2"], cwd=REPO,
                           capture_output=True, text=True, timeout=300,
                           env={**os.environ, "MKT_EMULATE_ACCELERATOR": "1", "MKT_PROGRESS": "0"})
     assert proc.returncode == 0, proc.stderr[-3000:]
     result = json.loads(proc.stdout.strip().splitlines()[-1])
     assert result["rows_per_s"] > 0 and result["baseline_rows_per_s"] > 0
+    assert 0 < result["ratio_min"] <= result["ratio"] <= result["ratio_max"]
+    assert len(result["windows_rows_per_s"]) == len(result["windows_baseline_rows_per_s"]) == 2
+    assert result["warmup_loss_max_abs_diff"] < 0.01  # the same model, data and update rules in both arms
+    phases = ("data", "sparse_forward", "dense_forward", "backward", "optimizer", "communication")
+    for arm in ("torchrec", "plain"):
+        ms = result["breakdown"][arm]
+        assert all(ms[p] >= 0 for p in phases), ms
+        assert all(ms[p] > 0 for p in ("sparse_forward", "dense_forward", "backward", "communication")), ms
+        assert sum(ms[p] for p in phases) <= ms["step"] + 0.05, ms  # exclusive: they fit in the step
 
 
 def test_train_and_evaluate_pass_the_accelerator_emulation(small_dataset, tmp_path):
@@ -139,18 +155,19 @@ def test_a_failing_rank_ends_the_world_with_one_message(small_dataset, mem_run, 
     assert seconds < 60  # not the process-group timeout (30 min)
 
 
-def test_evaluate_on_a_test_split_of_one_row_group(tmp_path):
-    """Used to hang: rank 1 had no row group, raised, and rank 0 waited in a collective forever."""
+def test_evaluate_on_a_test_split_of_fewer_row_groups_than_ranks(tmp_path):
+    """Used to hang: a rank without a row group raised, and the others waited in a collective forever. Row groups
+    hold one entity each, so the small test split has two: evaluated by three ranks."""
     from mkt_torchrec.data.synth import generate
 
     data = str(tmp_path / "data")
     generate(small_config("synth.row_group_rows=100000", "synth.rows_per_file=100000"), data)
     manifest = json.load(open(os.path.join(data, "manifest.json")))
-    assert [len(f["row_groups"]) for f in manifest["splits"]["test"]] == [1]
+    assert [len(f["row_groups"]) for f in manifest["splits"]["test"]] == [2]
     run = str(tmp_path / "mem")
     _train("mem", data, run, 2, sets=("train.max_steps=4",))
     code, err, _ = _mkt("evaluate", "--config", QUICKSTART, *EVAL, "--run-dir", run, "--data", data,
-                        "--nproc", "2", timeout=120)
+                        "--nproc", "3", timeout=120)
     assert code == 0, err[-3000:]
     metrics = json.load(open(os.path.join(run, "metrics.json")))
     assert metrics["source"]["rows"] + metrics["target"]["rows"] == sum(manifest["rows"]["test"].values())
@@ -161,14 +178,15 @@ def test_evaluate_on_a_test_split_of_one_row_group(tmp_path):
 # ------------------------------------------------------------------------------------------------------------
 
 
-def _steps_with_fixed_batches(sets, steps, global_batch):
+def _steps_with_fixed_batches(sets, steps, global_batch, pipelined=False):
     """Assemble the MEM, train ``steps`` steps on the same global batches (rank r takes its slice), save a
-    checkpoint; return its path and the replicated tables."""
+    checkpoint; return its path and the replicated tables. ``pipelined``: through the trainer's TorchRec train
+    pipeline instead of a plain forward / backward / step loop."""
     import torch.distributed as dist
 
     from mkt_torchrec.data.reader import ParquetReader
     from mkt_torchrec.training.distributed import init_distributed
-    from mkt_torchrec.training.trainer import _weighted, assemble, state_of
+    from mkt_torchrec.training.trainer import _weighted, assemble, make_pipeline, state_of
 
     torch.set_num_threads(1)
     info = init_distributed()
@@ -176,17 +194,25 @@ def _steps_with_fixed_batches(sets, steps, global_batch):
     asm = assemble(cfg, "mem", info)
     data = os.environ["MKT_TEST_DATA"]
     per_rank = global_batch // info.world_size
-    # file order in batches of per_rank rows: global step k is rows [k * global_batch, (k + 1) * global_batch)
-    # at every world size, and rank r takes the r-th slice of it
-    reader = ParquetReader(data, "train", cfg.schema, cfg.data, training=False, batch_size=per_rank)
-    for j, batch in zip(range(steps * info.world_size), reader):
-        if j % info.world_size != info.rank:
-            continue
-        loss, _ = asm.model(_weighted(batch, float(global_batch), info.world_size, real=True).to(info.device))
-        asm.optimizer.zero_grad()
-        loss.backward()
-        asm.optimizer.step()
-    ckpt = os.path.join(os.environ["MKT_TEST_OUT"], f"w{info.world_size}-{cfg.train.planner.sharding_type}")
+    # one shuffled stream (both entities: row groups are entity-pure) in batches of per_rank rows: global step k is
+    # rows [k * global_batch, (k + 1) * global_batch) of it at every world size, and rank r takes its r-th slice
+    reader = ParquetReader(data, "train", cfg.schema, cfg.data, batch_size=per_rank)
+    mine = [_weighted(batch, float(global_batch), info.world_size, real=True)
+            for j, batch in zip(range(steps * info.world_size), reader) if j % info.world_size == info.rank]
+    if pipelined:
+        pipeline = make_pipeline(asm.model, asm.optimizer, info.device)
+        batches = iter(mine)
+        for _ in mine:
+            pipeline.progress(batches)
+        assert len(pipeline._pipelined_modules) == 2  # the EBC and the EC: their input dist runs a batch ahead
+    else:
+        for batch in mine:
+            loss, _ = asm.model(batch.to(info.device))
+            asm.optimizer.zero_grad()
+            loss.backward()
+            asm.optimizer.step()
+    name = f"w{info.world_size}-{cfg.train.planner.sharding_type}{'-pipelined' if pipelined else ''}"
+    ckpt = os.path.join(os.environ["MKT_TEST_OUT"], name)
     checkpoint.save(ckpt, 1, state_of(asm, cfg), {}, info.is_main, 1)
     dist.barrier()
     return {"ckpt": checkpoint.checkpoint_dir(ckpt, 1), "optimizers": asm.replicated}
@@ -219,6 +245,46 @@ def test_every_table_trains_the_same_at_any_world_size_and_plan(small_dataset, t
             assert len(moments) == 9
             for k in moments:
                 torch.testing.assert_close(state[k], ref[k], rtol=1e-4, atol=1e-7, msg=f"{name}: {k}")
+
+
+def test_the_train_pipeline_trains_like_the_plain_loop(small_dataset, tmp_path, monkeypatch):
+    """TorchRec's TrainPipelineSparseDist (the model traced, both collections pipelined) ends with the same
+    parameters and optimizer state as forward / backward / step on the same batches, on 2 ranks."""
+    monkeypatch.setenv("MKT_TEST_DATA", small_dataset)
+    monkeypatch.setenv("MKT_TEST_OUT", str(tmp_path))
+    sets = ("train.planner.sharding_type=table_wise", "train.embedding_lr=0.1")
+    plain = _full(launch(2, _steps_with_fixed_batches, sets, 5, 128)["ckpt"])
+    piped = _full(launch(2, _steps_with_fixed_batches, sets, 5, 128, True)["ckpt"])
+    assert plain.keys() == piped.keys() and any(k.endswith(".momentum1") for k in plain)
+    first = _full(launch(1, _steps_with_fixed_batches, sets, 1, 128)["ckpt"])  # the test can tell models apart
+    assert not torch.equal(first["model.model.towers.target.1.weight"], plain["model.model.towers.target.1.weight"])
+    for k in plain:
+        torch.testing.assert_close(piped[k], plain[k], rtol=1e-6, atol=1e-7, msg=k)
+
+
+def _syncs_of_training(steps: int) -> list:
+    """Host syncs our code made (on device tensors) during ``train`` of ``steps`` steps, log steps excluded."""
+    from mkt_torchrec.training import device_check
+    from mkt_torchrec.training.trainer import train
+
+    torch.set_num_threads(1)
+    cfg = small_config(*TRAIN, f"train.max_steps={steps}", "train.log_every=1000", "data.num_workers=0")
+    device_check.SYNCS.clear()
+    train(cfg, "mem", os.environ["MKT_TEST_DATA"], os.path.join(os.environ["MKT_TEST_OUT"], f"run{steps}"))
+    return list(device_check.SYNCS)
+
+
+def test_a_training_step_makes_no_host_sync(small_dataset, tmp_path, monkeypatch):
+    """Under the accelerator emulation every ``.item()``, ``.tolist()``, ``bool()``, ``.nonzero()``, ``.cpu()`` our
+    code calls on a device tensor is recorded (training/device_check.py): 9 steps make exactly the syncs of 3 (the
+    last log step's read-back and the final checkpoint's), so a step makes none."""
+    monkeypatch.setenv("MKT_EMULATE_ACCELERATOR", "1")
+    monkeypatch.setenv("MKT_TEST_DATA", small_dataset)
+    monkeypatch.setenv("MKT_TEST_OUT", str(tmp_path))
+    short, long = launch(2, _syncs_of_training, 3), launch(2, _syncs_of_training, 9)
+    assert short, "the emulation records nothing: the test could not fail"
+    extra = Counter(long) - Counter(short)
+    assert not extra and long == short, f"host syncs made by the 6 more steps, by origin: {dict(extra)}"
 
 
 # ------------------------------------------------------------------------------------------------------------
