@@ -146,18 +146,28 @@ def read_back(cfg: Config, data_dir: str, split: str) -> dict:
 
 
 def _add_run(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--out", required=True, help="output directory: data/, runs/, report/, summary.json")
+    from mkt_torchrec.pipeline import ABLATION_RUNS, baseline_runs
+
+    p.add_argument("--out", required=True, help="output directory: data/ (unless --data), runs/, report/, "
+                   "summary.json")
+    p.add_argument("--data", default=None, help="an existing dataset (e.g. from mkt tenrec) instead of synthesising "
+                   "one from the config's synth section")
     p.add_argument("--nproc", type=int, default=2, help="local ranks for training and evaluation (default 2)")
     p.add_argument("--runs", nargs="+", default=None, metavar="NAME",
-                   help="which runs (default all): mkt no_hfa no_pdl no_mem_pretrain no_tem_finetune")
+                   help=f"which models (default: MKT and its ablations: {' '.join(ABLATION_RUNS)}); the paper's "
+                   f"baselines: {' '.join(baseline_runs())}; 'all' for every one")
+    p.add_argument("--seeds", type=int, default=1, help="runs per model, with seeds train.seed + k (default 1)")
+    p.add_argument("--baseline", default=None, help="the report's reference model (default: no_mem_pretrain if "
+                   "run, else the first)")
     p.add_argument("--overwrite", action="store_true", help="delete --out first (default: resume / skip done runs)")
 
 
 def _run_run(args: argparse.Namespace, cfg: Config) -> int:
-    from mkt_torchrec.pipeline import ABLATION_RUNS, run_all
+    from mkt_torchrec.pipeline import ABLATION_RUNS, all_runs, run_all
 
-    summary = run_all(cfg, args.config, args.overrides, args.out, nproc=args.nproc,
-                      names=args.runs or ABLATION_RUNS, overwrite=args.overwrite)
+    names = list(all_runs()) if args.runs == ["all"] else (args.runs or list(ABLATION_RUNS))
+    summary = run_all(cfg, args.config, args.overrides, args.out, nproc=args.nproc, names=names,
+                      overwrite=args.overwrite, data_dir=args.data, seeds=args.seeds, baseline=args.baseline)
     print(json.dumps(summary["target"], indent=2))
     print(f"report: {os.path.join(summary['report'], 'report.html')} (and report.md); "
           f"took {summary['seconds']:.0f}s")

@@ -200,6 +200,11 @@ class DataConfig:
             sequences of length 50 (about 0.8 GB per slot at the default; ``tools/bench_data.py`` measures it).
         num_workers: DataLoader worker processes per rank (0: read in the training process).
         seed: base seed of all shuffles.
+        validation_fraction: the last fraction of each entity's train rows, in the order the train files hold
+            them (time order for ``mkt tenrec`` data; ``mkt synth`` writes blocks of users, so there it is a
+            sample of the last block's rows), form the split ``valid``, cut at read time; ``train`` is the rest.
+            Rounded to the nearest row (halves up), keeping at least one row of each entity on each side (an
+            entity with one row gives it to ``valid``). 0 disables it; at most 0.5. The test split is untouched.
     """
 
     batch_size: int = 512
@@ -207,11 +212,14 @@ class DataConfig:
     shuffle_window_rows: int = 524288
     num_workers: int = 0
     seed: int = 0
+    validation_fraction: float = 0.1
 
     def _validate(self, key: str) -> None:
         _check(self.batch_size >= 1, f"{key}.batch_size", f"expected a positive int, got {self.batch_size}")
         _check(self.shuffle_window_rows >= 1, f"{key}.shuffle_window_rows", "expected a positive int")
         _check(self.num_workers >= 0, f"{key}.num_workers", "expected an int >= 0")
+        _check(0.0 <= self.validation_fraction <= 0.5, f"{key}.validation_fraction",
+               f"expected a number in [0, 0.5] (0: no validation split), got {self.validation_fraction}")
 
 
 @dataclass
@@ -345,10 +353,58 @@ class TEMConfig:
 
 
 @dataclass
-class ModelConfig:
-    """MEM + TEM. Layer sizes default to the paper's public set-up (4.1.3).
+class BaselinesConfig:
+    """Layer sizes of the paper's ten baselines (4.1.2; ``model.name`` other than ``mkt``), defaults from its 4.1.3.
 
     Args:
+        dnn: DNN of the single-domain models (MLP, DIN, FiBiNet) and of Finetune's and CTNet's base model (paper:
+            [128, 64, 16, 1] public, [1024, 512, 64, 1] industrial); the last size is 1 (a logit).
+        shared: shared network of the joint models: each MMoE expert, PLE's experts (one extraction level per size),
+            STAR's star-topology layers before the towers, CoNet's two base networks, MiNet's network (paper: [128, 64]
+            public, [1024, 512] industrial).
+        tower: each entity's tower after ``shared`` (paper: [16, 1] public, [64, 1] industrial); the last size is 1.
+        mmoe_experts: MMoE's experts (paper: 3).
+        ple_specific_experts: PLE's experts per entity at each extraction level.
+        ple_shared_experts: PLE's shared experts at each extraction level.
+        attention_mlp: hidden sizes of DIN's activation unit (DIN's released code: [80, 40]) and of MiNet's
+            item-level and interest-level attention networks.
+        fibinet_reduction: reduction ratio of FiBiNet's SENET layer (FiBiNet paper: 3).
+        fibinet_bilinear: FiBiNet's bilinear interaction: ``field_all`` (one matrix), ``field_each`` (one per
+            field) or ``field_interaction`` (one per field pair).
+    """
+
+    dnn: list[int] = field(default_factory=lambda: [128, 64, 16, 1])
+    shared: list[int] = field(default_factory=lambda: [128, 64])
+    tower: list[int] = field(default_factory=lambda: [16, 1])
+    mmoe_experts: int = 3
+    ple_specific_experts: int = 1
+    ple_shared_experts: int = 1
+    attention_mlp: list[int] = field(default_factory=lambda: [80, 40])
+    fibinet_reduction: int = 3
+    fibinet_bilinear: Literal["field_all", "field_each", "field_interaction"] = "field_interaction"
+
+    def _validate(self, key: str) -> None:
+        for name in ("dnn", "shared", "tower", "attention_mlp"):
+            layers = getattr(self, name)
+            _check(len(layers) > 0 and all(x >= 1 for x in layers), f"{key}.{name}",
+                   f"expected a non-empty list of positive ints, got {layers}")
+        for name in ("dnn", "tower"):
+            layers = getattr(self, name)
+            _check(layers[-1] == 1, f"{key}.{name}", f"the last size must be 1 (a logit), got {layers}")
+        for name in ("mmoe_experts", "ple_specific_experts", "ple_shared_experts", "fibinet_reduction"):
+            _check(getattr(self, name) >= 1, f"{key}.{name}", f"expected a positive int, got {getattr(self, name)}")
+
+
+@dataclass
+class ModelConfig:
+    """MEM + TEM, or one of the paper's baselines. Layer sizes default to the paper's public set-up (4.1.3).
+
+    Args:
+        name: the model: ``mkt`` (MEM + TEM), or a baseline of the paper's Table 2 (``mlp``, ``din``, ``fibinet``:
+            single-domain, trained on target rows; ``mmoe``, ``ple``, ``star``, ``conet``: trained jointly on both
+            entities' rows; ``minet``, ``finetune``, ``ctnet``: pre-trained (stage ``mem``), then fine-tuned on
+            target rows (stage ``tem``)); see ``mkt_torchrec.models.baselines``.
+        baselines: layer sizes of the baselines (ignored by ``mkt``).
         ablation: ``none`` or one of the paper's Table 4 ablations: ``no_hfa`` (specific features
             zero-padded and concatenated without HFA), ``no_pdl`` (gamma = 0), ``no_mem_pretrain`` (TEM alone,
             no knowledge), ``no_tem_finetune`` (the MEM's target tower is the final model).
@@ -357,6 +413,8 @@ class ModelConfig:
         pdl_gamma: weight of the Polarized Distribution Loss (Eq. 11; paper 0.01).
     """
 
+    name: Literal["mkt", "mlp", "din", "fibinet", "mmoe", "ple", "star", "conet", "minet", "finetune", "ctnet"] = "mkt"
+    baselines: BaselinesConfig = field(default_factory=BaselinesConfig)
     ablation: Literal["none", "no_hfa", "no_pdl", "no_mem_pretrain", "no_tem_finetune"] = "none"
     sequence: SequenceEncoderConfig = field(default_factory=SequenceEncoderConfig)
     hfa: HFAConfig = field(default_factory=HFAConfig)
@@ -384,6 +442,8 @@ class ModelConfig:
         _check(0 <= self.tem.cross_layer < len(self.tem.dnn) - 1, f"{key}.tem.cross_layer",
                f"expected a hidden-layer index in [0, {len(self.tem.dnn) - 2}], got {self.tem.cross_layer}")
         _check(self.pdl_gamma >= 0, f"{key}.pdl_gamma", "expected a number >= 0")
+        _check(self.name == "mkt" or self.ablation == "none", f"{key}.ablation",
+               f"the ablations are MKT's; model.name={self.name} takes ablation: none, got {self.ablation!r}")
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -432,7 +492,11 @@ class TrainConfig:
     """The trainer (``mkt train``).
 
     Args:
-        epochs: passes over the training split.
+        epochs: passes over the training split (without early stopping).
+        patience: early stopping: after each epoch the validation split (``data.validation_fraction``) is scored,
+            and training stops once this many epochs in a row did not beat the best validation GAUC; evaluation
+            and export then use the best epoch's checkpoint. 0: no validation, train ``epochs`` epochs.
+        max_epochs: with ``patience`` > 0, the most epochs to train.
         max_steps: stop after this many steps in all (0: no limit).
         embedding_optimizer: fused optimizer of the embedding tables (applied in backward).
         embedding_lr: its learning rate.
@@ -453,6 +517,8 @@ class TrainConfig:
     """
 
     epochs: int = 1
+    patience: int = 0
+    max_epochs: int = 20
     max_steps: int = 0
     embedding_optimizer: Literal["rowwise_adagrad", "adagrad", "sgd", "adam"] = "rowwise_adagrad"
     embedding_lr: float = 0.05
@@ -469,10 +535,10 @@ class TrainConfig:
     planner: PlannerConfig = field(default_factory=PlannerConfig)
 
     def _validate(self, key: str) -> None:
-        for name in ("epochs", "threads", "keep_checkpoints", "log_every"):
+        for name in ("epochs", "threads", "keep_checkpoints", "log_every", "max_epochs"):
             v = getattr(self, name)
             _check(v >= 1, f"{key}.{name}", f"expected a positive int, got {v}")
-        for name in ("max_steps", "checkpoint_every"):
+        for name in ("max_steps", "checkpoint_every", "patience"):
             v = getattr(self, name)
             _check(v >= 0, f"{key}.{name}", f"expected an int >= 0, got {v}")
         _check(self.embedding_lr > 0 and self.dense_lr > 0, key, "learning rates must be positive")
@@ -491,6 +557,12 @@ class EvalConfig:
         confidence: two-sided confidence level of the intervals.
         partitions: hash partitions by user for out-of-core GAUC (bounded memory).
         seed: bootstrap seed.
+        calibration_bins: equal-width score bins over [0, 1] of the expected calibration error (ECE) in
+            metrics.json (bin ``b`` holds ``b / bins <= score < (b + 1) / bins``, a score of 1.0 the last).
+        min_gauc_users: a GAUC resting on fewer users with both a click and a non-click than this is shown as
+            "too few users (n)" in reports instead of a number (0: always show the number).
+        plot_sample_rows: rows per run kept (a seeded uniform sample) for the report's ROC and calibration
+            plots; the report's tables never need them (0: no such plots).
     """
 
     activity_bounds: list[int] = field(default_factory=lambda: [10, 30])
@@ -498,6 +570,9 @@ class EvalConfig:
     confidence: float = 0.95
     partitions: int = 16
     seed: int = 0
+    calibration_bins: int = 20
+    min_gauc_users: int = 200
+    plot_sample_rows: int = 100_000
 
     def _validate(self, key: str) -> None:
         b = self.activity_bounds
@@ -506,6 +581,9 @@ class EvalConfig:
         _check(self.bootstrap_samples >= 0, f"{key}.bootstrap_samples", "expected an int >= 0")
         _check(0 < self.confidence < 1, f"{key}.confidence", "expected a number in (0, 1)")
         _check(self.partitions >= 1, f"{key}.partitions", "expected a positive int")
+        _check(self.calibration_bins >= 1, f"{key}.calibration_bins", "expected a positive int")
+        _check(self.min_gauc_users >= 0, f"{key}.min_gauc_users", "expected an int >= 0")
+        _check(self.plot_sample_rows >= 0, f"{key}.plot_sample_rows", "expected an int >= 0")
 
 
 # --------------------------------------------------------------------------------------------------------

@@ -28,4 +28,4 @@ def test_mkt_beats_the_single_domain_baseline_on_the_target_entity(tmp_path, cap
     for name in ("report.html", "report.md"):
         assert (report / name).is_file()
     assert "report.html" in capsys.readouterr().out
-    assert os.path.isfile(out / "runs" / "mkt" / "tem" / "serving" / "model.pt2")
+    assert os.path.isfile(out / "runs" / "mkt" / "seed0" / "tem" / "serving" / "model.pt2")

@@ -12,11 +12,18 @@ of them, with ``activity`` and ``true_prob``) chunk by chunk, then runs
 ``report_metrics.compute_metrics`` - spilling, score buckets, activity groups, ceiling and a user-level
 bootstrap of ``--bootstrap-samples`` - in a child process and reports its time and peak RSS.
 
+Report mode (``--report``): as out of core, for two runs on the same rows (run B: run A's scores plus noise,
+rewritten batch by batch), each with its metrics.json from ``compute_metrics``; then ``report.write_report``
+of the two (tables, paired bootstrap of ``--bootstrap-samples``, figures from ``eval.plot_sample_rows``) in a
+child process, with its time and peak RSS: run it at two ``--rows`` to see that the report's memory does not
+grow with the rows (only with the users, ``--rows / --rows-per-user``).
+
 Prints progress to stderr and one JSON object on the last line of stdout.
 
 Usage:
     python tools/bench_gauc.py                                   # 10M rows in memory, under a minute
     python tools/bench_gauc.py --out-of-core --rows 100000000    # 100M rows from Parquet (several minutes)
+    python tools/bench_gauc.py --report --rows 2000000 --rows-per-user 400   # 5,000 users
 """
 
 from __future__ import annotations
@@ -176,7 +183,8 @@ def _write_predictions(args: argparse.Namespace, pred_dir: str) -> int:
 
 
 def _compute(args: argparse.Namespace) -> dict:
-    """Child process: compute_metrics over an existing predictions directory."""
+    """Child process: compute_metrics over an existing predictions directory (written to --metrics-out if set,
+    as mkt evaluate writes RUN/metrics.json)."""
     from mkt_torchrec.config import EvalConfig
     from mkt_torchrec.evaluation.report_metrics import compute_metrics
 
@@ -184,6 +192,9 @@ def _compute(args: argparse.Namespace) -> dict:
     t0 = time.perf_counter()
     m = compute_metrics(args.compute, cfg, spill_dir=args.spill_dir)
     seconds = time.perf_counter() - t0
+    if args.metrics_out:
+        with open(args.metrics_out, "w", encoding="utf-8") as f:
+            json.dump({**m, "stage": "tem", "ablation": "none", "checkpoint": "bench"}, f)
     summary = {e: {k: m[e][k] for k in ("rows", "users", "auc", "gauc", "auc_ci", "gauc_ci", "ceiling")}
                for e in ("source", "target") if e in m}
     return {"seconds": seconds, "peak_rss_mb": peak_rss_mb(), "metrics": summary}
@@ -230,6 +241,69 @@ def _out_of_core(args: argparse.Namespace) -> dict:
             shutil.rmtree(work, ignore_errors=True)
 
 
+def _perturbed_copy(src: str, dst: str, seed: int) -> None:
+    """Run B: run A's part files with the scores moved by noise (in logit space), batch by batch."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    os.makedirs(dst, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    for name in sorted(os.listdir(src)):
+        pf = pq.ParquetFile(os.path.join(src, name))
+        writer = None
+        for rb in pf.iter_batches(batch_size=CHUNK_ROWS):
+            t = pa.Table.from_batches([rb])
+            s = np.clip(t.column("score").to_numpy().astype(np.float64), 1e-6, 1 - 1e-6)
+            logit = np.log(s / (1 - s)) + 0.5 * rng.standard_normal(s.shape[0])
+            t = t.set_column(t.schema.get_field_index("score"), "score",
+                             pa.array((1 / (1 + np.exp(-logit))).astype(np.float32)))
+            if writer is None:
+                writer = pq.ParquetWriter(os.path.join(dst, name), t.schema)
+            writer.write_table(t)
+        if writer is not None:
+            writer.close()
+
+
+def _report_child(args: argparse.Namespace) -> dict:
+    """Child process: write_report of the two runs under --report-child."""
+    from mkt_torchrec.config import EvalConfig
+    from mkt_torchrec.evaluation.report import write_report
+
+    work = args.report_child
+    cfg = EvalConfig(bootstrap_samples=args.bootstrap_samples)
+    t0 = time.perf_counter()
+    s = write_report({"A": [os.path.join(work, "run-a")], "B": [os.path.join(work, "run-b")]},
+                     os.path.join(work, "report"), baseline="A", eval_cfg=cfg, spill_dir=args.spill_dir)
+    seconds = time.perf_counter() - t0
+    b = next(m for m in s["models"] if m["name"] == "B")
+    return {"seconds": seconds, "peak_rss_mb": peak_rss_mb(), "paired": b["paired"], "plots": sorted(s["plots"])}
+
+
+def _report(args: argparse.Namespace) -> dict:
+    work = args.workdir or tempfile.mkdtemp(prefix="mkt-bench-report-")
+    spill = os.path.join(work, "spill")
+    os.makedirs(spill, exist_ok=True)
+    try:
+        runs = [os.path.join(work, "run-a"), os.path.join(work, "run-b")]
+        _log(f"writing {args.rows:,} prediction rows for two runs under {work} ...")
+        _write_predictions(args, os.path.join(runs[0], "predictions"))
+        _perturbed_copy(os.path.join(runs[0], "predictions"), os.path.join(runs[1], "predictions"), args.seed + 7)
+        for run in runs:
+            _child(["--compute", os.path.join(run, "predictions"), "--spill-dir", spill, "--bootstrap-samples",
+                    str(args.bootstrap_samples), "--metrics-out", os.path.join(run, "metrics.json")])
+        _log(f"write_report (paired bootstrap {args.bootstrap_samples}) in a child process ...")
+        child = _child(["--report-child", work, "--spill-dir", spill, "--bootstrap-samples",
+                        str(args.bootstrap_samples)])
+        _log(f"write_report: {child['seconds']:.1f}s, peak RSS {child['peak_rss_mb']:.0f} MB")
+        return {"bench": "report", "rows": args.rows, "users": max(1, args.rows // args.rows_per_user),
+                "seconds": round(child["seconds"], 1), "peak_rss_mb": round(child["peak_rss_mb"], 1),
+                "bootstrap_samples": args.bootstrap_samples, "paired": child["paired"], "plots": child["plots"],
+                "cpu_count": os.cpu_count()}
+    finally:
+        if not args.keep and args.workdir is None:
+            shutil.rmtree(work, ignore_errors=True)
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--rows", type=int, default=None,
@@ -239,6 +313,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--baseline-users", type=int, default=2000,
                    help="users whose rows the pandas/sklearn baseline scores (default 2000)")
     p.add_argument("--out-of-core", action="store_true", help="write Parquet predictions, run compute_metrics")
+    p.add_argument("--report", action="store_true",
+                   help="two runs' predictions and metrics.json, then time write_report and its peak RSS")
     p.add_argument("--bootstrap-samples", type=int, default=200, help="out of core: bootstrap resamples")
     p.add_argument("--workdir", default=None, help="out of core: where predictions and spill files go "
                                                    "(default: a temp dir, removed at the end)")
@@ -248,14 +324,22 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--compute", default=None, help=argparse.SUPPRESS)
     p.add_argument("--spill-dir", default=None, help=argparse.SUPPRESS)
+    p.add_argument("--metrics-out", default=None, help=argparse.SUPPRESS)
+    p.add_argument("--report-child", default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
+    if args.report_child is not None:
+        print(json.dumps(_report_child(args)))
+        return 0
     if args.compute is not None:
         print(json.dumps(_compute(args)))
         return 0
     if args.child:
         print(json.dumps(_in_memory(args)))
         return 0
-    if args.out_of_core:
+    if args.report:
+        args.rows = args.rows or 10_000_000
+        result = _report(args)
+    elif args.out_of_core:
         args.rows = args.rows or 100_000_000
         result = _out_of_core(args)
     else:

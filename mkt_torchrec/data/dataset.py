@@ -15,6 +15,15 @@ the order their last row arrived, and within one entity rows keep their arrival 
 datasets (mixed row groups, no per-row-group entity) still open and read whole; reading one entity of them
 raises and names :func:`rewrite_dataset`, which streams a dataset into format 2.
 
+**Splits on disk and splits read.** The files hold the splits ``train`` and ``test``. Readers see ``train``,
+``valid`` and ``test``: with a validation fraction ``f > 0`` (``data.validation_fraction``) the last ``f`` of
+each entity's rows of the ``train`` files, in manifest order (files in order, row groups in order, rows in
+order: time order for ``mkt tenrec`` data; ``mkt synth`` writes blocks of users, each in random order, so there
+``valid`` is a sample of the last block's rows), are the split ``valid`` and the rest is ``train``.
+The cut is made from the manifest alone, to the row (a row group may be shared by the two), so every dataset has
+a validation split without being rewritten. :meth:`Manifest.split_units` gives a split's row ranges and
+:meth:`Manifest.split_rows` their count; :func:`validation_rows` says how many rows of an entity ``valid`` takes.
+
 :class:`DatasetWriter` writes into ``DIR.tmp-<pid>`` and renames it to ``DIR`` only when every file and the
 manifest are complete, so an interrupted run never leaves a dataset that looks finished.
 :func:`open_dataset` reads the manifest and checks every file's footer against the config's schema;
@@ -24,10 +33,12 @@ manifest are complete, so an interrupted run never leaves a dataset that looks f
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 from dataclasses import dataclass, field
-from typing import Any, Optional
+from fractions import Fraction
+from typing import Any, NamedTuple, Optional, Union
 
 import numpy as np
 import pyarrow as pa
@@ -41,8 +52,53 @@ from mkt_torchrec.data.schema import ENTITY_CODES, arrow_schema, check_columns
 FORMAT_VERSION = 2  # 2: entity-pure row groups, FileInfo.row_group_entity, Manifest.mean_lengths
 READABLE_VERSIONS = (1, 2)
 MANIFEST = "manifest.json"
+TRAIN_SPLIT, VALID_SPLIT = "train", "valid"  # read splits cut from the train files by a validation fraction
 REWRITE_HINT = ("rewrite it with `mkt rewrite --config CONFIG --data {data} --out NEW` (mkt_torchrec.data.dataset."
                 "rewrite_dataset), or regenerate it with `mkt synth` / `mkt tenrec` of this release")
+
+
+class RowRange(NamedTuple):
+    """Rows ``start .. stop-1`` of row group ``row_group`` of file ``file`` (index in its split's file list)."""
+
+    file: int
+    row_group: int
+    start: int
+    stop: int
+
+
+def validation_rows(rows: int, fraction: float) -> int:
+    """How many of an entity's ``rows`` train rows the split ``valid`` takes (its last ones).
+
+    ``fraction * rows`` rounded to the nearest row, halves up (``fraction`` taken as the decimal it prints as, so
+    0.1 of 25 rows is 3), then kept within ``[1, rows - 1]`` so each side has a row of the entity; a single row
+    goes to ``valid`` (each entity of the train files is represented in ``valid``). 0 if ``fraction`` or
+    ``rows`` is 0.
+
+    Example:
+        >>> [validation_rows(n, 0.1) for n in (0, 1, 2, 10, 14, 15, 25)]
+        [0, 1, 1, 1, 1, 2, 3]
+    """
+    if fraction <= 0 or rows <= 0:
+        return 0
+    if rows == 1:
+        return 1
+    nearest = math.floor(Fraction(repr(float(fraction))) * rows + Fraction(1, 2))
+    return max(1, min(rows - 1, nearest))
+
+
+def physical_split(split: str) -> str:
+    """The split of the files a read split comes from (``valid`` is cut from ``train``)."""
+    return TRAIN_SPLIT if split == VALID_SPLIT else split
+
+
+def _entity_code(entity: Union[int, str, None]) -> Optional[int]:
+    if entity is None or isinstance(entity, int):
+        if entity is not None and entity not in ENTITY_CODES.values():
+            raise ValueError(f"entity code {entity} is not one of {ENTITY_CODES}")
+        return entity
+    if entity not in ENTITY_CODES:
+        raise ValueError(f"entity must be one of {sorted(ENTITY_CODES)} or None, got {entity!r}")
+    return ENTITY_CODES[entity]
 
 
 @dataclass
@@ -111,12 +167,70 @@ class Manifest:
         """Every row group holds one entity and the manifest says which (format 2 and later)."""
         return self.format_version >= 2
 
-    def split_rows(self, split: str, entity: Optional[int] = None) -> int:
-        """Rows of ``split``; of one entity (code) only if ``entity`` is given (needs :attr:`entity_pure`)."""
-        files = self.splits.get(split, [])
-        if entity is None:
-            return sum(f.rows for f in files)
-        return sum(n for f in files for n, e in zip(f.row_groups, f.row_group_entity or []) if e == entity)
+    def read_splits(self) -> list[str]:
+        """The splits a reader can read: the files' splits, and ``valid`` if there is a ``train`` split."""
+        return sorted(set(self.splits) | ({VALID_SPLIT} if TRAIN_SPLIT in self.splits else set()))
+
+    def split_units(self, split: str, entity: Union[int, str, None] = None,
+                    validation_fraction: float = 0.0) -> list[RowRange]:
+        """The row ranges of a read split, in manifest order: whole row groups, except where the validation cut
+        falls inside one (see the module docstring).
+
+        Args:
+            split: ``train`` / ``valid`` (cut from the train files by ``validation_fraction``), or another split
+                of the files (``test``), read whole.
+            entity: ``source`` / ``target`` (or its code) for that entity's rows only; ``None``: every row.
+            validation_fraction: the last fraction of each entity's train rows that ``valid`` takes; 0: ``train``
+                is every train row and ``valid`` is empty.
+
+        Raises:
+            ValueError: one entity, or a validation fraction > 0, of a format-1 dataset (its row groups mix
+                entities; :func:`rewrite_dataset` makes them pure).
+        """
+        code = _entity_code(entity)
+        files = self.splits.get(physical_split(split), [])
+        carve = split in (TRAIN_SPLIT, VALID_SPLIT) and validation_fraction > 0
+        if split == VALID_SPLIT and not carve:
+            return []
+        if not self.entity_pure and (carve or code is not None):
+            what = (f"validation_fraction={validation_fraction} cannot cut each entity's last rows" if carve
+                    else f"entity={entity!r} cannot read only its rows")
+            raise ValueError(f"format {self.format_version} dataset has row groups of mixed entities, so {what}")
+        if not carve:
+            return [RowRange(fi, rg, 0, n) for fi, f in enumerate(files) for rg, n in enumerate(f.row_groups)
+                    if code is None or f.row_group_entity[rg] == code]  # type: ignore[index]
+        cut = {}  # entity code -> rows of the entity that stay in train
+        for c in ENTITY_CODES.values():
+            rows = self.split_rows(TRAIN_SPLIT, c)
+            cut[c] = rows - validation_rows(rows, validation_fraction)
+        seen = dict.fromkeys(ENTITY_CODES.values(), 0)  # rows of each entity before the row group
+        out = []
+        for fi, f in enumerate(files):
+            for rg, (n, c) in enumerate(zip(f.row_groups, f.row_group_entity)):  # type: ignore[arg-type]
+                first, seen[c] = seen[c], seen[c] + n
+                if code is not None and c != code:
+                    continue
+                keep = min(n, max(0, cut[c] - first))  # rows of this row group that stay in train
+                lo, hi = (0, keep) if split == TRAIN_SPLIT else (keep, n)
+                if hi > lo:
+                    out.append(RowRange(fi, rg, lo, hi))
+        return out
+
+    def split_rows(self, split: str, entity: Union[int, str, None] = None, validation_fraction: float = 0.0) -> int:
+        """Rows of a read split (of one entity if ``entity``, a name or code, is given), from the manifest alone.
+
+        ``split`` and ``validation_fraction`` are those of :meth:`split_units`: with ``validation_fraction=0`` it
+        counts the files' split, so a trainer counts what its reader reads with
+        ``split_rows("train", "target", validation_fraction=cfg.data.validation_fraction)``.
+        """
+        code = _entity_code(entity)
+        carve = split in (TRAIN_SPLIT, VALID_SPLIT) and validation_fraction > 0
+        if carve or split == VALID_SPLIT or (code is not None and self.entity_pure):
+            return sum(r.stop - r.start for r in self.split_units(split, code, validation_fraction))
+        if code is None:
+            return sum(f.rows for f in self.splits.get(split, []))
+        names = {c: name for name, c in ENTITY_CODES.items()}
+        return self.rows.get(split, {}).get(names[code], 0)  # a format-1 dataset counts entities per split only
 
 
 def _check_file_info(fi: FileInfo, version: int) -> None:
@@ -417,6 +531,20 @@ def check_entity_readable(manifest: Manifest, data_dir: str, entity: str) -> Non
     if not manifest.entity_pure:
         raise ValueError(f"{data_dir}: format {manifest.format_version} dataset has row groups of mixed entities, "
                          f"so entity={entity!r} cannot read only its rows; " + REWRITE_HINT.format(data=data_dir))
+
+
+def check_split_readable(manifest: Manifest, data_dir: str, split: str, validation_fraction: float) -> None:
+    """Raise a one-line ``ValueError`` if the read split ``split`` does not exist or cannot be cut."""
+    if split not in manifest.read_splits():
+        raise ValueError(f"{data_dir}: no split {split!r}; splits: {manifest.read_splits()}")
+    if split == VALID_SPLIT and validation_fraction <= 0:
+        raise ValueError(f"{data_dir}: split {VALID_SPLIT!r} is empty with data.validation_fraction=0 (it is the "
+                         f"last fraction of each entity's {TRAIN_SPLIT} rows); set data.validation_fraction > 0")
+    if split in (TRAIN_SPLIT, VALID_SPLIT) and validation_fraction > 0 and not manifest.entity_pure:
+        raise ValueError(f"{data_dir}: format {manifest.format_version} dataset has row groups of mixed entities, "
+                         f"so data.validation_fraction={validation_fraction} cannot cut each entity's last "
+                         f"{TRAIN_SPLIT} rows; set data.validation_fraction=0 to read the {TRAIN_SPLIT} split "
+                         "whole, or " + REWRITE_HINT.format(data=data_dir))
 
 
 def rewrite_dataset(src: str, dst: str, schema: SchemaConfig, overwrite: bool = False,

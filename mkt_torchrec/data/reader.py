@@ -3,7 +3,10 @@
 An epoch's *row sequence* is the split's row groups in the epoch's order (shuffled with ``seed + epoch`` when
 training), numbered ``0 .. N-1``. A reader of one entity (``entity="target"``, stage 2) takes only that entity's
 row groups (a format-2 dataset's row groups are entity-pure, :mod:`mkt_torchrec.data.dataset`), so it never reads
-or decodes a row of the other entity and ``N`` is the entity's row count. The rows are dealt to
+or decodes a row of the other entity and ``N`` is the entity's row count. The splits ``train`` and ``valid`` are
+cut from the train files by ``data.validation_fraction`` (:meth:`~mkt_torchrec.data.dataset.Manifest.split_units`):
+their units are whole row groups except, for each entity, the one the cut falls in, of which each split reads its
+part; everything below holds for them unchanged. The rows are dealt to
 ``world_size * max(1, num_workers)`` *slots* in contiguous shares of equal size (to one row: a row group is split
 between two slots where a share ends inside it), so every rank reads the same number of rows, a split with fewer
 row groups than ranks still feeds every rank, and across all ranks and workers every row is read exactly once per
@@ -51,7 +54,8 @@ from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 from mkt_torchrec.config import DataConfig, SchemaConfig
 from mkt_torchrec.data.batch import Batch
-from mkt_torchrec.data.dataset import Manifest, check_entity_readable, open_dataset
+from mkt_torchrec.data.dataset import (TRAIN_SPLIT, VALID_SPLIT, Manifest, RowRange, check_entity_readable,
+                                       check_split_readable, open_dataset, physical_split)
 from mkt_torchrec.data.jagged import gather_jagged, offsets_of
 from mkt_torchrec.data.schema import map_ids
 
@@ -222,6 +226,7 @@ class _Plan:
     seed: int
     drop_last: bool
     entity: Optional[int]  # read only the row groups of this entity code (None: all)
+    validation_fraction: float  # what cuts the train files into train and valid (0 for other splits)
 
 
 # A window is [a, b, k0, k1]: the rows at positions k0..k1-1 of the epoch's rows a..b-1 taken in the window's
@@ -230,11 +235,9 @@ class _Plan:
 Window = list  # [a, b, k0, k1]
 
 
-def _units(plan: _Plan, epoch: int) -> list[tuple[int, int]]:
-    """The (file, row group) units of the split (of ``plan.entity`` only, if set), in this epoch's order."""
-    units = [(fi, rg) for fi, f in enumerate(plan.manifest.splits.get(plan.split, []))
-             for rg in range(len(f.row_groups))
-             if plan.entity is None or f.row_group_entity[rg] == plan.entity]  # type: ignore[index]
+def _units(plan: _Plan, epoch: int) -> list[RowRange]:
+    """The row ranges of the split (of ``plan.entity`` only, if set), in this epoch's order."""
+    units = plan.manifest.split_units(plan.split, plan.entity, plan.validation_fraction)
     if plan.shuffle:
         rng = np.random.default_rng([plan.seed, epoch, 0x5EED])
         units = [units[i] for i in rng.permutation(len(units))]
@@ -276,34 +279,36 @@ def _remaining(windows: list[Window], pos: dict[str, int]) -> list[Window]:
 
 
 class _RowSource:
-    """Reads rows ``[a, b)`` of an epoch's row sequence (its row groups in the epoch's order)."""
+    """Reads rows ``[a, b)`` of an epoch's row sequence (its units, row ranges of row groups, in the epoch's
+    order)."""
 
     def __init__(self, plan: _Plan, epoch: int, columns: list[str]) -> None:
         self.plan = plan
-        self.files = plan.manifest.splits.get(plan.split, [])
+        self.files = plan.manifest.splits.get(physical_split(plan.split), [])
         self.units = _units(plan, epoch)
-        sizes = [self.files[fi].row_groups[rg] for fi, rg in self.units]
+        sizes = [u.stop - u.start for u in self.units]
         self.starts = np.concatenate([[0], np.cumsum(sizes, dtype=np.int64)])
         self.columns = columns
         self._open: dict[int, pq.ParquetFile] = {}
-        self._cached: Optional[tuple[int, pa.Table]] = None  # the last unit read (consecutive windows share one)
+        # the last row group read, by (file, row group): consecutive windows share one
+        self._cached: Optional[tuple[tuple[int, int], pa.Table]] = None
 
     def _unit(self, u: int) -> pa.Table:
-        if self._cached is not None and self._cached[0] == u:
-            return self._cached[1]
-        fi, rg = self.units[u]
-        path = os.path.join(self.plan.data_dir, self.files[fi].path)
-        try:
-            if fi not in self._open:
-                self._open[fi] = pq.ParquetFile(path)
-            table = self._open[fi].read_row_group(rg, columns=self.columns)
-        except (OSError, pa.ArrowException) as e:
-            raise ValueError(f"{path}: row group {rg}: unreadable: {e}") from None
-        if table.num_rows != self.files[fi].row_groups[rg]:
-            raise ValueError(f"{path}: row group {rg} has {table.num_rows} rows but the manifest says "
-                             f"{self.files[fi].row_groups[rg]}")
-        self._cached = (u, table)
-        return table
+        """The rows of unit ``u`` (a slice of its row group)."""
+        fi, rg, start, stop = self.units[u]
+        if self._cached is None or self._cached[0] != (fi, rg):
+            path = os.path.join(self.plan.data_dir, self.files[fi].path)
+            try:
+                if fi not in self._open:
+                    self._open[fi] = pq.ParquetFile(path)
+                table = self._open[fi].read_row_group(rg, columns=self.columns)
+            except (OSError, pa.ArrowException) as e:
+                raise ValueError(f"{path}: row group {rg}: unreadable: {e}") from None
+            if table.num_rows != self.files[fi].row_groups[rg]:
+                raise ValueError(f"{path}: row group {rg} has {table.num_rows} rows but the manifest says "
+                                 f"{self.files[fi].row_groups[rg]}")
+            self._cached = ((fi, rg), table)
+        return self._cached[1].slice(start, stop - start)
 
     def read(self, a: int, b: int) -> tuple[pa.Table, Callable[[int], tuple[str, int]]]:
         """Rows a..b-1, and a function from a row of them to (file and row group, row in the row group)."""
@@ -319,9 +324,9 @@ class _RowSource:
 
         def locate(i: int) -> tuple[str, int]:
             u = int(np.searchsorted(self.starts, a + i, side="right")) - 1
-            fi, rg = self.units[u]
+            fi, rg, start, _ = self.units[u]
             path = os.path.join(self.plan.data_dir, self.files[fi].path)
-            return f"{path}: row group {rg}", int(a + i - self.starts[u])
+            return f"{path}: row group {rg}", int(start + a + i - self.starts[u])
 
         return table, locate
 
@@ -431,9 +436,11 @@ class ParquetReader:
 
     Args:
         data_dir: dataset directory (with ``manifest.json``).
-        split: ``train`` or ``test``.
+        split: ``train``, ``valid`` or ``test``. ``valid`` is the last ``data.validation_fraction`` of each
+            entity's rows of the train files and ``train`` the rest (:mod:`mkt_torchrec.data.dataset`); ``valid``
+            needs ``data.validation_fraction > 0``.
         schema: the feature schema (decides keys, table rows, max lengths).
-        data: batch size, shuffling, workers, seed.
+        data: batch size, shuffling, workers, seed, validation fraction.
         rank / world_size: this process's share of the work.
         training: shuffle (if ``data.shuffle``); evaluation reads in file order.
         entity: ``source`` / ``target`` to read only the row groups of that entity (stage 2 reads ``target``);
@@ -465,16 +472,17 @@ class ParquetReader:
         if entity not in (None, "source", "target"):
             raise ValueError(f"entity must be 'source', 'target' or None, got {entity!r}")
         self.manifest = manifest if manifest is not None else open_dataset(data_dir, schema)
-        if split not in self.manifest.splits:
-            raise ValueError(f"{data_dir}: no split {split!r}; splits: {sorted(self.manifest.splits)}")
+        fraction = data.validation_fraction if split in (TRAIN_SPLIT, VALID_SPLIT) else 0.0
+        check_split_readable(self.manifest, data_dir, split, fraction)
         if entity is not None:
             check_entity_readable(self.manifest, data_dir, entity)
         self.plan = _Plan(
             data_dir=data_dir, manifest=self.manifest, split=split, schema=schema,
             batch_size=batch_size or data.batch_size, shuffle=training and data.shuffle,
             window_rows=data.shuffle_window_rows, seed=data.seed, drop_last=drop_last,
-            entity=None if entity is None else {"source": 0, "target": 1}[entity],
+            entity=None if entity is None else {"source": 0, "target": 1}[entity], validation_fraction=fraction,
         )
+        self._num_rows = self.manifest.split_rows(split, self.plan.entity, fraction)
         self.rank, self.world_size = rank, world_size
         self.num_workers = data.num_workers
         self._slots = max(1, self.num_workers)
@@ -487,7 +495,7 @@ class ParquetReader:
 
     def _warn_if_windows_are_small(self) -> None:
         """Log once per dataset and window size if a shuffled window holds less than one row group."""
-        largest = max((n for f in self.manifest.splits[self.plan.split] for n in f.row_groups), default=0)
+        largest = max((u.stop - u.start for u in _units(self.plan, 0)), default=0)
         key = (os.path.abspath(self.plan.data_dir), self.plan.window_rows)
         if self.plan.shuffle and largest > self.plan.window_rows and key not in _warned_windows:
             _warned_windows.add(key)
@@ -518,8 +526,8 @@ class ParquetReader:
 
     def num_rows(self) -> int:
         """Rows of the split this reader's epoch reads, all ranks together: the entity's rows when reading one
-        entity, else every row."""
-        return self.manifest.split_rows(self.plan.split, self.plan.entity)
+        entity, else every row (of ``train`` / ``valid``: after the validation cut)."""
+        return self._num_rows
 
     def rows_left(self) -> int:
         """Rows this rank has still to yield in the current epoch (those :meth:`num_rows` counts)."""
@@ -600,7 +608,8 @@ class ParquetReader:
             "version": STATE_VERSION, "epoch": self._epoch, "rank": self.rank, "world_size": self.world_size,
             "num_workers": self.num_workers, "split": self.plan.split, "seed": self.plan.seed,
             "batch_size": self.plan.batch_size, "window_rows": self.plan.window_rows, "rows": self.num_rows(),
-            "entity": ENTITY_NAMES[self.plan.entity], "shuffle": self.plan.shuffle, "windows": self._windows,
+            "entity": ENTITY_NAMES[self.plan.entity], "shuffle": self.plan.shuffle,
+            "validation_fraction": self.plan.validation_fraction, "windows": self._windows,
             "positions": [dict(p) for p in self._positions], "rotation": self._rotation,
         }
 
@@ -658,13 +667,20 @@ class ParquetReader:
         if not isinstance(state, dict) or state.get("version") != STATE_VERSION:
             got = state.get("version") if isinstance(state, dict) else type(state).__name__
             raise ValueError(f"reader state: version {got!r} is not {STATE_VERSION} (saved by another release)")
+        # a state of the release before validation splits read the train files whole: fraction 0
+        fraction = state.get("validation_fraction", 0.0)
+        if fraction != self.plan.validation_fraction:
+            raise ValueError(f"reader state: saved with data.validation_fraction={fraction!r} but this run has "
+                             f"{self.plan.validation_fraction!r}; the {self.plan.split!r} split it was reading had "
+                             "other rows, so the position cannot resume (set data.validation_fraction back, or start "
+                             "the run afresh)")
         for key, mine in (("split", self.plan.split), ("seed", self.plan.seed), ("batch_size", self.plan.batch_size),
                           ("window_rows", self.plan.window_rows), ("rows", self.num_rows()),
                           ("entity", ENTITY_NAMES[self.plan.entity]), ("shuffle", self.plan.shuffle)):
             if state.get(key) != mine:
                 raise ValueError(f"reader state: saved with {key}={state.get(key)!r} but this run has {mine!r}; "
                                  "a reader position resumes only with the same data, split, entity, seed, batch "
-                                 "size and shuffle window")
+                                 "size, shuffle window and validation fraction")
 
 
 def _layout_of_state(state: dict[str, Any], total: int) -> list[list[Window]]:

@@ -72,6 +72,7 @@ __all__ = [
     "WeightedAUCScan",
     "exact_auc_feasible",
     "exact_sum",
+    "exact_sums_by",
     "gauc_terms",
     "poisson_weights",
     "user_bootstrap_sums",
@@ -80,6 +81,9 @@ __all__ = [
     "percentile_ci",
     "bootstrap_cis",
     "paired_replicates",
+    "RunReplicates",
+    "run_replicates",
+    "pooled_paired_difference",
     "paired_comparison",
     "user_stats_from_rows",
 ]
@@ -238,6 +242,42 @@ def exact_sum(values: Any) -> Fraction:
         sums = _limbs(v[s:s + (1 << 20)], e, n_limbs).astype(np.int64).sum(axis=1)
         total += sum(int(x) << (_LIMB_BITS * j) for j, x in enumerate(sums))
     return _dyadic(total, e)
+
+
+def exact_sums_by(values: Any, index: Any, n: int) -> List[Fraction]:
+    """Exact sums of non-negative finite float64 values by group: ``out[g] = sum(values[index == g])``.
+
+    Like :func:`exact_sum` (one limb layout for all groups, integer limb sums per group), so sums of parts
+    add up exactly.
+
+    Args:
+        values: (N,) non-negative finite values.
+        index: (N,) int group of each value, in ``[0, n)``.
+        n: number of groups.
+
+    Returns:
+        ``n`` Fractions.
+
+    Example:
+        >>> [float(x) for x in exact_sums_by([0.1, 0.2, 0.3], [1, 0, 1], 3)]
+        [0.2, 0.4, 0.0]
+    """
+    v = np.asarray(values, dtype=np.float64).ravel()
+    g = np.asarray(index, dtype=np.int64).ravel()
+    if v.shape != g.shape:
+        raise ValueError(f"exact_sums_by: {v.shape[0]} values but {g.shape[0]} group indices")
+    _check_summable(v, "exact_sums_by")
+    if g.shape[0] and (g.min() < 0 or g.max() >= n):
+        raise ValueError(f"exact_sums_by: group indices must be in [0, {n})")
+    e, n_limbs = _limb_layout(v)
+    totals = [0] * n
+    for s in range(0, v.shape[0], 1 << 20):  # float64 bincounts of 2**20 limbs < 2**24 stay below 2**44: exact
+        limbs = _limbs(v[s:s + (1 << 20)], e, n_limbs)
+        for j in range(n_limbs):
+            sums = np.bincount(g[s:s + (1 << 20)], weights=limbs[j], minlength=n).astype(np.int64)
+            for k in np.flatnonzero(sums):
+                totals[k] += int(sums[k]) << (_LIMB_BITS * j)
+    return [_dyadic(t, e) for t in totals]
 
 
 def _weighted_sums(user_ids: np.ndarray, columns: Sequence[np.ndarray], samples: int,
@@ -605,20 +645,118 @@ def paired_replicates(a: UserStats, b: UserStats, samples: int, seed: int) -> Tu
     return replicates(a, samples, seed), replicates(b, samples, seed)
 
 
+@dataclass(frozen=True)
+class RunReplicates:
+    """One run's AUC and GAUC on one entity's rows, with their bootstrap replicates.
+
+    Attributes:
+        rows: the entity's rows.
+        auc: point AUC (None: a single class).
+        gauc: point GAUC (None: no user with both labels).
+        users_evaluated: users with both labels (the users the GAUC rests on).
+        replicates: :class:`Replicates` of ``samples`` user resamples (:func:`poisson_weights` of the eval seed).
+    """
+
+    rows: int
+    auc: Optional[float]
+    gauc: Optional[float]
+    users_evaluated: int
+    replicates: Replicates
+
+
+def run_replicates(pred_dir: str, entity: str, eval_cfg: Any, spill_dir: Optional[str] = None,
+                   limits: Any = None) -> RunReplicates:
+    """:class:`RunReplicates` of one run's predictions: what a paired comparison needs of it, ``O(samples)``.
+
+    Memory: the statistics are computed like
+    :func:`~mkt_torchrec.evaluation.report_metrics.compute_metrics` does them (spilled by user to ``spill_dir``
+    beyond ``limits.threshold_rows`` rows, one user partition and one score bucket in memory at a time), plus
+    ``O(users)`` per-user arrays and, while the exact AUC bootstrap is used, the rows in score order (at most
+    :data:`EXACT_AUC_BUDGET` / ``samples`` rows).
+
+    Args:
+        pred_dir: the run's ``part-*.parquet`` predictions.
+        entity: ``"source"`` or ``"target"``.
+        eval_cfg: :class:`~mkt_torchrec.config.EvalConfig` (bootstrap samples and seed, partitions).
+        spill_dir: where temporary spill files go (default: the system temp dir).
+        limits: :class:`~mkt_torchrec.evaluation.report_metrics.SpillLimits` (default: its defaults).
+
+    Raises:
+        ValueError: unknown entity, or no rows of it.
+    """
+    # report_metrics imports this module for the bootstrap, so it is imported here, at call time.
+    from mkt_torchrec.evaluation import report_metrics
+
+    if entity not in report_metrics.ENTITIES:
+        raise ValueError(f"entity must be one of {report_metrics.ENTITIES}, got {entity!r}")
+    kw = {} if limits is None else {"limits": limits}
+    stats = report_metrics.entity_statistics(pred_dir, eval_cfg, spill_dir, entities=(entity,), **kw)
+    if entity not in stats:
+        raise ValueError(f"{pred_dir}: no {entity!r} rows")
+    st = stats.pop(entity)
+    reps = replicates(st.user_stats, int(eval_cfg.bootstrap_samples), int(eval_cfg.seed))
+    return RunReplicates(st.rows, st.auc, st.gauc, st.users_evaluated, reps)
+
+
+def pooled_paired_difference(pairs: Sequence[Tuple[RunReplicates, RunReplicates]],
+                             confidence: float) -> Dict[str, Any]:
+    """Paired bootstrap of ``metric(A) - metric(B)``, pooled over pairs of runs (e.g. one pair per seed).
+
+    Pair ``i`` is ``(A_i, B_i)``: two runs scored on the same rows. Every run's replicates use the same user
+    resamples (weights hashed from ``(seed, resample, user id)``), so for resample ``b`` the pooled
+    difference is ``D_b = (1/k) sum_i (M(A_i, b) - M(B_i, b))`` over the ``k`` pairs; the estimate is
+    ``D = (1/k) sum_i (M(A_i) - M(B_i))`` and the interval the percentile interval of the ``D_b``
+    (:func:`percentile_ci`; resamples where some pair's metric is undefined are dropped). The interval is the
+    test-set (user) sampling uncertainty of the mean paired difference; it does not include the spread between
+    seeds.
+
+    Args:
+        pairs: ``k >= 1`` pairs ``(A_i, B_i)`` of :class:`RunReplicates`, all with the same resamples.
+        confidence: two-sided level in (0, 1).
+
+    Returns:
+        ``{"pairs": k, "rows", "users_evaluated", "auc_diff", "auc_diff_ci", "gauc_diff", "gauc_diff_ci",
+        "samples", "confidence"}``: ``rows`` and ``users_evaluated`` the smallest over the runs, differences
+        None where a metric is undefined, intervals None without (two defined) replicates.
+
+    Example:
+        >>> a = user_stats_from_rows([1, 1, 2, 2], [1, 0, 1, 0], [.9, .2, .6, .4])
+        >>> b = user_stats_from_rows([1, 1, 2, 2], [1, 0, 1, 0], [.1, .2, .6, .4])
+        >>> ra = RunReplicates(4, 1.0, 1.0, 2, replicates(a, 20, 0))
+        >>> rb = RunReplicates(4, 0.75, 0.5, 2, replicates(b, 20, 0))
+        >>> pooled_paired_difference([(ra, rb)], 0.9)["gauc_diff"]
+        0.5
+    """
+    if not pairs:
+        raise ValueError("pooled_paired_difference needs at least one pair of runs")
+    samples = {r.replicates.auc.shape[0] for pair in pairs for r in pair}
+    if len(samples) != 1:
+        raise ValueError(f"the runs' replicates differ in number of resamples: {sorted(samples)}")
+    out: Dict[str, Any] = {"pairs": len(pairs), "rows": min(r.rows for pair in pairs for r in pair),
+                           "users_evaluated": min(r.users_evaluated for pair in pairs for r in pair)}
+    for name in ("auc", "gauc"):
+        points = [(getattr(a, name), getattr(b, name)) for a, b in pairs]
+        out[f"{name}_diff"] = (None if any(x is None or y is None for x, y in points)
+                               else sum(x - y for x, y in points) / len(points))
+        reps = np.mean([getattr(a.replicates, name) - getattr(b.replicates, name) for a, b in pairs], axis=0)
+        out[f"{name}_diff_ci"] = percentile_ci(reps, confidence) if reps.shape[0] else None
+    out["samples"] = samples.pop()
+    out["confidence"] = float(confidence)
+    return out
+
+
 def paired_comparison(pred_dir_a: str, pred_dir_b: str, entity: str, eval_cfg: Any,
-                      spill_dir: Optional[str] = None) -> Dict[str, Any]:
+                      spill_dir: Optional[str] = None, limits: Any = None) -> Dict[str, Any]:
     """Compare two runs scored on the same rows: AUC/GAUC of both, ``b - a`` and a paired bootstrap CI.
 
     Both prediction directories must hold the same rows of ``entity`` in the same order once their part files
     are sorted by name (the same test split read by the same number of ranks): equal row counts and equal
     ``(user_id, label)`` sequences, checked by streaming both in lockstep. The differences are
     ``metric(b) - metric(a)`` and their interval uses the same resampled users for both runs, so it reflects
-    the difference's own spread (much narrower than the two separate intervals when the runs are correlated).
+    the difference's own spread (much narrower than the two separate intervals when the runs are correlated):
+    :func:`pooled_paired_difference` of the single pair.
 
-    Memory: the row check streams; each run's statistics are computed like
-    :func:`~mkt_torchrec.evaluation.report_metrics.compute_metrics` does (out of core for large inputs). The
-    bootstrap holds ``O(U)`` per-user arrays per run, plus ``O(N)`` rows in score order per run while the
-    exact AUC bootstrap is used (``rows * samples <=`` :data:`EXACT_AUC_BUDGET`).
+    Memory: the row check streams; each run's statistics are :func:`run_replicates`'.
 
     Args:
         pred_dir_a: predictions of run A (``part-*.parquet``).
@@ -626,6 +764,7 @@ def paired_comparison(pred_dir_a: str, pred_dir_b: str, entity: str, eval_cfg: A
         entity: ``"source"`` or ``"target"``.
         eval_cfg: :class:`~mkt_torchrec.config.EvalConfig` (bootstrap samples, confidence, seed, partitions).
         spill_dir: where temporary spill files go (default: the system temp dir).
+        limits: :class:`~mkt_torchrec.evaluation.report_metrics.SpillLimits`, or None for the defaults.
 
     Returns:
         ``{"entity", "rows", "auc_a", "auc_b", "auc_diff", "auc_diff_ci", "gauc_a", "gauc_b", "gauc_diff",
@@ -636,7 +775,6 @@ def paired_comparison(pred_dir_a: str, pred_dir_b: str, entity: str, eval_cfg: A
         ValueError: unknown entity, no rows of the entity, or the two runs are not on the same rows (the
             message says where they differ).
     """
-    # report_metrics imports this module for the bootstrap, so it is imported here, at call time.
     from mkt_torchrec.evaluation import report_metrics
 
     if entity not in report_metrics.ENTITIES:
@@ -644,21 +782,14 @@ def paired_comparison(pred_dir_a: str, pred_dir_b: str, entity: str, eval_cfg: A
     rows = _check_same_rows(pred_dir_a, pred_dir_b, entity)
     if rows == 0:
         raise ValueError(f"paired_comparison: {pred_dir_a} and {pred_dir_b} have no {entity!r} rows")
-    stats = [report_metrics.entity_statistics(d, eval_cfg, spill_dir, entities=(entity,))[entity]
-             for d in (pred_dir_a, pred_dir_b)]
-    a, b = stats
+    a, b = (run_replicates(d, entity, eval_cfg, spill_dir, limits) for d in (pred_dir_a, pred_dir_b))
+    pooled = pooled_paired_difference([(b, a)], float(eval_cfg.confidence))
     out: Dict[str, Any] = {"entity": entity, "rows": rows}
     for name in ("auc", "gauc"):
-        va, vb = getattr(a, name), getattr(b, name)
-        out[f"{name}_a"], out[f"{name}_b"] = va, vb
-        out[f"{name}_diff"] = None if va is None or vb is None else vb - va
-        out[f"{name}_diff_ci"] = None
-    samples = int(eval_cfg.bootstrap_samples)
-    if samples > 0:
-        ra, rb = paired_replicates(a.user_stats, b.user_stats, samples, int(eval_cfg.seed))
-        out["auc_diff_ci"] = percentile_ci(rb.auc - ra.auc, eval_cfg.confidence)
-        out["gauc_diff_ci"] = percentile_ci(rb.gauc - ra.gauc, eval_cfg.confidence)
-    out["samples"] = samples
+        out[f"{name}_a"], out[f"{name}_b"] = getattr(a, name), getattr(b, name)
+        out[f"{name}_diff"] = pooled[f"{name}_diff"]
+        out[f"{name}_diff_ci"] = pooled[f"{name}_diff_ci"] if pooled["samples"] > 0 else None
+    out["samples"] = pooled["samples"]
     out["confidence"] = float(eval_cfg.confidence)
     return out
 

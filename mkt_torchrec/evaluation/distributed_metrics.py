@@ -26,7 +26,8 @@ Algorithm
    from every rank's files.
 3. **Per-user side** (bucket by bucket): per entity, the exact per-user statistics
    (:class:`~mkt_torchrec.evaluation.metrics.GroupAUCStats`) of the rank's users, reduced to exact GAUC and
-   mean-user-AUC sums (Fractions) and counts, the same per activity group and for ``true_prob``.
+   mean-user-AUC sums (Fractions) and counts, the same per activity group and for ``true_prob``, and the exact
+   log-loss and calibration-bin sums of the bucket's rows.
    **Score side** (the rank's ranges in increasing score order): per entity, sorted keys give the
    Mann-Whitney numerator counting negatives from the start of the rank's first range, plus positive and
    negative counts, overall and per activity group (a range holding one score is streamed and only
@@ -101,6 +102,7 @@ from mkt_torchrec.evaluation.report_metrics import (
     _packed,
     _Rows,
     _runs,
+    _ScoreSums,
     _sorted_cut_points,
     _user_statistics,
     _validated,
@@ -269,6 +271,7 @@ class _UserSide:
     main: _GaucSum = field(default_factory=_GaucSum)
     groups: List[_GaucSum] = field(default_factory=list)
     ceiling: Optional[_GaucSum] = None
+    scores: Optional[_ScoreSums] = None  # log loss and calibration
     arrays: List[Tuple[np.ndarray, ...]] = field(default_factory=list)  # (ids, impressions, positives, numerator)
 
 
@@ -444,7 +447,8 @@ class _Job:
     def _scan(self, routed: List[Dict[str, List[np.ndarray]]]) -> Dict[str, Any]:
         present = list(self.entity_rows)
         users = {e: _UserSide(groups=[_GaucSum() for _ in range(self.n_groups)],
-                              ceiling=_GaucSum() if self.true_prob else None) for e in present}
+                              ceiling=_GaucSum() if self.true_prob else None,
+                              scores=_ScoreSums(self.eval_cfg.calibration_bins)) for e in present}
         readers = self._readers(routed, "users", self.user_cols)
         for b in range(self.rank, self.n_user_buckets, self.world):
             rows = _concat([p for rd in readers for p in rd.pieces(b)], self.user_cols)
@@ -476,7 +480,7 @@ class _Job:
             u = users[e]
             self.user_arrays[e] = u.arrays  # kept here for the bootstrap; only its sums travel
             out["entities"][e] = {
-                "user": (u.main, u.groups, u.ceiling),
+                "user": (u.main, u.groups, u.ceiling, u.scores),
                 "score": _Piece.of(scans[e]),
                 "ceiling": _Piece.of(ceil_scans[e]) if self.true_prob else None,
                 "weighted": wscans[e].pieces() if e in wscans else None,
@@ -491,6 +495,7 @@ class _Job:
         r = _Rows(rows["user_id"], rows["entity"], rows["label"], rows["score"], rows.get("group"),
                   rows.get("true_prob")).take(sel)
         st = _user_statistics(r, side.groups, side.ceiling)
+        side.scores.add(r.label, r.score)
         side.main.add(st)
         if self.samples > 0:
             side.arrays.append((st.user_ids, st.impressions, st.positives, st.numerator))
@@ -627,9 +632,11 @@ class _Job:
         parts = [s["entities"][e] for s in scanned]
         main, ceil_sum = _GaucSum(), _GaucSum()
         groups = [_GaucSum() for _ in range(self.n_groups)]
+        scores = _ScoreSums(self.eval_cfg.calibration_bins)
         for p in parts:
-            m, gs, c = p["user"]
+            m, gs, c, sc = p["user"]
             main.merge(m)
+            scores.merge(sc)
             for acc, g in zip(groups, gs):
                 acc.merge(g)
             if c is not None:
@@ -637,7 +644,7 @@ class _Job:
         score = _ordered_total([p["score"] for p in parts])
         rows, pos = self.entity_rows[e], score.pos
         ceiling = (_ordered_total([p["ceiling"] for p in parts]).num2, ceil_sum) if self.true_prob else None
-        st = _entity_statistics(rows, main, score.num2, self.bounds, groups, score.group_num2, ceiling)
+        st = _entity_statistics(rows, main, score.num2, self.bounds, groups, score.group_num2, ceiling, scores)
         cis: Dict[str, Any] = {"auc_ci": None, "gauc_ci": None}
         if sums is not None:
             total = sums[0][e]

@@ -6,7 +6,10 @@
      "auc", "gauc", "mean_user_auc",                 # float, or None where undefined (a single class)
      "users_evaluated", "users_skipped_single_class",
      "auc_ci", "gauc_ci",                            # [lo, hi] user-level bootstrap, or None
-     "groups": [{"name": "0-10", "lo": 0, "hi": 10, "rows", "users", "auc", "gauc"}, ...],
+     "logloss",                                      # mean binary cross-entropy of the scores
+     "calibration": {"binning": "equal_width", "bins", "ece", "mean_score", "click_rate",
+                     "per_bin": [{"lo", "hi", "rows", "mean_score", "click_rate"}, ...]},
+     "groups": [{"name": "0-10", "lo": 0, "hi": 10, "rows", "users", "users_evaluated", "auc", "gauc"}, ...],
      "ceiling": {"auc", "gauc"} or None}             # true_prob as the score, when present
 
 plus ``"bootstrap": {"samples", "confidence", "seed"}``. ``gauc`` is the paper's Eq. 14 (impression-weighted)
@@ -14,7 +17,28 @@ and ``mean_user_auc`` the unweighted mean of per-user AUCs (see :mod:`~mkt_torch
 Activity groups follow ``eval_cfg.activity_bounds`` (``[10, 30]``: ``[0, 10)`` "0-10", ``[10, 30)``
 "10-30", ``[30, inf)`` ">30", whose ``"hi"`` is None); a row's group is its own ``activity`` value; all
 groups are listed, empty ones with 0 rows and None metrics; ``groups`` is ``[]`` without an ``activity``
-column. Intervals are described in :mod:`~mkt_torchrec.evaluation.analysis`.
+column; a group's ``users_evaluated`` counts its users with both a click and a non-click in the group (the users
+its GAUC rests on). Intervals are described in :mod:`~mkt_torchrec.evaluation.analysis`.
+
+Log loss and calibration, over all rows of the entity (``N`` rows, labels ``y``, scores ``s``):
+
+* ``logloss = (1/N) sum -log(clip(q, 1e-7, 1 - 1e-7))`` with ``q = s`` for a click and ``q = 1 - s`` for a
+  non-click, the probability given to the row's own label (:data:`LOGLOSS_CLIP`: a saturated score of 0.0
+  or 1.0 on the wrong label costs ``-log(1e-7) = 16.1``, not infinity). This is the usual
+  ``-[y log p + (1 - y) log(1 - p)]`` with ``p = clip(s, 1e-7, 1 - 1e-7)``, up to the rounding of ``1 - p``.
+* ``calibration``: ``B = eval_cfg.calibration_bins`` **equal-width** bins over [0, 1] (bin ``b``:
+  ``b/B <= s < (b+1)/B``, a score of 1.0 in the last bin). ``ece = sum_b |S_b - P_b| / N``, ``S_b`` the sum of the
+  scores and ``P_b`` the clicks of bin ``b`` (= ``sum_b (n_b/N) |mean score_b - click rate_b|``);
+  ``mean_score = sum s / N`` (the mean predicted CTR) against ``click_rate = sum y / N`` (the observed CTR);
+  ``per_bin`` lists every bin (``mean_score`` / ``click_rate`` None when empty). Equal-width bins are
+  fixed in advance, so the statistics are plain sums that merge over any split of the rows; equal-mass bins
+  would need the global score order. With click-through rates of a few percent most rows fall in the first
+  bins: raise ``calibration_bins`` for a finer view of the low scores.
+
+Both are None when some score lies outside [0, 1] (not probabilities, e.g. raw logits). Both are exact: the
+float terms (log-loss terms, scores) are summed exactly
+(:func:`~mkt_torchrec.evaluation.analysis.exact_sum`) and each result rounded once, so they too are
+bit-identical over any split of the rows (partitions, ranks).
 
 How it stays exact in bounded memory
 ------------------------------------
@@ -87,11 +111,13 @@ from mkt_torchrec.evaluation.metrics import (
     per_user_auc,
 )
 
-__all__ = ["ENTITIES", "SpillLimits", "GroupStatistics", "EntityStatistics", "compute_metrics",
-           "entity_statistics", "entity_report", "iter_entity_rows"]
+__all__ = ["ENTITIES", "LOGLOSS_CLIP", "SpillLimits", "GroupStatistics", "EntityStatistics", "compute_metrics",
+           "entity_statistics", "entity_report", "iter_entity_rows", "iter_entity_columns"]
 
 ENTITIES = ("source", "target")
 REQUIRED_COLUMNS = ("user_id", "entity", "label", "score")
+# Scores are clipped to [LOGLOSS_CLIP, 1 - LOGLOSS_CLIP] for the log loss (no log 0).
+LOGLOSS_CLIP = 1e-7
 
 # Packed score key: sortable32(score) << 9 | label << 8 | activity group (< 256). Sorting the keys sorts rows
 # by score; equal keys are interchangeable rows.
@@ -129,6 +155,7 @@ class GroupStatistics:
     users: int
     auc: Optional[float]
     gauc: Optional[float]
+    users_evaluated: int = 0  # users with both labels in the group: the users its GAUC rests on
 
 
 @dataclass(frozen=True)
@@ -147,6 +174,8 @@ class EntityStatistics:
     groups: List[GroupStatistics]
     ceiling: Optional[Dict[str, Optional[float]]]
     user_stats: Optional[analysis.UserStats] = field(default=None, repr=False)
+    logloss: Optional[float] = None
+    calibration: Optional[Dict[str, Any]] = None
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -257,6 +286,34 @@ def iter_entity_rows(pred_dir: str, entity: str, batch_rows: int = 1 << 20) -> I
         m = rows.entity == code
         if m.any():
             yield rows.user_id[m], rows.label[m]
+
+
+def iter_entity_columns(pred_dir: str, entity: str, batch_rows: int = 1 << 18) -> Iterator[Dict[str, np.ndarray]]:
+    """Stream one entity's validated rows, part files in name order, at most ``batch_rows`` rows read at a time.
+
+    Yields:
+        ``{"user_id": int64, "label": int8, "score": float32}`` plus ``"true_prob"`` (float32) when the files
+        have it; batches without rows of ``entity`` are skipped.
+
+    Example:
+        >>> import tempfile, pyarrow as pa, pyarrow.parquet as pq
+        >>> d = tempfile.mkdtemp()
+        >>> pq.write_table(pa.table({"user_id": [3, 4], "entity": ["source", "target"],
+        ...     "label": pa.array([1, 0], pa.float32()), "score": pa.array([.5, .25], pa.float32())}),
+        ...     f"{d}/part-00000.parquet")
+        >>> [b["score"].tolist() for b in iter_entity_columns(d, "target")]
+        [[0.25]]
+    """
+    code = ENTITIES.index(entity)
+    layout = _layout(pred_dir)
+    columns = list(REQUIRED_COLUMNS) + (["true_prob"] if layout.true_prob else [])
+    for rows in _batches(layout, batch_rows, np.zeros(0, np.int64), columns=columns):
+        sel = np.flatnonzero(rows.entity == code)
+        if sel.shape[0]:
+            out = {"user_id": rows.user_id[sel], "label": rows.label[sel], "score": rows.score[sel]}
+            if rows.true_prob is not None:
+                out["true_prob"] = rows.true_prob[sel]
+            yield out
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -507,6 +564,74 @@ class _GaucSum:
         return float(self.auc_sum / self.evaluated) if self.evaluated else None
 
 
+class _ScoreSums:
+    """Log-loss and calibration sums of rows (see the module docstring), exact, so any split of the rows merges
+    (:meth:`merge`) into the same totals.
+
+    Args:
+        bins: equal-width calibration bins over [0, 1].
+    """
+
+    def __init__(self, bins: int) -> None:
+        self.bins = int(bins)
+        self.rows = 0
+        self.logloss = Fraction(0)  # sum of the clipped cross-entropy terms
+        self.bin_rows = [0] * self.bins
+        self.bin_pos = [0] * self.bins
+        self.bin_score = [Fraction(0)] * self.bins  # exact sums of the scores
+        self.probabilities = True  # every score in [0, 1]; else log loss and calibration are undefined (None)
+
+    def add(self, label: np.ndarray, score: np.ndarray) -> None:
+        """(N,) 0/1 labels and (N,) float32 scores."""
+        if label.shape[0] == 0:
+            return
+        self.rows += int(label.shape[0])
+        if not self.probabilities or score.min() < 0 or score.max() > 1:
+            self.probabilities = False  # e.g. raw logits: AUC / GAUC still apply, these do not
+            return
+        s = score.astype(np.float64)
+        pos = label == 1
+        own = np.where(pos, s, 1.0 - s)  # (N,) the probability given to the row's own label (1 - s is exact)
+        terms = -np.log(np.clip(own, LOGLOSS_CLIP, 1.0 - LOGLOSS_CLIP))  # (N,) each > 0
+        self.logloss += analysis.exact_sum(terms)
+        b = np.minimum((s * self.bins).astype(np.int64), self.bins - 1)  # (N,) bin
+        counts = np.bincount(b, minlength=self.bins)
+        clicks = np.bincount(b[pos], minlength=self.bins)
+        sums = analysis.exact_sums_by(s, b, self.bins)
+        for k in np.flatnonzero(counts):
+            self.bin_rows[k] += int(counts[k])
+            self.bin_pos[k] += int(clicks[k])
+            self.bin_score[k] += sums[k]
+
+    def merge(self, other: "_ScoreSums") -> None:
+        """Add the sums of other rows."""
+        self.rows += other.rows
+        self.probabilities = self.probabilities and other.probabilities
+        self.logloss += other.logloss
+        for k in range(self.bins):
+            self.bin_rows[k] += other.bin_rows[k]
+            self.bin_pos[k] += other.bin_pos[k]
+            self.bin_score[k] += other.bin_score[k]
+
+    def result(self) -> Tuple[Optional[float], Optional[Dict[str, Any]]]:
+        """``(logloss, calibration)`` as metrics.json holds them; ``(None, None)`` without rows or when some
+        score lies outside [0, 1] (not a probability)."""
+        n = self.rows
+        if n == 0 or not self.probabilities:
+            return None, None
+        per_bin = []
+        for k in range(self.bins):
+            m = self.bin_rows[k]
+            per_bin.append({"lo": k / self.bins, "hi": (k + 1) / self.bins, "rows": m,
+                            "mean_score": float(self.bin_score[k] / m) if m else None,
+                            "click_rate": self.bin_pos[k] / m if m else None})
+        ece = sum((abs(s - p) for s, p in zip(self.bin_score, self.bin_pos)), Fraction(0)) / n
+        calibration = {"binning": "equal_width", "bins": self.bins, "ece": float(ece),
+                       "mean_score": float(sum(self.bin_score, Fraction(0)) / n),
+                       "click_rate": sum(self.bin_pos) / n, "per_bin": per_bin}
+        return float(self.logloss / n), calibration
+
+
 def _packed(score: np.ndarray, label: np.ndarray, group: Optional[np.ndarray]) -> np.ndarray:
     """(N,) float32 scores, 0/1 labels, activity groups -> (N,) int64 keys that sort like the scores."""
     pk = _sortable32(score) << _SCORE_SHIFT
@@ -531,7 +656,7 @@ def _user_statistics(rows: _Rows, groups: Sequence[_GaucSum], ceiling: Optional[
 
 
 def _entity_statistics(rows: int, users: _GaucSum, auc_num2: int, bounds: np.ndarray, groups: Sequence[_GaucSum],
-                       group_num2: Sequence[int], ceiling: Optional[Tuple[int, _GaucSum]],
+                       group_num2: Sequence[int], ceiling: Optional[Tuple[int, _GaucSum]], scores: _ScoreSums,
                        user_stats: Optional[analysis.UserStats] = None) -> EntityStatistics:
     """:class:`EntityStatistics` of one entity from its exact sums.
 
@@ -543,12 +668,14 @@ def _entity_statistics(rows: int, users: _GaucSum, auc_num2: int, bounds: np.nda
         groups: sums over each activity group's rows (empty without groups).
         group_num2: twice the Mann-Whitney numerator of each activity group's rows.
         ceiling: twice the numerator of all rows by ``true_prob`` and their sums, or None.
+        scores: log-loss and calibration sums of all its rows.
         user_stats: the bootstrap's input, or None.
     """
     pos = users.positives
     group_stats = [GroupStatistics(name, lo, hi, s.rows, s.users, _auc(num2, s.positives, s.rows - s.positives),
-                                   s.gauc)
+                                   s.gauc, s.evaluated)
                    for (name, lo, hi), s, num2 in zip(_group_ranges(bounds), groups, group_num2)]
+    logloss, calibration = scores.result()
     ceiling_metrics = None
     if ceiling is not None:
         ceiling_metrics = {"auc": _auc(ceiling[0], pos, rows - pos), "gauc": ceiling[1].gauc}
@@ -556,7 +683,7 @@ def _entity_statistics(rows: int, users: _GaucSum, auc_num2: int, bounds: np.nda
         rows=rows, users=users.users, positives=pos, auc=_auc(auc_num2, pos, rows - pos), gauc=users.gauc,
         mean_user_auc=users.mean_user_auc, users_evaluated=users.evaluated,
         users_skipped_single_class=users.users - users.evaluated, groups=group_stats, ceiling=ceiling_metrics,
-        user_stats=user_stats,
+        user_stats=user_stats, logloss=logloss, calibration=calibration,
     )
 
 
@@ -579,12 +706,14 @@ class _EntityAccumulator:
         self.ceiling = store("ceiling", 1) if true_prob else None
         self.ceiling_sum = _GaucSum() if true_prob else None
         self.group_sums = [_GaucSum() for _ in range(n_groups)]
+        self.score_sums = _ScoreSums(eval_cfg.calibration_bins)
         self.parts: List[GroupAUCStats] = []
         self.users_seen = 0
 
     def add(self, rows: _Rows) -> None:
         """Rows of this entity from one user partition."""
         st = _user_statistics(rows, self.group_sums, self.ceiling_sum)
+        self.score_sums.add(rows.label, rows.score)
         self.parts.append(st)
         index = None
         if self.samples > 0:  # users in partition-major order; finish() maps them to merged (sorted-id) order
@@ -618,7 +747,7 @@ class _EntityAccumulator:
         user_stats = analysis.UserStats(merged.user_ids, merged.impressions, merged.positives, merged.numerator,
                                         scan.num2, placement=scan.placement, order=scan.order())
         return _entity_statistics(self.rows, total, scan.num2, bounds, self.group_sums, scan.group_num2, ceiling,
-                                  user_stats)
+                                  self.score_sums, user_stats)
 
 
 def _auc(num2: int, pos: int, neg: int) -> Optional[float]:
@@ -927,7 +1056,8 @@ def entity_report(st: EntityStatistics, cis: Dict[str, Any]) -> Dict[str, Any]:
         "auc": st.auc, "gauc": st.gauc, "mean_user_auc": st.mean_user_auc,
         "users_evaluated": st.users_evaluated, "users_skipped_single_class": st.users_skipped_single_class,
         "auc_ci": cis["auc_ci"], "gauc_ci": cis["gauc_ci"],
-        "groups": [{"name": g.name, "lo": g.lo, "hi": g.hi, "rows": g.rows, "users": g.users, "auc": g.auc,
-                    "gauc": g.gauc} for g in st.groups],
+        "logloss": st.logloss, "calibration": st.calibration,
+        "groups": [{"name": g.name, "lo": g.lo, "hi": g.hi, "rows": g.rows, "users": g.users,
+                    "users_evaluated": g.users_evaluated, "auc": g.auc, "gauc": g.gauc} for g in st.groups],
         "ceiling": st.ceiling,
     }

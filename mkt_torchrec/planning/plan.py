@@ -212,7 +212,7 @@ def attach_embedding_optimizer(module: nn.Module, cfg: Config, stage: str) -> No
     """
     from torchrec.optim.apply_optimizer_in_backward import apply_optimizer_in_backward
 
-    arch = module.get_submodule(TRAINABLE_SPARSE_ARCH[stage])
+    arch = module.get_submodule(getattr(module, "trainable_sparse_arch", TRAINABLE_SPARSE_ARCH[stage]))
     cls = EMBEDDING_OPTIMIZERS[cfg.train.embedding_optimizer]
     for coll in (arch.ebc, arch.ec):
         if coll is not None:

@@ -1,8 +1,9 @@
 """Builds the module each stage trains (loss wrapper included), on any device, ``meta`` included.
 
 Stage ``mem``: ``MEMTrain(MEM)``. Stage ``tem``: ``TEMTrain(MKTTarget(TEM, frozen MEM))``, or the TEM alone
-under the ``no_mem_pretrain`` ablation. The planner (``mkt plan``) and the trainer build through here, so
-the module paths a plan names are the ones the trainer shards.
+under the ``no_mem_pretrain`` ablation. A baseline (``model.name`` other than ``mkt``) is built by
+``mkt_torchrec.models.baselines``. The planner (``mkt plan``) and the trainer build through here, so the module
+paths a plan names are the ones the trainer shards.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import torch
 from torch import nn
 
 from mkt_torchrec.config import Config
+from mkt_torchrec.models import baselines
 from mkt_torchrec.models.mkt import MEM, TEM, MKTTarget, knowledge_dims
 from mkt_torchrec.models.train import MEMTrain, TEMTrain, pdl_gamma
 
@@ -21,11 +23,34 @@ STAGES = ("mem", "tem")
 
 
 def stage2_uses_mem(cfg: Config) -> bool:
-    return cfg.model.ablation != "no_mem_pretrain"
+    """Stage 2 holds MKT's frozen MEM (loaded from a stage-1 run). Never for a baseline: its stage ``tem`` loads
+    the tensors its registry entry names (``baselines.MODELS[name].stages["tem"].transfer``), if any."""
+    return cfg.model.name == "mkt" and cfg.model.ablation != "no_mem_pretrain"
+
+
+def stage_entity(cfg: Config, stage: str) -> Optional[str]:
+    """The rows a stage trains on: None (both entities), ``source`` or ``target``. MKT: its MEM trains on both,
+    its TEM on target rows; a baseline: its registry entry (e.g. Finetune pre-trains on source rows)."""
+    if cfg.model.name != "mkt":
+        spec = baselines.MODELS[cfg.model.name].stages
+        if stage not in spec:
+            raise ValueError(f"model.name={cfg.model.name} has no stage {stage!r}; its stages: {list(spec)}")
+        return spec[stage].entity
+    return "target" if stage == "tem" else None
+
+
+def stage_transfer(cfg: Config, stage: str) -> tuple:
+    """State-dict prefixes (after the leading ``model.``) a baseline's stage ``tem`` loads from its stage-``mem``
+    run before training; () for MKT (whose stage 2 loads a frozen MEM instead) and single-stage models."""
+    if cfg.model.name == "mkt" or stage != "tem":
+        return ()
+    return tuple(baselines.MODELS[cfg.model.name].stages[stage].transfer)
 
 
 def build_train_module(cfg: Config, stage: str, device: Optional[torch.device] = None) -> nn.Module:
     """The loss-wrapped model of ``stage`` (``mem`` or ``tem``), tables on ``device``."""
+    if cfg.model.name != "mkt":
+        return baselines.build_train_module(cfg, stage, device)
     precision = cfg.train.embedding_precision
     if stage == "mem":
         return MEMTrain(MEM(cfg.schema, cfg.model, device=device, embedding_precision=precision),

@@ -36,6 +36,7 @@ from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.metadata import Metadata
 
 LATEST = "latest"
+BEST = "best"  # the checkpoint with the best validation metric (early stopping); kept by pruning
 EXTRA = "extra.json"
 
 # Exactly the (module, name) pairs DCP's ``.metadata`` of tensor-only checkpoints refers to. No prefixes and no
@@ -120,9 +121,9 @@ def checkpoint_dir(run_dir: str, step: int) -> str:
     return os.path.join(run_dir, "checkpoints", f"step-{step:08d}")
 
 
-def latest_checkpoint(run_dir: str) -> Optional[str]:
-    """Path of the newest complete checkpoint of a run, or None."""
-    path = os.path.join(run_dir, "checkpoints", LATEST)
+def latest_checkpoint(run_dir: str, pointer: str = LATEST) -> Optional[str]:
+    """Path of the newest complete checkpoint of a run (``pointer=BEST``: the best-validated one), or None."""
+    path = os.path.join(run_dir, "checkpoints", pointer)
     if not os.path.isfile(path):
         return None
     with open(path, encoding="utf-8") as f:
@@ -131,6 +132,12 @@ def latest_checkpoint(run_dir: str) -> Optional[str]:
     if not os.path.isfile(os.path.join(ckpt, EXTRA)):
         raise ValueError(f"{path} names {name!r}, which is incomplete or missing")
     return ckpt
+
+
+def final_checkpoint(run_dir: str) -> Optional[str]:
+    """The checkpoint a finished run is evaluated and exported from: the best-validated one when the run trained
+    with early stopping (``train.patience``), else the newest."""
+    return latest_checkpoint(run_dir, BEST) or latest_checkpoint(run_dir)
 
 
 def read_extra(ckpt: str) -> Dict[str, Any]:
@@ -245,10 +252,12 @@ def _publish(run_dir: str, ckpt: str, extra: Dict[str, Any], keep: int) -> None:
     with open(tmp, "w", encoding="utf-8") as f:
         json.dump(extra, f, indent=2)
     os.replace(tmp, os.path.join(ckpt, EXTRA))
-    latest = os.path.join(run_dir, "checkpoints", LATEST)
-    with open(latest + ".tmp", "w", encoding="utf-8") as f:
-        f.write(os.path.basename(ckpt))
-    os.replace(latest + ".tmp", latest)
+    pointers = [LATEST] + ([BEST] if (extra.get("best") or {}).get("step") == extra.get("step") else [])
+    for name in pointers:
+        path = os.path.join(run_dir, "checkpoints", name)
+        with open(path + ".tmp", "w", encoding="utf-8") as f:
+            f.write(os.path.basename(ckpt))
+        os.replace(path + ".tmp", path)
     _prune(run_dir, keep)
 
 
@@ -256,8 +265,11 @@ def _prune(run_dir: str, keep: int) -> None:
     root = os.path.join(run_dir, "checkpoints")
     names = sorted(n for n in os.listdir(root) if n.startswith("step-") and os.path.isdir(os.path.join(root, n)))
     complete = [n for n in names if os.path.isfile(os.path.join(root, n, EXTRA))]
+    best = os.path.join(root, BEST)
+    kept_best = open(best, encoding="utf-8").read().strip() if os.path.isfile(best) else None
     for n in complete[:-keep]:
-        shutil.rmtree(os.path.join(root, n), ignore_errors=True)
+        if n != kept_best:
+            shutil.rmtree(os.path.join(root, n), ignore_errors=True)
     for n in names:
         if n not in complete and n < (complete[-1] if complete else ""):
             shutil.rmtree(os.path.join(root, n), ignore_errors=True)  # an abandoned partial save

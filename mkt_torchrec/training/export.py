@@ -48,27 +48,38 @@ def serving_from_run(run_dir: str) -> Tuple[Config, ServingModel]:
 
     Args:
         run_dir: a stage ``tem`` run, or a stage ``mem`` run trained under
-            ``model.ablation=no_tem_finetune``.
+            ``model.ablation=no_tem_finetune``; for a baseline (``model.name`` other than ``mkt``), the run of its
+            final stage (``mem`` for the joint models, ``tem`` for the others).
 
     Returns:
-        The run's config (from RUN/run.json) and the loaded serving model, in eval mode.
+        The run's config (from RUN/run.json) and the loaded serving model, in eval mode (a baseline's is a
+        :class:`~mkt_torchrec.models.baselines.BaselineServing`, with the same input and output).
 
     Raises:
         FileNotFoundError: ``run_dir`` is not a run directory, or has no complete checkpoint.
-        ValueError: a MEM run of another ablation (its served model is stage 2's).
+        ValueError: a MEM run of another ablation (its served model is stage 2's), or a baseline's pre-training run.
     """
+    from mkt_torchrec.models import baselines
     from mkt_torchrec.training.trainer import read_run, run_config  # the trainer module is heavy to import
 
     run = read_run(run_dir)
     cfg = run_config(run_dir)
     stage = run["stage"]
-    if stage == "mem" and cfg.model.ablation != "no_tem_finetune":
+    if cfg.model.name != "mkt":
+        final = baselines.final_stage(cfg.model.name)
+        if stage != final:
+            raise ValueError(f"{run_dir}: a stage {stage!r} run of model.name={cfg.model.name} is pre-training; "
+                             f"export its stage {final!r} run")
+    elif stage == "mem" and cfg.model.ablation != "no_tem_finetune":
         raise ValueError(f"{run_dir}: a MEM run is served only under model.ablation=no_tem_finetune")
-    ckpt = checkpoint.latest_checkpoint(run_dir)
+    ckpt = checkpoint.final_checkpoint(run_dir)
     if ckpt is None:
         raise FileNotFoundError(f"{run_dir}: no checkpoint to export")
-    model = build_train_module(cfg, stage, device=torch.device("meta")).model  # MEM or MKTTarget
-    serving = ServingModel(cfg.schema, model)
+    model = build_train_module(cfg, stage, device=torch.device("meta")).model  # MEM, MKTTarget or a baseline
+    if cfg.model.name == "mkt":
+        serving = ServingModel(cfg.schema, model)
+    else:
+        serving = baselines.serving_model(cfg.schema, model)
     del model
     _materialize(serving)
     state: Dict[str, Any] = {_CKPT_PREFIX + serving.source_keys[k]: v

@@ -51,7 +51,7 @@ from mkt_torchrec.data.reader import ParquetReader
 from mkt_torchrec.planning.plan import (FROZEN_MODULE, attach_embedding_optimizer, embedding_optimizer_kwargs,
                                        frozen_module, load_plan, make_plan, manifest_pooling, sharders, write_plan)
 from mkt_torchrec.training import checkpoint, runlock
-from mkt_torchrec.training.build import build_train_module, stage2_uses_mem
+from mkt_torchrec.training.build import build_train_module, stage2_uses_mem, stage_entity, stage_transfer
 from mkt_torchrec.training.distributed import (DistInfo, all_gather_objects, all_sum, fault_point,
                                                init_distributed)
 
@@ -353,14 +353,40 @@ def check_mem_run(cfg: Config, mem_run: str) -> None:
 
 
 def _load_mem_into_stage2(model: DistributedModelParallel, mem_run: str) -> str:
-    """DCP-load the stage-1 MEM (its latest checkpoint) into the frozen MEM of the stage-2 model."""
-    ckpt = checkpoint.latest_checkpoint(mem_run)
+    """DCP-load the stage-1 MEM (its best-validated, else latest checkpoint) into stage 2's frozen MEM."""
+    ckpt = checkpoint.final_checkpoint(mem_run)
     if ckpt is None:
         raise FileNotFoundError(f"{mem_run}: no complete checkpoint of the MEM to fine-tune from")
     if read_run(mem_run)["stage"] != "mem":
         raise ValueError(f"{mem_run}: is not a stage 'mem' run")
     prefix2, prefix1 = "model.model.mem.", "model.model."
     state = {prefix1 + k[len(prefix2):]: v for k, v in train_state(model, None).items() if k.startswith(prefix2)}
+    checkpoint.load(ckpt, state)
+    return ckpt
+
+
+def _check_pretraining_run(cfg: Config, mem_run: Optional[str]) -> None:
+    """A baseline's fine-tuning stage needs its own pre-training run: same model and schema."""
+    if not mem_run:
+        raise ValueError(f"model.name={cfg.model.name} stage tem fine-tunes a pre-trained model: pass --mem-run "
+                         "with its stage-mem run")
+    theirs = run_config(mem_run)
+    if read_run(mem_run)["stage"] != "mem":
+        raise ValueError(f"{mem_run}: is not a stage 'mem' run")
+    differ = [k for k in ("name", "baselines") if getattr(theirs.model, k) != getattr(cfg.model, k)]
+    differ += ["schema"] if theirs.schema != cfg.schema else []
+    if differ:
+        raise ValueError(f"{mem_run}: was pre-trained with other settings for {differ} than this config")
+
+
+def _transfer_from_pretraining(model: DistributedModelParallel, mem_run: str, prefixes: tuple) -> str:
+    """DCP-load the tensors under ``prefixes`` (the registry's transfer list) from the pre-training run's final
+    checkpoint into this stage's model; they then train with everything else."""
+    ckpt = checkpoint.final_checkpoint(mem_run)
+    if ckpt is None:
+        raise FileNotFoundError(f"{mem_run}: no complete checkpoint to fine-tune from")
+    state = {k: v for k, v in train_state(model, None).items()
+             if any(k[len("model."):].startswith(p) for p in prefixes)}
     checkpoint.load(ckpt, state)
     return ckpt
 
@@ -502,6 +528,8 @@ def train(cfg: Config, stage: str, data_dir: str, run_dir: str, resume: bool = F
         raise ValueError("stage tem needs --mem-run MEM_RUN_DIR (or model.ablation=no_mem_pretrain)")
     if stage == "tem" and stage2_uses_mem(cfg):
         check_mem_run(cfg, mem_run)  # type: ignore[arg-type]
+    if stage_transfer(cfg, stage):
+        _check_pretraining_run(cfg, mem_run)
     manifest = open_dataset_shared(data_dir, cfg.schema)  # a bad --data fails before the run directory exists
     asm = assemble(cfg, stage, info, manifest=manifest)  # a plan that cannot apply fails before the run dir exists
     lock = _prepare_run_dir(cfg, stage, data_dir, run_dir, resume, mem_run, info)
@@ -524,18 +552,24 @@ def _train_locked(cfg: Config, stage: str, data_dir: str, run_dir: str, resume: 
             plan_record = json.load(f)  # every checkpoint records the plan it was saved under
     if stage == "tem" and stage2_uses_mem(cfg):
         _load_mem_into_stage2(model, mem_run)  # type: ignore[arg-type]
-    entity = "target" if stage == "tem" else None
-    if entity and not manifest.rows.get("train", {}).get("target", 0):
-        raise ValueError(f"{data_dir}: the train split has no target-entity rows: stage 2 has nothing to learn from")
+    if stage_transfer(cfg, stage) and not (resume and checkpoint.latest_checkpoint(run_dir)):  # else in the ckpt
+        _transfer_from_pretraining(model, mem_run, stage_transfer(cfg, stage))  # type: ignore[arg-type]
+    entity = stage_entity(cfg, stage)
+    if entity and not manifest.split_rows("train", entity, validation_fraction=cfg.data.validation_fraction):
+        raise ValueError(f"{data_dir}: the train split has no {entity}-entity rows: stage {stage} has nothing to "
+                         "learn from")
     reader = ParquetReader(data_dir, "train", cfg.schema, cfg.data, rank=info.rank, world_size=info.world_size,
                            entity=entity, manifest=manifest)
     step, epoch, epoch_rows = 0, 0, 0
+    best: Optional[Dict[str, Any]] = None  # early stopping: the best validation so far ({step, epoch, gauc, auc})
+    since_best = 0  # epochs validated since the best
     latest = checkpoint.latest_checkpoint(run_dir) if resume else None
     if latest is not None:
         extra = checkpoint.read_extra(latest)
         load_train_state(asm, cfg, latest, extra.get("plan") or {})
         step, epoch = int(extra["step"]), int(extra["epoch"])
         epoch_rows = int(extra.get("epoch_rows", 0))  # all ranks' rows of the epoch so far
+        best, since_best = extra.get("best"), int(extra.get("since_best", 0))
         reader.load_state_dict(extra["readers"])  # re-split over this world if it has another size
         _truncate_log(run_dir, step, info.is_main)
         if info.is_main:
@@ -545,7 +579,11 @@ def _train_locked(cfg: Config, stage: str, data_dir: str, run_dir: str, resume: 
     saver = checkpoint.AsyncCheckpointer(run_dir, info.is_main, cfg.train.keep_checkpoints)
     cadence = _Cadence(cfg.train, info.is_main)
     tc = cfg.train
-    feed = _Feed(reader, info, tc.epochs, max(0, tc.max_steps - step) if tc.max_steps else None)
+    validating = tc.patience > 0
+    epochs = tc.max_epochs if validating else tc.epochs
+    valid_entity = "source" if entity == "source" else "target"  # the target entity's GAUC is what counts
+    validation = _Validation(cfg, data_dir, run_dir, info, manifest, valid_entity) if validating else None
+    steps_left = max(0, tc.max_steps - step) if tc.max_steps else None
     reader_state = reader.state_dict()  # this rank's position after the last trained step
 
     def save() -> None:
@@ -555,15 +593,15 @@ def _train_locked(cfg: Config, stage: str, data_dir: str, run_dir: str, resume: 
         readers = all_gather_objects(reader_state, info.world_size)
         saver.save(step, state_of(asm, cfg),
                    {"step": step, "epoch": epoch, "epoch_rows": epoch_rows, "readers": readers,
-                    "world_size": info.world_size, "stage": stage, "plan": plan_record})
+                    "world_size": info.world_size, "stage": stage, "plan": plan_record, "best": best,
+                    "since_best": since_best})
         cadence.saved()
 
     fail_stage, _, fail_step = os.environ.get(FAIL_AT_STEP_ENV, "").rpartition(":")  # "N" or "STAGE:N"
     fail_at = int(fail_step or 0) if fail_stage in ("", stage) else 0
     rows_per_step = reader.plan.batch_size * info.world_size
-    target_rows = reader.manifest.rows["train"].get("target", 0)
-    split_rows = target_rows if entity else reader.num_rows()
-    est_steps = tc.epochs * max(1, -(-split_rows // rows_per_step))
+    split_rows = reader.num_rows()  # of the stage's entity
+    est_steps = epochs * max(1, -(-split_rows // rows_per_step))
     if tc.max_steps:
         est_steps = min(est_steps, tc.max_steps)
     bar = _bar(est_steps, f"train {stage}", step, info.is_main)
@@ -572,42 +610,64 @@ def _train_locked(cfg: Config, stage: str, data_dir: str, run_dir: str, resume: 
     window_rows, window_start = 0, time.perf_counter()
     stats = torch.zeros(3, dtype=torch.float64, device=info.device)  # loss, bce, pdl summed since the last log
     window_steps, last_loss = 0, float("nan")
+    stopped = validating and best is not None and since_best >= tc.patience  # resumed after the early stop
     fault_point("train")
-    while True:
-        try:
-            out = pipeline.progress(feed)  # forward, backward and update of one step; no host sync
-        except StopIteration:
-            break
-        fed = feed.handed.popleft()  # the batch this step trained (the pipeline has pulled later ones already)
-        step += 1
-        epoch, reader_state = fed.epoch, fed.reader_state
-        epoch_rows += fed.global_rows
-        window_rows += fed.global_rows
-        share = fed.rows * info.world_size / fed.global_rows  # this rank's share of the step's rows (x world)
-        stats += torch.stack([out.loss, out.bce, out.pdl * share]).double()
-        window_steps += 1
-        bar.update(1)
-        time_due = False
-        if step % tc.log_every == 0:
-            last_loss, time_due = _log_step(run_dir, info, tc, stats, window_steps, window_rows, window_start, step,
-                                            epoch, bar, cadence)
-            runlock.refresh(lock)
-            stats.zero_()
-            window_rows, window_steps, window_start = 0, 0, time.perf_counter()
-        if fed.epoch_end:
-            if info.is_main:
-                _log_record(run_dir, {"epoch_end": epoch, "step": step, "rows_trained": epoch_rows,
-                                      "rows_in_split": split_rows})
-                log.info("epoch %d done: %d rows trained (of %d in the split%s)", epoch, epoch_rows, split_rows,
-                         ", target rows" if entity else "")
-            epoch_rows = 0
-        saver.poll()
-        if cadence.due(step, time_due):
-            save()
-        if fail_at and step == fail_at:
-            saver.wait()  # testing hook: the checkpoint before the failure is published
-            if info.rank == info.world_size - 1:
-                os._exit(3)  # testing hook: simulate a rank dying mid-run
+    while reader.epoch < epochs and not stopped and (steps_left is None or steps_left > 0):
+        feed = _Feed(reader, info, reader.epoch + 1, steps_left)  # one epoch: validation runs between epochs
+        trained = False
+        while True:
+            try:
+                out = pipeline.progress(feed)  # forward, backward and update of one step; no host sync
+            except StopIteration:
+                break
+            fed = feed.handed.popleft()  # the batch this step trained (the pipeline has pulled later ones already)
+            step += 1
+            trained = True
+            steps_left = None if steps_left is None else steps_left - 1
+            epoch, reader_state = fed.epoch, fed.reader_state
+            epoch_rows += fed.global_rows
+            window_rows += fed.global_rows
+            share = fed.rows * info.world_size / fed.global_rows  # this rank's share of the step's rows (x world)
+            stats += torch.stack([out.loss, out.bce, out.pdl * share]).double()
+            window_steps += 1
+            bar.update(1)
+            time_due = False
+            if step % tc.log_every == 0:
+                last_loss, time_due = _log_step(run_dir, info, tc, stats, window_steps, window_rows, window_start,
+                                                step, epoch, bar, cadence)
+                runlock.refresh(lock)
+                stats.zero_()
+                window_rows, window_steps, window_start = 0, 0, time.perf_counter()
+            if fed.epoch_end:
+                if info.is_main:
+                    _log_record(run_dir, {"epoch_end": epoch, "step": step, "rows_trained": epoch_rows,
+                                          "rows_in_split": split_rows})
+                    log.info("epoch %d done: %d rows trained (of %d in the split%s)", epoch, epoch_rows,
+                             split_rows, f", {entity} rows" if entity else "")
+                epoch_rows = 0
+            saver.poll()
+            if cadence.due(step, time_due) and not (validation is not None and fed.epoch_end):
+                save()  # (an epoch's last step saves after its validation)
+            if fail_at and step == fail_at:
+                saver.wait()  # testing hook: the checkpoint before the failure is published
+                if info.rank == info.world_size - 1:
+                    os._exit(3)  # testing hook: simulate a rank dying mid-run
+        if validation is None or not trained or reader.epoch == epoch:  # or stopped by max_steps mid-epoch
+            continue
+        model.eval()
+        metrics = validation.run(pipeline, epoch)
+        model.train()
+        improved = best is None or metrics["gauc"] > best["gauc"]
+        best = {"step": step, "epoch": epoch, "gauc": metrics["gauc"], "auc": metrics["auc"]} if improved else best
+        since_best = 0 if improved else since_best + 1
+        stopped = since_best >= tc.patience
+        if info.is_main:
+            _log_record(run_dir, {"validation": epoch, "step": step, **metrics, "best_epoch": best["epoch"],
+                                  "early_stop": stopped})
+            log.info("epoch %d validation (%s rows): GAUC %.4f AUC %.4f; best epoch %d%s", epoch, valid_entity,
+                     metrics["gauc"], metrics["auc"], best["epoch"], " - stopping early" if stopped else "")
+        save()  # every validated epoch: a resumed run continues the early stopping from here; `best` points at
+        # the best one
     bar.close()
     if window_steps:
         last_loss, _ = _log_step(run_dir, info, tc, stats, window_steps, window_rows, window_start, step, epoch, bar,
@@ -620,7 +680,7 @@ def _train_locked(cfg: Config, stage: str, data_dir: str, run_dir: str, resume: 
         saver.wait()
     dist.barrier()
     return {"run_dir": run_dir, "stage": stage, "steps": step, "epochs": reader.epoch, "loss": last_loss,
-            "world_size": info.world_size}
+            "world_size": info.world_size, "best": best}
 
 
 def load_train_state(asm: Assembled, cfg: Config, ckpt: str, saved_plan: Dict[str, Any]) -> None:
@@ -782,58 +842,15 @@ def load_unsharded(cfg: Config, stage: str, ckpt: str) -> nn.Module:
 # --------------------------------------------------------------------------------------------------------
 
 
-def evaluate(cfg: Config, run_dir: str, data_dir: str) -> Dict[str, Any]:
-    """Score the test split with the run's latest checkpoint; write predictions and RUN/metrics.json.
-
-    The model (schema, layers, ablation) is the run's own, from RUN/run.json; ``cfg`` contributes the evaluation
-    settings (``eval``), batch size, workers and threads. Every rank scores its share of the test rows and writes
-    its predictions, then every rank computes the exact statistics of its share of users and rank 0 merges small
-    sums (:mod:`mkt_torchrec.evaluation.distributed_metrics`): no rank works while the others wait.
-    """
-    run = read_run(run_dir)
-    evaluation = cfg
-    if evaluation.train.planner.plan_file:
-        raise ValueError("train.planner.plan_file does not apply to evaluate: it plans for its own world size")
-    cfg = run_config(run_dir)
-    cfg.eval, cfg.train.threads = evaluation.eval, evaluation.train.threads
-    cfg.data.batch_size, cfg.data.num_workers = evaluation.data.batch_size, evaluation.data.num_workers
-    cfg.train.planner.plan_file = None  # evaluation may run at another world size: plan afresh
-    info = init_distributed()
-    torch.set_num_threads(cfg.train.threads)
-    stage = run["stage"]
-    ckpt = checkpoint.latest_checkpoint(run_dir)
-    if ckpt is None:
-        raise FileNotFoundError(f"{run_dir}: no complete checkpoint to evaluate")
-    manifest = open_dataset_shared(data_dir, cfg.schema)
-    lock = Collective(info.device).on_root(lambda: runlock.acquire(run_dir, "mkt evaluate"))
-    try:
-        return _evaluate_locked(cfg, run_dir, data_dir, info, manifest, stage, ckpt)
-    finally:
-        runlock.release(lock if info.is_main else None)
-
-
-def _evaluate_locked(cfg: Config, run_dir: str, data_dir: str, info: DistInfo, manifest: Any, stage: str,
-                     ckpt: str) -> Dict[str, Any]:
-    """:func:`evaluate` once the run directory is locked."""
-    from mkt_torchrec.evaluation.distributed_metrics import compute_metrics_distributed
-
-    asm = assemble(cfg, stage, info, manifest=manifest)
-    model = asm.model
-    checkpoint.load(ckpt, train_state(model, None))
-    model.eval()
-    entity = "target" if stage == "tem" else None
-    reader = ParquetReader(data_dir, "test", cfg.schema, cfg.data, rank=info.rank, world_size=info.world_size,
-                           training=False, entity=entity, manifest=manifest)
-    wanted = manifest.rows.get("test", {}).get("target", 0) if entity else reader.num_rows()
-    if wanted == 0:
-        raise ValueError(f"{data_dir}: the test split has no {'target ' if entity else ''}rows to evaluate")
-    fault_point("evaluate")
+def score_split(pipeline: Any, reader: ParquetReader, info: DistInfo, pred_dir: str, desc: str) -> None:
+    """Score one pass of ``reader`` through ``pipeline`` (its model in eval mode) and write this rank's predictions
+    to ``pred_dir/part-RANK.parquet`` (``user_id, entity, label, score`` [, ``activity``, ``true_prob``]); the
+    directory is emptied first. Collective: every rank calls it. Scores stay on the device until the pass ends."""
     cols: Dict[str, list] = {"user_id": [], "entity": [], "label": [], "activity": [], "true_prob": []}
-    logits: List[torch.Tensor] = []  # on the device until the end: no host sync per batch
-    names = pa.array(["source", "target"])  # entity code -> name
+    logits: List[torch.Tensor] = []
     feed = _Feed(reader, info, epochs=reader.epoch + 1, steps=None)
-    pipeline = make_pipeline(model, asm.optimizer, info.device)
-    bar = _bar(-(-wanted // max(1, reader.plan.batch_size * info.world_size)), "evaluate", 0, info.is_main)
+    total = -(-reader.num_rows() // max(1, reader.plan.batch_size * info.world_size))
+    bar = _bar(total, desc, 0, info.is_main)
     with torch.no_grad():
         while True:
             try:
@@ -859,6 +876,7 @@ def _evaluate_locked(cfg: Config, run_dir: str, data_dir: str, info: DistInfo, m
     def column(name: str, dtype: Any) -> np.ndarray:
         return np.concatenate(cols[name]).astype(dtype) if cols[name] else np.zeros(0, dtype)
 
+    names = pa.array(["source", "target"])  # entity code -> name
     arrays = {"user_id": pa.array(column("user_id", np.int64)),
               "entity": names.take(pa.array(column("entity", np.int64))),
               "label": pa.array(column("label", np.float32)), "score": pa.array(column("score", np.float32))}
@@ -867,8 +885,7 @@ def _evaluate_locked(cfg: Config, run_dir: str, data_dir: str, info: DistInfo, m
         arrays["activity"] = pa.array(column("activity", np.int64))
     if "true_prob" in has:
         arrays["true_prob"] = pa.array(column("true_prob", np.float32))
-    pred_dir = os.path.join(run_dir, "predictions")
-    if info.is_main:  # predictions of an earlier evaluation (perhaps at another world size) go first
+    if info.is_main:  # predictions of an earlier pass (perhaps at another world size) go first
         shutil.rmtree(pred_dir, ignore_errors=True)
         os.makedirs(pred_dir)
     dist.barrier()
@@ -876,10 +893,94 @@ def _evaluate_locked(cfg: Config, run_dir: str, data_dir: str, info: DistInfo, m
     pq.write_table(pa.table(arrays), path + ".tmp")
     os.replace(path + ".tmp", path)
     dist.barrier()
+
+
+class _Validation:
+    """The early-stopping metric: GAUC (and AUC) of ``entity``'s rows of the validation split (the last
+    ``data.validation_fraction`` of the train split in time order), scored after each epoch through the training
+    pipeline, with the exact distributed metrics (no bootstrap). Predictions go to ``RUN/validation/``."""
+
+    def __init__(self, cfg: Config, data_dir: str, run_dir: str, info: DistInfo, manifest: Any, entity: str) -> None:
+        if cfg.data.validation_fraction <= 0:
+            raise ValueError("train.patience > 0 needs a validation split: set data.validation_fraction > 0 (or "
+                             "train.patience=0 to train train.epochs epochs without early stopping)")
+        self.reader = ParquetReader(data_dir, "valid", cfg.schema, cfg.data, rank=info.rank,
+                                    world_size=info.world_size, training=False, entity=entity, manifest=manifest)
+        if self.reader.num_rows() == 0:
+            raise ValueError(f"{data_dir}: the validation split (data.validation_fraction="
+                             f"{cfg.data.validation_fraction}) has no {entity} rows to stop early on")
+        self.info, self.entity = info, entity
+        self.eval_cfg = replace(cfg.eval, bootstrap_samples=0)
+        self.pred_dir = os.path.join(run_dir, "validation")
+
+    def run(self, pipeline: Any, epoch: int) -> Dict[str, float]:
+        """Score the validation split (collective) -> {"gauc", "auc", "rows", "users"} of the entity."""
+        from mkt_torchrec.evaluation.distributed_metrics import compute_metrics_distributed
+
+        self.reader.set_epoch(0)
+        score_split(pipeline, self.reader, self.info, self.pred_dir, f"validate {epoch}")
+        metrics = (compute_metrics_distributed(self.pred_dir, self.eval_cfg, self.info.device) or {})[self.entity]
+        gauc = metrics.get("gauc")
+        return {"gauc": float("nan") if gauc is None else float(gauc), "auc": float(metrics.get("auc") or "nan"),
+                "rows": int(metrics.get("rows", 0)), "users": int(metrics.get("users", 0))}
+
+
+def evaluate(cfg: Config, run_dir: str, data_dir: str) -> Dict[str, Any]:
+    """Score the test split with the run's latest checkpoint; write predictions and RUN/metrics.json.
+
+    The model (schema, layers, ablation) is the run's own, from RUN/run.json; ``cfg`` contributes the evaluation
+    settings (``eval``), batch size, workers and threads. Every rank scores its share of the test rows and writes
+    its predictions, then every rank computes the exact statistics of its share of users and rank 0 merges small
+    sums (:mod:`mkt_torchrec.evaluation.distributed_metrics`): no rank works while the others wait.
+    """
+    run = read_run(run_dir)
+    evaluation = cfg
+    if evaluation.train.planner.plan_file:
+        raise ValueError("train.planner.plan_file does not apply to evaluate: it plans for its own world size")
+    cfg = run_config(run_dir)
+    cfg.eval, cfg.train.threads = evaluation.eval, evaluation.train.threads
+    cfg.data.batch_size, cfg.data.num_workers = evaluation.data.batch_size, evaluation.data.num_workers
+    cfg.train.planner.plan_file = None  # evaluation may run at another world size: plan afresh
+    info = init_distributed()
+    torch.set_num_threads(cfg.train.threads)
+    stage = run["stage"]
+    ckpt = checkpoint.final_checkpoint(run_dir)
+    if ckpt is None:
+        raise FileNotFoundError(f"{run_dir}: no complete checkpoint to evaluate")
+    manifest = open_dataset_shared(data_dir, cfg.schema)
+    lock = Collective(info.device).on_root(lambda: runlock.acquire(run_dir, "mkt evaluate"))
+    try:
+        return _evaluate_locked(cfg, run_dir, data_dir, info, manifest, stage, ckpt)
+    finally:
+        runlock.release(lock if info.is_main else None)
+
+
+def _evaluate_locked(cfg: Config, run_dir: str, data_dir: str, info: DistInfo, manifest: Any, stage: str,
+                     ckpt: str) -> Dict[str, Any]:
+    """:func:`evaluate` once the run directory is locked."""
+    from mkt_torchrec.evaluation.distributed_metrics import compute_metrics_distributed
+
+    asm = assemble(cfg, stage, info, manifest=manifest)
+    model = asm.model
+    checkpoint.load(ckpt, train_state(model, None))
+    model.eval()
+    entity = "target" if stage_entity(cfg, stage) == "target" else None  # joint models: both entities
+    reader = ParquetReader(data_dir, "test", cfg.schema, cfg.data, rank=info.rank, world_size=info.world_size,
+                           training=False, entity=entity, manifest=manifest)
+    wanted = manifest.rows.get("test", {}).get("target", 0) if entity else reader.num_rows()
+    if wanted == 0:
+        raise ValueError(f"{data_dir}: the test split has no {'target ' if entity else ''}rows to evaluate")
+    fault_point("evaluate")
+    pipeline = make_pipeline(model, asm.optimizer, info.device)
+    pred_dir = os.path.join(run_dir, "predictions")
+    score_split(pipeline, reader, info, pred_dir, "evaluate")
     metrics = compute_metrics_distributed(pred_dir, cfg.eval, info.device) or {}
     if info.is_main:
+        extra = checkpoint.read_extra(ckpt)
         metrics["run_dir"] = run_dir
         metrics["checkpoint"] = os.path.basename(ckpt)
+        metrics["checkpoint_epoch"] = int(extra["epoch"])  # the epoch early stopping chose, when it ran
+        metrics["validation"] = extra.get("best")
         metrics["stage"] = stage
         metrics["ablation"] = cfg.model.ablation
         metrics["world_size"] = info.world_size

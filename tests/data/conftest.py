@@ -32,3 +32,24 @@ def write_format_1(src: str, dst: str, row_group_rows: int = 500) -> str:
 @pytest.fixture(scope="session")
 def format_1_dataset(small_dataset, tmp_path_factory) -> str:
     return write_format_1(small_dataset, str(tmp_path_factory.mktemp("data") / "format1"))
+
+
+def record_row_group_reads(monkeypatch, data_dir: str) -> list:
+    """Record every (file relative to ``data_dir``, row group) the reader reads from now on (a list that fills)."""
+    import os
+
+    import pyarrow.parquet as pq
+
+    reads: list = []
+
+    class Recording(pq.ParquetFile):  # the reader opens files as pq.ParquetFile(path)
+        def __init__(self, source, *args, **kwargs):
+            super().__init__(source, *args, **kwargs)
+            self.rel = os.path.relpath(source, data_dir)
+
+        def read_row_group(self, i, *args, **kwargs):
+            reads.append((self.rel, i))
+            return super().read_row_group(i, *args, **kwargs)
+
+    monkeypatch.setattr(pq, "ParquetFile", Recording)
+    return reads

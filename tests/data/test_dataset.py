@@ -109,7 +109,7 @@ def test_mkt_rewrite_makes_a_format_1_dataset_readable_by_entity(format_1_datase
 
     from tests.conftest import QUICKSTART, SMALL, set_flags
 
-    cfg = small_config()
+    cfg = small_config("data.validation_fraction=0")  # the train files whole
     with pytest.raises(ValueError, match="mkt rewrite"):
         ParquetReader(format_1_dataset, "train", cfg.schema, cfg.data, entity="target")
     out = str(tmp_path / "new")

@@ -14,6 +14,7 @@ from mkt_torchrec.data.reader import ParquetReader
 from mkt_torchrec.data.schema import map_ids
 
 from tests.conftest import small_config
+from tests.data.conftest import record_row_group_reads
 
 
 def _rows(batch) -> list[tuple]:
@@ -32,9 +33,10 @@ def _all_rows(reader) -> list[tuple]:
 
 @pytest.mark.parametrize("world_size, workers", [(1, 0), (2, 0), (3, 2)])
 def test_every_row_read_exactly_once_across_ranks_and_workers(small_dataset, world_size, workers):
-    cfg = small_config(f"data.num_workers={workers}")
+    cfg = small_config(f"data.num_workers={workers}", "data.validation_fraction=0")  # the train files whole
     reference = collections.Counter(_all_rows(ParquetReader(small_dataset, "train", cfg.schema,
-                                                            small_config().data, training=False)))
+                                                            small_config("data.validation_fraction=0").data,
+                                                            training=False)))
     got = collections.Counter()
     for rank in range(world_size):
         got.update(_all_rows(ParquetReader(small_dataset, "train", cfg.schema, cfg.data, rank=rank,
@@ -187,7 +189,9 @@ def test_entity_filter_keeps_one_entity(small_dataset):
     for b in reader:
         assert bool((b.entity == 1).all())
         n += len(b)
-    assert n == reader.manifest.rows["train"]["target"]
+    manifest = reader.manifest
+    valid = manifest.split_rows("valid", "target", validation_fraction=cfg.data.validation_fraction)
+    assert n == reader.num_rows() == manifest.rows["train"]["target"] - valid and valid > 0
 
 
 # ---------------------------------------------------------------------------------------------- bad input
@@ -331,8 +335,9 @@ def test_step_rows_is_the_rows_every_rank_yields_at_each_step(small_dataset, wor
     schedule = readers[0].step_rows()
     assert all(r.step_rows() == schedule for r in readers[1:])
     assert len(schedule) == max(r.batches_left() for r in readers)
-    assert sum(schedule) == readers[0].num_rows() == (readers[0].manifest.rows["train"]["target"] if entity
-                                                      else readers[0].manifest.split_rows("train"))
+    assert sum(schedule) == readers[0].num_rows() == readers[0].manifest.split_rows(
+        "train", entity, validation_fraction=cfg.data.validation_fraction) < readers[0].manifest.split_rows(
+        "train", entity)  # the validation rows cut off
     assert _lockstep(readers) == schedule
     assert all(r.epoch == 1 and r.step_rows() == schedule for r in readers)  # a fresh epoch: the same shares
     eval_readers = [ParquetReader(small_dataset, "test", cfg.schema, cfg.data, rank=r, world_size=world,
@@ -412,21 +417,10 @@ def test_step_rows_needs_every_rank_state(small_dataset):
 
 
 def test_target_reader_never_reads_a_source_row_group(small_dataset, monkeypatch):
-    cfg = small_config(*STEP_CFG)
+    cfg = small_config(*STEP_CFG, "data.validation_fraction=0")  # the train files whole
     manifest = ParquetReader(small_dataset, "train", cfg.schema, cfg.data).manifest
     entity_of = {(f.path, rg): code for f in manifest.splits["train"] for rg, code in enumerate(f.row_group_entity)}
-    reads = []
-
-    class Recording(pq.ParquetFile):  # the reader opens files as pq.ParquetFile(path)
-        def __init__(self, source, *args, **kwargs):
-            super().__init__(source, *args, **kwargs)
-            self.rel = os.path.relpath(source, small_dataset)
-
-        def read_row_group(self, i, *args, **kwargs):
-            reads.append((self.rel, i))
-            return super().read_row_group(i, *args, **kwargs)
-
-    monkeypatch.setattr(pq, "ParquetFile", Recording)
+    reads = record_row_group_reads(monkeypatch, small_dataset)
     readers = _readers(small_dataset, cfg, 2, "target")
     rows = sum(len(b) for r in readers for b in r)
     readers[0].first_batch()
@@ -436,7 +430,7 @@ def test_target_reader_never_reads_a_source_row_group(small_dataset, monkeypatch
 
 
 def test_format_1_reads_whole_but_not_one_entity(format_1_dataset, small_dataset):
-    cfg = small_config()
+    cfg = small_config("data.validation_fraction=0")
     everything = collections.Counter(_all_rows(ParquetReader(format_1_dataset, "train", cfg.schema, cfg.data)))
     assert everything == collections.Counter(_all_rows(ParquetReader(small_dataset, "train", cfg.schema, cfg.data)))
     with pytest.raises(ValueError) as e:

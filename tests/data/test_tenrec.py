@@ -285,7 +285,7 @@ def test_reader_reads_the_result(tmp_path):
 
     video, article = random_rows(11, n_video=120, n_article=50)
     v, a = write_pair(tmp_path, video, article)
-    cfg = tenrec_config("schema.sequences.hist_source_items.max_len=3")
+    cfg = tenrec_config("schema.sequences.hist_source_items.max_len=3", "data.validation_fraction=0")  # files whole
     out = str(tmp_path / "out")
     manifest = convert(v, a, cfg, out)
     reader = ParquetReader(out, "train", cfg.schema, cfg.data, training=False)

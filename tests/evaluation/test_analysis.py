@@ -153,3 +153,18 @@ def test_paired_mismatched_rows(runs, tmp_path):
     d = write_parts(src_only, tmp_path / "src")
     with pytest.raises(ValueError, match="no 'target' rows"):
         paired_comparison(d, d, "target", EvalConfig())
+
+
+def test_exact_sums_by_group_add_up_exactly():
+    rng = np.random.default_rng(3)
+    v = np.concatenate([rng.random(5000) * 10.0 ** rng.integers(-30, 3, 5000), [0.0, 5e-324, 1e300]])
+    g = rng.integers(0, 7, v.shape[0])
+    sums = analysis.exact_sums_by(v, g, 7)
+    for k in range(7):
+        assert sums[k] == analysis.exact_sum(v[g == k])  # exact: equal Fractions, not just close
+    halves = [analysis.exact_sums_by(v[s], g[s], 7) for s in (slice(0, 2000), slice(2000, None))]
+    assert [a + b for a, b in zip(*halves)] == sums
+    with pytest.raises(ValueError, match=r"\[0, 7\)"):
+        analysis.exact_sums_by(v, g + 1, 7)
+    with pytest.raises(ValueError, match=">= 0"):
+        analysis.exact_sums_by([-1.0], [0], 1)

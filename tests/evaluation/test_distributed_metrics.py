@@ -133,6 +133,10 @@ def test_scenarios_cover_what_they_should(inputs):
         e = want["exact"][ent]
         assert e["auc_ci"] is not None and e["gauc_ci"] is not None and len(e["groups"]) == 3
         assert e["users_skipped_single_class"] > 0 and e["ceiling"]["auc"] is not None
+        # saturated 1.0 scores: the log loss's clip applies; the calibration bins sum up to the rows
+        assert e["logloss"] > 0 and 0 < e["calibration"]["ece"] < 1
+        assert sum(b["rows"] for b in e["calibration"]["per_bin"]) == e["rows"]
+        assert all(g["users_evaluated"] <= g["users"] for g in e["groups"])
         assert want["linear"][ent]["auc"] == e["auc"] and want["linear"][ent]["auc_ci"] != e["auc_ci"]
     assert set(want["plain"]) == {"target", "bootstrap"} and want["plain"]["target"]["groups"] == []
     assert want["no_bootstrap"]["target"]["auc_ci"] is None

@@ -3,6 +3,7 @@ the out-of-core path against the in-memory one, and input validation."""
 
 from __future__ import annotations
 
+import math
 import os
 
 import numpy as np
@@ -10,7 +11,7 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from sklearn.metrics import roc_auc_score
+from sklearn.metrics import log_loss, roc_auc_score
 
 from mkt_torchrec.config import EvalConfig
 from mkt_torchrec.evaluation import analysis, report_metrics
@@ -61,8 +62,33 @@ def pair_auc(pos: np.ndarray, neg: np.ndarray) -> float:
     return float(np.mean((diff > 0) + 0.5 * (diff == 0)))
 
 
+def calibration_by_loop(labels: np.ndarray, scores: np.ndarray, bins: int = 20) -> dict:
+    """Equal-width calibration bins and ECE, row by row in Python floats (math.fsum)."""
+    rows, clicks, sums = [0] * bins, [0] * bins, [[] for _ in range(bins)]
+    for y, s in zip(labels.tolist(), scores.astype(np.float64).tolist()):
+        b = min(int(s * bins), bins - 1)
+        rows[b] += 1
+        clicks[b] += int(y)
+        sums[b].append(s)
+    n = len(labels)
+    return {"binning": "equal_width", "bins": bins,
+            "ece": math.fsum(abs(math.fsum(sums[b]) - clicks[b]) for b in range(bins)) / n,
+            "mean_score": math.fsum(math.fsum(x) for x in sums) / n, "click_rate": sum(clicks) / n,
+            "per_bin": [{"lo": b / bins, "hi": (b + 1) / bins, "rows": rows[b],
+                         "mean_score": math.fsum(sums[b]) / rows[b] if rows[b] else None,
+                         "click_rate": clicks[b] / rows[b] if rows[b] else None} for b in range(bins)]}
+
+
+def logloss_by_loop(labels: np.ndarray, scores: np.ndarray) -> float:
+    """Mean -log of the probability given to each row's own label, clipped to [1e-7, 1 - 1e-7]."""
+    terms = [-math.log(min(max(s if y == 1 else 1.0 - s, 1e-7), 1 - 1e-7))
+             for y, s in zip(labels.tolist(), scores.astype(np.float64).tolist())]
+    return math.fsum(terms) / len(terms)
+
+
 def brute_force(df: pd.DataFrame, bounds=(10, 30)) -> dict:
-    """The obvious way: pandas groupby with every pair per user, sklearn for the global AUC."""
+    """The obvious way: pandas groupby with every pair per user, sklearn for the global AUC, Python loops for the
+    log loss and calibration."""
 
     def gauc(d: pd.DataFrame, col: str = "score"):
         aucs, weights = [], []
@@ -83,13 +109,15 @@ def brute_force(df: pd.DataFrame, bounds=(10, 30)) -> dict:
         g, mean_auc, evaluated = gauc(d)
         res = {"rows": len(d), "users": d["user_id"].nunique(), "positives": int(d["label"].sum()),
                "auc": auc(d), "gauc": g, "mean_user_auc": mean_auc, "users_evaluated": evaluated,
-               "users_skipped_single_class": d["user_id"].nunique() - evaluated}
+               "users_skipped_single_class": d["user_id"].nunique() - evaluated,
+               "logloss": logloss_by_loop(d["label"].to_numpy(), d["score"].to_numpy()),
+               "calibration": calibration_by_loop(d["label"].to_numpy(), d["score"].to_numpy())}
         groups = []
         if "activity" in d:
             edges = [0, *bounds, np.inf]
             for lo, hi in zip(edges[:-1], edges[1:]):
                 s = d[(d["activity"] >= lo) & (d["activity"] < hi)]
-                groups.append({"rows": len(s), "users": s["user_id"].nunique(),
+                groups.append({"rows": len(s), "users": s["user_id"].nunique(), "users_evaluated": gauc(s)[2],
                                "auc": auc(s) if len(s) else None, "gauc": gauc(s)[0] if len(s) else None})
         res["groups"] = groups
         res["ceiling"] = {"auc": auc(d, "true_prob"), "gauc": gauc(d, "true_prob")[0]} if "true_prob" in d else None
@@ -254,3 +282,41 @@ def test_iter_entity_rows(pred_dir, predictions):
     src = predictions[predictions["entity"] == "source"]
     np.testing.assert_array_equal(np.concatenate(u), src["user_id"].to_numpy())
     np.testing.assert_array_equal(np.concatenate(y), src["label"].to_numpy())
+
+
+def test_logloss_and_calibration_by_hand(tmp_path):
+    """Four rows worked out on paper: two saturated scores (clipped to 1e-7), 4 equal-width bins."""
+    df = pd.DataFrame({"user_id": [1, 1, 2, 2], "entity": ["target"] * 4, "label": np.float32([0, 0, 1, 1]),
+                       "score": np.float32([0.0, 1.0, 0.5, 0.125])})
+    m = compute_metrics(write_parts(df, tmp_path / "p", parts=1), EvalConfig(bootstrap_samples=0, calibration_bins=4))
+    t = m["target"]
+    s = [0.0, 1.0, 0.5, 0.125]
+    # label 0, score 0 -> -log(1 - 1e-7); label 0, score 1 -> -log(1e-7); label 1 -> -log(score)
+    want = (-math.log1p(-1e-7) - math.log(1e-7) - math.log(0.5) - math.log(0.125)) / 4
+    assert t["logloss"] == pytest.approx(want, rel=1e-15)
+    c = t["calibration"]
+    # bins [0, .25): scores 0, 0.125, clicks 1 | [.5, .75): 0.5, 1 click | [.75, 1]: 1.0, 0 clicks
+    assert [b["rows"] for b in c["per_bin"]] == [2, 0, 1, 1]
+    assert c["per_bin"][0] == {"lo": 0.0, "hi": 0.25, "rows": 2, "mean_score": 0.0625, "click_rate": 0.5}
+    assert c["per_bin"][1]["mean_score"] is None and c["per_bin"][1]["click_rate"] is None
+    assert c["ece"] == (abs(0.125 - 1) + abs(0.5 - 1) + abs(1.0 - 0)) / 4
+    assert c["mean_score"] == sum(s) / 4 and c["click_rate"] == 0.5
+    assert (c["binning"], c["bins"]) == ("equal_width", 4)
+
+
+def test_logloss_and_calibration_need_probabilities(tmp_path):
+    """Scores outside [0, 1] (raw logits) still get AUC / GAUC, but no log loss or calibration."""
+    df = make_predictions(40, seed=8)
+    df["score"] = (df["score"] * 8 - 4).astype(np.float32)
+    m = compute_metrics(write_parts(df, tmp_path / "p"), EvalConfig(bootstrap_samples=0))
+    assert m["target"]["auc"] is not None
+    assert m["target"]["logloss"] is None and m["target"]["calibration"] is None
+
+
+def test_logloss_matches_sklearn(pred_dir, predictions):
+    m = compute_metrics(pred_dir, EvalConfig(bootstrap_samples=0))
+    for ent, d in predictions.groupby("entity"):
+        # scikit-learn clips nothing here (its eps is float64's); the scores are pre-clipped as documented. Its
+        # 1 - clip(1.0) differs from 1e-7 by a rounding error, hence the tolerance.
+        want = log_loss(d["label"], np.clip(d["score"].astype(np.float64), 1e-7, 1 - 1e-7), labels=[0, 1])
+        assert m[ent]["logloss"] == pytest.approx(want, rel=1e-9)

@@ -287,6 +287,34 @@ def test_a_training_step_makes_no_host_sync(small_dataset, tmp_path, monkeypatch
     assert not extra and long == short, f"host syncs made by the 6 more steps, by origin: {dict(extra)}"
 
 
+def test_early_stopping_validates_each_epoch_and_serves_the_best(small_dataset, tmp_path):
+    """train.patience: each epoch ends with a validation pass (2 ranks, through the training pipeline); training
+    stops after `patience` epochs without a better validation GAUC; `best` points at the best epoch's checkpoint,
+    which pruning keeps and evaluate uses; a resumed finished run trains no further."""
+    run = str(tmp_path / "mem")
+    sets = ("train.patience=1", "train.max_epochs=4", "train.keep_checkpoints=1", "eval.bootstrap_samples=0")
+    _train("mem", small_dataset, run, 2, sets=sets)
+    valid = [r for r in _records(run) if "validation" in r]
+    assert [r["validation"] for r in valid] == list(range(len(valid))) and 2 <= len(valid) <= 4
+    gaucs = [r["gauc"] for r in valid]
+    for i, r in enumerate(valid):  # the best so far, and the stop exactly when patience ran out
+        assert r["best_epoch"] == max(range(i + 1), key=lambda j: (gaucs[j], -j))
+        assert r["early_stop"] == (i - r["best_epoch"] >= 1)
+    assert valid[-1]["early_stop"] or len(valid) == 4
+    best_epoch = valid[-1]["best_epoch"]
+    best = checkpoint.latest_checkpoint(run, checkpoint.BEST)
+    assert best is not None and checkpoint.read_extra(best)["epoch"] == best_epoch
+    assert checkpoint.final_checkpoint(run) == best
+    code, err, _ = _mkt("evaluate", "--config", QUICKSTART, *EVAL, "--run-dir", run, "--data", small_dataset,
+                        "--nproc", "2")
+    assert code == 0, err[-3000:]
+    metrics = json.load(open(os.path.join(run, "metrics.json")))
+    assert metrics["checkpoint_epoch"] == best_epoch and metrics["validation"]["gauc"] == max(gaucs)
+    steps = checkpoint.read_extra(checkpoint.latest_checkpoint(run))["step"]
+    _train("mem", small_dataset, run, 2, "--resume", sets=sets)
+    assert checkpoint.read_extra(checkpoint.latest_checkpoint(run))["step"] == steps
+
+
 # ------------------------------------------------------------------------------------------------------------
 # 5. the frozen MEM: no optimizer, no gradient, and stage 2 resumes bit-equal
 # ------------------------------------------------------------------------------------------------------------
@@ -363,8 +391,12 @@ def test_restart_at_1_then_3_ranks_and_other_plans_trains_every_row_once(small_d
     err = _train("mem", small_dataset, run, 3, "--resume", sets=(*sets, "train.planner.sharding_type=column_wise"))
     assert "mkt.train resumed" in err and "saved by 1 ranks, now 3" in err  # rank 0's log lines reach the user
     assert "is_fx_tracing" not in err and "find_unused_parameters" not in err  # no library chatter
-    manifest = json.load(open(os.path.join(small_dataset, "manifest.json")))
-    train_rows = sum(manifest["rows"]["train"].values())
+    from mkt_torchrec.data.dataset import open_dataset
+
+    cfg = small_config()
+    train_rows = open_dataset(small_dataset, cfg.schema).split_rows(
+        "train", validation_fraction=cfg.data.validation_fraction)  # the validation rows are not trained on
+    assert train_rows < sum(json.load(open(os.path.join(small_dataset, "manifest.json")))["rows"]["train"].values())
     ends = [r for r in _records(run) if "epoch_end" in r]
     assert [r["epoch_end"] for r in ends] == [0, 1]
     assert all(r["rows_trained"] == train_rows for r in ends)  # every row once per epoch, across 3 world sizes
@@ -466,13 +498,13 @@ def test_mkt_run_resumes_a_rank_killed_in_each_stage_bit_equal(tmp_path):
     code, err, _ = _mkt(*run, "--out", killed)
     assert code == 0, err[-3000:]
     for stage in ("mem", "tem"):
-        a = _full(checkpoint.latest_checkpoint(os.path.join(straight, "runs", "mkt", stage)))
-        b = _full(checkpoint.latest_checkpoint(os.path.join(killed, "runs", "mkt", stage)))
+        a = _full(checkpoint.latest_checkpoint(os.path.join(straight, "runs", "mkt", "seed0", stage)))
+        b = _full(checkpoint.latest_checkpoint(os.path.join(killed, "runs", "mkt", "seed0", stage)))
         assert a.keys() == b.keys()
         for k in a:
             assert torch.equal(a[k], b[k]), f"{stage}: {k}"
     for name in ("metrics.json", os.path.join("serving", "model.pt2")):
-        assert os.path.isfile(os.path.join(killed, "runs", "mkt", "tem", name))
+        assert os.path.isfile(os.path.join(killed, "runs", "mkt", "seed0", "tem", name))
     code, err, _ = _mkt(*run, "--out", killed)  # a rerun on finished output skips everything
     assert code == 0, err[-3000:]
     code, err, _ = _mkt(*run[:-4], *set_flags("data.batch_size=64"), *run[-4:], "--out", killed)

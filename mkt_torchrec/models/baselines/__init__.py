@@ -1,0 +1,80 @@
+"""The MKT paper's ten baselines (4.1.2, Table 2), selected by ``model.name``; one model per file.
+
+Every baseline trains with the same machinery as MKT: a :class:`~mkt_torchrec.modules.sparse.SparseArch` of
+TorchRec collections fed the batch's KeyedJaggedTensor (sharded by the planner, trained by
+``TrainPipelineSparseDist``), a dense arch, and a loss wrapper with MKT's ``(loss, StepOutput)`` contract; the final
+stage's model is evaluated on target rows and exported with MKT's serving input contract.
+
+Families (Table 2):
+
+- ``single_domain`` (MLP, DIN, FiBiNet): one stage ``tem`` on target rows.
+- ``joint`` (MMoE, PLE, STAR, CoNet): one stage ``mem`` on both entities' rows, each row scored by its own
+  entity's tower; the final model is scored on target rows.
+- ``pretrain_finetune`` (MiNet, Finetune, CTNet): stage ``mem`` (pre-training), then stage ``tem`` on target rows,
+  starting from the ``mem`` run's tensors under the stage's ``transfer`` prefixes.
+
+Example:
+    >>> from mkt_torchrec.models.baselines import MODELS, build_train_module
+    >>> MODELS["finetune"].stages["tem"].transfer
+    ('model.',)
+    >>> module = build_train_module(cfg, "tem", torch.device("meta"))      # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import typing
+from typing import Callable, Dict, Optional
+
+import torch
+from torch import nn
+
+from mkt_torchrec.config import Config, ModelConfig, SchemaConfig
+from mkt_torchrec.models.baselines import conet, ctnet, din, fibinet, finetune, minet, mlp, mmoe, ple, star
+from mkt_torchrec.models.baselines.common import (BaselineModel, BaselineServing, BaselineTrain, ModelSpec,
+                                                  StageSpec)
+
+_FILES = (mlp, din, fibinet, mmoe, ple, star, conet, minet, finetune, ctnet)
+MODELS: Dict[str, ModelSpec] = {m.SPEC.name: m.SPEC for m in _FILES}
+_BUILDERS: Dict[str, Callable[[Config, str, Optional[torch.device]], BaselineModel]] = {
+    m.SPEC.name: m.build_model for m in _FILES}
+
+_CONFIG_NAMES = set(typing.get_args(typing.get_type_hints(ModelConfig)["name"])) - {"mkt"}
+if set(MODELS) != _CONFIG_NAMES:  # a developer error: config.ModelConfig.name lists the registry's names
+    raise RuntimeError(f"ModelConfig.name allows {sorted(_CONFIG_NAMES)} but the registry has {sorted(MODELS)}")
+
+
+def spec_of(name: str) -> ModelSpec:
+    """The registry entry of a baseline.
+
+    Raises:
+        ValueError: not a baseline's name.
+    """
+    if name not in MODELS:
+        raise ValueError(f"model.name={name!r} is not a baseline; baselines: {sorted(MODELS)}")
+    return MODELS[name]
+
+
+def final_stage(name: str) -> str:
+    """The stage whose run is a baseline's final model (evaluated and exported)."""
+    return list(spec_of(name).stages)[-1]
+
+
+def build_train_module(cfg: Config, stage: str, device: Optional[torch.device] = None) -> nn.Module:
+    """The loss-wrapped baseline ``cfg.model.name`` of ``stage``, tables on ``device`` (``meta`` to plan or shard).
+
+    Raises:
+        ValueError: not a baseline, or a stage the baseline does not have.
+    """
+    spec = spec_of(cfg.model.name)
+    if stage not in spec.stages:
+        raise ValueError(f"model.name={spec.name} trains in stage(s) {list(spec.stages)}; it has no stage {stage!r}")
+    return BaselineTrain(_BUILDERS[spec.name](cfg, stage, device))
+
+
+def serving_model(schema: SchemaConfig, model: BaselineModel) -> BaselineServing:
+    """The serving model of a trained baseline (its final stage's ``model``); see :class:`BaselineServing`."""
+    return BaselineServing(schema, model)
+
+
+__all__ = ["MODELS", "BaselineModel", "BaselineServing", "BaselineTrain", "ModelSpec", "StageSpec",
+           "build_train_module", "final_stage", "serving_model", "spec_of"]
