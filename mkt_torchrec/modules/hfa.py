@@ -77,5 +77,5 @@ class PadAlign(nn.Module):
 
     def forward(self, context: torch.Tensor, spec: torch.Tensor) -> HFAOutput:
         padded = nn.functional.pad(spec, (0, self.pad))  # (B, padded_width)
-        ones = torch.ones(spec.shape[0], 0, device=spec.device, dtype=spec.dtype)  # no scores
-        return HFAOutput(q=torch.cat([context, padded], dim=-1), scores=ones)
+        return HFAOutput(q=torch.cat([context, padded], dim=-1), scores=spec[:, :0])  # (B, 0): no scores
+        # (slicing, not a factory with spec.shape[0]: TorchRec's pipeline FX-traces this forward)

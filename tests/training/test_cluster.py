@@ -262,6 +262,14 @@ def test_the_train_pipeline_trains_like_the_plain_loop(small_dataset, tmp_path, 
         torch.testing.assert_close(piped[k], plain[k], rtol=1e-6, atol=1e-7, msg=k)
 
 
+def test_every_mkt_ablation_trains_through_the_pipeline(small_dataset, tmp_path, monkeypatch):
+    """The pipeline FX-traces the stage module: each ablation's MEM must trace (no_hfa's PadAlign did not)."""
+    monkeypatch.setenv("MKT_TEST_DATA", small_dataset)
+    monkeypatch.setenv("MKT_TEST_OUT", str(tmp_path))
+    for ablation in ("no_hfa", "no_pdl"):
+        assert launch(1, _steps_with_fixed_batches, (f"model.ablation={ablation}",), 2, 64, True)["ckpt"]
+
+
 def _syncs_of_training(steps: int) -> list:
     """Host syncs our code made (on device tensors) during ``train`` of ``steps`` steps, log steps excluded."""
     from mkt_torchrec.training import device_check
