@@ -9,7 +9,7 @@ from tests.conftest import QUICKSTART
 
 SETS = ["synth.users=3000", "synth.source_rows=60000", "synth.source_items=4000", "synth.target_items=1000",
         "synth.row_group_rows=5000", "synth.rows_per_file=50000", "synth.seed=0", "data.batch_size=256",
-        "eval.bootstrap_samples=50"]
+        "eval.bootstrap_samples=50", "train.patience=0"]
 
 
 def test_mkt_beats_the_single_domain_baseline_on_the_target_entity(tmp_path, capsys):
