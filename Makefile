@@ -28,7 +28,8 @@ test: install
 	$(PY) -m pytest -q tests
 
 demo: install
-	$(VENV)/bin/mkt run --config configs/quickstart.yaml --out out/quickstart
+	$(VENV)/bin/mkt run --config configs/quickstart.yaml --out out/quickstart \
+		--runs mkt no_hfa no_pdl no_mem_pretrain no_tem_finetune mlp din mmoe finetune
 
 bench: install
 	$(PY) tools/bench_data.py
