@@ -90,11 +90,18 @@ class SequenceConfig:
         entity: whose behaviour it records: ``source`` or ``target`` items.
         shared_feature: the entity-shared feature whose table (and id space) the elements use.
         max_len: the most recent ``max_len`` elements are kept.
+        side_features: the items' side features, as in DIN: single-valued feature -> the ``list<int64>`` column
+            holding, step by step aligned with this sequence, the raw values of that feature for each element
+            (e.g. ``{category: hist_source_categories}``). Each step is embedded as the element's embedding plus
+            its side features' embeddings (each in the feature's own table), and the candidate's query likewise,
+            so the widths do not change. The feature's table must have the shared feature's table's dim. Empty
+            by default.
     """
 
     entity: Literal["source", "target"]
     shared_feature: str
     max_len: int = 50
+    side_features: dict[str, str] = field(default_factory=dict)
 
 
 @dataclass
@@ -142,6 +149,7 @@ class SchemaConfig:
                 _check(f.entity is not None, f"{k}.entity", "a specific feature needs entity: source|target")
             else:
                 _check(f.entity is None, f"{k}.entity", f"only specific features have an entity (group {f.group!r})")
+        used_columns = {"entity", "label", "true_prob", "activity"} | set(self.features) | set(self.sequences)
         for name, s in self.sequences.items():
             k = f"{key}.sequences.{name}"
             _check(name not in self.features, k, "a sequence cannot have the same name as a feature")
@@ -149,9 +157,11 @@ class SchemaConfig:
             _check(sf is not None, f"{k}.shared_feature", f"unknown feature {s.shared_feature!r}")
             _check(sf.group == "shared", f"{k}.shared_feature", f"{s.shared_feature!r} is not an entity-shared feature")
             _check(s.max_len >= 1, f"{k}.max_len", f"expected a positive int, got {s.max_len}")
+            self._validate_side_features(f"{k}.side_features", name, s, used_columns)
         for name, d in self.dense.items():
             k = f"{key}.dense.{name}"
-            _check(name not in self.features and name not in self.sequences, k, "name already used")
+            _check(name not in self.features and name not in self.sequences and name not in self.side_keys, k,
+                   "name already used")
             if d.group == "specific":
                 _check(d.entity is not None, f"{k}.entity", "a specific feature needs entity: source|target")
         unused = sorted(set(self.tables) - used_tables)
@@ -159,6 +169,25 @@ class SchemaConfig:
         uf = self.features.get(self.user_id_feature)
         _check(uf is not None and uf.group == "user", f"{key}.user_id_feature",
                f"{self.user_id_feature!r} must name a user-group feature")
+
+    def _validate_side_features(self, key: str, name: str, seq: SequenceConfig, used_columns: set[str]) -> None:
+        """Each side feature is a single-valued feature on a table of the sequence's dim; each column is new."""
+        dim = self.tables[self.features[seq.shared_feature].table].dim  # type: ignore[index]
+        for feature, column in seq.side_features.items():
+            k = f"{key}.{feature}"
+            f = self.features.get(feature)
+            _check(f is not None, k, f"unknown feature {feature!r}: a side feature is a single-valued feature of "
+                                     f"schema.features ({sorted(self.features)})")
+            _check(feature != seq.shared_feature, k, f"{feature!r} is the sequence's shared_feature already")
+            side_dim = self.tables[f.table].dim  # type: ignore[index]
+            _check(side_dim == dim, k, f"table {f.table!r} has dim {side_dim}, but the sequence's table "
+                                       f"{self.features[seq.shared_feature].table!r} has dim {dim}: the step "
+                                       "embedding is their sum, so the dims must be equal")
+            _check(isinstance(column, str) and column != "", k, f"expected a column name, got {column!r}")
+            _check(column not in used_columns and column not in self.dense, k,
+                   f"column {column!r} is already used (by a feature, sequence, dense feature, side column or "
+                   "a reserved column)")
+            used_columns.add(column)
 
     # Derived views used by the reader and the model -------------------------------------------------
     def features_of(self, group: str, entity: Optional[str] = None) -> list[str]:
@@ -170,14 +199,43 @@ class SchemaConfig:
 
     @property
     def sparse_keys(self) -> list[str]:
-        """Keys of the KeyedJaggedTensor, in order: features, then sequences."""
-        return list(self.features) + list(self.sequences)
+        """Keys of the KeyedJaggedTensor, in order: features, then sequences, then side columns."""
+        return list(self.features) + list(self.sequences) + self.side_keys
+
+    @property
+    def side_keys(self) -> list[str]:
+        """The side-feature columns of every sequence (sequence order, then ``side_features`` order)."""
+        return [c for s in self.sequences.values() for c in s.side_features.values()]
+
+    def side_keys_of(self, sequences: Sequence[str]) -> list[str]:
+        """The side-feature columns of the given sequences, in that order."""
+        return [c for s in sequences for c in self.sequences[s].side_features.values()]
+
+    def sequence_of(self, key: str) -> Optional[str]:
+        """The sequence a jagged key belongs to (itself, or the sequence of a side column); None for a feature."""
+        if key in self.sequences:
+            return key
+        for name, s in self.sequences.items():
+            if key in s.side_features.values():
+                return name
+        return None
+
+    def max_len_of(self, key: str) -> Optional[int]:
+        """``max_len`` of a sequence or side column; None for a single-valued feature."""
+        seq = self.sequence_of(key)
+        return None if seq is None else self.sequences[seq].max_len
 
     def table_of(self, key: str) -> str:
-        """Table behind a sparse key (feature or sequence)."""
+        """Table behind a sparse key (feature, sequence or side column)."""
         if key in self.features:
             return self.features[key].table  # type: ignore[return-value]
-        return self.features[self.sequences[key].shared_feature].table  # type: ignore[return-value]
+        if key in self.sequences:
+            return self.features[self.sequences[key].shared_feature].table  # type: ignore[return-value]
+        for s in self.sequences.values():
+            for feature, column in s.side_features.items():
+                if column == key:
+                    return self.features[feature].table  # type: ignore[return-value]
+        raise KeyError(f"{key!r} is not a feature, sequence or side column of the schema")
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -235,7 +293,9 @@ class SynthConfig:
         latent_dim: dimension of the planted user / item interest vectors.
         test_fraction: the last fraction of each user's impressions (time order) goes to the test split.
         rows_per_file / row_group_rows: Parquet layout.
-        noise_features: entity-specific features that carry no signal, per entity.
+        flip_fraction: negative transfer: in this fraction of the categories a user's interest in posts is the
+            opposite of their interest in products (the target logit's and target history's affinity term
+            changes sign there), so what the source entity teaches about those categories misleads.
         seed: seed of everything generated.
     """
 
@@ -249,9 +309,11 @@ class SynthConfig:
     test_fraction: float = 0.2
     rows_per_file: int = 200000
     row_group_rows: int = 20000
+    flip_fraction: float = 0.0
     seed: int = 0
 
     def _validate(self, key: str) -> None:
+        _check(0 <= self.flip_fraction <= 1, f"{key}.flip_fraction", "expected a number in [0, 1]")
         for name in ("users", "source_rows", "source_items", "target_items", "categories", "latent_dim",
                      "rows_per_file", "row_group_rows"):
             v = getattr(self, name)
@@ -295,13 +357,15 @@ class SequenceEncoderConfig:
     """Target attention of the candidate over each behaviour sequence.
 
     Args:
-        encoder: ``din`` (DIN's activation unit over [q, k, q-k, q*k], softmax over valid positions) or
-            ``mha`` (multi-head attention with the candidate as the single query).
+        encoder: ``din`` (DIN's activation unit over [q, k, q-k, q*k], softmax over valid positions),
+            ``din_sum`` (the same unit with DIN's unnormalised weights: DIN drops the softmax "to keep the intensity
+            of the interest", so the output grows with how many behaviours match the candidate) or ``mha``
+            (multi-head attention with the candidate as the single query). The paper leaves the encoder open (3.2.1).
         attention_mlp: hidden sizes of DIN's activation unit.
         heads: heads for ``mha`` (must divide the embedding dim).
     """
 
-    encoder: Literal["din", "mha"] = "din"
+    encoder: Literal["din", "din_sum", "mha"] = "din"
     attention_mlp: list[int] = field(default_factory=lambda: [32])
     heads: int = 2
 
@@ -346,10 +410,17 @@ class TEMConfig:
         dnn: layer sizes; the last is 1 (paper: [128, 64, 16, 1] public, [1024, 512, 64, 1] industrial).
         cross_layer: index in ``dnn`` of the hidden layer whose output is the TEM's user-entity cross vector
             g_cross (Eq. 12); default 1, the 64-wide layer, the width of the CKE output.
+        init_from_mem: (extension) the TEM's embedding tables and sequence encoder start from the stage-1 MEM's
+            (the tables of the same name; the MEM itself stays frozen), instead of from random: stage 2 then
+            starts from what the MEM learned on far more rows than the target entity has.
+        mem_logit: (extension) the frozen MEM's target-tower logit is added to the TEM's output, and the TEM's
+            last layer starts at zero: stage 2 starts as the MEM's own target model and learns a correction.
     """
 
     dnn: list[int] = field(default_factory=lambda: [128, 64, 16, 1])
     cross_layer: int = 1
+    init_from_mem: bool = False
+    mem_logit: bool = False
 
 
 @dataclass
@@ -411,6 +482,8 @@ class ModelConfig:
         extractor_layers: SKE / TKE MLPs (Eq. 8); the last size must equal the CKE's.
         tower: each entity tower of the MEM (paper: [16, 1] public, [64, 1] industrial).
         pdl_gamma: weight of the Polarized Distribution Loss (Eq. 11; paper 0.01).
+        pdl: its per-row term: ``cosine`` (Eq. 9-10 as printed: minimised, it drives g_ind towards -g_com) or
+            ``squared_cosine`` (an extension: minimised, it makes the two vectors orthogonal, i.e. independent).
     """
 
     name: Literal["mkt", "mlp", "din", "fibinet", "mmoe", "ple", "star", "conet", "minet", "finetune", "ctnet"] = "mkt"
@@ -422,6 +495,7 @@ class ModelConfig:
     extractor_layers: list[int] = field(default_factory=lambda: [128, 64])
     tower: list[int] = field(default_factory=lambda: [16, 1])
     pdl_gamma: float = 0.01
+    pdl: Literal["cosine", "squared_cosine"] = "cosine"
     tem: TEMConfig = field(default_factory=TEMConfig)
 
     def _validate(self, key: str) -> None:
@@ -610,7 +684,11 @@ class Config:
 
     def schema_digest(self) -> str:
         """A short hash of the schema: datasets record it, readers compare it."""
-        blob = json.dumps(dataclasses.asdict(self.schema), sort_keys=True).encode()
+        schema = dataclasses.asdict(self.schema)
+        for seq in schema["sequences"].values():  # without side features: the digest of before they existed
+            if not seq["side_features"]:
+                del seq["side_features"]
+        blob = json.dumps(schema, sort_keys=True).encode()
         return hashlib.sha256(blob).hexdigest()[:16]
 
 

@@ -19,6 +19,9 @@ SMALL = [
     "synth.users=400", "synth.source_rows=6000", "synth.source_items=2000", "synth.target_items=600",
     "synth.row_group_rows=500", "synth.rows_per_file=2000", "data.batch_size=128",
     "train.patience=0",  # train train.epochs epochs; the early-stopping tests set it themselves
+    "data.validation_fraction=0.1",
+    # the sequence lengths the tests were written for (the quickstart demo keeps 30 / 20 steps)
+    "schema.sequences.hist_source_items.max_len=50", "schema.sequences.hist_target_items.max_len=50",
 ]
 
 

@@ -46,6 +46,37 @@ def test_bad_values_name_the_key(override, key):
     assert key in str(e.value) and "quickstart.yaml" in str(e.value)
 
 
+SIDE = "schema.sequences.hist_source_items.side_features"
+
+
+@pytest.mark.parametrize("overrides, message", [
+    ([f"{SIDE}={{brand: hist_source_brands}}"], f"{SIDE}.brand: unknown feature 'brand'"),
+    ([f"{SIDE}={{item_id: hist_source_ids}}"], f"{SIDE}.item_id: 'item_id' is the sequence's shared_feature"),
+    ([f"{SIDE}={{category: hist_source_categories}}", "schema.tables.category.dim=4"],
+     f"{SIDE}.category: table 'category' has dim 4, but the sequence's table 'item_id' has dim 8"),
+    ([f"{SIDE}={{category: price_bucket}}"], f"{SIDE}.category: column 'price_bucket' is already used"),
+    ([f"{SIDE}={{category: hist_target_items}}"], f"{SIDE}.category: column 'hist_target_items' is already used"),
+    ([f"{SIDE}={{category: log_price}}"], f"{SIDE}.category: column 'log_price' is already used"),
+    ([f"{SIDE}={{category: label}}"], f"{SIDE}.category: column 'label' is already used"),
+    ([f"{SIDE}={{category: hist_target_categories}}"],  # the target sequence's side column in quickstart.yaml
+     "schema.sequences.hist_target_items.side_features.category: column 'hist_target_categories' is already used"),
+])
+def test_bad_side_features_name_the_key(overrides, message):
+    with pytest.raises(ConfigError) as e:
+        load_config(QUICKSTART, overrides)
+    assert message in str(e.value)
+
+
+def test_side_features_add_jagged_keys_on_the_features_table():
+    schema = load_config(QUICKSTART).schema
+    assert schema.side_keys == ["hist_source_categories", "hist_target_categories"]
+    assert schema.sparse_keys[-2:] == schema.side_keys
+    assert schema.table_of("hist_target_categories") == "category"
+    assert schema.max_len_of("hist_target_categories") == schema.sequences["hist_target_items"].max_len and schema.max_len_of("category") is None
+    off = load_config(QUICKSTART, [f"{SIDE}={{}}", "schema.sequences.hist_target_items.side_features={}"])
+    assert off.schema.side_keys == [] and "hist_source_categories" not in off.schema.sparse_keys
+
+
 def test_missing_schema_and_bad_yaml(tmp_path):
     with pytest.raises(ConfigError, match="schema: missing"):
         load_config(_write(tmp_path, "data: {batch_size: 3}\n"))

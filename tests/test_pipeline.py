@@ -15,7 +15,7 @@ SETS = ["synth.users=3000", "synth.source_rows=60000", "synth.source_items=4000"
 def test_mkt_beats_the_single_domain_baseline_on_the_target_entity(tmp_path, capsys):
     out = tmp_path / "job"
     args = ["run", "--config", QUICKSTART, "--out", str(out), "--runs", "mkt", "no_mem_pretrain"]
-    for s in SETS:
+    for s in [*SETS, "train.patience=1", "train.max_epochs=3"]:  # fair training: each stops on its validation
         args += ["--set", s]
     assert main(args) == 0
     summary = json.load(open(out / "summary.json"))

@@ -133,7 +133,8 @@ class PlainSparse(nn.Module):
     Args:
         schema: the feature schema.
         features: single-valued features (pooled: ``embedding_bag`` sum, (B, D)).
-        sequences: behaviour sequences (their jagged ids looked up, padded to (B, L, D) with zeros).
+        sequences: behaviour sequences, with their side columns (their jagged ids looked up, padded to (B, L, D)
+            with zeros).
         sparse_grad: ``sparse=True`` gradients (one sparse COO gradient per table) or dense ones.
 
     Example:
@@ -143,11 +144,12 @@ class PlainSparse(nn.Module):
 
     def __init__(self, schema: Any, features: List[str], sequences: List[str], sparse_grad: bool = False) -> None:
         super().__init__()
+        sequences = sequences + schema.side_keys_of(sequences)  # the sequences' side columns are looked up alike
         self.table_of = {k: schema.table_of(k) for k in features + sequences}
         self.tables = nn.ModuleDict({  # sparse=: DDP reads it to expect sparse gradients
             t: nn.Embedding(schema.tables[t].rows, schema.tables[t].dim, sparse=sparse_grad)
             for t in sorted(set(self.table_of.values()))})
-        self.max_len = {s: schema.sequences[s].max_len for s in sequences}
+        self.max_len = {s: schema.max_len_of(s) for s in sequences}
         self.sparse_grad = sparse_grad
 
     def forward(self, kjt: Any) -> Any:

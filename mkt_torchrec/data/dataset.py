@@ -124,8 +124,8 @@ class Manifest:
     splits: dict[str, list[FileInfo]]
     rows: dict[str, dict[str, int]]  # split -> entity -> rows
     source: dict[str, Any] = field(default_factory=dict)  # how it was made (synth params, tenrec inputs)
-    # split -> sparse key -> mean values per row (single-valued: fraction non-null; sequence: mean length after
-    # truncation to max_len). The planner's pooling factors. Empty in a format-1 dataset.
+    # split -> sparse key -> mean values per row (single-valued: fraction non-null; sequence or side column: mean
+    # length after truncation to max_len). The planner's pooling factors. Empty in a format-1 dataset.
     mean_lengths: dict[str, dict[str, float]] = field(default_factory=dict)
 
     def to_json(self) -> dict[str, Any]:
@@ -284,8 +284,8 @@ class DatasetWriter:
         self.rows_per_file = rows_per_file
         self.row_group_rows = row_group_rows
         self.schema_digest = schema_digest
-        self._max_len = {k: (schema.sequences[k].max_len if k in schema.sequences else None)
-                         for k in schema.sparse_keys}
+        self._max_len = {k: schema.max_len_of(k) for k in schema.sparse_keys}
+        self._aligned = {c: schema.sequence_of(c) for c in schema.side_keys}  # side column -> its sequence
         self.tmp_dir = f"{self.out_dir}.tmp-{os.getpid()}"
         shutil.rmtree(self.tmp_dir, ignore_errors=True)
         os.makedirs(self.tmp_dir)
@@ -325,6 +325,7 @@ class DatasetWriter:
         if bad.size:
             raise ValueError(f"{self.out_dir}: split {split!r}: entity {ent[bad[0]]} in row {bad[0]} of a write; "
                              f"entity must be one of {ENTITY_CODES}")
+        self._check_aligned(split, table)
         counts = self._rows.setdefault(split, {"source": 0, "target": 0})
         self._count_values(split, table)
         full = []
@@ -343,6 +344,17 @@ class DatasetWriter:
         self._arrived += table.num_rows
         for key in sorted(full, key=self._last_arrival.__getitem__):  # the buffer whose last row came first
             self._flush(key, final=False)
+
+    def _check_aligned(self, split: str, table: pa.Table) -> None:
+        """Every side column has as many values per row as its sequence (one per step)."""
+        for column, seq in self._aligned.items():
+            side = pc.list_value_length(table.column(column)).fill_null(-1).to_numpy()  # -1: a null list
+            steps = pc.list_value_length(table.column(seq)).fill_null(-1).to_numpy()
+            bad = np.flatnonzero(side != steps)
+            if bad.size:
+                i = int(bad[0])
+                raise ValueError(f"{self.out_dir}: split {split!r}: column {column!r} row {i} of a write has "
+                                 f"{side[i]} values but its sequence {seq!r} has {steps[i]} (one per step)")
 
     def _count_values(self, split: str, table: pa.Table) -> None:
         """Add the values per sparse key of ``table`` (sequences truncated to ``max_len``) to ``split``'s sums."""

@@ -96,7 +96,8 @@ class _Decoder:
         self.schema = schema
         self.keys = schema.sparse_keys
         self.tables = [schema.table_of(k) for k in self.keys]
-        self.max_len = [schema.sequences[k].max_len if k in schema.sequences else None for k in self.keys]
+        self.max_len = [schema.max_len_of(k) for k in self.keys]
+        self.aligned = {c: schema.sequence_of(c) for c in schema.side_keys}  # side column -> its sequence
         self.optional = [c for c in ("true_prob", "activity") if c in optional_columns]
         self.columns = ["entity", "label"] + self.keys + list(schema.dense) + self.optional
 
@@ -106,6 +107,7 @@ class _Decoder:
         n = len(order)
         where = locate(0)[0] if t.num_rows else "(empty window)"
         lengths, offsets, values = [], [], []
+        steps: dict[str, np.ndarray] = {}  # sequence -> (rows of t,) its untruncated lengths
         for key, table_name, max_len in zip(self.keys, self.tables, self.max_len):
             col = t.column(key)
             arr = col.combine_chunks() if isinstance(col, pa.ChunkedArray) else col
@@ -132,6 +134,10 @@ class _Decoder:
                     place, row = locate(int(np.searchsorted(off, first, side="right")) - 1)
                     raise ValueError(f"{place}: column {key!r} row {row}: a null inside the sequence (drop it, or "
                                      "map it to an id)")
+                if key in self.aligned:  # a side column: one value per step of its sequence
+                    self._check_aligned(key, np.diff(off), steps[self.aligned[key]], locate)
+                else:
+                    steps[key] = np.diff(off)
                 flat = arr.values.to_numpy()
                 end = off[1:]
                 start = np.maximum(off[:-1], end - max_len)
@@ -171,6 +177,14 @@ class _Decoder:
             true_prob=col("true_prob", np.float32) if "true_prob" in self.optional else None,
             activity=col("activity", np.int64) if "activity" in self.optional else None,
         )
+
+    def _check_aligned(self, key: str, side: np.ndarray, seq: np.ndarray,
+                       locate: Callable[[int], tuple[str, int]]) -> None:
+        bad = np.flatnonzero(side != seq)
+        if bad.size:
+            i = int(bad[0])
+            self._bad(locate, i, key, f"{side[i]} values but its sequence {self.aligned[key]!r} has {seq[i]} steps "
+                                      "(a side column holds one value per step)")
 
     @staticmethod
     def _bad(locate: Callable[[int], tuple[str, int]], row: int, column: str, what: str) -> None:

@@ -9,6 +9,7 @@ column             Arrow type            meaning
 ``label``          int8, not null        click (0/1)
 each feature       int64, nullable       raw id; an entity-specific feature is null for the other entity
 each sequence      list<int64> not null  behaviour sequence, oldest first (may be empty)
+each side column   list<int64> not null  a sequence's side feature, one raw value per sequence step
 each dense         float32, nullable     dense value; null reads as 0
 ``true_prob``      float32 (optional)    the row's true click probability (synthetic data only)
 ``activity``       int32 (optional)      the user's number of past behaviours (user-group breakdowns)
@@ -36,7 +37,7 @@ def arrow_schema(schema: SchemaConfig, optional: tuple[str, ...] = ()) -> pa.Sch
     fields += [pa.field(n, pa.int64()) for n in schema.features]
     fields += [
         pa.field(n, pa.list_(pa.field("item", pa.int64(), nullable=False)), nullable=False)
-        for n in schema.sequences
+        for n in list(schema.sequences) + schema.side_keys
     ]
     fields += [pa.field(n, pa.float32()) for n in schema.dense]
     for name in optional:

@@ -10,10 +10,24 @@ The generator plants what the MKT paper claims, so the claims can be tested:
   unevenly over users (activity**1.5), so many users have few or no post impressions.
 * **Behaviour sequences** reveal z_u: each user's past source / target engagements are drawn from
   categories by affinity softmax(<z_u, mu_c>). Sequences are the user's behaviour before the logging
-  window (they do not depend on the logged labels, so there is no leakage).
+  window (they do not depend on the logged labels, so there is no leakage). If the schema gives a sequence
+  ``side_features`` (e.g. ``category: hist_source_categories``), each side column holds that attribute of each
+  history item, step by step (written only when asked: the other columns stay the same, bit for bit).
 * **Heterogeneous specific features.** Products: ``price_bucket`` (+``log_price`` dense) matter through a
   per-user price preference; ``condition`` is noise. Posts: ``style`` matters through a per-user style
   preference; ``post_length`` is noise. Different entity biases give different base rates.
+* **Negative transfer (optional).** With ``flip_fraction`` > 0, a fixed random subset of
+  ``round(flip_fraction * categories)`` categories is flipped: on posts of those categories the affinity term
+  of the click logit changes sign (``-a * <z_u, w_i> / sqrt(k)``), and so does the affinity that draws the
+  user's past posts and the posts shown to them by affinity. Products are unchanged, so what the source entity
+  teaches about a user's taste in those categories misleads on the target entity. ``true_prob`` still holds the
+  row's true probability (with the flip), so its AUC / GAUC is still the ceiling. ``flip_fraction`` = 0 gives
+  the data of a generator without this option, bit for bit.
+* **Time order.** Each user's rows are in time order: the last ``test_fraction`` is the test split, and the
+  train split ends with every user's most recent ``RECENT_TRAIN_FRACTION`` (a quarter) of train rows, after all
+  earlier ones. The validation split (``data.validation_fraction`` <= 0.25, the last rows of the train split) then
+  holds the same users' latest train rows, as the test split holds their next ones; without this it would hold
+  the last-written users' rows, users no training row has seen, and early stopping would tune for cold start.
 * **Known optimum.** Each row stores ``true_prob``; the AUC / GAUC of ``true_prob`` is the best any
   model can reach on the data.
 
@@ -25,11 +39,14 @@ of them is rejected with the missing name.
 from __future__ import annotations
 
 import math
+import os
+import tempfile
 from dataclasses import asdict
 from typing import Callable, Optional
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.parquet as pq
 
 from mkt_torchrec.config import Config
 from mkt_torchrec.data.dataset import DatasetWriter, Manifest
@@ -41,6 +58,12 @@ REQUIRED = {
     "sequences": ["hist_source_items", "hist_target_items"],
     "dense": ["log_price"],
 }
+HISTORY_ENTITY = {"hist_source_items": 0, "hist_target_items": 1}  # sequence -> entity code of its items
+# side features the generator can write per history item (schema ``side_features``): feature -> item attribute
+SIDE_ATTRIBUTES = {0: {"category": "cat", "price_bucket": "price_bucket", "condition": "condition"},
+                   1: {"category": "cat", "style": "style", "post_length": "post_length"}}
+EARLY, RECENT, TEST = 0, 1, 2  # a row's place in its user's time order (see _chunk_rows)
+RECENT_TRAIN_FRACTION = 0.25  # the train split ends with every user's most recent quarter of train rows
 TARGET_ID_OFFSET = 1 << 40  # post ids live in their own range of the shared item-id space
 ENTITY_BIAS = {0: -3.4, 1: -3.9}
 AFFINITY_SCALE = 2.0
@@ -54,6 +77,12 @@ def _check_schema(cfg: Config) -> None:
         if missing:
             raise ValueError(f"mkt synth: schema.{kind} lacks {missing}; the synthetic generator writes the "
                              "features of configs/quickstart.yaml (copy its schema section)")
+    for name, code in HISTORY_ENTITY.items():
+        for feature in s.sequences[name].side_features:
+            if feature not in SIDE_ATTRIBUTES[code]:
+                raise ValueError(f"mkt synth: schema.sequences.{name}.side_features.{feature}: the synthetic "
+                                 f"generator writes the side features {sorted(SIDE_ATTRIBUTES[code])} for this "
+                                 "sequence's items")
 
 
 class _World:
@@ -84,10 +113,27 @@ class _World:
                 item["style"] = rng.integers(0, 8, size=n)
                 item["post_length"] = rng.integers(0, 8, size=n)
             self.items[code] = item
+        # drawn after everything above, so that flip_fraction = 0 leaves the catalogue (and the data) unchanged
+        n_flip = int(round(sc.flip_fraction * sc.categories))
+        self.flipped = np.sort(rng.choice(sc.categories, size=n_flip, replace=False))
+        self.cat_sign = np.ones(sc.categories)  # (C,) sign of the target entity's affinity per category
+        self.cat_sign[self.flipped] = -1.0
 
-    def sample_items(self, rng: np.random.Generator, code: int, z: np.ndarray, temperature: float) -> np.ndarray:
-        """For each row of z (N, k): a category by affinity softmax, then a random item of it."""
-        logits = AFFINITY_SCALE * (z @ self.mu.T) / math.sqrt(self.k) / temperature + np.log(self.cat_pop)
+    def affinity_sign(self, code: int) -> Optional[np.ndarray]:
+        """Per-category sign of the user-item affinity for entity ``code`` (None: +1 everywhere)."""
+        return self.cat_sign if code == 1 else None
+
+    def sample_items(self, rng: np.random.Generator, code: int, z: np.ndarray, temperature: float,
+                     sign: Optional[np.ndarray] = None) -> np.ndarray:
+        """For each row of z (N, k): a category by affinity softmax, then a random item of it.
+
+        Args:
+            sign: (C,) per-category sign of the affinity (see :meth:`affinity_sign`); None: +1.
+        """
+        aff = z @ self.mu.T  # (N, C)
+        if sign is not None:
+            aff = aff * sign
+        logits = AFFINITY_SCALE * aff / math.sqrt(self.k) / temperature + np.log(self.cat_pop)
         gumbel = -np.log(-np.log(rng.uniform(size=logits.shape) + 1e-12) + 1e-12)
         cats = np.argmax(logits + gumbel, axis=1)
         starts = self.items[code]["starts"]
@@ -110,7 +156,8 @@ def _jagged_list(lengths: np.ndarray, values: np.ndarray) -> pa.Array:
 
 
 def _chunk_rows(world: _World, cfg: Config, chunk: int, user_lo: int, user_hi: int) -> tuple[pa.Table, np.ndarray]:
-    """Rows of users [user_lo, user_hi): returns (table, is_test)."""
+    """Rows of users [user_lo, user_hi): returns (table, phase) with phase per row: ``EARLY`` / ``RECENT`` train
+    rows (a user's most recent ``RECENT_TRAIN_FRACTION`` of train rows are ``RECENT``), or ``TEST``."""
     sc = cfg.synth
     rng = np.random.default_rng([sc.seed, 2, chunk])
     n_users = user_hi - user_lo
@@ -132,11 +179,12 @@ def _chunk_rows(world: _World, cfg: Config, chunk: int, user_lo: int, user_hi: i
 
     # behaviour sequences (before the logging window)
     hist_len = {0: np.minimum(rng.poisson(12 * activity), 200), 1: np.minimum(rng.poisson(3 * activity), 200)}
-    hist = {}
+    hist, hist_items = {}, {}
     for code in (0, 1):
         owner = np.repeat(np.arange(n_users), hist_len[code])
-        items = world.sample_items(rng, code, z[owner], temperature=0.7)
+        items = world.sample_items(rng, code, z[owner], temperature=0.7, sign=world.affinity_sign(code))
         hist[code] = (hist_len[code], _item_ids(code, items))
+        hist_items[code] = items  # catalogue index of each history element (its side features)
     hist_offsets = {c: np.concatenate([[0], np.cumsum(hist[c][0])]) for c in (0, 1)}
 
     tables = []
@@ -147,11 +195,15 @@ def _chunk_rows(world: _World, cfg: Config, chunk: int, user_lo: int, user_hi: i
         if n == 0:
             continue
         it = world.items[code]
+        sign = world.affinity_sign(code)
         # half the candidates by affinity (what a recommender would show), half by popularity
-        by_aff = world.sample_items(rng, code, z[u], temperature=1.5)
+        by_aff = world.sample_items(rng, code, z[u], temperature=1.5, sign=sign)
         by_pop = world.sample_items(rng, code, np.zeros((n, k)), temperature=1.0)
         idx = np.where(rng.uniform(size=n) < 0.5, by_aff, by_pop)
-        logit = (AFFINITY_SCALE * np.einsum("nk,nk->n", z[u], it["w"][idx]) / math.sqrt(k)
+        aff = np.einsum("nk,nk->n", z[u], it["w"][idx])
+        if sign is not None:
+            aff = aff * sign[it["cat"][idx]]
+        logit = (AFFINITY_SCALE * aff / math.sqrt(k)
                  + it["bias"][idx] + user_bias[u] + ENTITY_BIAS[code])
         if code == 0:
             logit = logit - 0.25 * np.abs(it["price_bucket"][idx] - price_pref[u])
@@ -164,6 +216,12 @@ def _chunk_rows(world: _World, cfg: Config, chunk: int, user_lo: int, user_hi: i
         for hc, name in ((0, "hist_source_items"), (1, "hist_target_items")):
             lens = hist[hc][0][u]
             seqs[name] = _jagged_list(lens, gather_jagged(hist_offsets[hc][u], lens, hist[hc][1]))
+            side = cfg.schema.sequences[name].side_features  # only what the schema asks for: no RNG is drawn
+            if side:
+                elems = gather_jagged(hist_offsets[hc][u], lens, hist_items[hc])  # (sum lens,) catalogue index
+                for feature, column in side.items():
+                    attr = world.items[hc][SIDE_ATTRIBUTES[hc][feature]]
+                    seqs[column] = _jagged_list(lens, attr[elems].astype(np.int64))
         t = pa.table({
             "entity": pa.array(np.full(n, code, np.int8)),
             "label": pa.array(label),
@@ -176,8 +234,7 @@ def _chunk_rows(world: _World, cfg: Config, chunk: int, user_lo: int, user_hi: i
             "condition": pa.array(it["condition"][idx]) if code == 0 else null,
             "style": pa.array(it["style"][idx]) if code == 1 else null,
             "post_length": pa.array(it["post_length"][idx]) if code == 1 else null,
-            "hist_source_items": seqs["hist_source_items"],
-            "hist_target_items": seqs["hist_target_items"],
+            **seqs,  # both sequences, and their side columns if the schema has any
             "log_price": (pa.array(it["log_price"][idx].astype(np.float32)) if code == 0
                           else pa.nulls(n, pa.float32())),
             "true_prob": pa.array(p.astype(np.float32)),
@@ -195,12 +252,15 @@ def _chunk_rows(world: _World, cfg: Config, chunk: int, user_lo: int, user_hi: i
     first = np.searchsorted(sorted_users, sorted_users, side="left")
     rank_in_user = np.arange(len(users)) - first
     n_user = np.bincount(users, minlength=n_users)[sorted_users]
-    is_test_sorted = rank_in_user >= np.ceil((1.0 - sc.test_fraction) * n_user - 1e-9)  # 1-row users: train
-    is_test = np.empty(len(users), dtype=bool)
-    is_test[order] = is_test_sorted
+    n_train = np.ceil((1.0 - sc.test_fraction) * n_user - 1e-9)  # 1-row users: train
+    phase_sorted = np.where(rank_in_user >= n_train, TEST,
+                            np.where(rank_in_user >= np.ceil((1.0 - RECENT_TRAIN_FRACTION) * n_train - 1e-9),
+                                     RECENT, EARLY))
+    phase = np.empty(len(users), dtype=np.int8)
+    phase[order] = phase_sorted
     # rows of a chunk are written in random order, so row groups mix users and entities
     shuffle = rng.permutation(len(users))
-    return table.take(pa.array(shuffle)), is_test[shuffle]
+    return table.take(pa.array(shuffle)), phase[shuffle]
 
 
 def generate(cfg: Config, out_dir: str, overwrite: bool = False,
@@ -214,18 +274,36 @@ def generate(cfg: Config, out_dir: str, overwrite: bool = False,
     sc = cfg.synth
     rows_per_user = sc.source_rows * (1 + sc.target_ratio) / sc.users
     users_per_chunk = max(1, int(sc.row_group_rows * 10 / max(rows_per_user, 1e-9)))
+    parent = os.path.dirname(os.path.abspath(out_dir))
+    os.makedirs(parent, exist_ok=True)
     with DatasetWriter(out_dir, cfg.schema, optional=("true_prob", "activity"), rows_per_file=sc.rows_per_file,
                        row_group_rows=sc.row_group_rows, overwrite=overwrite,
-                       schema_digest=cfg.schema_digest()) as writer:
+                       schema_digest=cfg.schema_digest()) as writer, \
+            tempfile.TemporaryDirectory(prefix=".synth-recent-", dir=parent) as spill_dir:
         world = _World(cfg)
+        spill_path = os.path.join(spill_dir, "recent.parquet")
+        spill: Optional[pq.ParquetWriter] = None
         for chunk, lo in enumerate(range(0, sc.users, users_per_chunk)):
             hi = min(sc.users, lo + users_per_chunk)
-            table, is_test = _chunk_rows(world, cfg, chunk, lo, hi)
+            table, phase = _chunk_rows(world, cfg, chunk, lo, hi)
             if table.num_rows == 0:
                 continue
-            writer.write("train", table.filter(pa.array(~is_test)))
-            writer.write("test", table.filter(pa.array(is_test)))
+            writer.write("train", table.filter(pa.array(phase == EARLY)))
+            writer.write("test", table.filter(pa.array(phase == TEST)))
+            recent = table.filter(pa.array(phase == RECENT))
+            if recent.num_rows:  # held on disk until every user's earlier rows are written
+                if spill is None:
+                    spill = pq.ParquetWriter(spill_path, recent.schema)
+                spill.write_table(recent.cast(spill.schema), row_group_size=sc.row_group_rows)
             if progress is not None:
-                progress(table.num_rows)
+                progress(table.num_rows - recent.num_rows)
+        if spill is not None:
+            spill.close()
+            recent_file = pq.ParquetFile(spill_path)
+            for i in range(recent_file.num_row_groups):
+                part = recent_file.read_row_group(i)
+                writer.write("train", part)
+                if progress is not None:
+                    progress(part.num_rows)
         writer.set_source({"kind": "synth", "synth": asdict(sc)})
         return writer.close()

@@ -555,6 +555,9 @@ def _check_schema(cfg: Config) -> None:
         if seq.shared_feature not in ("item_id", "category"):
             raise ValueError(f"mkt tenrec: sequence {name!r}: shared_feature must be item_id or category for "
                              f"Tenrec, got {seq.shared_feature!r}")
+        if seq.side_features:
+            raise ValueError(f"mkt tenrec: schema.sequences.{name}.side_features: the Tenrec converter writes no "
+                             f"side columns ({sorted(seq.side_features.values())}); remove side_features")
     if s.dense:
         raise ValueError(f"mkt tenrec: the Tenrec converter writes no dense features, but the schema has "
                          f"{sorted(s.dense)}")

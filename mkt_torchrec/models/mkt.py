@@ -46,6 +46,7 @@ class Knowledge(NamedTuple):
     seq: torch.Tensor  # v_seq
     shared: torch.Tensor  # v_shared
     cross: torch.Tensor  # g_com^t, the CKE output through the target gate
+    logit: Optional[torch.Tensor] = None  # (B,) the MEM's target-tower logit (``model.tem.mem_logit`` only)
 
 
 def _check_schema(schema: SchemaConfig) -> None:
@@ -93,6 +94,7 @@ class MEM(nn.Module):
             e: mlp(ctx + spec_widths[e], cfg.extractor_layers, linear_last=True) for e in ENTITIES})
         self.towers = nn.ModuleDict({
             e: mlp(2 * self.cke.out_dim, cfg.tower, linear_last=True) for e in ENTITIES})
+        self.squared_pdl = cfg.pdl == "squared_cosine"
 
     # ---- dense phase -----------------------------------------------------------------------------------
     def entity_forward(self, groups: FeatureGroups, entity: str) -> EntityOutput:
@@ -121,6 +123,8 @@ class MEM(nn.Module):
             mine = entity == code  # (B,)
             weight = mine.to(out.logits.dtype)
             cosine = nn.functional.cosine_similarity(out.g_com, out.g_ind, dim=-1)  # (B,) Eq. 9
+            if self.squared_pdl:  # model.pdl: squared_cosine: minimised at orthogonality, not at -g_com
+                cosine = cosine * cosine
             part = (cosine * weight).sum() / weight.sum().clamp(min=1.0)  # mean over this entity's rows (Eq. 10)
             if logits is None:
                 logits, g_com, g_ind, pdl = out.logits, out.g_com, out.g_ind, part
@@ -136,9 +140,14 @@ class MEM(nn.Module):
         """kjt: jagged sparse features; dense (B, F_dense); entity (B,) 0 = source, 1 = target."""
         return self.dense_forward(self.sparse_arch(kjt), dense, entity)
 
-    def knowledge_from(self, sparse: SparseFeatures, dense: torch.Tensor) -> Knowledge:
-        """The target path only (the grey part of the paper's Figure 2): every row is a target row."""
+    def knowledge_from(self, sparse: SparseFeatures, dense: torch.Tensor, with_logit: bool = False) -> Knowledge:
+        """The target path only (the grey part of the paper's Figure 2): every row is a target row. With
+        ``with_logit`` the target tower runs too (TKE + tower) and its logit is ``Knowledge.logit``."""
         groups = self.group_arch(sparse, dense, entities=("target",))
+        if with_logit:
+            out = self.entity_forward(groups, "target")
+            return Knowledge(user=groups.user, seq=groups.seq, shared=groups.shared, cross=out.g_com,
+                             logit=out.logits)
         context = torch.cat([groups.user, groups.seq, groups.shared], dim=-1)
         q = self.hfa["target"](context, groups.spec["target"]).q
         return Knowledge(user=groups.user, seq=groups.seq, shared=groups.shared,
@@ -187,6 +196,11 @@ class TEM(nn.Module):
         cut = cfg.tem.cross_layer + 1
         self.bottom = mlp(x_dim, dnn[:cut])  # (B, dnn[cross_layer]) = g_cross
         self.top = mlp(dnn[cut - 1], dnn[cut:], linear_last=True)  # -> (B, 1)
+        self.mem_logit = knowledge_dims is not None and cfg.tem.mem_logit  # add the MEM's target logit
+        if self.mem_logit:  # start as the MEM's own target model: the TEM's correction starts at 0
+            last = self.top if isinstance(self.top, nn.Linear) else self.top[-1]
+            nn.init.zeros_(last.weight)
+            nn.init.zeros_(last.bias)
         self.gates: Optional[nn.ModuleDict] = None
         if knowledge_dims is not None:
             kd = knowledge_dims
@@ -208,7 +222,13 @@ class TEM(nn.Module):
         g_cross = self.bottom(torch.cat([user, seq, shared, g.spec["target"]], dim=-1))  # (B, d_cross)
         if self.gates is not None and knowledge is not None:
             g_cross = g_cross + self.gates["cross"](knowledge.cross)  # Eq. 12
-        return self.top(g_cross).squeeze(-1)  # (B,)
+        logits = self.top(g_cross).squeeze(-1)  # (B,)
+        if self.mem_logit:
+            if knowledge is None or knowledge.logit is None:
+                raise ValueError("this TEM adds the MEM's target logit (model.tem.mem_logit); pass knowledge "
+                                 "computed with_logit=True")
+            logits = logits + knowledge.logit
+        return logits
 
     def forward(self, kjt: KeyedJaggedTensor, dense: torch.Tensor,
                 knowledge: Optional[Knowledge] = None) -> torch.Tensor:
@@ -256,5 +276,5 @@ class MKTTarget(nn.Module):
         knowledge = None
         if self.mem is not None:
             with torch.no_grad():
-                knowledge = self.mem.knowledge_from(self.mem.sparse_arch(kjt), dense)
+                knowledge = self.mem.knowledge_from(self.mem.sparse_arch(kjt), dense, self.tem.mem_logit)
         return self.tem(kjt, dense, knowledge)

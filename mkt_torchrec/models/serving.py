@@ -31,16 +31,17 @@ SERVING_FILE = "model.pt2"
 
 
 def serving_keys(schema: SchemaConfig) -> list[str]:
-    """The sparse inputs of the serving model: user, shared and target-specific features, then sequences."""
+    """The sparse inputs of the serving model: user, shared and target-specific features, then sequences, then
+    the sequences' side columns."""
     return (schema.features_of("user") + schema.features_of("shared") + schema.features_of("specific", "target")
-            + list(schema.sequences))
+            + list(schema.sequences) + schema.side_keys)
 
 
 def _dense_only(module: Union[MEM, TEM], keep_target_tower: bool = False) -> Union[MEM, TEM]:
     """A copy of a MEM / TEM without its TorchRec tables (the serving lookup replaces them).
 
     Of a MEM only the target path is kept: HFA_t and the CKE, plus TKE and the target tower when the MEM's
-    own target tower is the served model (``no_tem_finetune``).
+    own target tower is the served model (``no_tem_finetune``) or its logit feeds the TEM (``tem.mem_logit``).
     """
     sparse_arch = module.sparse_arch
     module.sparse_arch = None  # type: ignore[assignment]
@@ -96,7 +97,7 @@ class ServingModel(nn.Module):
             if model.mem is not None:
                 self.mem_lookup, keys = _target_lookup(schema, model.mem)
                 self._record("mem_lookup.", "mem.", keys)
-                self.mem = _dense_only(model.mem)  # type: ignore[assignment]
+                self.mem = _dense_only(model.mem, keep_target_tower=model.tem.mem_logit)  # type: ignore[assignment]
                 self._record("mem.", "mem.", {k: k for k in self.mem.state_dict()})
         self.requires_grad_(False)
         unmatched = set(self.state_dict()) ^ set(self.source_keys)
@@ -114,7 +115,7 @@ class ServingModel(nn.Module):
         knowledge = None
         if self.mem is not None:
             assert self.mem_lookup is not None
-            knowledge = self.mem.knowledge_from(self.mem_lookup(ids), dense)
+            knowledge = self.mem.knowledge_from(self.mem_lookup(ids), dense, self.tem.mem_logit)
         return torch.sigmoid(self.tem.dense_forward(self.tem_lookup(ids), dense, knowledge))
 
 
@@ -124,7 +125,7 @@ def _shared_lookup(schema: SchemaConfig, arch: SparseArch,
     default) and the tables they and the sequences use; and its buffer name -> the table's key in
     ``arch.state_dict()`` prefixed ``sparse_arch.``."""
     features = [f for f in arch.features if keep is None or f in keep]
-    tables = {schema.table_of(k) for k in features + list(arch.sequences)}
+    tables = {schema.table_of(k) for k in features + arch.sequences + arch.side_keys}
     weights = {t: w for t, w in arch.table_weights().items() if t in tables}
     lookup = PaddedLookup(schema, features, list(arch.sequences), weights)  # the trained tables, not copies
     name_of = {id(p): n for n, p in arch.named_parameters()}
@@ -164,7 +165,7 @@ def export_serving(schema: SchemaConfig, model: Union[MKTTarget, MEM, ServingMod
     os.replace(partial, path)
     spec = {
         "file": SERVING_FILE,
-        "inputs": {k: {"shape": ["B", schema.sequences[k].max_len] if k in schema.sequences else ["B"],
+        "inputs": {k: {"shape": ["B", schema.max_len_of(k)] if schema.max_len_of(k) is not None else ["B"],
                        "dtype": "int64", "table": schema.table_of(k), "null_or_padding": -1}
                    for k in example_ids},
         "dense": {"shape": ["B", len(schema.dense)], "columns": list(schema.dense), "null": 0.0},

@@ -7,12 +7,12 @@ tensors for logging and metrics.
 from __future__ import annotations
 
 from contextlib import nullcontext
-from typing import ContextManager, NamedTuple, Optional, Tuple
+from typing import ContextManager, Dict, List, NamedTuple, Optional, Tuple
 
 import torch
 from torch import nn
 
-from mkt_torchrec.config import ModelConfig
+from mkt_torchrec.config import ENTITIES, ModelConfig, SchemaConfig
 from mkt_torchrec.data.batch import Batch
 from mkt_torchrec.models.mkt import MEM, MKTTarget
 
@@ -24,6 +24,15 @@ class StepOutput(NamedTuple):
     entity: torch.Tensor  # (B,)
     bce: torch.Tensor  # () cross-entropy part, detached
     pdl: torch.Tensor  # () PDL part before gamma, detached (0 for the TEM)
+    # (B, F_src + F_tgt) the MEM's HFA scores, detached: every row scored as a source row (columns of
+    # hfa_feature_names' source features), then as a target row; (B, 0) with no_hfa; None for other models
+    hfa: Optional[torch.Tensor] = None
+
+
+def hfa_feature_names(schema: SchemaConfig) -> Dict[str, List[str]]:
+    """Entity -> the specific features its HFA scores, in the order of its score columns (GroupArch's: sparse
+    specific features, then dense ones). ``StepOutput.hfa`` holds the source entity's columns, then the target's."""
+    return {e: list(schema.features_of("specific", e)) + list(schema.dense_of("specific", e)) for e in ENTITIES}
 
 
 def _bce(logits: torch.Tensor, labels: torch.Tensor, weights: Optional[torch.Tensor]) -> torch.Tensor:
@@ -73,8 +82,9 @@ class MEMTrain(nn.Module):
         logits, pdl = out.logits.float(), out.pdl.float()  # the loss is computed in fp32
         bce = _bce(logits, batch.labels, batch.weights)
         loss = bce + self.gamma * pdl * _share(batch, bce)
+        hfa = torch.cat([out.hfa_scores[e] for e in ENTITIES], dim=-1)  # (B, F_src + F_tgt)
         return loss, StepOutput(loss.detach(), logits.detach(), batch.labels, batch.entity, bce.detach(),
-                                pdl.detach())
+                                pdl.detach(), hfa.detach())
 
 
 def pdl_gamma(cfg: ModelConfig) -> float:

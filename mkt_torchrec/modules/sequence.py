@@ -14,11 +14,14 @@ def valid_mask(lengths: torch.Tensor, max_len: int) -> torch.Tensor:
 
 
 class DINAttention(nn.Module):
-    """DIN's activation unit: a score per position from [q, k, q-k, q*k], softmax over the valid positions.
+    """DIN's activation unit: a score per position from [q, k, q-k, q*k], softmax over the valid positions
+    (``normalize``), or the raw scores as weights (DIN's own choice: the output then grows with the number of
+    matching behaviours).
 
     Args:
         dim: embedding dim D of the query and keys.
         hidden: hidden sizes of the scoring MLP.
+        normalize: softmax the scores over the valid positions.
 
     Example:
         >>> att = DINAttention(8, [16])
@@ -26,17 +29,21 @@ class DINAttention(nn.Module):
         torch.Size([2, 8])
     """
 
-    def __init__(self, dim: int, hidden: list[int]) -> None:
+    def __init__(self, dim: int, hidden: list[int], normalize: bool = True) -> None:
         super().__init__()
         self.score = mlp(4 * dim, [*hidden, 1], linear_last=True)
+        self.normalize = normalize  # False: DIN's unnormalised weights (their sum carries the interest's intensity)
 
     def forward(self, query: torch.Tensor, keys: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
         """query (B, D), keys (B, L, D) padded after ``lengths`` (B,) -> (B, D); an empty sequence gives 0."""
         q = query.unsqueeze(1).expand_as(keys)  # (B, L, D)
         scores = self.score(torch.cat([q, keys, q - keys, q * keys], dim=-1)).squeeze(-1)  # (B, L)
         mask = valid_mask(lengths, keys.shape[1])  # (B, L)
-        # A large finite negative, not -inf: an all-padding row then softmaxes to uniform and is zeroed below.
-        weights = torch.softmax(scores.masked_fill(~mask, -1e9), dim=-1) * mask  # (B, L)
+        if self.normalize:
+            # A large finite negative, not -inf: an all-padding row then softmaxes to uniform and is zeroed below.
+            weights = torch.softmax(scores.masked_fill(~mask, -1e9), dim=-1) * mask  # (B, L)
+        else:
+            weights = scores * mask  # (B, L)
         return torch.bmm(weights.unsqueeze(1), keys).squeeze(1)  # (B, D)
 
 
@@ -70,8 +77,8 @@ class MultiHeadTargetAttention(nn.Module):
 
 
 def make_attention(kind: str, dim: int, hidden: list[int], heads: int) -> nn.Module:
-    if kind == "din":
-        return DINAttention(dim, hidden)
+    if kind in ("din", "din_sum"):
+        return DINAttention(dim, hidden, normalize=kind == "din")
     if kind == "mha":
         return MultiHeadTargetAttention(dim, heads)
-    raise ValueError(f"model.sequence.encoder: unknown encoder {kind!r}; expected 'din' or 'mha'")
+    raise ValueError(f"model.sequence.encoder: unknown encoder {kind!r}; expected 'din', 'din_sum' or 'mha'")

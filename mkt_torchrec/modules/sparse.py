@@ -27,8 +27,10 @@ from mkt_torchrec.modules.sequence import make_attention
 
 class SparseFeatures(NamedTuple):
     pooled: Dict[str, torch.Tensor]  # feature -> (B, D); zeros where the feature is null
-    sequences: Dict[str, torch.Tensor]  # sequence -> (B, L, D), zero-padded after its length
-    lengths: Dict[str, torch.Tensor]  # sequence -> (B,) int64
+    # sequence or side column (a sequence's side feature, ``schema.side_keys``) -> (B, L, D), zero-padded after
+    # its length (a side column has its sequence's length)
+    sequences: Dict[str, torch.Tensor]
+    lengths: Dict[str, torch.Tensor]  # sequence or side column -> (B,) int64
 
 
 class SparseArch(nn.Module):
@@ -37,7 +39,8 @@ class SparseArch(nn.Module):
     Args:
         schema: the feature schema.
         features: single-valued features to embed (pooled).
-        sequences: behaviour sequences to embed (unpooled, padded to ``max_len``).
+        sequences: behaviour sequences to embed (unpooled, padded to ``max_len``), with their side columns
+            (``side_features``; each in its feature's table, which then lives in the EmbeddingCollection too).
         device: where to build the tables (``meta`` to plan or shard without allocating).
         precision: ``fp32`` or ``fp16`` table storage (TorchRec's ``data_type``; lookups return it, the dense
             phase casts to its own dtype).
@@ -53,15 +56,16 @@ class SparseArch(nn.Module):
         data_type = {"fp32": DataType.FP32, "fp16": DataType.FP16}[precision]
         self.features = list(features)
         self.sequences = list(sequences)
-        self.max_len = {s: schema.sequences[s].max_len for s in self.sequences}
-        seq_tables = {schema.table_of(s) for s in self.sequences}
+        self.side_keys = schema.side_keys_of(self.sequences)  # side columns, embedded like their sequence
+        self.max_len = {k: schema.max_len_of(k) for k in self.sequences + self.side_keys}
+        seq_tables = {schema.table_of(k) for k in self.max_len}
         bag_tables: dict[str, list[str]] = {}
         seq_table_features: dict[str, list[str]] = {}
         for f in self.features:
             t = schema.table_of(f)
             (seq_table_features if t in seq_tables else bag_tables).setdefault(t, []).append(f)
-        for s in self.sequences:
-            seq_table_features.setdefault(schema.table_of(s), []).append(s)
+        for k in self.sequences + self.side_keys:
+            seq_table_features.setdefault(schema.table_of(k), []).append(k)
         dims = {schema.tables[t].dim for t in seq_table_features}
         if len(dims) > 1:
             raise ValueError(f"schema.tables: tables used by sequences ({sorted(seq_table_features)}) must share one "
@@ -128,22 +132,23 @@ class _Unpack(nn.Module):
 class PaddedLookup(nn.Module):
     """Plain-PyTorch twin of :class:`SparseArch` for serving: padded table-row ids in, SparseFeatures out.
 
-    Inputs per key: a single-valued feature is (B,) int64, a sequence is (B, L) int64, with -1 for null /
-    padding (padding after the valid elements). Ids are table rows (see ``mkt_torchrec.data.schema.map_ids``).
+    Inputs per key: a single-valued feature is (B,) int64, a sequence or side column is (B, L) int64, with -1
+    for null / padding (padding after the valid elements). Ids are table rows (see
+    ``mkt_torchrec.data.schema.map_ids``).
 
     Args:
         schema: the feature schema.
         features: the single-valued features it looks up.
-        sequences: the behaviour sequences it looks up.
-        weights: table name -> (rows, D) trained weight, for every table of ``features`` and ``sequences``;
-            registered as buffers as they are (detached, not copied: build it from a finished model).
+        sequences: the behaviour sequences it looks up, with their side columns.
+        weights: table name -> (rows, D) trained weight, for every table of ``features``, ``sequences`` and their
+            side columns; registered as buffers as they are (detached, not copied: build it from a finished model).
     """
 
     def __init__(self, schema: SchemaConfig, features: List[str], sequences: List[str],
                  weights: Dict[str, torch.Tensor]) -> None:
         super().__init__()
         self.features = list(features)
-        self.sequences = list(sequences)
+        self.sequences = list(sequences) + schema.side_keys_of(sequences)  # (B, L) keys: sequences, side columns
         self.table_of = {k: schema.table_of(k) for k in self.features + self.sequences}
         missing = sorted({self.table_of[k] for k in self.table_of} - set(weights))
         if missing:
@@ -169,11 +174,53 @@ def padded_ids(kjt: KeyedJaggedTensor, schema: SchemaConfig, keys: Sequence[str]
     jts = kjt.to_dict()
     out: Dict[str, torch.Tensor] = {}
     for k in keys:
-        if k in schema.sequences:
-            out[k] = jts[k].to_padded_dense(schema.sequences[k].max_len, padding_value=-1)  # (B, L)
+        max_len = schema.max_len_of(k)
+        if max_len is not None:  # a sequence or side column
+            out[k] = jts[k].to_padded_dense(max_len, padding_value=-1)  # (B, L)
         else:
             out[k] = jts[k].to_padded_dense(1, padding_value=-1)[:, 0]  # (B,)
     return out
+
+
+class SequenceInputs:
+    """The keys and query of target attention over each behaviour sequence, with the items' side features (DIN).
+
+    A step is the element's embedding plus the embeddings of its side features (``side_features`` of the
+    sequence's config); the query is the candidate's shared feature plus the candidate's own value of each side
+    feature. Sums, so every width stays the table dim. Without side features: the element and the candidate's
+    shared feature, as before. Plain Python over static names (no module, no parameters).
+
+    Args:
+        schema: the feature schema.
+        sequences: the behaviour sequences.
+        features: the single-valued features the caller's ``SparseFeatures.pooled`` holds; a side feature not
+            among them (another entity's specific feature, null on every row the caller scores) adds nothing.
+
+    Example:
+        >>> inputs = SequenceInputs(cfg.schema, list(cfg.schema.sequences), list(cfg.schema.features))  # doctest: +SKIP
+        >>> inputs.query(sparse.pooled, "hist_source_items").shape, inputs.steps(sparse, "hist_source_items").shape
+        ... # (B, D), (B, L, D)                                                               # doctest: +SKIP
+    """
+
+    def __init__(self, schema: SchemaConfig, sequences: Sequence[str], features: Sequence[str]) -> None:
+        self.query_of = {s: schema.sequences[s].shared_feature for s in sequences}
+        self.side_keys = {s: list(schema.sequences[s].side_features.values()) for s in sequences}
+        self.side_features = {s: [f for f in schema.sequences[s].side_features if f in features] for s in sequences}
+
+    def steps(self, sparse: SparseFeatures, seq: str) -> torch.Tensor:
+        """(B, L, D): each step's element embedding plus its side features' (zero in the padding)."""
+        out = sparse.sequences[seq]
+        for key in self.side_keys[seq]:
+            out = out + sparse.sequences[key]  # (B, L, D)
+        return out
+
+    def query(self, pooled: Dict[str, torch.Tensor], seq: str, skip: Sequence[str] = ()) -> torch.Tensor:
+        """(B, D): the candidate's shared feature plus its side features (those in ``skip`` left out)."""
+        out = pooled[self.query_of[seq]]
+        for f in self.side_features[seq]:
+            if f not in skip:
+                out = out + pooled[f]  # (B, D)
+        return out
 
 
 class FeatureGroups(NamedTuple):
@@ -215,6 +262,8 @@ class GroupArch(nn.Module):
         self.dense_weight = nn.Parameter(torch.randn(len(used), dense_dim) * 0.1) if used else None  # (F_used, D)
         self.sequences = list(schema.sequences)
         self.query_of = {s: schema.sequences[s].shared_feature for s in self.sequences}
+        built = self.user_features + self.shared_features + [f for e in entities for f in self.spec_features[e]]
+        self.sequence_inputs = SequenceInputs(schema, self.sequences, built)  # steps and query with side features
         dims = {f: schema.tables[schema.table_of(f)].dim for f in schema.features}
         self.attention = nn.ModuleDict({
             s: make_attention(seq_cfg.encoder, dims[self.query_of[s]], seq_cfg.attention_mlp, seq_cfg.heads)
@@ -235,7 +284,8 @@ class GroupArch(nn.Module):
 
     def forward(self, sparse: SparseFeatures, dense: torch.Tensor,
                 entities: Optional[Sequence[str]] = None) -> FeatureGroups:
-        """sparse: pooled (B, D) / padded (B, L, D); dense (B, F_dense) -> FeatureGroups.
+        """sparse: pooled (B, D) / padded (B, L, D) (sequences and their side columns); dense (B, F_dense) ->
+        FeatureGroups.
 
         ``entities`` limits which specific blocks are built (default: all this arch was built for), so a
         target-only caller needs no source-specific inputs.
@@ -244,7 +294,10 @@ class GroupArch(nn.Module):
         any_t = next(iter(p.values()))
         b = any_t.shape[0]
         user = self._cat([p[f] for f in self.user_features] + self._dense(dense, self.user_dense), b, any_t)
-        seq = self._cat([self.attention[s](p[self.query_of[s]], sparse.sequences[s], sparse.lengths[s])
+        # another entity's specific features (not looked up for a target-only caller) are null on these rows
+        skip = [f for e, fs in self.spec_features.items() if entities is not None and e not in entities for f in fs]
+        si = self.sequence_inputs
+        seq = self._cat([self.attention[s](si.query(p, s, skip), si.steps(sparse, s), sparse.lengths[s])
                          for s in self.sequences], b, any_t)  # (B, d_seq)
         shared = self._cat([p[f] for f in self.shared_features] + self._dense(dense, self.shared_dense), b, any_t)
         spec = {e: self._cat([p[f] for f in fs] + self._dense(dense, self.spec_dense[e]), b, any_t)

@@ -359,14 +359,16 @@ def resolve_pooling(cfg: Config, measured: Optional[Mapping[str, float]] = None)
     """
     schema = cfg.schema
     bounds = {f: 1.0 for f in schema.features}
-    bounds.update({name: float(seq.max_len) for name, seq in schema.sequences.items()})
+    bounds.update({key: float(schema.max_len_of(key)) for key in list(schema.sequences) + schema.side_keys})
     configured = cfg.train.planner.pooling_factors
     for key, value in configured.items():
         where = f"train.planner.pooling_factors.{key}"
         if key not in bounds:
             raise ConfigError(f"{where}: not a feature or sequence of the schema; expected one of {sorted(bounds)}")
         if value > bounds[key]:
-            what = f"sequence with max_len {bounds[key]:g}" if key in schema.sequences else "single-valued feature"
+            what = (f"sequence with max_len {bounds[key]:g}" if key in schema.sequences
+                    else f"side column with max_len {bounds[key]:g}" if key in schema.side_keys
+                    else "single-valued feature")
             raise ConfigError(f"{where}: {value:g} ids per row, but {key} is a {what}: at most {bounds[key]:g}")
     factors: Dict[str, float] = {}
     sources: Dict[str, str] = {}

@@ -117,10 +117,10 @@ def synthetic_example(schema: SchemaConfig, rows: int = EXAMPLE_ROWS,
     """
     gen = torch.Generator().manual_seed(seed)
     ids: Dict[str, torch.Tensor] = {}
-    for key in serving_keys(schema):
+    for key in serving_keys(schema):  # sequences before their side columns
         table_rows = schema.tables[schema.table_of(key)].rows
-        if key in schema.sequences:
-            max_len = schema.sequences[key].max_len
+        max_len = schema.max_len_of(key)
+        if max_len is not None:
             values = torch.randint(0, table_rows, (rows, max_len), generator=gen, dtype=torch.int64)
             lengths = torch.linspace(0, max_len, rows).round().long()  # (B,) from empty to full
             ids[key] = values.masked_fill(torch.arange(max_len).unsqueeze(0) >= lengths.unsqueeze(1), -1)

@@ -365,6 +365,26 @@ def _load_mem_into_stage2(model: DistributedModelParallel, mem_run: str) -> str:
     return ckpt
 
 
+TEM_FROM_MEM = ("sparse_arch.", "group_arch.attention.")  # what ``model.tem.init_from_mem`` copies
+
+
+def _init_tem_from_mem(model: DistributedModelParallel, ckpt: str) -> List[str]:
+    """``model.tem.init_from_mem``: DCP-load the TEM's embedding tables and sequence encoder from the stage-1
+    MEM's checkpoint ``ckpt`` (the same module paths under the MEM; DCP reshards to the TEM's own plan). Tables
+    the MEM does not hold, or holds with another shape, keep their initialisation. Returns the TEM keys loaded."""
+    tem, mem = "model.model.tem.", "model.model."
+    sizes = checkpoint.global_sizes(ckpt)
+    state = {}
+    for key, value in train_state(model, None).items():
+        if not key.startswith(tem) or not key[len(tem):].startswith(TEM_FROM_MEM):
+            continue
+        source = mem + key[len(tem):]
+        if sizes.get(source) == tuple(_global_size(value)):
+            state[source] = value
+    checkpoint.load(ckpt, state)
+    return sorted(tem + k[len(mem):] for k in state)
+
+
 def _check_pretraining_run(cfg: Config, mem_run: Optional[str]) -> None:
     """A baseline's fine-tuning stage needs its own pre-training run: same model and schema."""
     if not mem_run:
@@ -551,7 +571,11 @@ def _train_locked(cfg: Config, stage: str, data_dir: str, run_dir: str, resume: 
         with open(plan_path, encoding="utf-8") as f:
             plan_record = json.load(f)  # every checkpoint records the plan it was saved under
     if stage == "tem" and stage2_uses_mem(cfg):
-        _load_mem_into_stage2(model, mem_run)  # type: ignore[arg-type]
+        mem_ckpt = _load_mem_into_stage2(model, mem_run)  # type: ignore[arg-type]
+        if cfg.model.tem.init_from_mem and not (resume and checkpoint.latest_checkpoint(run_dir)):
+            loaded = _init_tem_from_mem(model, mem_ckpt)
+            if info.is_main:
+                log.info("model.tem.init_from_mem: the TEM starts from %d tensors of %s", len(loaded), mem_ckpt)
     if stage_transfer(cfg, stage) and not (resume and checkpoint.latest_checkpoint(run_dir)):  # else in the ckpt
         _transfer_from_pretraining(model, mem_run, stage_transfer(cfg, stage))  # type: ignore[arg-type]
     entity = stage_entity(cfg, stage)
@@ -842,12 +866,64 @@ def load_unsharded(cfg: Config, stage: str, ckpt: str) -> nn.Module:
 # --------------------------------------------------------------------------------------------------------
 
 
-def score_split(pipeline: Any, reader: ParquetReader, info: DistInfo, pred_dir: str, desc: str) -> None:
+class _HFAMeans:
+    """Per-entity mean HFA score of each specific feature over the entity's own rows, summed on the device.
+
+    Args:
+        features: entity -> feature names of its score columns (``hfa_feature_names``); ``StepOutput.hfa`` holds
+            the entities' columns one after the other, in this order, which is that of the entity codes (source
+            0, target 1).
+    """
+
+    def __init__(self, features: Dict[str, List[str]]) -> None:
+        self.features = features
+        self.sums: Optional[torch.Tensor] = None  # (F_src + F_tgt + entities,) own-row score sums, then row counts
+        self.codes: Optional[torch.Tensor] = None  # (F,) entity code of each score column, on the device
+
+    def add(self, hfa: torch.Tensor, entity: torch.Tensor) -> None:
+        """hfa (B, F_src + F_tgt), entity (B,) on the device; no host sync."""
+        width = sum(len(f) for f in self.features.values())
+        if hfa.shape[1] != width:
+            raise RuntimeError(f"the model's HFA scores have {hfa.shape[1]} columns, the schema's specific "
+                               f"features {width}")
+        if self.codes is None:  # filled on the device (a tensor from a host list would copy and sync on CUDA)
+            self.codes = torch.cat([torch.full((len(names),), code, dtype=entity.dtype, device=hfa.device)
+                                    for code, names in enumerate(self.features.values())])  # (F,)
+        own = (entity.unsqueeze(1) == self.codes.unsqueeze(0)).double()  # (B, F) 1 where the column is the row's
+        rows = (entity.unsqueeze(1) == torch.arange(len(self.features), device=hfa.device)).double()  # (B, E)
+        part = torch.cat([(hfa.double() * own).sum(0), rows.sum(0)])  # (F + E,)
+        self.sums = part if self.sums is None else self.sums + part
+
+    def all_reduce(self, device: torch.device) -> Dict[str, Dict[str, float]]:
+        """Sum over ranks (a collective) -> {entity: {feature: mean}} of the entities with rows."""
+        width = sum(len(f) for f in self.features.values())
+        sums = self.sums if self.sums is not None else torch.zeros(width + len(self.features), dtype=torch.float64,
+                                                                   device=device)
+        dist.all_reduce(sums)
+        values = sums.tolist()
+        out: Dict[str, Dict[str, float]] = {}
+        col = 0
+        for i, (e, names) in enumerate(self.features.items()):
+            count = values[width + i]
+            if count > 0:
+                out[e] = {n: values[col + j] / count for j, n in enumerate(names)}
+            col += len(names)
+        return out
+
+
+def score_split(pipeline: Any, reader: ParquetReader, info: DistInfo, pred_dir: str, desc: str,
+                hfa_features: Optional[Dict[str, List[str]]] = None) -> Optional[Dict[str, Dict[str, float]]]:
     """Score one pass of ``reader`` through ``pipeline`` (its model in eval mode) and write this rank's predictions
     to ``pred_dir/part-RANK.parquet`` (``user_id, entity, label, score`` [, ``activity``, ``true_prob``]); the
-    directory is emptied first. Collective: every rank calls it. Scores stay on the device until the pass ends."""
+    directory is emptied first. Collective: every rank calls it. Scores stay on the device until the pass ends.
+
+    With ``hfa_features`` (entity -> specific feature names, ``hfa_feature_names``) and a model that reports HFA
+    scores (``StepOutput.hfa``, MKT's MEM with HFA), also returns every entity's mean score of each of its
+    specific features over its own rows of all ranks: {entity: {feature: mean}}; else None."""
     cols: Dict[str, list] = {"user_id": [], "entity": [], "label": [], "activity": [], "true_prob": []}
     logits: List[torch.Tensor] = []
+    hfa = _HFAMeans(hfa_features) if hfa_features is not None else None
+    scored_hfa = False  # the model reports HFA scores (the same on every rank: the same model, the same steps)
     feed = _Feed(reader, info, epochs=reader.epoch + 1, steps=None)
     total = -(-reader.num_rows() // max(1, reader.plan.batch_size * info.world_size))
     bar = _bar(total, desc, 0, info.is_main)
@@ -859,10 +935,13 @@ def score_split(pipeline: Any, reader: ParquetReader, info: DistInfo, pred_dir: 
                 break
             fed = feed.handed.popleft()
             bar.update(1)
+            scored_hfa = scored_hfa or (out.hfa is not None and out.hfa.shape[1] > 0)
             if fed.rows == 0:  # filler: this rank has scored all its rows
                 continue
             batch = fed.batch
             logits.append(out.logits)
+            if hfa is not None and scored_hfa:
+                hfa.add(out.hfa, out.entity)
             cols["user_id"].append(batch.user_id.numpy())
             cols["entity"].append(batch.entity.numpy())
             cols["label"].append(batch.labels.numpy())
@@ -893,6 +972,7 @@ def score_split(pipeline: Any, reader: ParquetReader, info: DistInfo, pred_dir: 
     pq.write_table(pa.table(arrays), path + ".tmp")
     os.replace(path + ".tmp", path)
     dist.barrier()
+    return hfa.all_reduce(info.device) if hfa is not None and scored_hfa else None
 
 
 class _Validation:
@@ -959,6 +1039,7 @@ def _evaluate_locked(cfg: Config, run_dir: str, data_dir: str, info: DistInfo, m
                      ckpt: str) -> Dict[str, Any]:
     """:func:`evaluate` once the run directory is locked."""
     from mkt_torchrec.evaluation.distributed_metrics import compute_metrics_distributed
+    from mkt_torchrec.models.train import hfa_feature_names
 
     asm = assemble(cfg, stage, info, manifest=manifest)
     model = asm.model
@@ -973,7 +1054,7 @@ def _evaluate_locked(cfg: Config, run_dir: str, data_dir: str, info: DistInfo, m
     fault_point("evaluate")
     pipeline = make_pipeline(model, asm.optimizer, info.device)
     pred_dir = os.path.join(run_dir, "predictions")
-    score_split(pipeline, reader, info, pred_dir, "evaluate")
+    hfa_scores = score_split(pipeline, reader, info, pred_dir, "evaluate", hfa_feature_names(cfg.schema))
     metrics = compute_metrics_distributed(pred_dir, cfg.eval, info.device) or {}
     if info.is_main:
         extra = checkpoint.read_extra(ckpt)
@@ -984,6 +1065,8 @@ def _evaluate_locked(cfg: Config, run_dir: str, data_dir: str, info: DistInfo, m
         metrics["stage"] = stage
         metrics["ablation"] = cfg.model.ablation
         metrics["world_size"] = info.world_size
+        if hfa_scores is not None:  # MKT's MEM with HFA: {entity: {specific feature: mean score on its rows}}
+            metrics["hfa_scores"] = hfa_scores
         _write_json(os.path.join(run_dir, "metrics.json"), metrics)
     dist.barrier()
     return metrics

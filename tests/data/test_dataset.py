@@ -72,14 +72,15 @@ def test_mean_lengths_are_values_per_row_after_truncation(small_dataset):
         expect = {}
         for key in cfg.schema.features:
             expect[key] = (table.num_rows - table.column(key).null_count) / table.num_rows
-        for key, seq in cfg.schema.sequences.items():
+        for key in list(cfg.schema.sequences) + cfg.schema.side_keys:
             lengths = pc.list_value_length(table.column(key)).to_numpy()
-            expect[key] = float(np.minimum(lengths, seq.max_len).mean())
+            expect[key] = float(np.minimum(lengths, cfg.schema.max_len_of(key)).mean())
         assert set(manifest.mean_lengths[split]) == set(cfg.schema.sparse_keys)
         for key, mean in expect.items():
             assert manifest.mean_lengths[split][key] == pytest.approx(mean)
     assert 0 < manifest.mean_lengths["train"]["style"] < 1  # a target-only feature: null on source rows
     assert manifest.mean_lengths["train"]["hist_source_items"] > 1
+    assert manifest.mean_lengths["train"]["hist_source_categories"] == manifest.mean_lengths["train"]["hist_source_items"]
 
 
 def test_format_1_opens_and_rewrites_into_format_2(format_1_dataset, tmp_path):
@@ -132,6 +133,20 @@ def test_a_format_2_manifest_must_name_the_entity_of_every_row_group(small_datas
     json.dump(raw, open(path, "w"))
     with pytest.raises(ValueError, match=r"manifest.json: not a valid manifest .*row_group_entity must give"):
         open_dataset(data, small_config().schema)
+
+
+def test_a_side_column_of_another_length_than_its_sequence_is_refused(small_dataset, tmp_path):
+    cfg = small_config()
+    table = pq.read_table(os.path.join(small_dataset, "train")).slice(0, 10)
+    side = table.column("hist_source_categories").to_pylist()
+    side[4] = side[4] + [1]
+    index = table.schema.get_field_index("hist_source_categories")
+    table = table.set_column(index, table.schema.field(index), pa.array(side, table.schema.field(index).type))
+    with pytest.raises(ValueError, match=r"split 'train': column 'hist_source_categories' row 4 of a write has "
+                                         rf"{len(side[4])} values but its sequence 'hist_source_items' has"):
+        with DatasetWriter(str(tmp_path / "ds"), cfg.schema, optional=("true_prob", "activity")) as w:
+            w.write("train", table)
+    assert not os.listdir(tmp_path)
 
 
 def test_a_row_of_no_known_entity_is_refused_not_dropped(small_dataset, tmp_path):

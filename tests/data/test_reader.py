@@ -167,6 +167,11 @@ def test_batch_contents_match_the_parquet_rows(small_dataset):
     flat = np.array([x for s in expect for x in s], dtype=np.int64)
     assert seq.values().tolist() == map_ids(flat, "item_id", tables["item_id"]).tolist()
     assert int(seq.lengths().max()) <= 5
+    side = jt["hist_source_categories"]  # the side column: truncated like its sequence, the category's table
+    expect = [r["hist_source_categories"][-5:] for r in rows]
+    assert side.lengths().tolist() == seq.lengths().tolist()
+    flat = np.array([x for s in expect for x in s], dtype=np.int64)
+    assert side.values().tolist() == map_ids(flat, "category", tables["category"]).tolist()
     assert torch.equal(batch.labels, torch.tensor([float(r["label"]) for r in rows]))
     dense = [r["log_price"] if r["log_price"] is not None else 0.0 for r in rows]
     assert torch.allclose(batch.dense_features[:, 0], torch.tensor(dense))
@@ -278,6 +283,25 @@ def test_bad_values_are_errors_naming_file_column_and_row(small_dataset, tmp_pat
     with pytest.raises(ValueError) as e:
         list(ParquetReader(ds, "train", cfg.schema, cfg.data, training=False))
     assert f"part-00001.parquet: row group 0: column {column!r} row 7: {message}" in str(e.value)
+
+
+def test_side_column_of_another_length_than_its_sequence_names_file_column_and_row(small_dataset, tmp_path):
+    ds = _copy_dataset(small_dataset, tmp_path)
+    path = os.path.join(ds, "train", "part-00001.parquet")
+    t = pq.read_table(path)
+    side = t.column("hist_target_categories").to_pylist()
+    row = next(i for i, s in enumerate(side) if i >= 3 and len(s) >= 1)
+    side[row] = side[row][1:]  # one category short
+    index = t.schema.get_field_index("hist_target_categories")
+    t = t.set_column(index, t.schema.field(index), pa.array(side, t.schema.field(index).type))
+    pq.write_table(t, path, row_group_size=500)
+    cfg = small_config()
+    with pytest.raises(ValueError) as e:
+        list(ParquetReader(ds, "train", cfg.schema, cfg.data, training=False))
+    msg = str(e.value)
+    assert len(msg.splitlines()) == 1
+    assert (f"part-00001.parquet: row group {row // 500}: column 'hist_target_categories' row {row % 500}: "
+            f"{len(side[row])} values but its sequence 'hist_target_items' has {len(side[row]) + 1} steps") in msg
 
 
 def test_null_inside_a_sequence_names_file_column_and_row(small_dataset, tmp_path):

@@ -405,6 +405,10 @@ def test_schema_the_converter_cannot_fill(tmp_path):
     cfg = tenrec_config("schema.features.category_first.entity=source")
     with pytest.raises(ValueError, match="'category_first' must be declared"):
         convert(v, a, cfg, str(tmp_path / "out"))
+    cfg = tenrec_config("schema.sequences.hist_source_items.side_features={category: hist_source_categories}")
+    with pytest.raises(ValueError, match=r"hist_source_items.side_features: the Tenrec converter writes no side "
+                                         r"columns \(\['hist_source_categories'\]\)"):
+        convert(v, a, cfg, str(tmp_path / "out"))
     assert not os.path.exists(tmp_path / "out")
 
 

@@ -257,3 +257,23 @@ def test_a_format_1_dataset_reads_train_whole_only(format_1_dataset):
     reader = ParquetReader(format_1_dataset, "train", whole.schema, whole.data)
     assert reader.num_rows() == sum(reader.manifest.rows["train"].values())
     assert reader.manifest.split_rows("train", "target") == reader.manifest.rows["train"]["target"]
+
+
+def test_synthetic_validation_rows_are_the_latest_train_rows_of_users_training_has_seen(tmp_path):
+    """``mkt synth`` ends its train split with every user's most recent train rows, so the validation split holds
+    warm users' next rows, like the test split (written by user blocks, it held users no training row had)."""
+    from mkt_torchrec.data.synth import generate
+
+    cfg = small_config("synth.users=400", "synth.source_rows=8000", "synth.row_group_rows=200",
+                       "synth.rows_per_file=2000", "data.validation_fraction=0.1")  # about 5 blocks of users
+    data = str(tmp_path / "data")
+    generate(cfg, data)
+
+    def users(split: str) -> collections.Counter:
+        return collections.Counter(int(u) for b in ParquetReader(data, split, cfg.schema, cfg.data, training=False)
+                                   for u in b.user_id)
+
+    train, valid = users("train"), users("valid")
+    seen = sum(n for u, n in valid.items() if u in train)
+    assert seen >= 0.9 * sum(valid.values()), (seen, sum(valid.values()))
+    assert len(valid) >= 0.3 * len(train | valid)  # spread over users, not the last-written block of them

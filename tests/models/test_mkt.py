@@ -99,6 +99,35 @@ def test_pdl_of_one_entity_batch_uses_only_that_entity(cfg, batches):
     torch.testing.assert_close(out.pdl, expected)
 
 
+def test_squared_cosine_pdl_is_the_mean_squared_cosine(batches):
+    cfg = small_config("data.batch_size=64", "model.pdl=squared_cosine")
+    torch.manual_seed(0)
+    mem = MEM(cfg.schema, cfg.model)
+    sub = _subset(batches[0], batches[0].entity == 1)
+    out = mem(sub.sparse_features, sub.dense_features, sub.entity)
+    cosine = torch.nn.functional.cosine_similarity(out.g_com, out.g_ind, dim=-1)
+    torch.testing.assert_close(out.pdl, (cosine ** 2).mean())
+    assert float(cosine.mean()) ** 2 < float((cosine ** 2).mean())  # not the square of the paper's term
+
+
+def test_mem_logit_tem_starts_as_the_mems_target_tower(small_dataset):
+    cfg = small_config("data.batch_size=64", "model.tem.mem_logit=true")
+    torch.manual_seed(0)
+    mem = MEM(cfg.schema, cfg.model).eval()
+    model = MKTTarget(TEM(cfg.schema, cfg.model, knowledge_dims(mem)), mem).eval()
+    b = _target_batch(small_dataset, cfg)
+    with torch.no_grad():
+        mine = model(b.sparse_features, b.dense_features)
+        theirs = mem.target_logits_from(mem.sparse_arch(b.sparse_features), b.dense_features)
+    torch.testing.assert_close(mine, theirs)
+    assert float(theirs.std()) > 0
+    step = TEMTrain(MKTTarget(model.tem, mem).train())
+    loss, _ = step(b)
+    loss.backward()
+    assert all(p.grad is None for p in mem.parameters())
+    assert float(model.tem.top[-1].weight.grad.abs().sum()) > 0  # the zero-started correction learns
+
+
 def test_gates_and_knowledge_shapes(cfg, small_dataset):
     mem = MEM(cfg.schema, cfg.model)
     kd = knowledge_dims(mem)
@@ -141,9 +170,13 @@ def test_frozen_mem_is_unchanged_by_a_tem_step(cfg, small_dataset):
     assert len(opt.state) == len(trainable)  # optimizer state only for TEM parameters
 
 
-@pytest.mark.parametrize("ablation", ["none", "no_hfa", "no_pdl", "no_mem_pretrain", "no_tem_finetune"])
+@pytest.mark.parametrize("ablation", ["none", "no_hfa", "no_pdl", "no_mem_pretrain", "no_tem_finetune", "mem_logit"])
 def test_every_ablation_trains_and_its_serving_export_equals_training(ablation, small_dataset, tmp_path):
-    cfg = small_config("data.batch_size=64", f"model.ablation={ablation}")
+    if ablation == "mem_logit":  # not an ablation: the TEM adds the MEM's target logit (it serves its tower)
+        cfg = small_config("data.batch_size=64", "model.tem.mem_logit=true")
+        ablation = "none"
+    else:
+        cfg = small_config("data.batch_size=64", f"model.ablation={ablation}")
     torch.manual_seed(0)
     mem = MEM(cfg.schema, cfg.model)
     gamma = pdl_gamma(cfg.model)
@@ -187,6 +220,30 @@ def test_every_ablation_trains_and_its_serving_export_equals_training(ablation, 
     source_only = ("hfa.source", "towers.source", "extractors.source", "table__price_bucket", "table__condition")
     assert not [k for k in state if any(s in k for s in source_only)], "serving carries source-entity modules"
     assert any("table__item_id" in k for k in state)
+
+
+@pytest.mark.parametrize("ablation", ["none", "no_hfa"])
+def test_mem_step_output_carries_its_hfa_scores_source_then_target(ablation, cfg, batches):
+    """StepOutput.hfa: the MEM's scores of every row as a source row, then as a target row (in
+    hfa_feature_names' order), detached; no columns under no_hfa; None for the stage-2 model."""
+    from mkt_torchrec.models.train import hfa_feature_names
+
+    model_cfg = copy.deepcopy(cfg.model)
+    model_cfg.ablation = ablation
+    torch.manual_seed(0)
+    mem = MEM(cfg.schema, model_cfg)
+    b = batches[0]
+    _, out = MEMTrain(mem, pdl_gamma(model_cfg))(b)
+    names = hfa_feature_names(cfg.schema)
+    assert names == {"source": ["price_bucket", "condition", "log_price"], "target": ["style", "post_length"]}
+    if ablation == "no_hfa":
+        assert out.hfa.shape == (len(b), 0)
+    else:
+        scores = mem(b.sparse_features, b.dense_features, b.entity).hfa_scores
+        assert out.hfa.shape == (len(b), 5) and not out.hfa.requires_grad
+        torch.testing.assert_close(out.hfa, torch.cat([scores["source"], scores["target"]], dim=1))
+    step = TEMTrain(MKTTarget(TEM(cfg.schema, model_cfg, knowledge_dims(mem)), mem))
+    assert step(_subset(b, b.entity == 1))[1].hfa is None
 
 
 def test_mem_learns_from_reader_batches(small_dataset):

@@ -31,6 +31,9 @@ from mkt_torchrec.training.build import build_train_module
 
 from tests.conftest import QUICKSTART, REPO
 
+# the sequence lengths these tests were written for (the quickstart demo keeps 30 / 20 steps)
+AT_50 = ["schema.sequences.hist_source_items.max_len=50", "schema.sequences.hist_target_items.max_len=50"]
+
 INDUSTRIAL = os.path.join(REPO, "configs", "industrial.yaml")
 META = torch.device("meta")
 CPU_TYPES = {  # FACTS.md: what each sharder offers on CPU
@@ -66,7 +69,7 @@ def _assert_same_plan(a, b):
 
 @pytest.fixture(scope="module")
 def quick_cfg():
-    return load_config(QUICKSTART)
+    return load_config(QUICKSTART, AT_50)
 
 
 @pytest.fixture(scope="module")
@@ -336,7 +339,7 @@ def _recorded_constraints(monkeypatch):
 def test_every_table_gets_one_pooling_factor_per_feature_and_the_batch_size(quick_cfg, monkeypatch):
     seen = _recorded_constraints(monkeypatch)
     cfg = load_config(QUICKSTART, ["train.planner.pooling_factors={hist_source_items: 7.5, gender: 0.5}",
-                                   "data.batch_size=300"])
+                                   "data.batch_size=300", *AT_50])
     module = _module(cfg, "mem")
     plan_module(module, cfg, 2, 2, "cpu")
     constraints = seen[-1]
@@ -349,7 +352,11 @@ def test_every_table_gets_one_pooling_factor_per_feature_and_the_batch_size(quic
     assert constraints["gender"].pooling_factors == [0.5] and constraints["gender"].batch_sizes == [300]
     tables = {t.name for t in table_infos(module, "cpu")}
     assert set(constraints) == tables
-    for name in tables - {"item_id", "gender"}:
+    # the category table serves the candidate and the sequences' side columns (one category per step)
+    (category,) = [c for c in ec.embedding_configs() if c.name == "category"]
+    assert category.feature_names == ["category", "hist_source_categories", "hist_target_categories"]
+    assert constraints["category"].pooling_factors == [1.0, 50.0, 50.0]  # default, default (max_len), default
+    for name in tables - {"item_id", "gender", "category"}:
         assert constraints[name].pooling_factors == [1.0] and constraints[name].batch_sizes == [300], name
     # the sharding rules are still there: a tiny table is replicated, the item table is not
     assert constraints["gender"].sharding_types == ["data_parallel"]
@@ -357,7 +364,8 @@ def test_every_table_gets_one_pooling_factor_per_feature_and_the_batch_size(quic
 
 
 def test_a_longer_sequence_raises_the_estimated_step_time_of_the_same_plan(quick_cfg):
-    one = load_config(QUICKSTART, ["train.planner.pooling_factors={hist_source_items: 1, hist_target_items: 1}"])
+    one = load_config(QUICKSTART, ["train.planner.pooling_factors={hist_source_items: 1, hist_target_items: 1, "
+                                   "hist_source_categories: 1, hist_target_categories: 1}"])  # with the side columns
     module = _module(quick_cfg, "mem")
     short = plan_module(module, one, 2, 2, "cpu")
     long = plan_module(module, quick_cfg, 2, 2, "cpu")  # defaults: max_len 50
@@ -394,7 +402,7 @@ def test_pooling_factors_keys_and_bounds_are_checked_against_the_schema(capsys):
                                       r"with max_len 50: at most 50",
              "gender: 2": r"gender: 2 ids per row, but gender is a single-valued feature: at most 1"}
     for text, message in cases.items():
-        cfg = load_config(QUICKSTART, [f"train.planner.pooling_factors={{{text}}}"])
+        cfg = load_config(QUICKSTART, [f"train.planner.pooling_factors={{{text}}}", *AT_50])
         with pytest.raises(ConfigError, match=message):
             resolve_pooling(cfg)
         with pytest.raises(ConfigError, match=message):  # before any planning
@@ -417,7 +425,7 @@ def test_pooling_comes_from_the_config_then_the_manifest_then_the_defaults():
     assert measured["hist_source_items"] == 12.5  # the train split, not the test split
     assert manifest_pooling(SimpleNamespace()) == {}  # a manifest written before mean lengths were recorded
     assert manifest_pooling(SimpleNamespace(mean_lengths={})) == {}
-    cfg = load_config(QUICKSTART, ["train.planner.pooling_factors={hist_source_items: 3}"])
+    cfg = load_config(QUICKSTART, ["train.planner.pooling_factors={hist_source_items: 3}", *AT_50])
     pooling = resolve_pooling(cfg, measured)
     assert set(pooling.factors) == set(cfg.schema.sparse_keys)  # "gone" is not a key of this schema
     assert (pooling.factors["hist_source_items"], pooling.sources["hist_source_items"]) == (3.0, "config")

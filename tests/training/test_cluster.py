@@ -417,7 +417,7 @@ def _carry(ckpt_in, sharding_type, out) -> str:
 
     torch.set_num_threads(1)
     info = init_distributed()
-    cfg = small_config(*TRAIN, f"train.planner.sharding_type={sharding_type}", "schema.tables.category.dim=256")
+    cfg = small_config(*TRAIN, f"train.planner.sharding_type={sharding_type}", "schema.tables.age.dim=256")
     asm = assemble(cfg, "mem", info)
     load_train_state(asm, cfg, ckpt_in, checkpoint.read_extra(ckpt_in)["plan"])
     extra = {"step": 1, "epoch": 0, "readers": [], "plan": _plan_record(asm, info.world_size)}
@@ -441,12 +441,12 @@ def test_model_and_optimizer_state_carry_across_plans(small_dataset, tmp_path):
     """table_wise (2 ranks) -> column_wise (2 ranks: the 256-wide table splits into 2 column shards, whose
     row-wise momentum is rows x 2) -> data_parallel -> table_wise on 3 ranks; and column_wise back."""
     run = str(tmp_path / "tw")
-    _train("mem", small_dataset, run, 2, sets=("train.max_steps=6", "schema.tables.category.dim=256",
+    _train("mem", small_dataset, run, 2, sets=("train.max_steps=6", "schema.tables.age.dim=256",
                                                 "train.planner.sharding_type=table_wise"))
     src = checkpoint.latest_checkpoint(run)
     ref = _full(src)
-    key = "optim.model.sparse_arch.ebc.embedding_bags.category.weight.category.momentum1"
-    rows = ref["model.model.sparse_arch.ebc.embedding_bags.category.weight"].shape[0]
+    key = "optim.model.sparse_arch.ebc.embedding_bags.age.weight.age.momentum1"
+    rows = ref["model.model.sparse_arch.ebc.embedding_bags.age.weight"].shape[0]
     assert ref[key].shape == (rows,) and ref[key].abs().sum() > 0
     cw = _full(launch(2, _carry, src, "column_wise", str(tmp_path / "cw")))
     assert cw[key].shape == (2 * rows,)  # really split in two column shards

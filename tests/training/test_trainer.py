@@ -58,12 +58,50 @@ def test_stage1_then_stage2_then_evaluate(small_dataset, mem_run, tmp_path):
                      "--nproc", "2"]) == 0
         metrics = json.load(open(os.path.join(run, "metrics.json")))
         assert entities <= set(metrics) and not ({"source", "target"} - entities) & set(metrics)
+        assert ("hfa_scores" in metrics) == (run == mem_run)  # the MEM's only (see test_evaluate_reports_...)
         manifest = json.load(open(os.path.join(small_dataset, "manifest.json")))
         for e in entities:
             assert metrics[e]["rows"] == manifest["rows"]["test"][e]  # every test row scored exactly once
             assert 0.0 <= metrics[e]["auc"] <= 1.0 and 0.0 <= metrics[e]["gauc"] <= 1.0
         parts = sorted(os.listdir(os.path.join(run, "predictions")))
         assert parts == ["part-00000.parquet", "part-00001.parquet"]
+
+
+def _hfa_means_unsharded(cfg, ckpt, data):
+    """Reference: the unsharded MEM over every test row; each entity's mean score of each of its specific features
+    over its own rows, and (to show the check can tell) over all rows."""
+    from mkt_torchrec.data.reader import ParquetReader
+    from mkt_torchrec.models.mkt import ENTITY_CODE
+
+    mem = load_unsharded(cfg, "mem", ckpt).model.eval()
+    own = {e: [0.0, 0] for e in ENTITY_CODE}
+    every = {e: [0.0, 0] for e in ENTITY_CODE}
+    with torch.no_grad():
+        for b in ParquetReader(data, "test", cfg.schema, cfg.data, training=False):
+            scores = mem(b.sparse_features, b.dense_features, b.entity).hfa_scores
+            for e, code in ENTITY_CODE.items():
+                mine = scores[e][b.entity == code].double()
+                own[e] = [own[e][0] + mine.sum(0), own[e][1] + len(mine)]
+                every[e] = [every[e][0] + scores[e].double().sum(0), every[e][1] + len(b)]
+    return ({e: s / n for e, (s, n) in own.items()}, {e: s / n for e, (s, n) in every.items()})
+
+
+def test_evaluate_reports_the_mems_mean_hfa_score_of_each_specific_feature(small_dataset, mem_run):
+    """metrics.json's hfa_scores (2 ranks, sharded, summed on the device and all-reduced) equal each entity's mean
+    HFA score over its own test rows computed with the unsharded MEM; keyed by the schema's specific features."""
+    assert main(["evaluate", "--config", QUICKSTART, "--set", "data.batch_size=200", "--run-dir", mem_run,
+                 "--data", small_dataset, "--nproc", "2"]) == 0
+    reported = json.load(open(os.path.join(mem_run, "metrics.json")))["hfa_scores"]
+    cfg = small_config(*TRAIN)
+    own, every = _hfa_means_unsharded(cfg, checkpoint.final_checkpoint(mem_run), small_dataset)
+    assert set(reported) == {"source", "target"}
+    for e, means in own.items():
+        names = cfg.schema.features_of("specific", e) + cfg.schema.dense_of("specific", e)
+        assert list(reported[e]) == names and len(names) == len(means)
+        got = torch.tensor([reported[e][n] for n in names], dtype=torch.float64)
+        assert ((got > 0) & (got < 2)).all(), reported
+        torch.testing.assert_close(got, means, rtol=0, atol=1e-5, msg=e)
+        assert (means - every[e]).abs().max() > 1e-3, "own rows and all rows agree: the check could not fail"
 
 
 def test_stage2_at_another_world_size(small_dataset, mem_run, tmp_path):
@@ -74,6 +112,19 @@ def test_stage2_at_another_world_size(small_dataset, mem_run, tmp_path):
     tem_state = _final_state(tem_run, "tem", "train.max_steps=3")
     for k in (k for k in tem_state if k.startswith("model.mem.")):
         assert torch.equal(tem_state[k], mem_state["model." + k[len("model.mem."):]]), k
+
+
+def test_init_from_mem_starts_the_tems_tables_and_sequence_encoder_from_the_mems(small_dataset, mem_run, tmp_path):
+    tem_run = str(tmp_path / "tem-init")
+    sets = ("train.max_steps=2", "train.embedding_lr=1e-12", "train.dense_lr=1e-12", "model.tem.init_from_mem=true",
+            "model.tem.mem_logit=true")
+    _train("tem", small_dataset, tem_run, 2, "--mem-run", mem_run, sets=sets)
+    mem_state = _final_state(mem_run, "mem")
+    tem_state = _final_state(tem_run, "tem", *sets)
+    copied = [k for k in tem_state if k.startswith(("model.tem.sparse_arch.", "model.tem.group_arch.attention."))]
+    assert any(".ec." in k for k in copied) and any(".ebc." in k for k in copied) and any("attention" in k for k in copied)
+    for k in copied:  # two steps at a learning rate of 1e-12 leave them where the MEM's were
+        torch.testing.assert_close(tem_state[k], mem_state["model." + k[len("model.tem."):]], rtol=0, atol=1e-6, msg=k)
 
 
 def test_killed_run_resumes_to_the_same_parameters(small_dataset, tmp_path, monkeypatch):

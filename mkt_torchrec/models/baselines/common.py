@@ -36,7 +36,7 @@ from mkt_torchrec.models.mkt import ENTITY_CODE
 from mkt_torchrec.models.serving import ServingModel, serving_keys
 from mkt_torchrec.models.train import StepOutput, _bce, precision_context
 from mkt_torchrec.modules.layers import mlp
-from mkt_torchrec.modules.sparse import PaddedLookup, SparseArch, SparseFeatures
+from mkt_torchrec.modules.sparse import PaddedLookup, SequenceInputs, SparseArch, SparseFeatures
 
 VIEWS = ("target", "all")
 DENSE_DIM_DEFAULT = 8  # width of a dense feature's vector when the tables have several dims (GroupArch's default)
@@ -144,6 +144,7 @@ class FieldEmbedding(nn.Module):
         self.features = list(features)
         self.dense = list(dense)
         self.mean_sequences = list(mean_sequences)
+        self.sequence_inputs = SequenceInputs(schema, self.mean_sequences, self.features)  # steps + side features
         self.dense_column = {n: i for i, n in enumerate(schema.dense)}  # column in the batch's dense features
         self.dense_weight = nn.Parameter(torch.randn(len(self.dense), dense_dim) * 0.1) if self.dense else None
         self.dims = ([schema.tables[schema.table_of(f)].dim for f in self.features] + [dense_dim] * len(self.dense)
@@ -158,7 +159,7 @@ class FieldEmbedding(nn.Module):
             fields.append(dense[:, column: column + 1] * self.dense_weight[row])  # (B, D)
         for s in self.mean_sequences:
             count = sparse.lengths[s].clamp(min=1).unsqueeze(-1).to(sparse.sequences[s].dtype)  # (B, 1)
-            fields.append(sparse.sequences[s].sum(dim=1) / count)  # (B, D): padding is zero
+            fields.append(self.sequence_inputs.steps(sparse, s).sum(dim=1) / count)  # (B, D): padding is zero
         return fields
 
 
@@ -337,7 +338,7 @@ class BaselineServing(ServingModel):
         features = [f for f in arch.features if f in served]
         # a model's features that are not served are the source entity's: null, hence zero, on every target row
         self.zero_fields = {f: arch.dims[f] for f in arch.features if f not in served}
-        tables = {schema.table_of(k) for k in features + list(arch.sequences)}
+        tables = {schema.table_of(k) for k in features + arch.sequences + arch.side_keys}
         weights = {t: w for t, w in arch.table_weights().items() if t in tables}
         self.lookup = PaddedLookup(schema, features, list(arch.sequences), weights)  # the trained tables
         name_of = {id(p): n for n, p in arch.named_parameters()}

@@ -28,9 +28,9 @@ from torch import nn
 
 from mkt_torchrec.config import Config, SchemaConfig
 from mkt_torchrec.models.baselines.common import (SINGLE_DOMAIN, BaselineModel, DiceMLP, ModelSpec, make_model,
-                                                  view_fields)
+                                                  view_features, view_fields)
 from mkt_torchrec.modules.sequence import valid_mask
-from mkt_torchrec.modules.sparse import SparseFeatures
+from mkt_torchrec.modules.sparse import SequenceInputs, SparseFeatures
 
 SPEC = ModelSpec(name="din", family="single_domain", stages=SINGLE_DOMAIN,
                  paper="Zhou et al., 'Deep Interest Network for Click-Through Rate Prediction', KDD 2018")
@@ -88,13 +88,15 @@ class DINArch(nn.Module):
         self.fields = view_fields(schema, view, mean_sequences=False)
         self.sequences = list(schema.sequences)
         self.query_of = {s: schema.sequences[s].shared_feature for s in self.sequences}
+        self.sequence_inputs = SequenceInputs(schema, self.sequences, view_features(schema, view))  # + side features
         dim_of = {s: schema.tables[schema.table_of(s)].dim for s in self.sequences}
         self.attention = nn.ModuleDict({s: ActivationUnit(dim_of[s], attention_hidden) for s in self.sequences})
         self.dnn = DiceMLP(self.fields.out_dim + sum(dim_of.values()), dnn)
 
     def forward(self, sparse: SparseFeatures, dense: torch.Tensor, entity: torch.Tensor) -> torch.Tensor:
         """sparse: pooled (B, D) / padded (B, L, D); dense (B, F_dense); entity (B,) unused -> logits (B,)."""
-        interests = [self.attention[s](sparse.pooled[self.query_of[s]], sparse.sequences[s], sparse.lengths[s])
+        si = self.sequence_inputs
+        interests = [self.attention[s](si.query(sparse.pooled, s), si.steps(sparse, s), sparse.lengths[s])
                      for s in self.sequences]  # each (B, D)
         x = torch.cat(self.fields(sparse, dense) + interests, dim=-1)  # (B, d_in)
         return self.dnn(x).squeeze(-1)

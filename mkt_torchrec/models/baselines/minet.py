@@ -38,7 +38,7 @@ from mkt_torchrec.models.baselines.common import (BaselineModel, EntityTowers, F
                                                   common_dim, make_model, view_dense, view_features)
 from mkt_torchrec.modules.layers import mlp
 from mkt_torchrec.modules.sequence import valid_mask
-from mkt_torchrec.modules.sparse import SparseFeatures
+from mkt_torchrec.modules.sparse import SequenceInputs, SparseFeatures
 
 SPEC = ModelSpec(name="minet", family="pretrain_finetune",
                  stages={"mem": StageSpec(None), "tem": StageSpec("target", ("model.",))},
@@ -106,6 +106,7 @@ class MiNetArch(nn.Module):
                                    [n for n in dense if n not in user_dense], [], dim)  # q_all
         self.sequences = list(schema.sequences)
         self.query_of = {s: schema.sequences[s].shared_feature for s in self.sequences}
+        self.sequence_inputs = SequenceInputs(schema, self.sequences, features)  # steps and query + side features
         seq_dim = {s: schema.tables[schema.table_of(s)].dim for s in self.sequences}
         u_dim, q_dim = self.user.out_dim, self.item.out_dim
         self.item_attention = nn.ModuleDict({
@@ -124,7 +125,8 @@ class MiNetArch(nn.Module):
         item = torch.cat(self.item(sparse, dense), dim=-1)  # (B, Q): q_all
         interests: Dict[str, torch.Tensor] = {"user": user}
         for s in self.sequences:
-            interests[s] = self.item_attention[s](sparse.pooled[self.query_of[s]], user, sparse.sequences[s],
+            si = self.sequence_inputs
+            interests[s] = self.item_attention[s](si.query(sparse.pooled, s), user, si.steps(sparse, s),
                                                   sparse.lengths[s])  # (B, D)
         scaled = []
         for name, v in interests.items():
