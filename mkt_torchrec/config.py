@@ -380,12 +380,17 @@ class HFAConfig:
         cross_layers: layers of the DCN cross network (explicit cross).
         mlp: hidden sizes of the implicit-cross MLP.
         align: layer sizes of the alignment MLP; its last size is the aligned width of both entities.
+        score: ``sigmoid``: each feature's score is 2 * sigmoid (Eq. 4, in (0, 2)); ``softmax`` (an extension):
+            F * softmax over the entity's F specific features, so the scores average 1 and a feature can only gain
+            weight at the others' expense (with independent sigmoids the next layer can undo any score, so their
+            sizes are not identified; see README "Making each part of MKT pay off").
     """
 
     cross_input: Literal["text", "eq3"] = "text"
     cross_layers: int = 2
     mlp: list[int] = field(default_factory=lambda: [64, 32])
     align: list[int] = field(default_factory=lambda: [32])
+    score: Literal["sigmoid", "softmax"] = "sigmoid"
 
 
 @dataclass

@@ -14,13 +14,14 @@ from mkt_torchrec.modules.layers import mlp
 
 class HFAOutput(NamedTuple):
     q: torch.Tensor  # (B, d_context + d_align): Eq. 6's output q, the same width for both entities
-    scores: torch.Tensor  # (B, F_spec): importance score of each specific feature, in (0, 2)
+    scores: torch.Tensor  # (B, F_spec): importance score of each specific feature, in (0, 2) (softmax: (0, F))
 
 
 class HFA(nn.Module):
     """Scores, reweights and aligns one entity's specific features.
 
-    p = 2 * sigmoid(FC([DCN(x) || MLP(x)])) gives one score in (0, 2) per specific feature (Eq. 3-4), where x
+    p = 2 * sigmoid(FC([DCN(x) || MLP(x)])) gives one score in (0, 2) per specific feature (Eq. 3-4; with
+    ``cfg.score='softmax'``, F * softmax(FC(...)) instead: scores that average 1), where x
     is [context || v_spec] (``cross_input='text'``, the paper's text: specific crossed WITH the shared
     features) or v_spec alone (``'eq3'``, Eq. 3 as printed). Each feature's embedding is multiplied by its
     score (Eq. 5), an MLP maps the flattened block to the aligned width, and q = [context || aligned] (Eq. 6).
@@ -48,6 +49,7 @@ class HFA(nn.Module):
         self.implicit = mlp(cross_in, cfg.mlp)
         self.score = nn.Linear(cross_in + cfg.mlp[-1], len(spec_dims))
         self.align = mlp(spec_width, cfg.align)
+        self.softmax_scores = cfg.score == "softmax"
         # column j of v_spec belongs to feature expand[j]: scores (B, F) -> per-column weights (B, d_spec)
         expand = torch.repeat_interleave(torch.arange(len(spec_dims)), torch.tensor(spec_dims))
         self.register_buffer("expand", expand, persistent=False)
@@ -57,7 +59,11 @@ class HFA(nn.Module):
         """context (B, d_context), spec (B, d_spec) -> q (B, d_context + d_align), scores (B, F_spec)."""
         x = torch.cat([context, spec], dim=-1) if self.with_context else spec  # (B, d_cross)
         crossed = torch.cat([self.explicit(x), self.implicit(x)], dim=-1)  # (B, d_cross + d_mlp)
-        scores = 2.0 * torch.sigmoid(self.score(crossed))  # (B, F_spec), Eq. 4
+        logits = self.score(crossed)  # (B, F_spec)
+        if self.softmax_scores:  # model.hfa.score: softmax: the scores average 1 over the features
+            scores = logits.shape[1] * torch.softmax(logits, dim=-1)
+        else:
+            scores = 2.0 * torch.sigmoid(logits)  # Eq. 4
         reweighted = spec * scores[:, self.expand]  # (B, d_spec), Eq. 5-6 Multiply
         return HFAOutput(q=torch.cat([context, self.align(reweighted)], dim=-1), scores=scores)
 

@@ -79,6 +79,17 @@ def test_hfa_scores_are_in_open_interval_0_2():
     assert eq3.explicit.kernels[0].shape[0] == 20 and hfa.explicit.kernels[0].shape[0] == 36
 
 
+def test_softmax_hfa_scores_average_one_so_a_feature_gains_only_at_the_others_expense():
+    torch.manual_seed(0)
+    hfa = HFA(16, [8, 8, 4], HFAConfig(score="softmax"))
+    out = hfa(torch.randn(256, 16), torch.randn(256, 20))
+    torch.testing.assert_close(out.scores.mean(-1), torch.ones(256))
+    assert (out.scores > 0).all() and out.scores.std() > 0
+    plain = HFA(16, [8, 8, 4], HFAConfig())  # the same weights, Eq. 4's independent scores
+    plain.load_state_dict(hfa.state_dict())
+    assert not torch.allclose(plain(torch.ones(2, 16), torch.ones(2, 20)).scores.mean(-1), torch.ones(2))
+
+
 def test_pdl_range_and_gradients_reach_cke_and_extractors(cfg, batches):
     torch.manual_seed(0)
     mem = MEM(cfg.schema, cfg.model)
