@@ -384,6 +384,9 @@ class HFAConfig:
             F * softmax over the entity's F specific features, so the scores average 1 and a feature can only gain
             weight at the others' expense (with independent sigmoids the next layer can undo any score, so their
             sizes are not identified; see README "Making each part of MKT pay off").
+        score_penalty: an extension (0: off, the paper): the MEM's loss adds ``score_penalty`` x the mean HFA
+            score of each entity's rows, an L1 pull towards 0 that only a feature whose weighting lowers the
+            cross-entropy resists, so a feature that carries nothing ends with a low score.
     """
 
     cross_input: Literal["text", "eq3"] = "text"
@@ -391,6 +394,7 @@ class HFAConfig:
     mlp: list[int] = field(default_factory=lambda: [64, 32])
     align: list[int] = field(default_factory=lambda: [32])
     score: Literal["sigmoid", "softmax"] = "sigmoid"
+    score_penalty: float = 0.0
 
 
 @dataclass
@@ -512,6 +516,7 @@ class ModelConfig:
                    f"expected a non-empty list of positive ints, got {layers}")
         _check(self.cke.experts >= 1, f"{key}.cke.experts", "expected a positive int")
         _check(self.hfa.cross_layers >= 1, f"{key}.hfa.cross_layers", "expected a positive int")
+        _check(self.hfa.score_penalty >= 0, f"{key}.hfa.score_penalty", "expected a number >= 0")
         _check(self.sequence.heads >= 1, f"{key}.sequence.heads", "expected a positive int")
         _check(self.extractor_layers[-1] == self.cke.expert_layers[-1], f"{key}.extractor_layers",
                f"the last size ({self.extractor_layers[-1]}) must equal cke.expert_layers' last "

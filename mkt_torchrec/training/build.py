@@ -54,7 +54,7 @@ def build_train_module(cfg: Config, stage: str, device: Optional[torch.device] =
     precision = cfg.train.embedding_precision
     if stage == "mem":
         return MEMTrain(MEM(cfg.schema, cfg.model, device=device, embedding_precision=precision),
-                        pdl_gamma(cfg.model))
+                        pdl_gamma(cfg.model), cfg.model.hfa.score_penalty)
     if stage == "tem":
         if cfg.model.ablation == "no_tem_finetune":
             raise ValueError("model.ablation=no_tem_finetune: there is no stage 2; the MEM's target tower is the "

@@ -121,6 +121,35 @@ def test_squared_cosine_pdl_is_the_mean_squared_cosine(batches):
     assert float(cosine.mean()) ** 2 < float((cosine ** 2).mean())  # not the square of the paper's term
 
 
+@pytest.mark.parametrize("ablation", ["none", "no_hfa"])
+def test_hfa_score_penalty_adds_the_mean_own_entity_score(ablation, cfg, batches):
+    """model.hfa.score_penalty: loss = the paper's loss + penalty x (mean score of the source rows, each scored
+    as a source row + the same for target rows), and its gradient reaches the scoring layer; nothing under
+    no_hfa (no scores)."""
+    model_cfg = copy.deepcopy(cfg.model)
+    model_cfg.ablation = ablation
+    torch.manual_seed(0)
+    mem = MEM(cfg.schema, model_cfg)
+    b = batches[0]
+    plain, _ = MEMTrain(mem, pdl_gamma(model_cfg))(b)
+    penalised, _ = MEMTrain(mem, pdl_gamma(model_cfg), score_penalty=0.5)(b)
+    scores = mem(b.sparse_features, b.dense_features, b.entity).hfa_scores
+    expected = plain
+    if ablation == "none":
+        for code, e in enumerate(("source", "target")):
+            mine = b.entity == code
+            assert mine.any()
+            expected = expected + 0.5 * scores[e][mine].mean()
+        penalised.backward()
+        assert mem.hfa["target"].score.bias.grad.abs().sum() > 0
+    torch.testing.assert_close(penalised, expected)
+
+
+def test_hfa_score_penalty_must_not_be_negative():
+    with pytest.raises(ValueError, match="model.hfa.score_penalty"):
+        small_config("model.hfa.score_penalty=-0.1")
+
+
 def test_mem_logit_tem_starts_as_the_mems_target_tower(small_dataset):
     cfg = small_config("data.batch_size=64", "model.tem.mem_logit=true")
     torch.manual_seed(0)
