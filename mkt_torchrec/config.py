@@ -419,16 +419,18 @@ class TEMConfig:
         dnn: layer sizes; the last is 1 (paper: [128, 64, 16, 1] public, [1024, 512, 64, 1] industrial).
         cross_layer: index in ``dnn`` of the hidden layer whose output is the TEM's user-entity cross vector
             g_cross (Eq. 12); default 1, the 64-wide layer, the width of the CKE output.
-        init_from_mem: (extension) the TEM's embedding tables and sequence encoder start from the stage-1 MEM's
-            (the tables of the same name; the MEM itself stays frozen), instead of from random: stage 2 then
-            starts from what the MEM learned on far more rows than the target entity has.
+        init_from_mem: (extension, on by default) the TEM's embedding tables and sequence encoder start from the
+            stage-1 MEM's (the tables of the same name; the MEM itself stays frozen), instead of from random (false:
+            the paper's TEM): stage 2 then starts from what the MEM learned on far more rows than the target entity
+            has. With ``train.finetune_dense_lr`` below stage 1's rate it lifted the TEM above its own MEM on the
+            quickstart (README "Making each part of MKT pay off").
         mem_logit: (extension) the frozen MEM's target-tower logit is added to the TEM's output, and the TEM's
             last layer starts at zero: stage 2 starts as the MEM's own target model and learns a correction.
     """
 
     dnn: list[int] = field(default_factory=lambda: [128, 64, 16, 1])
     cross_layer: int = 1
-    init_from_mem: bool = False
+    init_from_mem: bool = True
     mem_logit: bool = False
 
 
@@ -585,6 +587,10 @@ class TrainConfig:
         embedding_optimizer: fused optimizer of the embedding tables (applied in backward).
         embedding_lr: its learning rate.
         dense_optimizer / dense_lr: optimizer of every other parameter.
+        finetune_dense_lr: the dense learning rate of a stage that starts from a stage-1 model (MKT's TEM beside its
+            frozen MEM, a baseline's fine-tuning stage); null: ``dense_lr``. Such a stage trains on the target rows
+            only, far fewer than stage 1's, and at stage 1's rate its fresh dense layers overfit within the first
+            epoch. Models trained from scratch (single-domain, joint) keep ``dense_lr``.
         checkpoint_every: steps between checkpoints (0: none by step count).
         checkpoint_every_minutes: minutes of training between checkpoints (0: none by time); saves are
             asynchronous, so training does not wait for the write.
@@ -608,6 +614,7 @@ class TrainConfig:
     embedding_lr: float = 0.05
     dense_optimizer: Literal["adam", "adagrad", "sgd"] = "adam"
     dense_lr: float = 0.001
+    finetune_dense_lr: Optional[float] = None
     checkpoint_every: int = 0
     checkpoint_every_minutes: float = 30.0
     keep_checkpoints: int = 2
@@ -626,6 +633,8 @@ class TrainConfig:
             v = getattr(self, name)
             _check(v >= 0, f"{key}.{name}", f"expected an int >= 0, got {v}")
         _check(self.embedding_lr > 0 and self.dense_lr > 0, key, "learning rates must be positive")
+        _check(self.finetune_dense_lr is None or self.finetune_dense_lr > 0, f"{key}.finetune_dense_lr",
+               f"expected a positive number or null, got {self.finetune_dense_lr}")
         _check(self.checkpoint_every_minutes >= 0, f"{key}.checkpoint_every_minutes",
                f"expected a number >= 0, got {self.checkpoint_every_minutes}")
 

@@ -1,4 +1,4 @@
-"""The main job end to end on a small planted-structure dataset (2 ranks, gloo, CPU)."""
+"""The main job end to end: the demo's config and a converted Tenrec-layout dataset (2 ranks, gloo, CPU)."""
 
 import json
 import os
@@ -7,23 +7,20 @@ from mkt_torchrec.cli import main
 
 from tests.conftest import QUICKSTART
 
-SETS = ["synth.users=3000", "synth.source_rows=60000", "synth.source_items=4000", "synth.target_items=1000",
-        "synth.row_group_rows=5000", "synth.rows_per_file=50000", "synth.seed=0", "data.batch_size=256",
-        "eval.bootstrap_samples=50", "train.patience=0"]
 
-
-def test_mkt_beats_the_single_domain_baseline_on_the_target_entity(tmp_path, capsys):
-    out = tmp_path / "job"
-    args = ["run", "--config", QUICKSTART, "--out", str(out), "--runs", "mkt", "no_mem_pretrain"]
-    for s in [*SETS, "train.patience=1", "train.max_epochs=3"]:  # fair training: each stops on its validation
-        args += ["--set", s]
-    assert main(args) == 0
+def test_the_demo_orders_mkt_above_its_own_mem_and_the_single_domain_models_on_seed_0(tmp_path, capsys):
+    """`make demo`'s config and data on its first seed (the demo's seed-0 runs, bit-identical on this machine;
+    README "Quick start"): MKT's TEM above the MEM it plugs in (no_tem_finetune), both above the models trained on
+    target rows alone. The other models of the demo's table cost too much CI time to rerun here."""
+    out = tmp_path / "demo"
+    runs = ["mkt", "no_tem_finetune", "no_mem_pretrain", "mlp"]
+    assert main(["run", "--config", QUICKSTART, "--out", str(out), "--runs", *runs,
+                 "--set", "eval.bootstrap_samples=20"]) == 0  # the intervals only; the point estimates are the demo's
     summary = json.load(open(out / "summary.json"))
-    mkt, base = summary["target"]["mkt"], summary["target"]["no_mem_pretrain"]
-    assert mkt["auc"] > base["auc"] + 0.02, (mkt, base)
-    # the GAUC lift shrank from ~0.1 to ~0.011 once replicated tables trained with the embedding optimizer at any
-    # world size (issue 8); making each part of MKT pay off again is issue 12
-    assert mkt["gauc"] > base["gauc"] + 0.005, (mkt, base)
+    gauc = {name: summary["target"][name]["gauc"] for name in runs}
+    # demo seed 0: mkt 0.698, no_tem_finetune 0.680, no_mem_pretrain and mlp below 0.67
+    assert gauc["mkt"] > gauc["no_tem_finetune"] + 0.005, gauc
+    assert gauc["no_tem_finetune"] > max(gauc["no_mem_pretrain"], gauc["mlp"]) + 0.005, gauc
     report = out / "report"
     for name in ("report.html", "report.md"):
         assert (report / name).is_file()
@@ -38,7 +35,8 @@ def test_mkt_run_on_a_converted_tenrec_dataset_runs_every_model_for_two_seeds(tm
 
     from tests.data.test_tenrec import TENREC, random_rows, write_pair
 
-    video, article = random_rows(3, n_video=2400, n_article=900, users=40)
+    # every run's fixed cost (assembly, evaluation, export) outweighs its steps: a few rows per seed suffice
+    video, article = random_rows(3, n_video=1200, n_article=450, users=40)
     v, a = write_pair(tmp_path, video, article)
     small = ["schema.tables.user_id.rows=512", "schema.tables.item_id.rows=512", "data.batch_size=64",
              "data.num_workers=0", "tenrec.row_group_rows=200", "tenrec.rows_per_file=1000", "train.log_every=10",

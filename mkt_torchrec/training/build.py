@@ -28,6 +28,19 @@ def stage2_uses_mem(cfg: Config) -> bool:
     return cfg.model.name == "mkt" and cfg.model.ablation != "no_mem_pretrain"
 
 
+def fine_tunes(cfg: Config, stage: str) -> bool:
+    """``stage`` starts from a stage-1 model: MKT's TEM beside its frozen MEM, or a baseline's stage ``tem`` that
+    loads tensors of its pre-training (not a model trained from scratch on target rows)."""
+    return stage == "tem" and (stage2_uses_mem(cfg) or bool(stage_transfer(cfg, stage)))
+
+
+def dense_lr(cfg: Config, stage: str) -> float:
+    """The dense optimizer's learning rate of ``stage``: ``train.finetune_dense_lr`` where it fine-tunes, if set."""
+    if cfg.train.finetune_dense_lr is not None and fine_tunes(cfg, stage):
+        return cfg.train.finetune_dense_lr
+    return cfg.train.dense_lr
+
+
 def stage_entity(cfg: Config, stage: str) -> Optional[str]:
     """The rows a stage trains on: None (both entities), ``source`` or ``target``. MKT: its MEM trains on both,
     its TEM on target rows; a baseline: its registry entry (e.g. Finetune pre-trains on source rows)."""

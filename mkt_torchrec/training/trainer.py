@@ -51,7 +51,8 @@ from mkt_torchrec.data.reader import ParquetReader
 from mkt_torchrec.planning.plan import (FROZEN_MODULE, attach_embedding_optimizer, embedding_optimizer_kwargs,
                                        frozen_module, load_plan, make_plan, manifest_pooling, sharders, write_plan)
 from mkt_torchrec.training import checkpoint, runlock
-from mkt_torchrec.training.build import build_train_module, stage2_uses_mem, stage_entity, stage_transfer
+from mkt_torchrec.training.build import (build_train_module, dense_lr, stage2_uses_mem, stage_entity,
+                                         stage_transfer)
 from mkt_torchrec.training.distributed import (DistInfo, all_gather_objects, all_sum, fault_point,
                                                init_distributed)
 
@@ -207,7 +208,8 @@ def assemble(cfg: Config, stage: str, info: DistInfo, plan_file: Optional[str] =
             parts.append((key, opt))
     if replicated:
         parts.append(("", _embedding_optimizer_for_replicated(cfg, {n: params[n] for n in replicated})))
-    parts.append(("", KeyedOptimizerWrapper(dense, lambda ps: dense_cls(ps, lr=cfg.train.dense_lr))))
+    lr = dense_lr(cfg, stage)
+    parts.append(("", KeyedOptimizerWrapper(dense, lambda ps: dense_cls(ps, lr=lr))))
     optimizer = CombinedOptimizer(parts)
     return Assembled(model, optimizer, plan, {"local_world_size": local_world, "compute_device": device_type},
                      replicated)
@@ -657,8 +659,8 @@ def _train_locked(cfg: Config, stage: str, data_dir: str, run_dir: str, resume: 
             bar.update(1)
             time_due = False
             if step % tc.log_every == 0:
-                last_loss, time_due = _log_step(run_dir, info, tc, stats, window_steps, window_rows, window_start,
-                                                step, epoch, bar, cadence)
+                last_loss, time_due = _log_step(run_dir, cfg, stage, info, stats, window_steps, window_rows,
+                                                window_start, step, epoch, bar, cadence)
                 runlock.refresh(lock)
                 stats.zero_()
                 window_rows, window_steps, window_start = 0, 0, time.perf_counter()
@@ -694,8 +696,8 @@ def _train_locked(cfg: Config, stage: str, data_dir: str, run_dir: str, resume: 
         # the best one
     bar.close()
     if window_steps:
-        last_loss, _ = _log_step(run_dir, info, tc, stats, window_steps, window_rows, window_start, step, epoch, bar,
-                                 cadence)
+        last_loss, _ = _log_step(run_dir, cfg, stage, info, stats, window_steps, window_rows, window_start, step,
+                                 epoch, bar, cadence)
     saver.wait()
     final = checkpoint.latest_checkpoint(run_dir) if info.is_main else None
     final = all_gather_objects(final, info.world_size)[0]
@@ -794,8 +796,8 @@ def _drop_state(optimizer: CombinedOptimizer, absent: set) -> None:
                 del opt.state[param]
 
 
-def _log_step(run_dir: str, info: DistInfo, tc: Any, stats: torch.Tensor, steps: int, rows: int, start: float,
-              step: int, epoch: int, bar: Any, cadence: "_Cadence") -> Tuple[float, bool]:
+def _log_step(run_dir: str, cfg: Config, stage: str, info: DistInfo, stats: torch.Tensor, steps: int, rows: int,
+              start: float, step: int, epoch: int, bar: Any, cadence: "_Cadence") -> Tuple[float, bool]:
     """All-reduce the window's losses (device tensors) and rank 0's "checkpoint by time" flag; write one metrics
     record (rank 0). The only collective and host sync of a training step, every ``train.log_every`` steps.
     Returns (loss, whether a time-based checkpoint is due)."""
@@ -807,7 +809,7 @@ def _log_step(run_dir: str, info: DistInfo, tc: Any, stats: torch.Tensor, steps:
     _check_finite(loss, step - steps, step)
     seconds = max(time.perf_counter() - start, 1e-9)
     record = {"step": step, "epoch": epoch, "loss": loss, "bce": bce, "pdl": pdl, "rows_per_s": rows / seconds,
-              "dense_lr": tc.dense_lr, "embedding_lr": tc.embedding_lr, "time": time.time()}
+              "dense_lr": dense_lr(cfg, stage), "embedding_lr": cfg.train.embedding_lr, "time": time.time()}
     if info.is_main:
         _log_record(run_dir, record)
         bar.set_postfix(loss=f"{loss:.4f}", rows_s=f"{record['rows_per_s']:.0f}")

@@ -49,6 +49,14 @@ def _subset(batch, mask):
     return Batch(kjt, batch.dense_features[idx], batch.labels[idx], batch.entity[idx], batch.user_id[idx])
 
 
+def _mem_with(cfg, ablation):
+    """(model config with ``ablation``, a MEM built from it with seed 0)."""
+    model_cfg = copy.deepcopy(cfg.model)
+    model_cfg.ablation = ablation
+    torch.manual_seed(0)
+    return model_cfg, MEM(cfg.schema, model_cfg)
+
+
 def test_mem_shapes_for_mixed_and_single_entity_batches(cfg, batches):
     torch.manual_seed(0)
     mem = MEM(cfg.schema, cfg.model).eval()
@@ -126,10 +134,7 @@ def test_hfa_score_penalty_adds_the_mean_own_entity_score(ablation, cfg, batches
     """model.hfa.score_penalty: loss = the paper's loss + penalty x (mean score of the source rows, each scored
     as a source row + the same for target rows), and its gradient reaches the scoring layer; nothing under
     no_hfa (no scores)."""
-    model_cfg = copy.deepcopy(cfg.model)
-    model_cfg.ablation = ablation
-    torch.manual_seed(0)
-    mem = MEM(cfg.schema, model_cfg)
+    model_cfg, mem = _mem_with(cfg, ablation)
     b = batches[0]
     plain, _ = MEMTrain(mem, pdl_gamma(model_cfg))(b)
     penalised, _ = MEMTrain(mem, pdl_gamma(model_cfg), score_penalty=0.5)(b)
@@ -268,10 +273,7 @@ def test_mem_step_output_carries_its_hfa_scores_source_then_target(ablation, cfg
     hfa_feature_names' order), detached; no columns under no_hfa; None for the stage-2 model."""
     from mkt_torchrec.models.train import hfa_feature_names
 
-    model_cfg = copy.deepcopy(cfg.model)
-    model_cfg.ablation = ablation
-    torch.manual_seed(0)
-    mem = MEM(cfg.schema, model_cfg)
+    model_cfg, mem = _mem_with(cfg, ablation)
     b = batches[0]
     _, out = MEMTrain(mem, pdl_gamma(model_cfg))(b)
     names = hfa_feature_names(cfg.schema)

@@ -63,6 +63,19 @@ def _full(ckpt, keys=None):
     return state
 
 
+def _in_one_world(*calls):
+    """Per rank: several rank functions ``(fn, *args)`` in turn in one launch (one process start-up, the
+    slowest part of a short launch); returns their results. Each call assembles its own model (``assemble``
+    seeds everything), and a call's checkpoint is complete on every rank before the next call starts."""
+    import torch.distributed as dist
+
+    results = []
+    for fn, *args in calls:
+        results.append(fn(*args))
+        dist.barrier()
+    return results
+
+
 # ------------------------------------------------------------------------------------------------------------
 # 1. collectives on the group's device
 # ------------------------------------------------------------------------------------------------------------
@@ -223,12 +236,13 @@ def test_every_table_trains_the_same_at_any_world_size_and_plan(small_dataset, t
     monkeypatch.setenv("MKT_TEST_DATA", small_dataset)
     monkeypatch.setenv("MKT_TEST_OUT", str(tmp_path))
     base = ("model.ablation=no_pdl", f"train.embedding_optimizer={optimizer}", "train.embedding_lr=0.1")
+    two_ranks = launch(2, _in_one_world,
+                       (_steps_with_fixed_batches, (*base, "train.planner.sharding_type=data_parallel"), 4, 128),
+                       (_steps_with_fixed_batches, (*base, "train.planner.sharding_type=table_wise"), 4, 128))
     runs = {
         "1 rank, planner's plan": launch(1, _steps_with_fixed_batches, base, 4, 128),
-        "2 ranks, data_parallel": launch(2, _steps_with_fixed_batches,
-                                         (*base, "train.planner.sharding_type=data_parallel"), 4, 128),
-        "2 ranks, table_wise": launch(2, _steps_with_fixed_batches,
-                                      (*base, "train.planner.sharding_type=table_wise"), 4, 128),
+        "2 ranks, data_parallel": two_ranks[0],
+        "2 ranks, table_wise": two_ranks[1],
     }
     assert runs["2 ranks, data_parallel"]["optimizers"]  # the forced plan really replicates tables
     assert not runs["2 ranks, table_wise"]["optimizers"]
@@ -253,8 +267,8 @@ def test_the_train_pipeline_trains_like_the_plain_loop(small_dataset, tmp_path, 
     monkeypatch.setenv("MKT_TEST_DATA", small_dataset)
     monkeypatch.setenv("MKT_TEST_OUT", str(tmp_path))
     sets = ("train.planner.sharding_type=table_wise", "train.embedding_lr=0.1")
-    plain = _full(launch(2, _steps_with_fixed_batches, sets, 5, 128)["ckpt"])
-    piped = _full(launch(2, _steps_with_fixed_batches, sets, 5, 128, True)["ckpt"])
+    plain, piped = (_full(r["ckpt"]) for r in launch(2, _in_one_world, (_steps_with_fixed_batches, sets, 5, 128),
+                                                     (_steps_with_fixed_batches, sets, 5, 128, True)))
     assert plain.keys() == piped.keys() and any(k.endswith(".momentum1") for k in plain)
     first = _full(launch(1, _steps_with_fixed_batches, sets, 1, 128)["ckpt"])  # the test can tell models apart
     assert not torch.equal(first["model.model.towers.target.1.weight"], plain["model.model.towers.target.1.weight"])
@@ -263,11 +277,14 @@ def test_the_train_pipeline_trains_like_the_plain_loop(small_dataset, tmp_path, 
 
 
 def test_every_mkt_ablation_trains_through_the_pipeline(small_dataset, tmp_path, monkeypatch):
-    """The pipeline FX-traces the stage module: each ablation's MEM must trace (no_hfa's PadAlign did not)."""
+    """The pipeline FX-traces the stage module: each ablation's MEM must trace (no_hfa's PadAlign did not), with
+    the HFA score penalty too (a branch on the scores' shape did not)."""
     monkeypatch.setenv("MKT_TEST_DATA", small_dataset)
     monkeypatch.setenv("MKT_TEST_OUT", str(tmp_path))
-    for ablation in ("no_hfa", "no_pdl"):
-        assert launch(1, _steps_with_fixed_batches, (f"model.ablation={ablation}",), 2, 64, True)["ckpt"]
+    ablations = ("no_hfa", "no_pdl")
+    sets = [(f"model.ablation={a}", "model.hfa.score_penalty=0.1") for a in ablations]
+    results = launch(1, _in_one_world, *[(_steps_with_fixed_batches, s, 2, 64, True) for s in sets])
+    assert len(results) == len(ablations) and all(r["ckpt"] for r in results)
 
 
 def _syncs_of_training(steps: int) -> list:
@@ -448,11 +465,21 @@ def test_model_and_optimizer_state_carry_across_plans(small_dataset, tmp_path):
     key = "optim.model.sparse_arch.ebc.embedding_bags.age.weight.age.momentum1"
     rows = ref["model.model.sparse_arch.ebc.embedding_bags.age.weight"].shape[0]
     assert ref[key].shape == (rows,) and ref[key].abs().sum() > 0
-    cw = _full(launch(2, _carry, src, "column_wise", str(tmp_path / "cw")))
+    cw_ckpt = checkpoint.checkpoint_dir(str(tmp_path / "cw"), 1)
+    targets = (("data_parallel", "cw", 2), ("table_wise", "cw", 3), ("table_wise", "tw", 3))
+    carries = {(kind, source, nproc): (_carry, cw_ckpt if source == "cw" else src, kind,
+                                       str(tmp_path / f"{kind}-{source}-{nproc}"))
+               for kind, source, nproc in targets}
+    # one launch per world size: column_wise, then data_parallel from it, on 2 ranks; both table_wise on 3
+    two = launch(2, _in_one_world, (_carry, src, "column_wise", str(tmp_path / "cw")),
+                 carries["data_parallel", "cw", 2])
+    three = launch(3, _in_one_world, carries["table_wise", "cw", 3], carries["table_wise", "tw", 3])
+    assert two[0] == cw_ckpt
+    cw = _full(two[0])
     assert cw[key].shape == (2 * rows,)  # really split in two column shards
-    for kind, source, nproc in (("data_parallel", "cw", 2), ("table_wise", "cw", 3), ("table_wise", "tw", 3)):
-        ckpt = checkpoint.checkpoint_dir(str(tmp_path / source), 1) if source == "cw" else src
-        got = _full(launch(nproc, _carry, ckpt, kind, str(tmp_path / f"{kind}-{source}-{nproc}")))
+    done = dict(zip(carries, (two[1], *three)))
+    for (kind, source, nproc), ckpt in done.items():
+        got = _full(ckpt)
         for k in ref:
             if k.startswith("model.") or k.endswith("momentum1"):
                 assert torch.equal(got[k], ref[k]), f"{kind} from {source}: {k}"

@@ -116,11 +116,18 @@ def test_stage2_at_another_world_size(small_dataset, mem_run, tmp_path):
 
 def test_init_from_mem_starts_the_tems_tables_and_sequence_encoder_from_the_mems(small_dataset, mem_run, tmp_path):
     tem_run = str(tmp_path / "tem-init")
-    sets = ("train.max_steps=2", "train.embedding_lr=1e-12", "train.dense_lr=1e-12", "model.tem.init_from_mem=true",
-            "model.tem.mem_logit=true")
+    # train.finetune_dense_lr, not dense_lr, is stage 2's dense rate: at dense_lr=1000 the zero-initialised last layer
+    # (mem_logit) would leave 0 in one step
+    sets = ("train.max_steps=2", "train.embedding_lr=1e-12", "train.dense_lr=1000", "train.finetune_dense_lr=1e-12",
+            "model.tem.init_from_mem=true", "model.tem.mem_logit=true")
     _train("tem", small_dataset, tem_run, 2, "--mem-run", mem_run, sets=sets)
     mem_state = _final_state(mem_run, "mem")
     tem_state = _final_state(tem_run, "tem", *sets)
+    last = max((k for k in tem_state if k.startswith("model.tem.top.") and k.endswith(".weight")),
+               key=lambda k: int(k.split(".")[3]))
+    assert float(tem_state[last].abs().max()) < 1e-6, last
+    records = [json.loads(line) for line in open(os.path.join(tem_run, "metrics.jsonl"))]
+    assert records and all(r["dense_lr"] == 1e-12 for r in records)
     copied = [k for k in tem_state if k.startswith(("model.tem.sparse_arch.", "model.tem.group_arch.attention."))]
     assert any(".ec." in k for k in copied) and any(".ebc." in k for k in copied) and any("attention" in k for k in copied)
     for k in copied:  # two steps at a learning rate of 1e-12 leave them where the MEM's were
@@ -262,3 +269,17 @@ def test_a_run_directory_serves_one_job_at_a_time(small_dataset, tmp_path, capsy
         sleeper.wait()
     assert main(args) == 0  # the holder is gone: its lock is taken over
     assert not os.path.exists(os.path.join(run, runlock.LOCK))  # and released at the end
+
+
+@pytest.mark.parametrize("model, stage, fine_tuning", [
+    ("mkt", "tem", True), ("mkt", "mem", False), ("no_mem_pretrain", "tem", False), ("finetune", "tem", True),
+    ("minet", "tem", True), ("finetune", "mem", False), ("din", "tem", False), ("mlp", "tem", False),
+    ("mmoe", "mem", False)])
+def test_finetune_dense_lr_applies_to_stages_that_start_from_stage_1_only(model, stage, fine_tuning):
+    """Models trained from scratch on target rows (single-domain ones, the TEM alone) keep train.dense_lr."""
+    from mkt_torchrec.training.build import dense_lr
+
+    name = ("model.ablation=no_mem_pretrain",) if model == "no_mem_pretrain" else (f"model.name={model}",)
+    cfg = small_config(*name, "train.dense_lr=0.002", "train.finetune_dense_lr=0.0005")
+    assert dense_lr(cfg, stage) == (0.0005 if fine_tuning else 0.002)
+    assert dense_lr(small_config(*name, "train.dense_lr=0.002", "train.finetune_dense_lr=null"), stage) == 0.002
