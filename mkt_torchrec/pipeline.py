@@ -218,7 +218,8 @@ def _check_reuse(config: str, overrides: List[str], data: str, out: str, names: 
     base_seed = load_config(config, overrides).train.seed
     for name in names:
         for seed in range(seeds):
-            cfg = load_config(config, [*overrides, *_overrides_of(name, seed, base_seed)]).to_dict()
+            made_as = "mkt" if name == "no_tem_finetune" else name  # its one run dir is the MKT MEM
+            cfg = load_config(config, [*overrides, *_overrides_of(made_as, seed, base_seed)]).to_dict()
             for run_dir in _run_dirs(out, name, seed).values():
                 if os.path.isfile(os.path.join(run_dir, "run.json")):
                     run = read_run(run_dir)

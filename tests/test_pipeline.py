@@ -10,17 +10,18 @@ from tests.conftest import QUICKSTART
 
 def test_the_demo_orders_mkt_above_its_own_mem_and_the_single_domain_models_on_seed_0(tmp_path, capsys):
     """`make demo`'s config and data on its first seed (the demo's seed-0 runs, bit-identical on this machine;
-    README "Quick start"): MKT's TEM above the MEM it plugs in (no_tem_finetune), both above the models trained on
-    target rows alone. The other models of the demo's table cost too much CI time to rerun here."""
+    README "Quick start"): MKT's TEM above the MEM it plugs in (no_tem_finetune) and above the models trained on
+    target rows alone. The demo's other models cost too much CI time to rerun here."""
     out = tmp_path / "demo"
     runs = ["mkt", "no_tem_finetune", "no_mem_pretrain", "mlp"]
     assert main(["run", "--config", QUICKSTART, "--out", str(out), "--runs", *runs,
                  "--set", "eval.bootstrap_samples=20"]) == 0  # the intervals only; the point estimates are the demo's
     summary = json.load(open(out / "summary.json"))
     gauc = {name: summary["target"][name]["gauc"] for name in runs}
-    # demo seed 0: mkt 0.698, no_tem_finetune 0.680, no_mem_pretrain and mlp below 0.67
-    assert gauc["mkt"] > gauc["no_tem_finetune"] + 0.005, gauc
-    assert gauc["no_tem_finetune"] > max(gauc["no_mem_pretrain"], gauc["mlp"]) + 0.005, gauc
+    # demo seed 0: mkt 0.698, no_tem_finetune 0.680, no_mem_pretrain 0.672, mlp 0.617
+    assert gauc["mkt"] > gauc["no_tem_finetune"] + 0.01, gauc
+    assert gauc["mkt"] > gauc["no_mem_pretrain"] + 0.015, gauc
+    assert gauc["mkt"] > gauc["mlp"] + 0.05, gauc
     report = out / "report"
     for name in ("report.html", "report.md"):
         assert (report / name).is_file()
