@@ -385,8 +385,9 @@ class HFAConfig:
             weight at the others' expense (with independent sigmoids the next layer can undo any score, so their
             sizes are not identified; see README "Making each part of MKT pay off").
         score_penalty: an extension (0: off, the paper): the MEM's loss adds ``score_penalty`` x the mean HFA
-            score of each entity's rows, an L1 pull towards 0 that only a feature whose weighting lowers the
-            cross-entropy resists, so a feature that carries nothing ends with a low score.
+            score of each entity's rows, an L1 pull towards 0 meant to leave high scores only where weighting a
+            feature lowers the cross-entropy. Measured on the quickstart at 0.02 and 0.1 it drives every score,
+            useful or noise, below 1e-4 (README "Making each part of MKT pay off"), hence off.
     """
 
     cross_input: Literal["text", "eq3"] = "text"

@@ -90,13 +90,15 @@ class MEMTrain(nn.Module):
         bce = _bce(logits, batch.labels, batch.weights)
         loss = bce + self.gamma * pdl * _share(batch, bce)
         if self.score_penalty > 0:
-            loss = loss + self.score_penalty * _mean_own_score(out.hfa_scores, batch.entity, self.scored) * _share(batch, bce)
+            penalty = _mean_own_score(out.hfa_scores, batch.entity, self.scored)
+            loss = loss + self.score_penalty * penalty * _share(batch, bce)
         hfa = torch.cat([out.hfa_scores[e] for e in ENTITIES], dim=-1)  # (B, F_src + F_tgt)
         return loss, StepOutput(loss.detach(), logits.detach(), batch.labels, batch.entity, bce.detach(),
                                 pdl.detach(), hfa.detach())
 
 
-def _mean_own_score(scores: Dict[str, torch.Tensor], entity: torch.Tensor, scored: Tuple[str, ...]) -> torch.Tensor:
+def _mean_own_score(scores: Dict[str, torch.Tensor], entity: torch.Tensor,
+                    scored: Tuple[str, ...]) -> torch.Tensor:
     """Sum over the ``scored`` entities of the mean HFA score of that entity's rows (each row scored as its own
     entity). ``scored`` is fixed at construction, not read from the scores' shapes: TorchRec's train pipeline
     FX-traces this forward, where a shape cannot steer control flow."""
