@@ -37,6 +37,7 @@ class MEMOutput(NamedTuple):
     pdl: torch.Tensor  # () Eq. 10: mean cosine(g_com, g_ind) over source rows + the same over target rows
     hfa_scores: Dict[str, torch.Tensor]  # entity -> (B, F_spec_e) every row scored as that entity's; select
     # a row's own with ``entity == ENTITY_CODE[e]``
+    hfa_score_mean: torch.Tensor  # () mean HFA score of the source rows + the same of the target rows (0: no_hfa)
 
 
 class Knowledge(NamedTuple):
@@ -53,6 +54,11 @@ def _check_schema(schema: SchemaConfig) -> None:
     for e in ENTITIES:
         if not schema.features_of("specific", e) and not schema.dense_of("specific", e):
             raise ValueError(f"schema: the {e} entity has no specific feature; HFA needs at least one per entity")
+
+
+def _mean_over(values: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """Mean of values (B,) over the rows where weight (B,) is 1; 0 when there are none."""
+    return (values * weight).sum() / weight.sum().clamp(min=1.0)
 
 
 class MEM(nn.Module):
@@ -116,7 +122,7 @@ class MEM(nn.Module):
         split and keeps the step free of host syncs, with the same values and gradients.
         """
         groups = self.group_arch(sparse, dense)
-        logits = g_com = g_ind = pdl = None
+        logits = g_com = g_ind = pdl = score_mean = None
         scores: Dict[str, torch.Tensor] = {}
         for name, code in ENTITY_CODE.items():
             out = self.entity_forward(groups, name)  # every row as a row of this entity
@@ -125,16 +131,21 @@ class MEM(nn.Module):
             cosine = nn.functional.cosine_similarity(out.g_com, out.g_ind, dim=-1)  # (B,) Eq. 9
             if self.squared_pdl:  # model.pdl: squared_cosine: minimised at orthogonality, not at -g_com
                 cosine = cosine * cosine
-            part = (cosine * weight).sum() / weight.sum().clamp(min=1.0)  # mean over this entity's rows (Eq. 10)
+            part = _mean_over(cosine, weight)  # mean over this entity's rows (Eq. 10)
+            # (no_hfa's PadAlign scores nothing; a module type, not a shape: the pipeline FX-traces this forward)
+            scored = isinstance(self.hfa[name], HFA)
+            score_part = _mean_over(out.scores.mean(dim=-1), weight) if scored else torch.zeros_like(part)
             if logits is None:
-                logits, g_com, g_ind, pdl = out.logits, out.g_com, out.g_ind, part
+                logits, g_com, g_ind, pdl, score_mean = out.logits, out.g_com, out.g_ind, part, score_part
             else:
                 logits = torch.where(mine, out.logits, logits)
                 g_com = torch.where(mine.unsqueeze(-1), out.g_com, g_com)
                 g_ind = torch.where(mine.unsqueeze(-1), out.g_ind, g_ind)
                 pdl = pdl + part
+                score_mean = score_mean + score_part
             scores[name] = out.scores
-        return MEMOutput(logits=logits, g_com=g_com, g_ind=g_ind, pdl=pdl, hfa_scores=scores)
+        return MEMOutput(logits=logits, g_com=g_com, g_ind=g_ind, pdl=pdl, hfa_scores=scores,
+                         hfa_score_mean=score_mean)
 
     def forward(self, kjt: KeyedJaggedTensor, dense: torch.Tensor, entity: torch.Tensor) -> MEMOutput:
         """kjt: jagged sparse features; dense (B, F_dense); entity (B,) 0 = source, 1 = target."""

@@ -14,8 +14,7 @@ from torch import nn
 
 from mkt_torchrec.config import ENTITIES, ModelConfig, SchemaConfig
 from mkt_torchrec.data.batch import Batch
-from mkt_torchrec.models.mkt import ENTITY_CODE, MEM, MKTTarget
-from mkt_torchrec.modules.hfa import HFA
+from mkt_torchrec.models.mkt import MEM, MKTTarget
 
 
 class StepOutput(NamedTuple):
@@ -81,7 +80,6 @@ class MEMTrain(nn.Module):
         self.model = mem
         self.gamma = gamma
         self.score_penalty = score_penalty
-        self.scored = tuple(e for e in ENTITIES if isinstance(mem.hfa[e], HFA))  # () under no_hfa
 
     def forward(self, batch: Batch) -> Tuple[torch.Tensor, StepOutput]:
         with precision_context(self):
@@ -90,23 +88,10 @@ class MEMTrain(nn.Module):
         bce = _bce(logits, batch.labels, batch.weights)
         loss = bce + self.gamma * pdl * _share(batch, bce)
         if self.score_penalty > 0:
-            penalty = _mean_own_score(out.hfa_scores, batch.entity, self.scored)
-            loss = loss + self.score_penalty * penalty * _share(batch, bce)
+            loss = loss + self.score_penalty * out.hfa_score_mean.float() * _share(batch, bce)
         hfa = torch.cat([out.hfa_scores[e] for e in ENTITIES], dim=-1)  # (B, F_src + F_tgt)
         return loss, StepOutput(loss.detach(), logits.detach(), batch.labels, batch.entity, bce.detach(),
                                 pdl.detach(), hfa.detach())
-
-
-def _mean_own_score(scores: Dict[str, torch.Tensor], entity: torch.Tensor,
-                    scored: Tuple[str, ...]) -> torch.Tensor:
-    """Sum over the ``scored`` entities of the mean HFA score of that entity's rows (each row scored as its own
-    entity). ``scored`` is fixed at construction, not read from the scores' shapes: TorchRec's train pipeline
-    FX-traces this forward, where a shape cannot steer control flow."""
-    total = entity.new_zeros((), dtype=torch.float32)
-    for name in scored:
-        mine = (entity == ENTITY_CODE[name]).to(torch.float32)  # (B,)
-        total = total + (scores[name].float().mean(dim=-1) * mine).sum() / mine.sum().clamp(min=1.0)
-    return total
 
 
 def pdl_gamma(cfg: ModelConfig) -> float:
