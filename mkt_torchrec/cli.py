@@ -34,8 +34,13 @@ def _progress(total: Optional[int], desc: str, unit: str = "rows"):
 
 
 def _add_synth(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--out", required=True, help="dataset directory to create")
+    p.add_argument("--out", required=True, help="directory to create: the dataset (--layout parquet), or the two "
+                   "Tenrec CSVs (--layout tenrec)")
     p.add_argument("--seed", type=int, default=None, help="overrides synth.seed")
+    p.add_argument("--layout", choices=["parquet", "tenrec"], default="parquet",
+                   help="parquet (default): a dataset to train on. tenrec: the same data as Tenrec's QK-video.csv "
+                   "(products) and QK-article.csv (posts), plus a true_prob column, to check `mkt tenrec` and "
+                   "configs/tenrec.yaml on data with known structure and ceiling; prints the commands to run next")
     p.add_argument("--overwrite", action="store_true", help="replace --out if it exists (once the new one is complete)")
 
 
@@ -45,9 +50,33 @@ def _run_synth(args: argparse.Namespace, cfg: Config) -> int:
     if args.seed is not None:
         cfg.synth.seed = args.seed
     total = int(cfg.synth.source_rows * (1 + cfg.synth.target_ratio))
+    if args.layout == "tenrec":
+        return _synth_tenrec(args, cfg, total)
     with _progress(total, "synth") as bar:
         manifest = generate(cfg, args.out, overwrite=args.overwrite, progress=bar.update)
     print(json.dumps({"out": args.out, "rows": manifest.rows}))
+    return 0
+
+
+def _synth_tenrec(args: argparse.Namespace, cfg: Config, total: int) -> int:
+    import shlex
+
+    from mkt_torchrec.data import synth_tenrec
+
+    with _progress(total, "synth") as bar:
+        summary = synth_tenrec.write_tenrec_csvs(cfg, args.out, overwrite=args.overwrite, progress=bar.update)
+    print(json.dumps(summary))
+    data = os.path.normpath(args.out) + "-dataset"
+    schema_sets = [w for s in synth_tenrec.QUICKSTART_SCHEMA_SETTINGS for w in ("--set", s)]
+    train_sets = [w for s in synth_tenrec.QUICKSTART_TRAIN_SETTINGS for w in ("--set", s)]
+    video, article = (os.path.join(args.out, name) for name in (synth_tenrec.VIDEO_FILE, synth_tenrec.ARTICLE_FILE))
+    convert = ["mkt", "tenrec", "--video", video, "--article", article, "--config",
+               "configs/tenrec.yaml", *schema_sets, "--out", data]
+    run = ["mkt", "run", "--config", "configs/tenrec.yaml", *schema_sets, *train_sets, "--data", data, "--out",
+           os.path.normpath(args.out) + "-runs"]
+    print("next, convert (the schema --set flags size configs/tenrec.yaml's tables for this data; training needs "
+          "them too):\n  " + shlex.join(convert) + "\nthen train and evaluate MKT and its ablations (the other --set "
+          "flags train as the quickstart does; --runs mkt for MKT alone):\n  " + shlex.join(run))
     return 0
 
 
@@ -313,7 +342,8 @@ def _run_config(args: argparse.Namespace, cfg: Optional[Config]) -> int:
 
 
 _COMMANDS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], None], Handler]] = {
-    "synth": ("write a synthetic dataset with planted cross-entity structure", _add_synth, _run_synth),
+    "synth": ("write a synthetic dataset with planted cross-entity structure (--layout tenrec: as Tenrec's CSVs)",
+              _add_synth, _run_synth),
     "tenrec": ("convert Tenrec's QK-video / QK-article CSVs into a dataset", _add_tenrec, _run_tenrec),
     "rewrite": ("rewrite a dataset of an older release into this one's layout (entity-pure row groups)",
                 _add_rewrite, _run_rewrite),

@@ -388,6 +388,12 @@ class HFAConfig:
             score of each entity's rows, an L1 pull towards 0 meant to leave high scores only where weighting a
             feature lowers the cross-entropy. Measured on the quickstart at 0.02 and 0.1 it drives every score,
             useful or noise, below 1e-4 (README "Making each part of MKT pay off"), hence off.
+        fixed_scale: an extension (false: the paper). Every specific feature reaches the score-weighting at a
+            fixed size, so that its weight in q can come from its score alone: each categorical feature's
+            embedding is L2-normalised per row, a dense feature's learned vector w is used as w / |w| (the
+            value keeps its size), and each feature's block of the alignment MLP's first weight matrix is
+            scaled to unit norm. Without it a score is not identified: the embedding or the next layer can
+            grow to undo it.
     """
 
     cross_input: Literal["text", "eq3"] = "text"
@@ -396,6 +402,7 @@ class HFAConfig:
     align: list[int] = field(default_factory=lambda: [32])
     score: Literal["sigmoid", "softmax"] = "sigmoid"
     score_penalty: float = 0.0
+    fixed_scale: bool = False
 
 
 @dataclass

@@ -61,6 +61,11 @@ def _overrides_of(name: str, seed: int, base_seed: int) -> List[str]:
     return [*model, f"train.seed={base_seed + seed}", f"data.seed={base_seed + seed}"]
 
 
+def _made_as(name: str) -> str:
+    """The run whose settings train a named run's directories: no_tem_finetune's one run dir is the MKT MEM."""
+    return "mkt" if name == "no_tem_finetune" else name
+
+
 def _stages(name: str) -> List[str]:
     """The stages a named run trains, in order."""
     if name in ABLATION_RUNS:
@@ -101,7 +106,7 @@ def _train_and_evaluate(config: str, overrides: List[str], data: str, out: str, 
     for name in names:
         start = time.perf_counter()
         for seed in range(seeds):
-            cfg = load_config(config, [*overrides, *_overrides_of(name, seed, base_seed)])
+            cfg = load_config(config, [*overrides, *_overrides_of(_made_as(name), seed, base_seed)])
             dirs = _run_dirs(out, name, seed)
             final = final_run_dir(out, name, seed)
             for stage, run_dir in dirs.items():
@@ -218,8 +223,7 @@ def _check_reuse(config: str, overrides: List[str], data: str, out: str, names: 
     base_seed = load_config(config, overrides).train.seed
     for name in names:
         for seed in range(seeds):
-            made_as = "mkt" if name == "no_tem_finetune" else name  # its one run dir is the MKT MEM
-            cfg = load_config(config, [*overrides, *_overrides_of(made_as, seed, base_seed)]).to_dict()
+            cfg = load_config(config, [*overrides, *_overrides_of(_made_as(name), seed, base_seed)]).to_dict()
             for run_dir in _run_dirs(out, name, seed).values():
                 if os.path.isfile(os.path.join(run_dir, "run.json")):
                     run = read_run(run_dir)

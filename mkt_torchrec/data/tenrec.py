@@ -12,15 +12,29 @@ The paper (section 4.1.1) uses QK-video as the source entity and QK-article as t
 users (dense indices ``0..U-1``) and each user's number of rows. Pass 2 streams both files again in windows of
 about ``tenrec.chunk_rows`` merged rows and writes them through a :class:`DatasetWriter` (atomically: any
 exception, including one from ``progress``, leaves no finished-looking output). Memory is the window plus
-per-user state: a few int arrays of U entries and each user's last ``max_len`` liked items
-(:class:`_SeqStore`: power-of-two capacity tiers, so memory follows the likes actually stored rather than
-``U x max_len``).
+per-user state: a few int arrays of U entries and each user's last ``max_len`` liked items, with their side
+values (:class:`_SeqStore`: power-of-two capacity tiers, so memory follows the likes actually stored rather than
+``U x max_len``; one int64 per stored like for the item, and one more per side feature).
 
 **Causal behaviour sequences.** For every sequence of the schema (``entity`` + ``shared_feature``), a row's
 sequence is the shared-feature values of the user's liked rows of that entity strictly before the row on the
 merged timeline, the most recent ``max_len`` kept, oldest first. Within a window this is vectorised: rows are
 grouped by user (stable sort), and each row takes ``last max_len of (stored likes of u) + (u's likes earlier
 in this window)`` with numpy gathers. ``activity`` is the user's number of earlier likes of both entities.
+
+**Side features.** A sequence's ``side_features`` (``{category: hist_source_categories}``) name item attributes
+the converter produces for that entity's rows (``_side_features_of``: ``category``, ``item_id`` beside a category
+sequence, and the entity's specific features, e.g. ``item_score1`` for articles; anything else is a ValueError).
+Each like is stored with its row's values of them, encoded exactly as the row's own feature (``category`` is the
+namespaced ``2 * x + entity``), so a step and a candidate look up the same table row for the same value. Each
+side column is written with the sequence's offsets: one value per step, oldest first, the same last ``max_len``,
+causal as the items are. A side column holds no nulls (the reader refuses them, and a step needs a value):
+a liked row whose side feature is missing gives ``MISSING_RAW`` (2**61 - 1, above every real id) through the
+feature's encoding (``2 * MISSING_RAW + entity`` for ``category``), or log bucket 0 (``MISSING_BUCKET``; real
+buckets are 1..255). The reader maps it to a table row like any id, so such a step adds one learned "missing"
+embedding, while a candidate whose own value is missing adds nothing to the query (a null feature is a zero
+vector). A hashed table keeps that row apart from the real values'; a modulo table of ``R`` rows, a power of
+two, puts it in row ``R - 2`` (videos) or ``R - 1`` (articles), shared with a real value only if ids reach there.
 
 **Split.** ``tenrec.split=per_user``: each user's last ``test_fraction`` of rows in merged time order is
 test (row rank ``>= floor((1 - f) * n_user)``, as the synthetic generator does). ``global`` (the paper): the
@@ -29,10 +43,18 @@ boundary either way: a test row's history includes the user's earlier (train) li
 
 **Ids.** Item ids and categories of the two entities share tables but never values: a raw value ``x`` becomes
 ``2 * x + entity`` (video even, article odd), so video item 5 and article item 5 are different ids. Item
-scores and counts become signed log buckets (``_log_bucket``). Missing values (``\\N``, empty) are null.
+scores and counts become signed log buckets (``_log_bucket``). Missing values (``\\N``, empty) are null (in a
+side column, which has no nulls, a reserved value: see "Side features").
 
 Which columns are features, and which are excluded as labels or leaks, is listed in ``PRODUCED`` /
 ``EXCLUDED`` below and argued in ``configs/tenrec.yaml``.
+
+**true_prob.** A file may add a ``true_prob`` column (``OPTIONAL_COLUMNS``: the row's true like probability,
+which ``mkt synth --layout tenrec`` writes). When both files have it, the second pass reads it like the other
+columns and writes it as the dataset's optional float32 ``true_prob`` column (as synthetic datasets have it), so
+evaluation reports the best achievable AUC / GAUC; a missing value or one outside [0, 1] is an error naming the
+file, column and row. When only one file has it, the conversion fails before writing anything, naming both.
+Any other column outside Tenrec's layout is an error.
 
 **Parsing.** Columns are read with ``pyarrow.csv.open_csv`` as float64 (QK-article writes integers as ``1.0``;
 ids below 2**53 are exact) and integer columns are checked to hold whole numbers; only the columns the schema
@@ -67,6 +89,8 @@ ARTICLE_COLUMNS = ("user_id", "item_id", "click", "gender", "age", "exposure_cou
                    "comment_count", "read_percentage", "item_score1", "item_score2", "category_second",
                    "category_first", "item_score3", "read", "read_time", "share", "like", "follow", "favorite")
 LABEL = "like"
+TRUE_PROB = "true_prob"
+OPTIONAL_COLUMNS = (TRUE_PROB,)  # columns a file may add after Tenrec's (see "true_prob" above)
 
 # Columns never read as features. Post-impression behaviour is the label or leaks it; the item-level like /
 # comment totals include the impression's own engagement (see configs/tenrec.yaml).
@@ -108,10 +132,18 @@ PRODUCED: dict[str, tuple[str, Optional[str]]] = {
 }
 REQUIRED = ("user_id", "item_id", LABEL)  # columns that may not be missing
 NULL_VALUES = ["", "\\N", "NULL", "null", "NaN", "nan"]
-LOG_BUCKET_OFFSET = 128  # log buckets lie in [0, 255]: tables of 256 rows with id_mapping modulo
+LOG_BUCKET_OFFSET = 128  # log buckets lie in [1, 255]: tables of 256 rows with id_mapping modulo
+# A side column's value for a liked row whose side feature is missing (see "Side features" above). MISSING_RAW
+# stands in for the raw id and goes through the feature's encoding (2 * x + entity, or as is); no real id has
+# it (ids are below 2**53); being 2**61 - 1, it lands in the last rows of a power-of-two table with id_mapping
+# modulo (row R - 2 for a video category, R - 1 for an article's). A log bucket has a free value of its own: 0
+# (real buckets lie in [1, 255]).
+MISSING_RAW = 2 ** 61 - 1
+MISSING_BUCKET = 0
 _BLOCK = 1 << 22  # bytes pyarrow parses at a time; a line must fit in one
 _MAX_EXACT = float(2 ** 53)  # ids are parsed as float64: integers up to 2**53 are exact
 _ENTITY = {"video": 0, "article": 1}
+_FILE_OF = {"source": "video", "target": "article"}  # schema entity -> Tenrec file
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -140,9 +172,10 @@ class _Csv:
         self.path = path
         self.kind = kind
         self.names = _read_header(path)
+        self.optional = [c for c in OPTIONAL_COLUMNS if c in self.names]  # present optional columns
         dup = sorted(c for c, n in collections.Counter(self.names).items() if n > 1)  # linear in the header
         missing = [c for c in expected if c not in self.names]
-        unexpected = [c for c in self.names if c not in expected]
+        unexpected = [c for c in self.names if c not in expected and c not in OPTIONAL_COLUMNS]
         if dup:
             raise ValueError(f"{path}: duplicate column(s) {dup} in the header")
         if missing:
@@ -150,7 +183,7 @@ class _Csv:
                              f"QK-{kind}.csv? expected columns: {list(expected)})")
         if unexpected:
             raise ValueError(f"{path}: unexpected column(s) {unexpected} in the header (expected the QK-{kind}.csv "
-                             f"columns: {list(expected)})")
+                             f"columns: {list(expected)}, and optionally {list(OPTIONAL_COLUMNS)})")
 
     def _open(self, columns: list[str], types: Optional[dict] = None):
         # Single-threaded parsing: as fast here (the reader thread overlaps it with the numpy work), and only
@@ -349,6 +382,15 @@ def _int_column(x: np.ndarray, col: str, fail: _Fail, required: bool) -> tuple[n
     return xs.astype(np.int64), valid
 
 
+def _probability_column(x: np.ndarray, col: str, fail: _Fail) -> np.ndarray:
+    """float64 column -> float32 probabilities; a missing value or one outside [0, 1] is an error."""
+    ok = (x >= 0) & (x <= 1)  # False for NaN (missing)
+    if not ok.all():
+        i = int(np.flatnonzero(~ok)[0])
+        fail(col, i, "missing value" if np.isnan(x[i]) else f"value {float(x[i]):g} is not a probability in [0, 1]")
+    return x.astype(np.float32)
+
+
 def _entity_columns(raw: dict[str, np.ndarray], kind: str, features: list[str], fail: _Fail,
                     modulo: set[str]) -> tuple[dict[str, tuple[np.ndarray, np.ndarray]], np.ndarray]:
     """One file's window -> ({feature: (int64 values, valid)}, int8 labels)."""
@@ -450,37 +492,40 @@ def _expand(lens: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 
 class _SeqStore:
-    """Each user's last ``max_len`` values of one behaviour sequence, oldest first.
+    """Each user's last ``max_len`` values of one behaviour sequence, oldest first, ``width`` int64 per value.
 
+    A value is a row of ``width`` int64: the liked item's shared feature, then its side features (``width`` =
+    1 + the sequence's side features), so a side feature costs one int64 per stored like.
     Users live in capacity tiers of 1, 2, 4, ... and ``max_len`` slots; a user moves up a tier when its
     sequence outgrows its slot (freed slots are reused). Logical element ``j`` (the user's ``j``-th value
     ever) sits at position ``j % S`` of its slot of size ``S``: below the top tier a slot holds every value,
     the top tier is a ring. Memory follows the values stored (at most twice), not ``users x max_len``.
     """
 
-    def __init__(self, n_users: int, max_len: int) -> None:
+    def __init__(self, n_users: int, max_len: int, width: int = 1) -> None:
         sizes, s = [], 1
         while s < max_len:
             sizes.append(s)
             s *= 2
         sizes.append(max_len)
         self.max_len = max_len
+        self.width = width
         self.sizes = np.array(sizes, np.int64)
         self.count = np.zeros(n_users, np.int32)  # values ever appended (before truncation)
         self.tier = np.full(n_users, -1, np.int8)
         self.slot = np.zeros(n_users, np.int32)
-        self.pools = [np.zeros(0, np.int64) for _ in sizes]
+        self.pools = [np.zeros((0, width), np.int64) for _ in sizes]  # (slots x size, width) per tier
         self.used = [0] * len(sizes)
         self.free = [np.zeros(0, np.int64) for _ in sizes]
 
     def read(self, users: np.ndarray, j: np.ndarray) -> np.ndarray:
-        """Logical element ``j[k]`` of user ``users[k]`` (both per element; must be stored)."""
-        out = np.empty(j.size, np.int64)
+        """(n, width): logical element ``j[k]`` of user ``users[k]`` (both per element; must be stored)."""
+        out = np.empty((j.size, self.width), np.int64)
         tier = self.tier[users]
         for t, size in enumerate(self.sizes):
             sel = np.flatnonzero(tier == t)
             if sel.size:
-                out[sel] = self.pools[t][self.slot[users[sel]] * size + j[sel] % size]
+                out[sel] = self.pools[t].take(self.slot[users[sel]] * size + j[sel] % size, axis=0)
         return out
 
     def _alloc(self, t: int, n: int) -> np.ndarray:
@@ -490,9 +535,10 @@ class _SeqStore:
         fresh = np.arange(self.used[t], self.used[t] + n - reuse, dtype=np.int64)
         self.used[t] += n - reuse
         need = self.used[t] * int(self.sizes[t])
-        if need > self.pools[t].size:
-            grown = np.zeros(max(need, int(self.pools[t].size * 1.5), 1024 * int(self.sizes[t])), np.int64)
-            grown[: self.pools[t].size] = self.pools[t]
+        have = self.pools[t].shape[0]
+        if need > have:
+            grown = np.zeros((max(need, int(have * 1.5), 1024 * int(self.sizes[t])), self.width), np.int64)
+            grown[:have] = self.pools[t]
             self.pools[t] = grown
         return np.concatenate([slots, fresh])
 
@@ -503,7 +549,8 @@ class _SeqStore:
                 self.pools[t][slots[sel] * size + j[sel] % size] = values[sel]
 
     def append(self, users: np.ndarray, k: np.ndarray, starts: np.ndarray, values: np.ndarray) -> None:
-        """Append ``values[starts[i] : starts[i] + k[i]]`` (oldest first) to distinct users ``users[i]``."""
+        """Append rows ``values[starts[i] : starts[i] + k[i]]`` of the (m, width) ``values`` (oldest first) to
+        distinct users ``users[i]``."""
         if users.size == 0:
             return
         c = self.count[users]
@@ -531,13 +578,29 @@ class _SeqStore:
         lo = np.maximum(c, c2 - self.sizes[new_t])  # the new values that fit
         owner, within = _expand(c2 - lo)
         j = lo[owner] + within
-        self._write(new_t[owner], new_slot[owner], j, values[starts[owner] + (j - c[owner])])
+        self._write(new_t[owner], new_slot[owner], j, values.take(starts[owner] + (j - c[owner]), axis=0))
         self.count[users] = c2
 
 
 # --------------------------------------------------------------------------------------------------------
 # The conversion
 # --------------------------------------------------------------------------------------------------------
+
+
+def _side_features_of(entity: str, shared_feature: str) -> list[str]:
+    """The side features a sequence of ``entity`` can carry: the item attributes the converter produces for that
+    entity's rows (entity-shared and that entity's specific features), the sequence's shared feature left out."""
+    spec = VIDEO_FEATURES if entity == "source" else ARTICLE_FEATURES
+    return [f for f in spec if PRODUCED[f][0] != "user" and f != shared_feature]
+
+
+def _missing_side_value(entity: str, feature: str) -> int:
+    """The value a side column holds for a liked ``entity`` row whose ``feature`` is missing (``MISSING_RAW``)."""
+    kind = _FILE_OF[entity]
+    how = (VIDEO_FEATURES if kind == "video" else ARTICLE_FEATURES)[feature][1]
+    if how == "ns":
+        return 2 * MISSING_RAW + _ENTITY[kind]
+    return MISSING_RAW if how == "int" else MISSING_BUCKET
 
 
 def _check_schema(cfg: Config) -> None:
@@ -555,9 +618,12 @@ def _check_schema(cfg: Config) -> None:
         if seq.shared_feature not in ("item_id", "category"):
             raise ValueError(f"mkt tenrec: sequence {name!r}: shared_feature must be item_id or category for "
                              f"Tenrec, got {seq.shared_feature!r}")
-        if seq.side_features:
-            raise ValueError(f"mkt tenrec: schema.sequences.{name}.side_features: the Tenrec converter writes no "
-                             f"side columns ({sorted(seq.side_features.values())}); remove side_features")
+        allowed = _side_features_of(seq.entity, seq.shared_feature)
+        for feature in seq.side_features:
+            if feature not in allowed:
+                raise ValueError(f"mkt tenrec: schema.sequences.{name}.side_features.{feature}: not an attribute "
+                                 f"the Tenrec converter produces for the sequence's {seq.entity} "
+                                 f"({_FILE_OF[seq.entity]}) rows; side features allowed here: {allowed}")
     if s.dense:
         raise ValueError(f"mkt tenrec: the Tenrec converter writes no dense features, but the schema has "
                          f"{sorted(s.dense)}")
@@ -601,10 +667,11 @@ def _merge_positions(v_lo: int, nv: int, a_lo: int, na: int, n_video: int, n_art
 
 class _Converter:
     def __init__(self, cfg: Config, video: _Csv, article: _Csv, counts: dict[str, int],
-                 user_keys: np.ndarray, user_rows: np.ndarray) -> None:
+                 user_keys: np.ndarray, user_rows: np.ndarray, true_prob: bool) -> None:
         self.cfg = cfg
         self.tc = cfg.tenrec
         self.video, self.article = video, article
+        self.true_prob = true_prob  # both files have the column: carry it
         self.n = counts
         self.users = _UserIndex(user_keys)
         self.user_rows = user_rows.astype(np.int32)
@@ -612,7 +679,10 @@ class _Converter:
         self.seen = np.zeros(n_users, np.int32)  # rows of each user so far (per_user split)
         self.likes = np.zeros(n_users, np.int32)  # likes of each user so far, both entities (activity)
         s = cfg.schema
-        self.seqs = {name: _SeqStore(n_users, q.max_len) for name, q in s.sequences.items()}
+        # per sequence: the item's shared feature and its side features, one int64 each per stored like
+        self.seqs = {name: _SeqStore(n_users, q.max_len, 1 + len(q.side_features)) for name, q in s.sequences.items()}
+        self.missing = {name: [_missing_side_value(q.entity, f) for f in q.side_features]
+                        for name, q in s.sequences.items()}
         self.features = list(dict.fromkeys(list(s.features) + [q.shared_feature for q in s.sequences.values()]
                                            + ["user_id"]))
         self.modulo = {n for n, f in s.features.items() if s.tables[f.table].id_mapping == "modulo"}
@@ -621,7 +691,9 @@ class _Converter:
         spec = VIDEO_FEATURES if kind == "video" else ARTICLE_FEATURES
         expected = VIDEO_COLUMNS if kind == "video" else ARTICLE_COLUMNS
         cols = {spec[f][0] for f in self.features if f in spec} | {"user_id", LABEL}
-        return [c for c in expected if c in cols]
+        if self.true_prob:
+            cols.add(TRUE_PROB)
+        return [c for c in expected + OPTIONAL_COLUMNS if c in cols]
 
     def window(self, parts: dict[str, tuple[dict[str, np.ndarray], int]], lo: dict[str, int]
                ) -> tuple[pa.Table, np.ndarray]:
@@ -635,12 +707,16 @@ class _Converter:
         feats: dict[str, tuple[np.ndarray, np.ndarray]] = {
             f: (np.zeros(n, np.int64), np.zeros(n, bool)) for f in self.features}
         file_row = np.empty(n, np.int64)
+        true_prob = np.empty(n, np.float32) if self.true_prob else None
         for kind, csv in (("video", self.video), ("article", self.article)):
             raw, cnt = parts[kind]
             if cnt == 0:
                 continue
             p = pos[kind]
-            cols, lab = _entity_columns(raw, kind, self.features, _Fail(csv.path, lo[kind]), self.modulo)
+            fail = _Fail(csv.path, lo[kind])
+            cols, lab = _entity_columns(raw, kind, self.features, fail, self.modulo)
+            if true_prob is not None:
+                true_prob[p] = _probability_column(raw[TRUE_PROB], TRUE_PROB, fail)
             ent[p] = _ENTITY[kind]
             label[p] = lab
             file_row[p] = lo[kind] + np.arange(cnt)
@@ -693,17 +769,24 @@ class _Converter:
             "entity": pa.array(ent), "label": pa.array(label),
             "activity": pa.array(activity.astype(np.int32)),
         }
+        if true_prob is not None:
+            columns[TRUE_PROB] = pa.array(true_prob)
         for f in self.cfg.schema.features:
             vals, valid = feats[f]
             columns[f] = pa.array(vals, mask=~valid) if not valid.all() else pa.array(vals)
 
-        # behaviour sequences
+        # behaviour sequences: (shared feature, side features...) of each like, as rows of width 1 + side features
         ent_s = ent[order]
         for name, q in self.cfg.schema.sequences.items():
             store = self.seqs[name]
             vals, valid = feats[q.shared_feature]
             ms = liked_s & (ent_s == (0 if q.entity == "source" else 1)) & valid[order]
-            liked_vals = vals[order][ms]
+            rows = order[ms]  # this sequence's likes, grouped by user, time order within a user
+            liked_vals = np.empty((rows.size, store.width), np.int64)  # (likes, 1 + side features)
+            liked_vals[:, 0] = vals[rows]
+            for c, (f, missing) in enumerate(zip(q.side_features, self.missing[name]), start=1):
+                side, known = feats[f]
+                liked_vals[:, c] = np.where(known[rows], side[rows], missing)
             ex, k, tot = excl_count(ms)
             c0 = store.count[us]
             m_c = np.minimum(k, q.max_len)
@@ -713,17 +796,18 @@ class _Converter:
             if off[-1] >= 2 ** 31:
                 raise ValueError(f"tenrec: a window's {name} values exceed 2**31; lower tenrec.chunk_rows")
             start = off[:-1][order]
-            out = np.empty(int(off[-1]), np.int64)
+            out = np.empty((int(off[-1]), store.width), np.int64)  # (steps, 1 + side features)
             owner, within = _expand(m_b)  # the stored part
             if owner.size:
                 out[start[owner] + within] = store.read(us[owner], (c0 - m_b)[owner] + within)
             owner, within = _expand(m_c)  # this window's earlier likes
             if owner.size:
-                out[start[owner] + m_b[owner] + within] = liked_vals[(ex - m_c)[owner] + within]
+                out[start[owner] + m_b[owner] + within] = liked_vals.take((ex - m_c)[owner] + within, axis=0)
             has = tot > 0
             store.append(uniq[has], tot[has], ex[gstart][has], liked_vals)
-            columns[name] = pa.ListArray.from_arrays(pa.array(off.astype(np.int32)),
-                                                     pa.array(out, pa.int64()))
+            offsets = pa.array(off.astype(np.int32))  # the sequence and its side columns: the same steps
+            for c, column in enumerate([name, *q.side_features.values()]):
+                columns[column] = pa.ListArray.from_arrays(offsets, pa.array(np.ascontiguousarray(out[:, c])))
         return pa.table(columns), is_test
 
 
@@ -751,23 +835,31 @@ def convert(video_csv: str, article_csv: str, cfg: Config, out_dir: str, overwri
     """Convert QK-video.csv (source) + QK-article.csv (target) into a dataset at ``out_dir`` (atomically).
 
     Args:
-        video_csv / article_csv: the two Tenrec files (headers checked; columns may come in any order).
-        cfg: the config; ``cfg.schema`` must use only the features this converter produces (``PRODUCED``),
+        video_csv / article_csv: the two Tenrec files (headers checked; columns may come in any order); both
+            may add a ``true_prob`` column, which becomes the dataset's ``true_prob``.
+        cfg: the config; ``cfg.schema`` must use only the features this converter produces (``PRODUCED``), and
+            as a sequence's side features only attributes of its entity's items (``_side_features_of``);
             ``cfg.tenrec`` sets the split, window size and Parquet layout.
         out_dir: dataset directory to create; ``overwrite`` replaces an existing one once the new is complete.
         progress: called with the number of rows converted after each window of the second pass (the
             counting pass reports nothing; the Parquet writes trail by at most two windows).
 
     Raises:
-        ValueError: a missing file, a wrong header, an unparsable or missing value (naming the file, the
-            column and the row), or a schema the converter cannot fill.
+        ValueError: a missing file, a wrong header (or ``true_prob`` in one file only), an unparsable or
+            missing value (naming the file, the column and the row), or a schema the converter cannot fill.
         FileExistsError: ``out_dir`` exists and ``overwrite`` is false.
     """
     _check_schema(cfg)
     video = _Csv(video_csv, "video", VIDEO_COLUMNS)
     article = _Csv(article_csv, "article", ARTICLE_COLUMNS)
     tc = cfg.tenrec
-    with DatasetWriter(out_dir, cfg.schema, optional=("activity",), rows_per_file=tc.rows_per_file,
+    if bool(video.optional) != bool(article.optional):
+        has, lacks = (video, article) if video.optional else (article, video)
+        raise ValueError(f"{has.path} has a {TRUE_PROB} column but {lacks.path} has not: both files need it, or "
+                         "neither")
+    true_prob = TRUE_PROB in video.optional
+    optional = (TRUE_PROB, "activity") if true_prob else ("activity",)  # the synthetic datasets' order
+    with DatasetWriter(out_dir, cfg.schema, optional=optional, rows_per_file=tc.rows_per_file,
                        row_group_rows=tc.row_group_rows, overwrite=overwrite,
                        schema_digest=cfg.schema_digest()) as writer:
         counter = _UserCounter()
@@ -777,7 +869,7 @@ def convert(video_csv: str, article_csv: str, cfg: Config, out_dir: str, overwri
         if counts["video"] * counts["article"] >= 2 ** 62:
             raise ValueError("tenrec: too many rows to merge the timelines exactly")
         keys, user_rows = counter.finish()
-        conv = _Converter(cfg, video, article, counts, keys, user_rows)
+        conv = _Converter(cfg, video, article, counts, keys, user_rows, true_prob)
         rows = {k: _Rows(csv, conv.columns(k), counts[k]) for k, csv in (("video", video), ("article", article))}
         try:
             # Parquet encoding runs in one background thread (pyarrow releases the GIL), one window behind.

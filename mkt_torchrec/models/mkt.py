@@ -86,14 +86,16 @@ class MEM(nn.Module):
         _check_schema(schema)
         self.sparse_arch = SparseArch(schema, list(schema.features), list(schema.sequences), device=device,
                                       precision=embedding_precision)
-        self.group_arch = GroupArch(schema, cfg.sequence, ENTITIES)
+        self.group_arch = GroupArch(schema, cfg.sequence, ENTITIES,
+                                    unit_dense=cfg.hfa.fixed_scale and cfg.ablation != "no_hfa")
         ctx = self.group_arch.context_dim
         spec_widths = {e: sum(d) for e, d in self.group_arch.spec_dims.items()}
         if cfg.ablation == "no_hfa":
             padded = max(spec_widths.values())
             self.hfa = nn.ModuleDict({e: PadAlign(ctx, spec_widths[e], padded) for e in ENTITIES})
         else:
-            self.hfa = nn.ModuleDict({e: HFA(ctx, self.group_arch.spec_dims[e], cfg.hfa) for e in ENTITIES})
+            self.hfa = nn.ModuleDict({e: HFA(ctx, self.group_arch.spec_dims[e], cfg.hfa,
+                                             dense_blocks=len(self.group_arch.spec_dense[e])) for e in ENTITIES})
         d_q = self.hfa["source"].out_dim
         self.cke = MMoE(d_q, cfg.cke.expert_layers, cfg.cke.experts, num_gates=len(ENTITIES))
         self.extractors = nn.ModuleDict({  # SKE, TKE

@@ -241,14 +241,17 @@ class GroupArch(nn.Module):
         seq_cfg: the sequence encoder (both entities' rows share it, paper 3.2.1).
         entities: entities whose specific block to build (MEM: both; TEM: ``target``).
         dense_dim: width of a dense feature's embedding.
+        unit_dense: a dense feature's vector is used as w / |w|, so x * w / |w| has the size of x
+            (``model.hfa.fixed_scale``).
 
     Example:
         >>> groups = GroupArch(cfg.schema, cfg.model.sequence, ("target",))(sparse, batch.dense_features)  # doctest: +SKIP
     """
 
     def __init__(self, schema: SchemaConfig, seq_cfg: SequenceEncoderConfig, entities: Sequence[str],
-                 dense_dim: int = 8) -> None:
+                 dense_dim: int = 8, unit_dense: bool = False) -> None:
         super().__init__()
+        self.unit_dense = unit_dense
         self.user_features = schema.features_of("user")
         self.shared_features = schema.features_of("shared")
         self.spec_features = {e: schema.features_of("specific", e) for e in entities}
@@ -276,7 +279,12 @@ class GroupArch(nn.Module):
         self.context_dim = self.user_dim + self.seq_dim + self.shared_dim
 
     def _dense(self, dense: torch.Tensor, names: list[str]) -> list[torch.Tensor]:
-        return [dense[:, self.dense_column[n]: self.dense_column[n] + 1] * self.dense_weight[self.dense_row[n]]
+        if not names:
+            return []
+        w = self.dense_weight
+        if self.unit_dense:
+            w = nn.functional.normalize(w, dim=-1)
+        return [dense[:, self.dense_column[n]: self.dense_column[n] + 1] * w[self.dense_row[n]]
                 for n in names]  # each (B, D)
 
     def _cat(self, parts: list[torch.Tensor], batch: int, like: torch.Tensor) -> torch.Tensor:

@@ -9,6 +9,7 @@ import os
 import random
 from fractions import Fraction
 
+import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
@@ -79,6 +80,7 @@ def random_rows(seed: int, n_video: int, n_article: int, users: int = 9):
              for _ in range(n_video)]
     article = [article_row(rng.randrange(users), rng.randrange(40), int(rng.random() < 0.4),
                            category_second=rng.choice([1001, 1002, None]), item_score1=rng.choice([0, 4, None]),
+                           category_first=rng.choice([10, 11, None]),
                            exposure_count=rng.choice([0, 7, 100000, None]), read_time=rng.randrange(100))
                for _ in range(n_article)]
     return video, article
@@ -98,7 +100,9 @@ def write_pair(tmp_path, video, article, name="in"):
 
 
 def reference(video, article, max_src: int, max_tgt: int, split: str, test_fraction: float) -> list[dict]:
-    """The expected rows in merged time order, by a plain loop over the timeline."""
+    """The expected rows in merged time order, by a plain loop over the timeline. A row's ``src_rows`` /
+    ``tgt_rows`` are the indices (in this list) of the liked rows its sequences hold, ``hist_src`` / ``hist_tgt``
+    their raw item ids."""
     nv, na = len(video), len(article)
     events = [(Fraction(i, nv), 0, video[i], i) for i in range(nv)]
     events += [(Fraction(j, na), 1, article[j], j) for j in range(na)]
@@ -118,14 +122,23 @@ def reference(video, article, max_src: int, max_tgt: int, split: str, test_fract
         else:
             is_test = idx >= math.floor(keep * (nv if ent == 0 else na))
         seen[u] = seen.get(u, 0) + 1
+        src_rows, tgt_rows = src[len(src) - min(len(src), max_src):], tgt[len(tgt) - min(len(tgt), max_tgt):]
         out.append({"entity": ent, "user_id": u, "label": r["like"], "item": r["item_id"],
                     "category": r["video_category"] if ent == 0 else r["category_second"],
-                    "gender": r["gender"], "age": r["age"], "hist_src": src[len(src) - min(len(src), max_src):],
-                    "hist_tgt": tgt[len(tgt) - min(len(tgt), max_tgt):], "activity": len(src) + len(tgt),
-                    "test": is_test})
+                    "gender": r["gender"], "age": r["age"], "src_rows": src_rows, "tgt_rows": tgt_rows,
+                    "hist_src": [out[i]["item"] for i in src_rows], "hist_tgt": [out[i]["item"] for i in tgt_rows],
+                    "activity": len(src) + len(tgt), "test": is_test})
         if r["like"]:
-            liked[ent][u].append(r["item_id"])
+            liked[ent][u].append(len(out) - 1)
     return out
+
+
+# A side column's value for a liked row whose feature is missing (the converter's documented encodings of
+# MISSING_RAW = 2**61 - 1, and log bucket 0), by the entity of the liked row
+MISSING = {"category": (2 ** 62 - 2, 2 ** 62 - 1), "item_id": (2 ** 62 - 2, 2 ** 62 - 1),
+           "video_category_raw": (2 ** 61 - 1,) * 2, "category_first": (2 ** 61 - 1,) * 2,
+           "item_score1": (0, 0), "item_score2": (0, 0), "item_score3": (0, 0), "exposure_count_bucket": (0, 0),
+           "click_count_bucket": (0, 0)}
 
 
 def read_split(out: str, split: str, entities: list[int] | None = None) -> list[dict]:
@@ -148,7 +161,10 @@ def read_split(out: str, split: str, entities: list[int] | None = None) -> list[
     return [per_entity[code].popleft() for code in entities]
 
 
-def check_against_reference(out: str, expected: list[dict]) -> None:
+def check_against_reference(out: str, expected: list[dict], schema=None) -> dict[str, int]:
+    """The dataset at ``out`` holds ``expected`` (from :func:`reference`); with ``schema``, each side column of its
+    sequences holds, step by step, the liked row's own value of the side feature (or the missing value). Returns
+    the number of values per side column that stand for a missing one."""
     item_ids: dict = {}  # (entity, raw item) -> dataset item_id
     for split in ("train", "test"):
         exp = [e for e in expected if e["test"] == (split == "test")]
@@ -157,7 +173,7 @@ def check_against_reference(out: str, expected: list[dict]) -> None:
         for g, e in zip(got, exp):
             assert (g["entity"], g["user_id"], g["label"]) == (e["entity"], e["user_id"], e["label"])
             assert (g["gender"], g["age"]) == (e["gender"], e["age"])
-            assert (g["category"] is None) == (e["category"] is None)
+            assert g["category"] == (None if e["category"] is None else 2 * e["category"] + e["entity"])
             assert item_ids.setdefault((e["entity"], e["item"]), g["item_id"]) == g["item_id"]
             assert g["activity"] == e["activity"]
             e["got"] = g
@@ -167,6 +183,17 @@ def check_against_reference(out: str, expected: list[dict]) -> None:
         g = e["got"]
         assert g["hist_source_items"] == [item_ids[(0, i)] for i in e["hist_src"]]
         assert g["hist_target_items"] == [item_ids[(1, i)] for i in e["hist_tgt"]]
+    seqs = (("hist_source_items", "src_rows"), ("hist_target_items", "tgt_rows"))
+    side = [(column, feature, key) for name, key in seqs
+            for feature, column in (schema.sequences[name].side_features.items() if schema else ())]
+    missing = {column: 0 for column, _, _ in side}
+    for column, feature, key in side:
+        for e in expected:
+            liked = [expected[i]["got"] for i in e[key]]
+            assert e["got"][column] == [MISSING[feature][x["entity"]] if x[feature] is None else x[feature]
+                                        for x in liked], (column, e)
+            missing[column] += sum(x[feature] is None for x in liked)
+    return missing
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -208,6 +235,12 @@ def test_hand_built_timeline(tmp_path):
     assert a0["hist_source_items"] == [v0["item_id"]] and a0["hist_target_items"] == [] and a0["activity"] == 1
     assert v2["hist_source_items"] == [v0["item_id"]] and v2["hist_target_items"] == [a0["item_id"]]
     assert v3["hist_source_items"] == [v0["item_id"], v2["item_id"]] and v3["activity"] == 3
+    # side columns: the liked rows' own category values, step by step; a liked row without one gives the missing
+    # value (a0's category_second is null: 2 * (2**61 - 1) + 1, the article encoding of MISSING_RAW)
+    assert v0["hist_source_categories"] == [] and a0["hist_source_categories"] == [v0["category"]] == [0]
+    assert v2["hist_target_categories"] == [2 ** 62 - 1] and v2["hist_source_categories"] == [0]
+    assert v3["hist_source_categories"] == [v0["category"], v2["category"]] == [0, 0]
+    assert v3["hist_target_categories"] == [2 ** 62 - 1] and a1["hist_target_categories"] == []
     assert a1["hist_source_items"] == [] and a1["activity"] == 0  # user 2 liked nothing
     # missing values are null; entity-specific features are null on the other entity
     assert v1["category"] is None and a0["category"] is None and a0["gender"] is None
@@ -219,25 +252,39 @@ def test_hand_built_timeline(tmp_path):
     assert src["kind"] == "tenrec" and src["rows"] == {"video": 4, "article": 2} and src["users"] == 2
 
 
-@pytest.mark.parametrize("split, chunk, max_src, max_tgt, seed, n_video, n_article", [
-    ("per_user", 7, 3, 2, 0, 157, 61),      # many windows, small max_len: sequences wrap around
-    ("per_user", 10000, 3, 5, 1, 157, 61),  # one window: truncation inside the window
-    ("global", 13, 5, 1, 2, 157, 61),
-    ("per_user", 1, 50, 50, 3, 157, 61),    # one row per window, nothing truncated
-    ("per_user", 9, 4, 3, 4, 23, 95),       # more articles than videos: windows step through the articles
-    ("global", 5, 2, 2, 6, 40, 40),         # equal lengths: every video row ties with an article row
+# side features of the two sequences: the config's (each step's category), none, or every kind of encoding
+SIDE = {
+    "config": (),
+    "none": ("schema.sequences.hist_source_items.side_features={}",
+             "schema.sequences.hist_target_items.side_features={}"),
+    "more": ("schema.sequences.hist_source_items.side_features={category: hist_source_categories, "
+             "video_category_raw: hist_source_raw_categories}",
+             "schema.sequences.hist_target_items.side_features={category_first: hist_target_first, category: "
+             "hist_target_categories, item_score1: hist_target_score1, exposure_count_bucket: hist_target_exposure}"),
+}
+
+
+@pytest.mark.parametrize("split, chunk, max_src, max_tgt, seed, n_video, n_article, side", [
+    ("per_user", 7, 3, 2, 0, 157, 61, "more"),        # many windows, small max_len: sequences wrap around
+    ("per_user", 10000, 3, 5, 1, 157, 61, "config"),  # one window: truncation inside the window
+    ("global", 13, 5, 1, 2, 157, 61, "more"),
+    ("per_user", 1, 50, 50, 3, 157, 61, "config"),    # one row per window, nothing truncated
+    ("per_user", 9, 4, 3, 4, 23, 95, "more"),         # more articles than videos: windows step through the articles
+    ("global", 5, 2, 2, 6, 40, 40, "none"),           # equal lengths: every video row ties with an article row
 ])
-def test_sequences_match_brute_force(tmp_path, split, chunk, max_src, max_tgt, seed, n_video, n_article):
+def test_sequences_match_brute_force(tmp_path, split, chunk, max_src, max_tgt, seed, n_video, n_article, side):
     video, article = random_rows(seed, n_video=n_video, n_article=n_article)
     v, a = write_pair(tmp_path, video, article)
     cfg = tenrec_config(f"schema.sequences.hist_source_items.max_len={max_src}",
                         f"schema.sequences.hist_target_items.max_len={max_tgt}",
-                        f"tenrec.split={split}", f"tenrec.chunk_rows={chunk}")
+                        f"tenrec.split={split}", f"tenrec.chunk_rows={chunk}", *SIDE[side])
+    assert len(cfg.schema.side_keys) == {"config": 2, "none": 0, "more": 6}[side]
     seen = []
     manifest = convert(v, a, cfg, str(tmp_path / "out"), progress=seen.append)
     assert sum(seen) == n_video + n_article
     expected = reference(video, article, max_src, max_tgt, split, cfg.tenrec.test_fraction)
-    check_against_reference(str(tmp_path / "out"), expected)
+    missing = check_against_reference(str(tmp_path / "out"), expected, cfg.schema)
+    assert len(missing) == len(cfg.schema.side_keys) and all(missing.values())  # steps of liked rows without one
     for s in ("train", "test"):
         for code, ent in ((0, "source"), (1, "target")):
             assert manifest.rows[s][ent] == sum(1 for e in expected if e["test"] == (s == "test")
@@ -280,12 +327,16 @@ def test_leak_columns_do_not_matter(tmp_path):
         assert read_split(str(tmp_path / "o1"), split) == read_split(str(tmp_path / "o2"), split)
 
 
-def test_reader_reads_the_result(tmp_path):
+@pytest.mark.parametrize("id_mapping", ["hash", "modulo"])
+def test_reader_reads_the_result(tmp_path, id_mapping):
     from mkt_torchrec.data.reader import ParquetReader
+    from mkt_torchrec.data.schema import map_ids
 
     video, article = random_rows(11, n_video=120, n_article=50)
     v, a = write_pair(tmp_path, video, article)
-    cfg = tenrec_config("schema.sequences.hist_source_items.max_len=3", "data.validation_fraction=0")  # files whole
+    cfg = tenrec_config("schema.sequences.hist_source_items.max_len=3", "data.validation_fraction=0",  # files whole
+                        f"schema.tables.category.id_mapping={id_mapping}")
+    table = cfg.schema.tables["category"]
     out = str(tmp_path / "out")
     manifest = convert(v, a, cfg, out)
     reader = ParquetReader(out, "train", cfg.schema, cfg.data, training=False)
@@ -302,12 +353,33 @@ def test_reader_reads_the_result(tmp_path):
         assert (jt["video_category_raw"].lengths().numpy()[ent == 1] == 0).all()
         assert (jt["category_first"].lengths().numpy()[ent == 0] == 0).all()
         assert batch.activity is not None
+        for seq, side in (("hist_source_items", "hist_source_categories"), ("hist_target_items",
+                                                                             "hist_target_categories")):
+            assert jt[side].lengths().tolist() == jt[seq].lengths().tolist()  # one category per step, truncated alike
         got.update(zip(batch.user_id.tolist(), ent.tolist(), batch.labels.tolist(), batch.activity.tolist(),
-                       jt["hist_target_items"].lengths().tolist()))
+                       jt["hist_target_items"].lengths().tolist(),
+                       map(tuple, jt["hist_source_categories"].to_padded_dense(3, -1).tolist()),
+                       map(tuple, jt["hist_target_categories"].to_padded_dense(50, -1).tolist())))
     assert n == manifest.split_rows("train")
+    rows = read_split(out, "train")
+
+    def categories(values: list[int], max_len: int) -> tuple:  # raw side values -> table rows, as the reader maps
+        mapped = map_ids(np.array(values[-max_len:], np.int64), "category", table).tolist()
+        return tuple(mapped + [-1] * (max_len - len(mapped)))
+
     want = collections.Counter((r["user_id"], r["entity"], float(r["label"]), r["activity"],
-                                len(r["hist_target_items"])) for r in read_split(out, "train"))
+                                len(r["hist_target_items"]), categories(r["hist_source_categories"], 3),
+                                categories(r["hist_target_categories"], 50)) for r in rows)
     assert got == want
+    # a liked row without a category gives a step its own table row, apart from every real category's
+    real = {r["category"] for r in rows if r["category"] is not None}
+    missing = {x for r in rows for x in r["hist_source_categories"] + r["hist_target_categories"]} - real
+    assert missing == {2 ** 62 - 2, 2 ** 62 - 1}  # a video's and an article's
+    real_rows = set(map_ids(np.array(sorted(real)), "category", table).tolist())
+    missing_rows = set(map_ids(np.array(sorted(missing)), "category", table).tolist())
+    assert len(missing_rows) == 2 and not missing_rows & real_rows
+    if id_mapping == "modulo":  # a power-of-two table: its last two rows
+        assert missing_rows == {table.rows - 2, table.rows - 1}
 
 
 def test_missing_file_and_bad_headers(tmp_path):
@@ -405,19 +477,34 @@ def test_schema_the_converter_cannot_fill(tmp_path):
     cfg = tenrec_config("schema.features.category_first.entity=source")
     with pytest.raises(ValueError, match="'category_first' must be declared"):
         convert(v, a, cfg, str(tmp_path / "out"))
-    cfg = tenrec_config("schema.sequences.hist_source_items.side_features={category: hist_source_categories}")
-    with pytest.raises(ValueError, match=r"hist_source_items.side_features: the Tenrec converter writes no side "
-                                         r"columns \(\['hist_source_categories'\]\)"):
+    assert not os.path.exists(tmp_path / "out")
+
+
+@pytest.mark.parametrize("sequence, feature, allowed", [
+    ("hist_source_items", "category_first", "source (video) rows; side features allowed here: ['category', "
+                                            "'video_category_raw']"),  # an article attribute
+    ("hist_target_items", "gender", "target (article) rows; side features allowed here: ['category', "
+                                    "'category_first', 'item_score1', 'item_score2', 'item_score3', "
+                                    "'exposure_count_bucket', 'click_count_bucket']"),  # the user's, not the item's
+])
+def test_a_side_feature_the_converter_cannot_fill(tmp_path, sequence, feature, allowed):
+    video, article = random_rows(0, 10, 5)
+    v, a = write_pair(tmp_path, video, article)
+    cfg = tenrec_config(f"schema.sequences.{sequence}.side_features={{{feature}: hist_side}}")
+    with pytest.raises(ValueError) as err:
         convert(v, a, cfg, str(tmp_path / "out"))
+    assert str(err.value) == (f"mkt tenrec: schema.sequences.{sequence}.side_features.{feature}: not an attribute "
+                              f"the Tenrec converter produces for the sequence's {allowed}")
     assert not os.path.exists(tmp_path / "out")
 
 
 def test_one_empty_file(tmp_path):
     video, article = random_rows(8, 30, 0)
     v, a = write_pair(tmp_path, video, article)
-    m = convert(v, a, tenrec_config("tenrec.chunk_rows=7"), str(tmp_path / "out"))
+    cfg = tenrec_config("tenrec.chunk_rows=7")
+    m = convert(v, a, cfg, str(tmp_path / "out"))
     assert m.rows["train"]["target"] == 0 and m.split_rows("train") + m.split_rows("test") == 30
-    check_against_reference(str(tmp_path / "out"), reference(video, article, 50, 50, "per_user", 0.2))
+    check_against_reference(str(tmp_path / "out"), reference(video, article, 50, 50, "per_user", 0.2), cfg.schema)
 
 
 def test_large_and_negative_user_ids(tmp_path):
@@ -427,17 +514,19 @@ def test_large_and_negative_user_ids(tmp_path):
     for r in video + article:
         r["user_id"] = remap[r["user_id"]]
     v, a = write_pair(tmp_path, video, article)
-    convert(v, a, tenrec_config("tenrec.chunk_rows=9", "schema.sequences.hist_source_items.max_len=4"),
-            str(tmp_path / "out"))
-    check_against_reference(str(tmp_path / "out"), reference(video, article, 4, 50, "per_user", 0.2))
+    cfg = tenrec_config("tenrec.chunk_rows=9", "schema.sequences.hist_source_items.max_len=4")
+    convert(v, a, cfg, str(tmp_path / "out"))
+    check_against_reference(str(tmp_path / "out"), reference(video, article, 4, 50, "per_user", 0.2), cfg.schema)
 
 
 def test_category_sequence(tmp_path):
-    # a sequence may mirror the shared category instead of the item id; liked rows without a category are skipped
+    # a sequence may mirror the shared category instead of the item id; liked rows without a category are skipped,
+    # in its side columns too (here: the item id beside each category)
     video, article = random_rows(12, n_video=90, n_article=60)
     v, a = write_pair(tmp_path, video, article)
     cfg = tenrec_config("schema.sequences.hist_target_items.shared_feature=category", "tenrec.test_fraction=0",
-                        "tenrec.chunk_rows=11", "schema.sequences.hist_target_items.max_len=3")
+                        "tenrec.chunk_rows=11", "schema.sequences.hist_target_items.max_len=3",
+                        "schema.sequences.hist_target_items.side_features={item_id: hist_target_item_ids}")
     convert(v, a, cfg, str(tmp_path / "out"))
     timeline = [e["entity"] for e in reference(video, article, 3, 3, "per_user", 0)]
     rows = read_split(str(tmp_path / "out"), "train", timeline)  # all rows, in merged time order
@@ -445,9 +534,11 @@ def test_category_sequence(tmp_path):
     liked: dict = {}
     for r in rows:
         hist = liked.setdefault(r["user_id"], [])
-        assert r["hist_target_items"] == hist[-3:]
+        assert r["hist_target_items"] == [c for c, _ in hist[-3:]]
+        assert r["hist_target_item_ids"] == [i for _, i in hist[-3:]]
         if r["entity"] == 1 and r["label"] == 1 and r["category"] is not None:
-            hist.append(r["category"])
+            hist.append((r["category"], r["item_id"]))
+    assert any(r["entity"] == 1 and r["label"] == 1 and r["category"] is None for r in rows)  # some were skipped
 
 
 def test_conversion_error_without_a_row_number_is_located(tmp_path):

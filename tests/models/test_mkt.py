@@ -98,6 +98,43 @@ def test_softmax_hfa_scores_average_one_so_a_feature_gains_only_at_the_others_ex
     assert not torch.allclose(plain(torch.ones(2, 16), torch.ones(2, 20)).scores.mean(-1), torch.ones(2))
 
 
+def test_fixed_scale_hfa_leaves_a_score_nothing_to_be_undone_by():
+    """model.hfa.fixed_scale: rescaling a categorical feature's embedding or its block of the alignment layer
+    changes nothing (so only the score sets the feature's weight); a dense block keeps its size."""
+    torch.manual_seed(0)
+    spec_dims = [8, 8, 4]  # two categorical features, one dense (the last block)
+    hfa = HFA(16, spec_dims, HFAConfig(fixed_scale=True), dense_blocks=1)
+    context, spec = torch.randn(64, 16), torch.randn(64, 20)
+    out = hfa(context, spec)
+    grown = spec.clone()
+    grown[:, 8:16] *= 7.0  # the second categorical feature's embedding grows
+    torch.testing.assert_close(hfa(context, grown).q, out.q)
+    torch.testing.assert_close(hfa(context, grown).scores, out.scores)
+    with torch.no_grad():
+        hfa.align_in.weight[:, :8] *= 5.0  # the first feature's block of the alignment layer grows
+    torch.testing.assert_close(hfa(context, spec).q, out.q)
+    dense_grown = spec.clone()
+    dense_grown[:, 16:] *= 7.0
+    assert not torch.allclose(hfa(context, dense_grown).q, out.q)
+    plain = HFA(16, spec_dims, HFAConfig())  # the paper's HFA: an embedding's size passes through
+    assert not torch.allclose(plain(context, grown).q, plain(context, spec).q)
+    traced = torch.fx.symbolic_trace(hfa)  # TorchRec's train pipeline FX-traces the dense forward
+    torch.testing.assert_close(traced(context, spec).q, hfa(context, spec).q)
+
+
+def test_fixed_scale_uses_each_dense_feature_vector_at_unit_norm(cfg, batches):
+    model_cfg = copy.deepcopy(cfg.model)
+    model_cfg.hfa.fixed_scale = True
+    torch.manual_seed(0)
+    mem = MEM(cfg.schema, model_cfg)
+    assert mem.group_arch.dense_weight is not None  # the schema has a dense specific feature (log_price)
+    b = batches[1]
+    out = mem(b.sparse_features, b.dense_features, b.entity)
+    with torch.no_grad():
+        mem.group_arch.dense_weight *= 3.0
+    torch.testing.assert_close(mem(b.sparse_features, b.dense_features, b.entity).logits, out.logits)
+
+
 def test_pdl_range_and_gradients_reach_cke_and_extractors(cfg, batches):
     torch.manual_seed(0)
     mem = MEM(cfg.schema, cfg.model)
