@@ -28,7 +28,7 @@ test: install
 	$(PY) -m pytest -q tests
 
 demo: install
-	$(VENV)/bin/mkt run --config configs/quickstart.yaml --out out/quickstart --seeds 2 \
+	$(VENV)/bin/mkt run --config configs/quickstart.yaml --out out/quickstart --seeds 3 --baseline mkt \
 		--runs mkt no_hfa no_pdl no_mem_pretrain no_tem_finetune mlp din mmoe finetune
 
 bench: install
