@@ -551,8 +551,14 @@ class PlannerConfig:
 
     Args:
         compute_device: ``auto`` (cuda if available, else cpu), ``cpu`` or ``cuda``.
-        hbm_gb: accelerator memory per rank, GiB (80: an A100 / H100 80 GB).
-        ddr_gb: host memory per rank, GiB (56: the README's TorchX jobs give a node 480,000 MB for 8 ranks).
+        cluster: the GPU nodes planned for: a preset, ``a100-ib``, ``h100-ib`` or ``h200-ib`` (datasheet HBM size
+            and bandwidth, NVLink, InfiniBand, PCIe per GPU), a preset with figures overridden
+            (``h100-ib:inter=25GB/s``) or ``custom:hbm=80GB,hbm_bw=3.35TB/s,intra=450GB/s,inter=50GB/s``
+            (``mkt plan --help``); null: TorchRec's default bandwidths. Used on cuda only.
+        hbm_gb: accelerator memory per rank, GB (10^9 bytes, as sold: 80 for an A100 / H100 80 GB); null: the
+            cluster's, or 80 without one. The planner keeps 15% of it free for the CUDA context and allocator.
+        ddr_gb: host memory per rank the job may use, GB (10^9 bytes): its memory request per node divided by the
+            ranks per node (60: 480,000 MB for 8 ranks). Not part of a cluster preset.
         local_world_size: ranks per node (0: all ranks on one node, or LOCAL_WORLD_SIZE when launched).
         plan_file: a plan written by ``mkt plan``; when set the trainer uses it instead of planning.
         sharding_type: shard every table this way where its collection and the compute device allow it
@@ -564,8 +570,9 @@ class PlannerConfig:
     """
 
     compute_device: Literal["auto", "cpu", "cuda"] = "auto"
-    hbm_gb: float = 80.0
-    ddr_gb: float = 56.0
+    cluster: Optional[str] = None
+    hbm_gb: Optional[float] = None
+    ddr_gb: float = 60.0
     local_world_size: int = 0
     plan_file: Optional[str] = None
     sharding_type: str = ""
@@ -611,6 +618,11 @@ class TrainConfig:
             lookup traffic); the fused optimizer's state stays fp32. A frozen stage-1 MEM keeps its precision.
         seed: seed of parameter initialisation.
         threads: intra-op threads per rank (1 avoids oversubscribing small machines).
+        tf32: on a CUDA device, matrix products and convolutions of the dense part in TensorFloat-32 (Ampere and
+            later: about 8x the fp32 matmul rate, 10-bit mantissa products with fp32 accumulation). No effect on CPU.
+        compile: ``torch.compile`` (dynamic batch) of the dense modules the pipeline's tracer leaves whole (HFA,
+            CKE, source / target extractors, towers, sequence attention, gates), fewer kernel launches per step on
+            a GPU; the first steps of every process then wait for compilation (see README "Speed").
         planner: topology for TorchRec's planner.
     """
 
@@ -631,6 +643,8 @@ class TrainConfig:
     embedding_precision: Literal["fp32", "fp16"] = "fp32"
     seed: int = 0
     threads: int = 1
+    tf32: bool = True
+    compile: bool = False
     planner: PlannerConfig = field(default_factory=PlannerConfig)
 
     def _validate(self, key: str) -> None:

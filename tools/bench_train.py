@@ -232,12 +232,12 @@ class _PlainArm:
     """Arm B on this rank: the MEM with plain tables under DDP, its optimizers and its feed."""
 
     def __init__(self, cfg: Any, info: Any, manifest: Any, data_dir: str, sparse_grad: bool,
-                 dense_init: Dict[str, Any]) -> None:
+                 dense_init: Dict[str, Any], fused_dense: bool = False) -> None:
         from mkt_torchrec.data.reader import ParquetReader
         from mkt_torchrec.models.mkt import MEM
         from mkt_torchrec.models.train import MEMTrain, pdl_gamma
         from mkt_torchrec.planning.plan import embedding_optimizer_kwargs
-        from mkt_torchrec.training.trainer import _DENSE_OPTIMIZERS, _Feed, _table_values
+        from mkt_torchrec.training.trainer import _DENSE_OPTIMIZERS, _Feed, _table_values, dense_optimizer
 
         if cfg.train.embedding_optimizer != "rowwise_adagrad" or cfg.train.embedding_precision != "fp32":
             raise ValueError(f"train.embedding_optimizer={cfg.train.embedding_optimizer}, train.embedding_precision="
@@ -263,6 +263,7 @@ class _PlainArm:
         tables = [p for n, p in self.model.named_parameters() if ".sparse_arch.tables." in n]
         dense = [p for n, p in self.model.named_parameters() if ".sparse_arch.tables." not in n]
         self.optimizers = [RowwiseAdagrad(tables, **embedding_optimizer_kwargs(cfg)),
+                           dense_optimizer(cfg, dense, cfg.train.dense_lr) if fused_dense else
                            _DENSE_OPTIMIZERS[cfg.train.dense_optimizer](dense, lr=cfg.train.dense_lr)]
         reader = ParquetReader(data_dir, "train", cfg.schema, cfg.data, rank=info.rank,
                                world_size=info.world_size, manifest=manifest)
@@ -350,6 +351,8 @@ def _profiled(step: Callable[[], Tuple[int, Any]], steps: int) -> Dict[str, floa
         for _ in range(steps):
             with record_function("bench.step"):
                 step()
+    if os.environ.get("MKT_BENCH_PROFILE_TABLE") and dist.get_rank() == 0:  # the top ops, for a closer look
+        print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=30), file=sys.stderr)
     return _phases(prof.events())
 
 
@@ -451,7 +454,8 @@ def _worker(config: str, overrides: List[str], data_dir: str, opts: Dict[str, An
     torch.set_num_threads(cfg.train.threads)
     manifest = open_dataset_shared(data_dir, cfg.schema)
     arm_a = _TorchRecArm(cfg, info, manifest, data_dir)
-    arm_b = _PlainArm(cfg, info, manifest, data_dir, opts["baseline_grads"] == "sparse", arm_a.dense_state())
+    arm_b = _PlainArm(cfg, info, manifest, data_dir, opts["baseline_grads"] == "sparse", arm_a.dense_state(),
+                      opts["baseline_dense_optimizer"] == "fused")
     arms = {"torchrec": arm_a.step, "plain": arm_b.step}
 
     warm = {name: _window(step, opts["warmup"]).losses for name, step in arms.items()}
@@ -485,6 +489,7 @@ def _summary(out: Dict[str, Any], args: argparse.Namespace) -> Dict[str, Any]:
         "breakdown": out["breakdown"],
         "warmup_loss_max_abs_diff": out["warmup_loss_max_abs_diff"],
         "plan": out["plan"], "baseline_grads": args.baseline_grads,
+        "dense_optimizer": {"torchrec": "fused (mkt train)", "plain": args.baseline_dense_optimizer},
         "world_size": out["world_size"], "threads_per_rank": out["threads"],
         "batch_size_per_rank": args.batch_size, "windows": args.windows, "window_steps": args.window_steps,
         "warmup": args.warmup, "overrides": list(args.set), "config": os.path.relpath(args.config, REPO),
@@ -512,6 +517,9 @@ def main(argv: Optional[List[str]] = None) -> int:
                    help="steps of the profiled window per arm that gives the breakdown (0: no breakdown)")
     p.add_argument("--baseline-grads", choices=("dense", "sparse"), default="dense",
                    help="arm B's table gradients (see the description above)")
+    p.add_argument("--baseline-dense-optimizer", choices=("default", "fused"), default="default",
+                   help="arm B's dense optimizer: torch's default implementation (what a plain team writes) or the "
+                        "fused one mkt train uses")
     p.add_argument("--nproc", type=int, default=2, help="ranks")
     args = p.parse_args(argv)
     if min(args.warmup, args.windows, args.window_steps) < 1:
@@ -529,7 +537,8 @@ def main(argv: Optional[List[str]] = None) -> int:
         print(f"generating data in {data_dir} ...", file=sys.stderr, flush=True)
         generate(load_config(args.config, overrides), data_dir)
         opts = {"warmup": args.warmup, "windows": args.windows, "window_steps": args.window_steps,
-                "profile_steps": args.profile_steps, "baseline_grads": args.baseline_grads}
+                "profile_steps": args.profile_steps, "baseline_grads": args.baseline_grads,
+                "baseline_dense_optimizer": args.baseline_dense_optimizer}
         out = launch(args.nproc, _worker, args.config, overrides, data_dir, opts)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)

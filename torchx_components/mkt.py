@@ -11,6 +11,24 @@ Positional arguments after the named ones are config overrides, passed on as ``-
         --config configs/quickstart.yaml --data out/data --run_dir out/runs/mem \\
         train.max_steps=100 data.batch_size=256
 
+The device is explicit: ``--device cpu`` (the default: gloo, no GPU requested) or ``--device cuda`` (nccl, one
+GPU per worker process: ``gpu = nproc_per_node``). Every worker gets ``MKT_DEVICE=DEVICE``, and a ``cuda`` worker
+that finds no usable GPU (a CPU build of torch in the image, no GPU given to the container) stops at start with one
+line saying why instead of training on CPU. Unless ``--cpu`` / ``--memMB`` are given, a node requests, per worker:
+
+* ``cuda``: 8 CPUs and 32 GiB of host memory, the per-GPU ratio of torchx's own ``gpu.small`` .. ``gpu.xlarge``
+  named resources, which common 8-GPU nodes exceed (96+ vCPUs, 680+ GB). A GPU worker's host memory holds the
+  trainer (torch, the CUDA context, fbgemm), its ``data.num_workers`` loader processes (2 in ``tenrec.yaml``, 4 in
+  ``industrial.yaml``; each imports torch), pinned batches, and its checkpoint shards while DCP saves them;
+* ``cpu``: 4 CPUs (``train.threads`` intra-op threads and ``data.num_workers`` loaders beside the trainer) and
+  12 GiB. A quickstart-sized rank peaks at about 0.6 GB RSS, but on CPU the embedding shards and their optimizer
+  state live in host memory too: raise ``--memMB`` for large tables;
+
+plus 8 GiB per node for torchrun's agent and the page cache of the data files. So ``--nproc_per_node 8 --device
+cuda`` requests 64 CPUs, 8 GPUs and 270336 MB; the default (2 cpu workers) requests 8 CPUs and 32768 MB (which
+``local_cwd`` ignores). ``-h NAMED_RESOURCE`` takes precedence over all three; it must have one GPU per worker for
+``cuda`` and none for ``cpu``.
+
 Paths are passed through unchanged: relative ones resolve in the job's working directory (the current
 directory for ``local_cwd``, the image's ``WORKDIR`` in a container). Boolean flags take a value on
 the torchx command line: ``--resume True``.
@@ -27,6 +45,11 @@ from torchx.components import dist
 
 _MKT_CLI_MODULE = "mkt_torchrec.cli"
 _MKT_PLAN_KEY = "train.planner.plan_file"
+_MKT_DEVICE_ENV = "MKT_DEVICE"  # read by mkt_torchrec.training.distributed.init_distributed in every worker
+# What one worker process needs, (cpus, memory MB), and what a node needs besides its workers (MB). Why these
+# figures: see the module docstring.
+_MKT_PER_WORKER = {"cpu": (4, 12288), "cuda": (8, 32768)}
+_MKT_NODE_HEADROOM_MB = 8192
 
 
 def pretrain(
@@ -39,9 +62,10 @@ def pretrain(
     image: str = ".",
     nnodes: int = 1,
     nproc_per_node: int = 2,
-    cpu: int = 8,
-    gpu: int = 0,
-    memMB: int = 32768,
+    device: str = "cpu",
+    cpu: int = 0,
+    gpu: int = -1,
+    memMB: int = 0,
     h: Optional[str] = None,
     env: Optional[Dict[str, str]] = None,
     max_retries: int = 0,
@@ -64,10 +88,13 @@ def pretrain(
         image: image holding the installed package: a container image for kubernetes/docker,
             a directory for the ``local`` scheduler; ignored by ``local_cwd`` (which uses the current directory)
         nnodes: number of nodes (scheduler replicas)
-        nproc_per_node: worker processes per node (at most gpu when gpu > 0)
-        cpu: cpus per node (ignored when h is given)
-        gpu: gpus per node (ignored when h is given)
-        memMB: memory per node in MB (ignored when h is given)
+        nproc_per_node: worker processes per node (with device cuda: one GPU each)
+        device: cpu or cuda (one GPU per worker); every worker gets MKT_DEVICE=DEVICE, and a cuda worker that
+            finds no GPU stops at start instead of training on CPU
+        cpu: cpus per node; 0: 4 per worker with device cpu, 8 with cuda (ignored when h is given)
+        gpu: gpus per node; -1: nproc_per_node with device cuda, 0 with cpu (ignored when h is given)
+        memMB: memory per node in MB; 0: 12 GiB per worker with device cpu, 32 GiB with cuda, plus 8 GiB
+            (ignored when h is given)
         h: a registered named resource (e.g. gpu.xlarge); takes precedence over cpu, gpu and memMB
         env: extra environment variables for every worker (e.g. NCCL_DEBUG=INFO,LOGLEVEL=INFO)
         max_retries: how many times the scheduler may restart the job (use with resume True)
@@ -81,7 +108,8 @@ def pretrain(
         command.append("--resume")
     return _mkt_app(
         "mkt-pretrain", "trainer", command, overrides, plan=plan, image=image, nnodes=nnodes,
-        nproc_per_node=nproc_per_node, cpu=cpu, gpu=gpu, memMB=memMB, h=h, env=env, max_retries=max_retries,
+        nproc_per_node=nproc_per_node, device=device, cpu=cpu, gpu=gpu, memMB=memMB, h=h, env=env,
+        max_retries=max_retries,
         rdzv_backend=rdzv_backend, rdzv_port=rdzv_port, mounts=mounts, debug=debug,
     )
 
@@ -97,9 +125,10 @@ def finetune(
     image: str = ".",
     nnodes: int = 1,
     nproc_per_node: int = 2,
-    cpu: int = 8,
-    gpu: int = 0,
-    memMB: int = 32768,
+    device: str = "cpu",
+    cpu: int = 0,
+    gpu: int = -1,
+    memMB: int = 0,
     h: Optional[str] = None,
     env: Optional[Dict[str, str]] = None,
     max_retries: int = 0,
@@ -123,10 +152,13 @@ def finetune(
         image: image holding the installed package: a container image for kubernetes/docker,
             a directory for the ``local`` scheduler; ignored by ``local_cwd`` (which uses the current directory)
         nnodes: number of nodes (scheduler replicas)
-        nproc_per_node: worker processes per node (at most gpu when gpu > 0)
-        cpu: cpus per node (ignored when h is given)
-        gpu: gpus per node (ignored when h is given)
-        memMB: memory per node in MB (ignored when h is given)
+        nproc_per_node: worker processes per node (with device cuda: one GPU each)
+        device: cpu or cuda (one GPU per worker); every worker gets MKT_DEVICE=DEVICE, and a cuda worker that
+            finds no GPU stops at start instead of training on CPU
+        cpu: cpus per node; 0: 4 per worker with device cpu, 8 with cuda (ignored when h is given)
+        gpu: gpus per node; -1: nproc_per_node with device cuda, 0 with cpu (ignored when h is given)
+        memMB: memory per node in MB; 0: 12 GiB per worker with device cpu, 32 GiB with cuda, plus 8 GiB
+            (ignored when h is given)
         h: a registered named resource (e.g. gpu.xlarge); takes precedence over cpu, gpu and memMB
         env: extra environment variables for every worker (e.g. NCCL_DEBUG=INFO,LOGLEVEL=INFO)
         max_retries: how many times the scheduler may restart the job (use with resume True)
@@ -142,7 +174,8 @@ def finetune(
         command.append("--resume")
     return _mkt_app(
         "mkt-finetune", "trainer", command, overrides, plan=plan, image=image, nnodes=nnodes,
-        nproc_per_node=nproc_per_node, cpu=cpu, gpu=gpu, memMB=memMB, h=h, env=env, max_retries=max_retries,
+        nproc_per_node=nproc_per_node, device=device, cpu=cpu, gpu=gpu, memMB=memMB, h=h, env=env,
+        max_retries=max_retries,
         rdzv_backend=rdzv_backend, rdzv_port=rdzv_port, mounts=mounts, debug=debug,
     )
 
@@ -155,9 +188,10 @@ def evaluate(
     image: str = ".",
     nnodes: int = 1,
     nproc_per_node: int = 2,
-    cpu: int = 8,
-    gpu: int = 0,
-    memMB: int = 32768,
+    device: str = "cpu",
+    cpu: int = 0,
+    gpu: int = -1,
+    memMB: int = 0,
     h: Optional[str] = None,
     env: Optional[Dict[str, str]] = None,
     max_retries: int = 0,
@@ -180,10 +214,13 @@ def evaluate(
         image: image holding the installed package: a container image for kubernetes/docker,
             a directory for the ``local`` scheduler; ignored by ``local_cwd`` (which uses the current directory)
         nnodes: number of nodes (scheduler replicas)
-        nproc_per_node: worker processes per node (at most gpu when gpu > 0)
-        cpu: cpus per node (ignored when h is given)
-        gpu: gpus per node (ignored when h is given)
-        memMB: memory per node in MB (ignored when h is given)
+        nproc_per_node: worker processes per node (with device cuda: one GPU each)
+        device: cpu or cuda (one GPU per worker); every worker gets MKT_DEVICE=DEVICE, and a cuda worker that
+            finds no GPU stops at start instead of training on CPU
+        cpu: cpus per node; 0: 4 per worker with device cpu, 8 with cuda (ignored when h is given)
+        gpu: gpus per node; -1: nproc_per_node with device cuda, 0 with cpu (ignored when h is given)
+        memMB: memory per node in MB; 0: 12 GiB per worker with device cpu, 32 GiB with cuda, plus 8 GiB
+            (ignored when h is given)
         h: a registered named resource (e.g. gpu.xlarge); takes precedence over cpu, gpu and memMB
         env: extra environment variables for every worker (e.g. NCCL_DEBUG=INFO,LOGLEVEL=INFO)
         max_retries: how many times the scheduler may restart the job
@@ -195,9 +232,40 @@ def evaluate(
     command = ["evaluate", "--config", config, "--run-dir", run_dir, "--data", data]
     return _mkt_app(
         "mkt-evaluate", "evaluator", command, overrides, plan=None, image=image, nnodes=nnodes,
-        nproc_per_node=nproc_per_node, cpu=cpu, gpu=gpu, memMB=memMB, h=h, env=env, max_retries=max_retries,
+        nproc_per_node=nproc_per_node, device=device, cpu=cpu, gpu=gpu, memMB=memMB, h=h, env=env,
+        max_retries=max_retries,
         rdzv_backend=rdzv_backend, rdzv_port=rdzv_port, mounts=mounts, debug=debug,
     )
+
+
+def _mkt_resources(device: str, nproc_per_node: int, cpu: int, gpu: int, memMB: int,
+                   h: Optional[str]) -> Tuple[int, int, int]:
+    """(cpu, gpu, memMB) per node: the given ones, the unset ones (cpu 0, gpu -1, memMB 0) sized for
+    ``nproc_per_node`` workers on ``device``; checked against the named resource ``h`` when one is given (it then
+    takes precedence in ``dist.ddp``). torchx 0.7 hands ``Optional[int]`` arguments over as strings, hence the
+    sentinels."""
+    if device not in _MKT_PER_WORKER:
+        raise ValueError(f"device must be one of {sorted(_MKT_PER_WORKER)}, got {device!r}")
+    for name, value, unset in (("cpu", cpu, 0), ("gpu", gpu, -1), ("memMB", memMB, 0)):
+        if value < unset:
+            raise ValueError(f"{name} must be >= {unset} ({unset}: sized for the workers), got {value}")
+    worker_cpu, worker_mb = _MKT_PER_WORKER[device]
+    cpu = cpu or worker_cpu * nproc_per_node
+    gpu = gpu if gpu != -1 else (nproc_per_node if device == "cuda" else 0)
+    memMB = memMB or worker_mb * nproc_per_node + _MKT_NODE_HEADROOM_MB
+    if h is not None:
+        try:
+            gpus = specs.resource(h=h).gpu
+        except KeyError:
+            raise ValueError(f"h={h!r} is not a registered named resource (see torchx.specs.named_resources)") from None
+        which = f"h={h!r} ({gpus} GPU{'' if gpus == 1 else 's'})"
+    else:
+        gpus, which = gpu, f"gpu={gpu}"
+    if device == "cuda" and gpus < nproc_per_node:
+        raise ValueError(f"nproc_per_node={nproc_per_node} exceeds {which}: a cuda job needs one GPU per worker")
+    if device == "cpu" and gpus > 0:
+        raise ValueError(f"{which} with device='cpu' would leave the GPUs idle: pass --device cuda to train on them")
+    return cpu, gpu, memMB
 
 
 def _mkt_app(
@@ -210,6 +278,7 @@ def _mkt_app(
     image: str,
     nnodes: int,
     nproc_per_node: int,
+    device: str,
     cpu: int,
     gpu: int,
     memMB: int,
@@ -226,8 +295,10 @@ def _mkt_app(
         raise ValueError(f"nnodes must be >= 1, got {nnodes}")
     if nproc_per_node < 1:
         raise ValueError(f"nproc_per_node must be >= 1, got {nproc_per_node}")
-    if h is None and 0 < gpu < nproc_per_node:
-        raise ValueError(f"nproc_per_node={nproc_per_node} exceeds gpu={gpu}: each worker needs its own GPU")
+    cpu, gpu, memMB = _mkt_resources(device, nproc_per_node, cpu, gpu, memMB, h)
+    asked = (env or {}).get(_MKT_DEVICE_ENV, device)
+    if asked != device:
+        raise ValueError(f"env {_MKT_DEVICE_ENV}={asked!r} contradicts device={device!r}")
     if max_retries < 0:
         raise ValueError(f"max_retries must be >= 0, got {max_retries}")
     for override in overrides:
@@ -242,7 +313,7 @@ def _mkt_app(
 
     # A fresh dict: ddp writes into the env it is given. A fixed LOGLEVEL default keeps the AppDef a
     # function of the arguments alone (ddp would otherwise copy the caller's $LOGLEVEL).
-    job_env = {"LOGLEVEL": "WARNING", **(env or {})}
+    job_env = {"LOGLEVEL": "WARNING", **(env or {}), _MKT_DEVICE_ENV: device}
     app = dist.ddp(
         *cli_args,
         m=_MKT_CLI_MODULE,

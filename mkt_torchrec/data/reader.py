@@ -205,10 +205,18 @@ def _make_batch(parts: list[tuple[_Window, int, int]], keys: list[str]) -> Batch
         arrs = [get(w)[a:b] for w, a, b in parts]
         return arrs[0] if len(arrs) == 1 else np.concatenate(arrs)
 
+    # Per-key totals and offsets computed here, on the host, from the numpy lengths: TorchRec's input
+    # distribution (``permute`` / ``split`` of the KJT) would otherwise compute them from the device tensor, a
+    # device-to-host ``.tolist()`` per call (TorchRec's Criteo loader precomputes them the same way).
+    length_per_key = [int(sum(int(w.offsets[k][b] - w.offsets[k][a]) for w, a, b in parts)) for k in range(len(keys))]
+    offset_per_key = np.concatenate([[0], np.cumsum(length_per_key, dtype=np.int64)]).tolist()
     kjt = KeyedJaggedTensor(
         keys=keys,
         values=torch.from_numpy(np.concatenate(key_values)),
         lengths=torch.from_numpy(np.concatenate(key_lengths)),
+        stride=sum(b - a for _, a, b in parts),
+        length_per_key=length_per_key,
+        offset_per_key=offset_per_key,
     )
     has_tp = parts[0][0].true_prob is not None
     has_act = parts[0][0].activity is not None

@@ -3,11 +3,15 @@
     mkt plan --config configs/industrial.yaml --world-size 128 --local-world-size 8 --hbm-gb 80 --out plan.json
     mkt plan --config configs/industrial.yaml --compute-device cuda --local-world-size 8 \
         --compare world_size=8,16,32 sharding=auto,table_wise
+    mkt plan --config configs/industrial.yaml --local-world-size 8 --compare cluster=a100-ib,h100-ib,h200-ib \
+        world_size=128
 
 The stage module is built on the meta device (nothing is allocated), so a GPU topology is planned on a
 CPU-only machine. Prints the plan per table and per rank (storage and TorchRec's estimated embedding step time),
 writes ``--out`` (atomically) and prints a one-line JSON summary last. ``--compare`` plans every combination of
-the given world sizes and sharding strategies instead and prints one row each (nothing is written).
+the given world sizes, clusters and sharding strategies instead and prints one row each (nothing is written).
+Memory sizes are GB (10^9 bytes); ``--cluster`` (or ``train.planner.cluster``) sets the HBM size and the
+bandwidths the planner costs with (:mod:`mkt_torchrec.planning.cluster`).
 The planner's cost model scales with the ids looked up per row: ``--data DIR`` takes them from the dataset's
 manifest, ``train.planner.pooling_factors`` overrides them (see :func:`mkt_torchrec.planning.plan.resolve_pooling`).
 Exit codes: 0 planned (or compared), 1 the model does not fit (nothing written), 2 bad arguments.
@@ -26,11 +30,21 @@ from typing import TYPE_CHECKING, Any, Dict, List, Optional, Sequence, Tuple
 from mkt_torchrec.config import COMPUTE_DEVICES, Config, ConfigError
 
 if TYPE_CHECKING:
-    from mkt_torchrec.planning.plan import Pooling
+    from mkt_torchrec.planning.plan import Hardware, Pooling
 
 SHARDING_CHOICES = ("auto", "data_parallel", "table_wise", "column_wise", "table_column_wise", "row_wise",
                     "table_row_wise", "grid_shard")
-COMPARE_AXES = ("world_size", "sharding")
+COMPARE_AXES = ("world_size", "cluster", "sharding")
+CLUSTER_HELP = (
+    "the GPU nodes to plan for (default: train.planner.cluster; without one TorchRec's default bandwidths). "
+    "Presets, datasheet figures per GPU (HBM, HBM bandwidth, NVLink and PCIe per direction, one InfiniBand NIC): "
+    "a100-ib (A100 SXM 80GB: 80 GB, 2.039 TB/s, 300 GB/s, HDR 200 Gb/s = 25 GB/s, PCIe 32 GB/s), "
+    "h100-ib (H100 SXM: 80 GB, 3.35 TB/s, 450 GB/s, NDR 400 Gb/s = 50 GB/s, PCIe 64 GB/s), "
+    "h200-ib (H200 SXM: 141 GB, 4.8 TB/s, 450 GB/s, 50 GB/s, PCIe 64 GB/s). "
+    "Override figures of a preset: h100-ib:inter=25GB/s; or give them all: "
+    "custom:hbm=80GB,hbm_bw=3.35TB/s,intra=450GB/s,inter=50GB/s[,pcie=64GB/s]. Sizes in GB (10^9 bytes), TB or "
+    "GiB; bandwidths in GB/s, TB/s, GiB/s or Gb/s (bits), per GPU and direction. --hbm-gb overrides the "
+    "cluster's HBM. Without --compute-device a cluster plans for cuda")
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -39,9 +53,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="total ranks (GPUs or CPU processes); required unless --compare gives world_size=...")
     p.add_argument("--local-world-size", type=int, default=None,
                    help="ranks per node (default: train.planner.local_world_size, or all ranks on one node)")
-    p.add_argument("--hbm-gb", type=float, default=None, help="GPU memory per rank, GiB (default: train.planner.hbm_gb)")
+    p.add_argument("--cluster", default=None, metavar="PRESET|PRESET:key=value,...|custom:...", help=CLUSTER_HELP)
+    p.add_argument("--hbm-gb", type=float, default=None,
+                   help="GPU memory per rank, GB = 10^9 bytes as on the datasheet, e.g. 80 for an 80 GB H100; the "
+                        "planner keeps 15%% of it free for the CUDA context and allocator (default: "
+                        "train.planner.hbm_gb, else the cluster's, else 80)")
     p.add_argument("--ddr-gb", type=float, default=None,
-                   help="host memory per rank, GiB (default: train.planner.ddr_gb)")
+                   help="host memory per rank the job may use, GB = 10^9 bytes (default: train.planner.ddr_gb)")
     p.add_argument("--batch-size", type=int, default=None, help="batch size per rank (default: data.batch_size)")
     p.add_argument("--stage", choices=("mem", "tem"), default="mem", help="which stage's module to plan (default: mem)")
     p.add_argument("--compute-device", choices=COMPUTE_DEVICES, default=None,
@@ -54,10 +72,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--compare", nargs="+", action="extend", default=None, metavar="AXIS=V1,V2",
                    help="plan every combination of the given values side by side and print one row each (step "
                         "time, imbalance, fullest rank's HBM / DDR, fits or why not) instead of writing a plan. "
-                        "Axes: world_size=N,... (replaces --world-size) and sharding=S,... (auto: the planner "
+                        "Axes: world_size=N,... (replaces --world-size), cluster=C,... (replaces --cluster; "
+                        "presets or specs as for --cluster) and sharding=S,... (auto: the planner "
                         f"chooses; or one of {', '.join(SHARDING_CHOICES[1:])}: every table that way where its "
-                        "collection and device allow it; default: train.planner.sharding_type). Example: "
-                        "--compare world_size=8,16,32 sharding=auto,table_wise,column_wise (6 rows)")
+                        "collection and device allow it; default: train.planner.sharding_type). Examples: "
+                        "--compare world_size=8,16,32 sharding=auto,table_wise,column_wise (6 rows); "
+                        "--compare cluster=a100-ib,h100-ib,h200-ib world_size=128 (3 rows)")
     p.add_argument("--out", default=None, help="plan file to write (JSON); required unless --compare")
 
 
@@ -98,13 +118,29 @@ def _numeric(c: str) -> bool:
     return c.replace(",", "").replace(".", "").replace("-", "").isdigit()
 
 
+def _cluster_values(text: str) -> List[str]:
+    """``a100-ib,custom:hbm=80GB,hbm_bw=3TB/s,...,h100-ib`` -> one spec each: a part with ``=`` but no ``:``
+    continues the spec before it."""
+    specs: List[str] = []
+    for part in (p.strip() for p in text.split(",")):
+        if part and "=" in part and ":" not in part and specs:
+            specs[-1] += "," + part
+        elif part:
+            specs.append(part)
+    return specs
+
+
 def parse_compare(items: Sequence[str]) -> Dict[str, List[Any]]:
     """``["world_size=8,16", "sharding=auto,row_wise"]`` -> ``{"world_size": [8, 16], "sharding": ["auto",
-    "row_wise"]}`` (an axis given twice gets both lists, duplicates dropped).
+    "row_wise"]}`` (an axis given twice gets both lists, duplicates dropped). ``cluster=`` takes presets and
+    specs (``cluster=a100-ib,h100-ib:inter=25GB/s``), checked here.
 
     Raises:
-        ValueError: an unknown axis, a missing value, a world size that is not a positive int, an unknown sharding.
+        ValueError: an unknown axis, a missing value, a world size that is not a positive int, an unknown sharding,
+            a bad cluster spec.
     """
+    from mkt_torchrec.planning.cluster import parse_cluster
+
     axes: Dict[str, List[Any]] = {}
     for item in items:
         name, sep, text = item.partition("=")
@@ -112,7 +148,7 @@ def parse_compare(items: Sequence[str]) -> Dict[str, List[Any]]:
         if not sep or name not in COMPARE_AXES:
             raise ValueError(f"--compare {item!r}: expected AXIS=V1,V2,... with AXIS one of {list(COMPARE_AXES)}, "
                              f"e.g. --compare world_size=8,16,32 sharding=auto,table_wise")
-        values = [v.strip() for v in text.split(",") if v.strip()]
+        values = _cluster_values(text) if name == "cluster" else [v.strip() for v in text.split(",") if v.strip()]
         if not values:
             raise ValueError(f"--compare {item!r}: no values after {name}=")
         if name == "world_size":
@@ -120,6 +156,12 @@ def parse_compare(items: Sequence[str]) -> Dict[str, List[Any]]:
             if bad:
                 raise ValueError(f"--compare {item!r}: world sizes must be positive ints, got {bad[0]!r}")
             values = [int(v) for v in values]
+        elif name == "cluster":
+            for v in values:
+                try:
+                    parse_cluster(v)
+                except ValueError as e:
+                    raise ValueError(f"--compare {item!r}: cluster {v!r}: {e}") from None
         else:
             bad = [v for v in values if v not in SHARDING_CHOICES]
             if bad:
@@ -169,20 +211,34 @@ def _describe_estimate(est: Dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def _resolve_topology(args: argparse.Namespace, cfg: Config) -> Tuple[str, float, float, int]:
-    """(compute device, HBM GiB, DDR GiB, per-rank batch) from the flags and ``train.planner``."""
-    from mkt_torchrec.planning.plan import resolve_compute_device
+def _resolve_topology(args: argparse.Namespace, cfg: Config, clusters: Sequence[Optional[str]] = ()
+                      ) -> Tuple[str, Hardware, int]:
+    """(compute device, hardware, per-rank batch) from the flags and ``train.planner``; ``clusters``: the
+    ``--compare cluster=`` values. A cluster without ``--compute-device`` or ``train.planner.compute_device``
+    plans for cuda."""
+    from mkt_torchrec.planning.plan import resolve_compute_device, resolve_hardware
 
     pc = cfg.train.planner
-    device = args.compute_device or resolve_compute_device(pc.compute_device)
-    if args.compute_device is None:
+    if args.compute_device is not None:
+        device = args.compute_device
+    elif pc.compute_device == "auto" and (args.cluster or pc.cluster or any(clusters)):
+        device = "cuda"
+        print("mkt plan: planning for compute device 'cuda' (a cluster is given)", file=sys.stderr)
+    else:
+        device = resolve_compute_device(pc.compute_device)
         source = "from the config" if pc.compute_device != "auto" else "what this machine has"
         print(f"mkt plan: planning for compute device {device!r} ({source}; --compute-device cuda plans for GPUs "
               "on any machine)", file=sys.stderr)
-    hbm = pc.hbm_gb if args.hbm_gb is None else args.hbm_gb
-    ddr = pc.ddr_gb if args.ddr_gb is None else args.ddr_gb
+    hardware = resolve_hardware(cfg, args.cluster, args.hbm_gb, args.ddr_gb)
     batch = cfg.data.batch_size if args.batch_size is None else args.batch_size
-    return device, hbm, ddr, batch
+    return device, hardware, batch
+
+
+def _describe_hardware(device: str, hardware: Hardware) -> str:
+    if device != "cuda":
+        ignored = f" ({hardware.cluster.name} applies to cuda only)" if hardware.cluster else ""
+        return f"{hardware.ddr_gb:g} GB memory per rank{ignored}"
+    return hardware.describe()
 
 
 def run(args: argparse.Namespace, cfg: Config) -> int:
@@ -201,8 +257,20 @@ def run(args: argparse.Namespace, cfg: Config) -> int:
     except ValueError as e:
         print(f"mkt plan: error: {e}", file=sys.stderr)
         return 2
-    from mkt_torchrec.planning.plan import resolve_pooling
+    from mkt_torchrec.planning.cluster import parse_cluster
+    from mkt_torchrec.planning.plan import resolve_hardware, resolve_pooling
 
+    try:
+        if args.cluster is not None:
+            parse_cluster(args.cluster)
+    except ValueError as e:
+        print(f"mkt plan: error: --cluster {args.cluster!r}: {e}", file=sys.stderr)
+        return 2
+    try:
+        resolve_hardware(cfg)  # train.planner.cluster
+    except ConfigError as e:
+        print(f"mkt plan: config error: {e}", file=sys.stderr)
+        return 2
     try:
         measured = _pooling_from_data(args.data, cfg)
     except (OSError, ValueError) as e:
@@ -236,7 +304,8 @@ def _run_one(args: argparse.Namespace, cfg: Config, measured: Dict[str, float], 
 
     if os.path.isdir(args.out):
         raise ValueError(f"{args.out}: is a directory; --out takes the plan file's path (e.g. {args.out}/plan.json)")
-    device, hbm, ddr, batch = _resolve_topology(args, cfg)
+    device, hardware, batch = _resolve_topology(args, cfg)
+    hbm, ddr = hardware.hbm_gb, hardware.ddr_gb
     world = args.world_size
     pc_local = cfg.train.planner.local_world_size
     local = args.local_world_size if args.local_world_size is not None else (pc_local or world)
@@ -250,26 +319,26 @@ def _run_one(args: argparse.Namespace, cfg: Config, measured: Dict[str, float], 
     module = _stage_module(cfg, args.stage)
     try:
         result = plan_module(module, cfg, world, local, device, hbm_gb=hbm, ddr_gb=ddr, batch_size=batch,
-                             pooling=measured)
+                             pooling=measured, cluster=args.cluster)
     except PlanDoesNotFit as e:
         print(f"mkt plan: {e}", file=sys.stderr)
         print(f"mkt plan: no plan written ({args.out})", file=sys.stderr)
         return 1
     seconds = time.perf_counter() - start
 
-    topo = topology(world, local, device, hbm, ddr)
+    topo = topology(world, local, device, hbm, ddr, hardware.cluster)
     tables, ranks = describe_plan(result.plan, module, topo, result.per_rank)
     print(f"stage {args.stage}: {len(tables)} tables on {world} ranks ({world // local} nodes x {local}), "
-          f"{device}, {hbm:g} GiB HBM / {ddr:g} GiB DDR per rank, batch {batch} per rank")
+          f"{device}, {_describe_hardware(device, hardware)}; batch {batch} per rank")
     print(_describe_pooling(pooling))
     print(_table(tables, [("module", "module"), ("table", "table"), ("rows", "rows"), ("dim", "dim"),
-                          ("gb", "GiB"), ("sharding_type", "sharding"), ("compute_kernel", "kernel"),
+                          ("gb", "GB"), ("sharding_type", "sharding"), ("compute_kernel", "kernel"),
                           ("shards", "shards"), ("ranks", "ranks")]))
     print()
     print("per rank (the planner's estimate: tables incl. optimizer state and I/O buffers; "
           "reserved: margin, dense parameters, input batches; step time of the embeddings in ms):")
-    print(_table(_group_ranks(ranks), [("ranks", "ranks"), ("hbm_gb", "HBM GiB"), ("hbm_reserved_gb", "reserved"),
-                                       ("hbm_cap_gb", "HBM cap"), ("ddr_gb", "DDR GiB"),
+    print(_table(_group_ranks(ranks), [("ranks", "ranks"), ("hbm_gb", "HBM GB"), ("hbm_reserved_gb", "reserved"),
+                                       ("hbm_cap_gb", "HBM cap"), ("ddr_gb", "DDR GB"),
                                        ("ddr_reserved_gb", "reserved"), ("ddr_cap_gb", "DDR cap"),
                                        ("est_ms", "step ms"), ("fwd_compute_ms", "fwd comp"),
                                        ("fwd_comms_ms", "fwd comms"), ("bwd_compute_ms", "bwd comp"),
@@ -278,7 +347,8 @@ def _run_one(args: argparse.Namespace, cfg: Config, measured: Dict[str, float], 
     print(_describe_estimate(result.estimate))
 
     meta = {"world_size": world, "local_world_size": local, "compute_device": device, "stage": args.stage,
-            "per_rank": ranks, "batch_size": batch, "hbm_gb": hbm, "ddr_gb": ddr, "config": args.config,
+            "per_rank": ranks, "batch_size": batch, "hbm_gb": hbm, "ddr_gb": ddr,
+            "cluster": hardware.cluster.name if hardware.cluster else None, "config": args.config,
             "schema_digest": cfg.schema_digest(), "embedding_optimizer": cfg.train.embedding_optimizer,
             "search": result.search, "estimate": result.estimate,
             "pooling_factors": pooling.factors, "pooling_sources": pooling.sources}
@@ -289,7 +359,8 @@ def _run_one(args: argparse.Namespace, cfg: Config, measured: Dict[str, float], 
     est = result.estimate
     summary = {
         "plan": args.out, "stage": args.stage, "world_size": world, "local_world_size": local,
-        "compute_device": device, "tables": len(tables), "sharding_types": dict(sorted(types.items())),
+        "compute_device": device, "cluster": hardware.cluster.name if hardware.cluster else None,
+        "tables": len(tables), "sharding_types": dict(sorted(types.items())),
         "max_rank": busiest["rank"], f"max_rank_{tier}": busiest[tier], f"{tier[:3]}_cap_gb": busiest[f"{tier[:3]}_cap_gb"],
         "max_rank_ms": est.get("max_rank_ms"), "critical_path_ms": est.get("critical_path_ms"),
         "imbalance": est.get("imbalance"),
@@ -301,37 +372,43 @@ def _run_one(args: argparse.Namespace, cfg: Config, measured: Dict[str, float], 
 
 def _run_compare(args: argparse.Namespace, cfg: Config, axes: Dict[str, List[Any]], measured: Dict[str, float],
                  pooling: Pooling) -> int:
-    from mkt_torchrec.planning.plan import Candidate, compare_plans
+    from mkt_torchrec.planning.plan import Candidate, compare_plans, resolve_hardware
 
-    device, hbm, ddr, batch = _resolve_topology(args, cfg)
+    clusters: List[Optional[str]] = axes.get("cluster") or [args.cluster]
+    device, hardware, batch = _resolve_topology(args, cfg, clusters)
     worlds = axes.get("world_size") or [args.world_size]
     shardings = axes.get("sharding") or [cfg.train.planner.sharding_type or "auto"]
     local = args.local_world_size if args.local_world_size is not None else (cfg.train.planner.local_world_size or None)
-    candidates = [Candidate(w, "" if s == "auto" else s) for w in worlds for s in shardings]
+    candidates = [Candidate(w, "" if s == "auto" else s, c) for w in worlds for c in clusters for s in shardings]
 
     start = time.perf_counter()
     module = _stage_module(cfg, args.stage)
-    rows = compare_plans(module, cfg, candidates, local, device, hbm_gb=hbm, ddr_gb=ddr, batch_size=batch,
-                         pooling=measured)
+    rows = compare_plans(module, cfg, candidates, local, device, hbm_gb=args.hbm_gb, ddr_gb=args.ddr_gb,
+                         batch_size=batch, pooling=measured)
     seconds = time.perf_counter() - start
 
-    print(f"stage {args.stage}: {len(rows)} candidates, {device}, {hbm:g} GiB HBM / {ddr:g} GiB DDR per rank, "
+    print(f"stage {args.stage}: {len(rows)} candidates, {device}, {hardware.ddr_gb:g} GB DDR per rank, "
           f"batch {batch} per rank")
+    if device == "cuda":
+        for c in clusters:
+            print(resolve_hardware(cfg, c, args.hbm_gb, args.ddr_gb).describe())
     print(_describe_pooling(pooling))
     shown = []
     for r in rows:
         nodes = f"{r['world_size'] // r['local_world_size']} x {r['local_world_size']}" if r["world_size"] % \
             r["local_world_size"] == 0 else "-"
         shown.append({**r, "nodes": nodes, "fits": "yes" if r["fits"] else "no", "reason": r.get("reason", "")})
-    print(_table(shown, [("world_size", "world"), ("nodes", "nodes x ranks"), ("sharding", "sharding"),
-                         ("chosen", "chosen"), ("fits", "fits"), ("critical_path_ms", "step ms"),
-                         ("max_rank_ms", "slowest rank ms"), ("imbalance", "imbalance"),
-                         ("max_hbm_gb", "max HBM GiB"), ("max_ddr_gb", "max DDR GiB"), ("reason", "why not")]))
+    print(_table(shown, [("world_size", "world"), ("nodes", "nodes x ranks"), ("cluster", "cluster"),
+                         ("sharding", "sharding"), ("chosen", "chosen"), ("fits", "fits"),
+                         ("critical_path_ms", "step ms"), ("max_rank_ms", "slowest rank ms"),
+                         ("imbalance", "imbalance"), ("hbm_cap_gb", "HBM cap GB"), ("max_hbm_gb", "max HBM GB"),
+                         ("max_ddr_gb", "max DDR GB"), ("reason", "why not")]))
     print("step ms: TorchRec's critical-path estimate of the embeddings' forward + backward per step (ranks "
           "synchronise after each phase); slowest rank ms: the slowest rank's own total; imbalance: max / mean of "
           "the ranks' step times; max HBM / DDR: the fullest rank's tables incl. optimizer state and I/O buffers")
-    print(json.dumps({"stage": args.stage, "compute_device": device, "hbm_gb": hbm, "ddr_gb": ddr,
-                      "batch_size": batch, "compare": rows, "seconds": round(seconds, 3)}))
+    print(json.dumps({"stage": args.stage, "compute_device": device, "hbm_gb": args.hbm_gb,
+                      "ddr_gb": hardware.ddr_gb, "batch_size": batch, "compare": rows,
+                      "seconds": round(seconds, 3)}))
     return 0
 
 

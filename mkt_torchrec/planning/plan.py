@@ -22,6 +22,12 @@ Storage. The planner counts the optimizer state of a table from ``param._optimiz
 ``apply_optimizer_in_backward``); :func:`attach_embedding_optimizer` does that the way the trainer does, so
 ``mkt plan`` and the trainer plan the same module. A module without it is planned as weights only.
 
+Hardware. HBM / DDR per rank are GB (10^9 bytes, as vendors sell GPU memory); the planner's storage reservation
+keeps ``RESERVE_PERCENTAGE`` of HBM free (CUDA context, allocator, communication buffers), so the capacity is the
+datasheet's. The bandwidths are TorchRec's defaults unless a cluster is given (``train.planner.cluster``,
+``mkt plan --cluster``): a preset such as ``h100-ib`` or a custom spec (:mod:`mkt_torchrec.planning.cluster`);
+:func:`resolve_hardware` is the one place the trainer and ``mkt plan`` read them from.
+
 Workload. TorchRec's cost model (shard perf, I/O buffers, the input-batch reservation) scales with each feature's
 pooling factor, the mean ids looked up per row, and with the batch size. Every table gets a constraint with one
 pooling factor per feature it serves (in its ``feature_names`` order) and the per-rank batch size per feature:
@@ -48,7 +54,7 @@ Plan file (JSON, ``format: mkt-plan-v1``)::
                   "imbalance": {"perf": 1.01, "hbm": 1.2, "ddr": null}},
      "pooling_factors": {"item_id": 1.0, "hist_source_items": 50.0, ...}, "pooling_sources": {...}, ...}
 
-``shards`` is null for data_parallel tables. Sizes are GiB (2**30 bytes). ``mkt plan`` writes ``estimate`` and
+``shards`` is null for data_parallel tables. Sizes are GB (10^9 bytes, as GPU memory is sold). ``mkt plan`` writes ``estimate`` and
 the pooling keys; :func:`load_plan` reads none of them.
 """
 
@@ -77,6 +83,7 @@ from torchrec.distributed.planner.proposers import GreedyProposer, GridSearchPro
 from torchrec.distributed.planner.storage_reservations import HeuristicalStorageReservation
 from torchrec.distributed.planner import stats as planner_stats
 from torchrec.distributed.planner.types import (
+    HardwareConfig,
     KernelConfig,
     Perf,
     PlannerError,
@@ -105,9 +112,11 @@ from torchrec.distributed.types import (
 )
 
 from mkt_torchrec.config import COMPUTE_DEVICES, Config, ConfigError
+from mkt_torchrec.planning.cluster import Cluster, parse_cluster
 
 FORMAT = "mkt-plan-v1"
-GIB = float(1 << 30)
+GB = 1e9  # sizes in, and out, are GB as vendors publish them (an "80 GB" GPU: hbm_gb=80)
+DEFAULT_HBM_GB = 80.0  # HBM per rank without train.planner.hbm_gb, --hbm-gb or a cluster
 REPLICATE_MAX_BYTES = 1 << 20  # tables with at most this many bytes of fp32 weights are replicated (first search)
 RESERVE_PERCENTAGE = 0.15  # the planner's safety margin per rank (HeuristicalStorageReservation)
 GRID_SEARCH_BUDGET = 20000  # grid search runs when it has at most BUDGET / world_size proposals
@@ -146,7 +155,7 @@ def frozen_module(module: nn.Module, stage: str) -> Optional[nn.Module]:
 
 class PlanDoesNotFit(ValueError):
     """The planner found no plan; the message says by how much the model does not fit and names the largest
-    tables. ``reason`` is the verdict alone (e.g. ``short by 3.20 GiB (0.40 GiB per rank); ...``)."""
+    tables. ``reason`` is the verdict alone (e.g. ``short by 3.20 GB (0.40 GB per rank); ...``)."""
 
     reason: str = ""
 
@@ -191,14 +200,62 @@ def check_topology(world_size: int, local_world_size: int, compute_device: str, 
 
 
 def topology(world_size: int, local_world_size: int, compute_device: str, hbm_gb: float,
-             ddr_gb: float) -> Topology:
-    """TorchRec's Topology: ``world_size`` ranks, ``local_world_size`` per node, per-rank HBM / DDR in GiB."""
+             ddr_gb: float, cluster: Optional[Cluster] = None) -> Topology:
+    """TorchRec's Topology: ``world_size`` ranks, ``local_world_size`` per node, per-rank HBM / DDR in GB (10^9
+    bytes). ``cluster`` sets the bandwidths on cuda (bytes per ms, TorchRec's unit); without it, or on cpu,
+    TorchRec's defaults. No headroom is taken off ``hbm_gb`` here: the planner's storage reservation keeps
+    ``RESERVE_PERCENTAGE`` of it free (CUDA context, allocator, NCCL buffers), then the dense part and the batch."""
     check_topology(world_size, local_world_size, compute_device, hbm_gb, ddr_gb)
+    hardware, kernel = None, KernelConfig(compute_device=compute_device)
+    if cluster is not None and compute_device == "cuda":
+        hardware = HardwareConfig(**cluster.topology_bandwidths())
+        kernel = KernelConfig(compute_device=compute_device, use_hardware_based_bandwidth=True)
     return TopologyFactory.create_topology(
         trainer_config=TrainerConfig(world_size=world_size, local_world_size=local_world_size,
-                                     hbm_cap_bytes=int(hbm_gb * GIB), ddr_cap_bytes=int(ddr_gb * GIB)),
-        kernel_config=KernelConfig(compute_device=compute_device),
+                                     hbm_cap_bytes=int(hbm_gb * GB), ddr_cap_bytes=int(ddr_gb * GB)),
+        hardware_config=hardware, kernel_config=kernel,
     )
+
+
+@dataclass(frozen=True)
+class Hardware:
+    """What one rank has: a cluster (None: TorchRec's default bandwidths) and HBM / DDR in GB."""
+
+    cluster: Optional[Cluster]
+    hbm_gb: float
+    ddr_gb: float
+
+    def describe(self) -> str:
+        what = self.cluster.describe() if self.cluster is not None else "TorchRec's default bandwidths (no cluster)"
+        return f"{self.hbm_gb:g} GB HBM / {self.ddr_gb:g} GB DDR per rank; {what}"
+
+
+def resolve_hardware(cfg: Config, cluster: Optional[str] = None, hbm_gb: Optional[float] = None,
+                     ddr_gb: Optional[float] = None) -> Hardware:
+    """The hardware to plan for: ``cluster`` (a spec, see :mod:`mkt_torchrec.planning.cluster`), else
+    ``train.planner.cluster``; HBM from ``hbm_gb``, else ``train.planner.hbm_gb``, else the cluster's, else
+    ``DEFAULT_HBM_GB``; DDR from ``ddr_gb``, else ``train.planner.ddr_gb``.
+
+    Raises:
+        ValueError: a bad ``cluster`` spec (one line naming the bad part).
+        ConfigError: a bad ``train.planner.cluster``.
+    """
+    pc = cfg.train.planner
+    if cluster is not None:
+        try:
+            resolved: Optional[Cluster] = parse_cluster(cluster)
+        except ValueError as e:
+            raise ValueError(f"cluster {cluster!r}: {e}") from None
+    elif pc.cluster is not None:
+        try:
+            resolved = parse_cluster(pc.cluster)
+        except ValueError as e:
+            raise ConfigError(f"train.planner.cluster: {e}") from None
+    else:
+        resolved = None
+    hbm = next(v for v in (hbm_gb, pc.hbm_gb, resolved.hbm_gb if resolved else None, DEFAULT_HBM_GB)
+               if v is not None)
+    return Hardware(resolved, float(hbm), float(pc.ddr_gb if ddr_gb is None else ddr_gb))
 
 
 def attach_embedding_optimizer(module: nn.Module, cfg: Config, stage: str) -> None:
@@ -444,6 +501,7 @@ class PlanResult:
     seconds: float
     estimate: Dict[str, Any] = field(default_factory=dict)
     pooling: Optional[Pooling] = None
+    hardware: Optional[Hardware] = None
 
 
 @dataclass(frozen=True)
@@ -557,18 +615,18 @@ def _per_rank_usage(best_plan: Sequence[ShardingOption], topo: Topology, reserve
                 ddr[shard.rank] += shard.storage.ddr
     rows = []
     for r, dev in enumerate(topo.devices):
-        row = {"rank": r, "hbm_gb": _gib(hbm[r]), "hbm_cap_gb": _gib(dev.storage.hbm),
-               "ddr_gb": _gib(ddr[r]), "ddr_cap_gb": _gib(dev.storage.ddr)}
+        row = {"rank": r, "hbm_gb": _gb(hbm[r]), "hbm_cap_gb": _gb(dev.storage.hbm),
+               "ddr_gb": _gb(ddr[r]), "ddr_cap_gb": _gb(dev.storage.ddr)}
         if reserved is not None:
             left = reserved.devices[r].storage
-            row["hbm_reserved_gb"] = _gib(dev.storage.hbm - left.hbm)
-            row["ddr_reserved_gb"] = _gib(dev.storage.ddr - left.ddr)
+            row["hbm_reserved_gb"] = _gb(dev.storage.hbm - left.hbm)
+            row["ddr_reserved_gb"] = _gb(dev.storage.ddr - left.ddr)
         rows.append(row)
     return rows
 
 
-def _gib(n: float) -> float:
-    return round(n / GIB, 4)
+def _gb(n: float) -> float:
+    return round(n / GB, 4)
 
 
 _PERF_FIELDS = (("fwd_compute_ms", "fwd_compute"), ("fwd_comms_ms", "fwd_comms"), ("bwd_compute_ms", "bwd_compute"),
@@ -639,21 +697,21 @@ def _does_not_fit(tables: Sequence[TableInfo], topo: Topology, reserved: Optiona
     hbm_a, ddr_a = (available("hbm"), available("ddr")) if cuda else (0.0, available("ddr"))
     total = hbm_a + ddr_a
     optimizers = sorted({t.optimizer for t in tables if t.optimizer})
-    what = (f"its {len(tables)} embedding tables need {need / GIB:.2f} GiB (fp32 weights"
+    what = (f"its {len(tables)} embedding tables need {need / GB:.2f} GB (fp32 weights"
             f"{' + ' + '/'.join(optimizers) + ' state' if optimizers else ', no optimizer state'})")
     if cuda:
-        where = (f"{world} x {hbm_cap / GIB:g} GiB HBM leave {hbm_a / GIB:.2f} GiB for them after the planner's "
+        where = (f"{world} x {hbm_cap / GB:g} GB HBM leave {hbm_a / GB:.2f} GB for them after the planner's "
                  f"reservations (a {RESERVE_PERCENTAGE:.0%} margin, dense parameters, input batches) and "
-                 f"{world} x {ddr_cap / GIB:g} GiB host DDR {ddr_a / GIB:.2f} GiB more through UVM")
+                 f"{world} x {ddr_cap / GB:g} GB host DDR {ddr_a / GB:.2f} GB more through UVM")
     else:
-        where = (f"{world} x {ddr_cap / GIB:g} GiB of memory leave {ddr_a / GIB:.2f} GiB for them after the "
+        where = (f"{world} x {ddr_cap / GB:g} GB of memory leave {ddr_a / GB:.2f} GB for them after the "
                  f"planner's reservations (dense parameters, input batches)")
     largest = sorted(tables, key=lambda t: -t.bytes)
     if need > total:
-        verdict = (f"short by {(need - total) / GIB:.2f} GiB ({(need - total) / world / GIB:.2f} GiB per rank); "
+        verdict = (f"short by {(need - total) / GB:.2f} GB ({(need - total) / world / GB:.2f} GB per rank); "
                    f"add ranks or memory, or shrink the largest tables")
     elif cuda and need > hbm_a:
-        verdict = (f"HBM is short by {(need - hbm_a) / GIB:.2f} GiB and the planner found no way to offload the "
+        verdict = (f"HBM is short by {(need - hbm_a) / GB:.2f} GB and the planner found no way to offload the "
                    f"rest to DDR (UVM caching keeps part of each offloaded table in HBM)")
     else:
         per_rank = (hbm_a + ddr_a) / world
@@ -663,14 +721,14 @@ def _does_not_fit(tables: Sequence[TableInfo], topo: Topology, reserved: Optiona
         forced = rules.sharding_type and rules.sharding_type in (big.sharding_types if big else [])
         how = f"under sharding {rules.sharding_type}" if forced else f"on {topo.compute_device}"
         if big is not None and big.bytes > per_rank:
-            verdict = (f"in total they fit ({need / GIB:.2f} of {total / GIB:.2f} GiB), but {big.name} cannot be "
-                       f"split by rows {how} and needs {big.bytes / GIB:.2f} GiB on one rank, "
-                       f"which has {per_rank / GIB:.2f} GiB: short by {(big.bytes - per_rank) / GIB:.2f} GiB")
+            verdict = (f"in total they fit ({need / GB:.2f} of {total / GB:.2f} GB), but {big.name} cannot be "
+                       f"split by rows {how} and needs {big.bytes / GB:.2f} GB on one rank, "
+                       f"which has {per_rank / GB:.2f} GB: short by {(big.bytes - per_rank) / GB:.2f} GB")
         else:
-            verdict = (f"in total they fit ({need / GIB:.2f} of {total / GIB:.2f} GiB), but the planner found no "
+            verdict = (f"in total they fit ({need / GB:.2f} of {total / GB:.2f} GB), but the planner found no "
                        f"placement that fits every rank")
     shown = [t for t in largest[:3] if t.bytes >= 0.01 * need] or largest[:1]
-    named = "; ".join(f"{t.name} ({t.module}) {t.rows:,} x {t.dim} = {t.bytes / GIB:.2f} GiB" for t in shown)
+    named = "; ".join(f"{t.name} ({t.module}) {t.rows:,} x {t.dim} = {t.bytes / GB:.2f} GB" for t in shown)
     first = str(error).strip().splitlines()[0].strip() if str(error).strip() else type(error).__name__
     failure = PlanDoesNotFit(f"the model does not fit: {what}, but {where}: {verdict}. Largest tables: {named}. "
                              f"(TorchRec planner: {first})")
@@ -730,10 +788,12 @@ def plan_module(module: nn.Module, cfg: Config, world_size: int, local_world_siz
                 compute_device: str, pg: Optional[dist.ProcessGroup] = None, *, hbm_gb: Optional[float] = None,
                 ddr_gb: Optional[float] = None, batch_size: Optional[int] = None,
                 sharder_list: Optional[Sequence[ModuleSharder[nn.Module]]] = None,
-                pooling: Optional[Mapping[str, float]] = None, sharding_type: Optional[str] = None) -> PlanResult:
+                pooling: Optional[Mapping[str, float]] = None, sharding_type: Optional[str] = None,
+                cluster: Optional[str] = None) -> PlanResult:
     """Plan ``module`` for ``world_size`` ranks (``local_world_size`` per node; 0/None: one node).
 
-    Per-rank HBM / DDR default to ``cfg.train.planner``, the per-rank batch to ``cfg.data.batch_size``.
+    The hardware (HBM / DDR per rank in GB, bandwidths) is :func:`resolve_hardware` of ``cluster`` (a spec, else
+    ``train.planner.cluster``), ``hbm_gb`` and ``ddr_gb``; the per-rank batch defaults to ``cfg.data.batch_size``.
     ``pooling`` is the measured mean ids per row of sparse keys (e.g. :func:`manifest_pooling` of the training
     data); ``train.planner.pooling_factors`` overrides it and defaults fill the rest (:func:`resolve_pooling`).
     The planner gets one pooling factor per feature of every table and the per-rank batch as its batch sizes.
@@ -743,14 +803,14 @@ def plan_module(module: nn.Module, cfg: Config, world_size: int, local_world_siz
 
     Raises:
         PlanDoesNotFit: no plan fits (the message says by how much and names the largest tables).
-        ConfigError: a ``train.planner.pooling_factors`` key the schema does not have, or a value above its bound.
-        ValueError: an impossible topology.
+        ConfigError: a ``train.planner.pooling_factors`` key the schema does not have, or a value above its bound;
+            a bad ``train.planner.cluster``.
+        ValueError: an impossible topology, a bad ``cluster``.
     """
     compute_device = resolve_compute_device(compute_device)
     local = local_world_size or world_size
-    hbm = cfg.train.planner.hbm_gb if hbm_gb is None else hbm_gb
-    ddr = cfg.train.planner.ddr_gb if ddr_gb is None else ddr_gb
-    topo = topology(world_size, local, compute_device, hbm, ddr)
+    hardware = resolve_hardware(cfg, cluster, hbm_gb, ddr_gb)
+    topo = topology(world_size, local, compute_device, hardware.hbm_gb, hardware.ddr_gb, hardware.cluster)
     batch = batch_size or cfg.data.batch_size
     shs = list(sharder_list) if sharder_list is not None else sharders()
     rules = ShardingRules.of(cfg)
@@ -773,6 +833,7 @@ def plan_module(module: nn.Module, cfg: Config, world_size: int, local_world_siz
                 raise ValueError(result.message)
             raise RuntimeError(f"planning failed on rank 0: {result.kind}: {result.message}")
     result.pooling = resolved
+    result.hardware = hardware
     return result
 
 
@@ -780,7 +841,8 @@ def make_plan(module: nn.Module, cfg: Config, world_size: int, local_world_size:
               compute_device: str, pg: Optional[dist.ProcessGroup] = None, *,
               pooling: Optional[Mapping[str, float]] = None) -> ShardingPlan:
     """The sharding plan of ``module`` (see :func:`plan_module`; ``pooling``: the training data's measured mean
-    ids per row, e.g. ``manifest_pooling(manifest)``); collective when ``pg`` is given."""
+    ids per row, e.g. ``manifest_pooling(manifest)``); collective when ``pg`` is given. The hardware is
+    ``train.planner``'s (``cluster``, ``hbm_gb``, ``ddr_gb``), as ``mkt plan`` reads it."""
     return plan_module(module, cfg, world_size, local_world_size, compute_device, pg, pooling=pooling).plan
 
 
@@ -791,10 +853,12 @@ SHARDING_ABBREVIATIONS = {"data_parallel": "DP", "table_wise": "TW", "column_wis
 @dataclass(frozen=True)
 class Candidate:
     """One topology / strategy to plan in :func:`compare_plans`: ``world_size`` ranks, every table sharded
-    ``sharding_type`` where its collection and the device allow it ("": the planner chooses)."""
+    ``sharding_type`` where its collection and the device allow it ("": the planner chooses), on ``cluster`` (a
+    spec; None: ``train.planner.cluster``)."""
 
     world_size: int
     sharding_type: str = ""
+    cluster: Optional[str] = None
 
 
 def compare_plans(module: nn.Module, cfg: Config, candidates: Sequence[Candidate], local_world_size: Optional[int],
@@ -804,26 +868,32 @@ def compare_plans(module: nn.Module, cfg: Config, candidates: Sequence[Candidate
     """Plan ``module`` once per candidate (arguments as for :func:`plan_module`) and return one row each.
 
     A row has ``world_size``, ``local_world_size`` (``local_world_size``, at most the candidate's world; None: one
-    node), ``sharding`` (requested; ``auto``: the planner chooses), and either ``fits: True`` with ``chosen``
+    node), ``sharding`` (requested; ``auto``: the planner chooses), ``cluster`` (its name, None without one) and
+    ``hbm_cap_gb`` (HBM per rank, GB; None on cpu), and either ``fits: True`` with ``chosen``
     (sharding types used, e.g. ``RW 3, DP 10``), ``max_rank_ms``, ``critical_path_ms``, ``imbalance`` (the
     step-time imbalance, max / mean over ranks), ``max_hbm_gb`` / ``max_ddr_gb`` (the fullest rank's tables),
     ``search`` and ``seconds``; or ``fits: False`` with ``reason`` (why it does not fit, or what is wrong with the
     topology) and ``message`` (the whole error).
 
     Raises:
-        ConfigError: as :func:`resolve_pooling` (the same for every candidate).
+        ConfigError: as :func:`resolve_pooling` (the same for every candidate), a bad ``train.planner.cluster``.
+        ValueError: a candidate's bad ``cluster`` spec.
     """
     compute_device = resolve_compute_device(compute_device)
     resolve_pooling(cfg, pooling)  # a ConfigError here, not one per row
     rows = []
     for c in candidates:
         local = min(local_world_size or c.world_size, c.world_size)
+        hardware = resolve_hardware(cfg, c.cluster, hbm_gb, ddr_gb)
         row: Dict[str, Any] = {"world_size": c.world_size, "local_world_size": local,
-                               "sharding": c.sharding_type or "auto"}
+                               "sharding": c.sharding_type or "auto",
+                               "cluster": hardware.cluster.name if hardware.cluster else None,
+                               "hbm_cap_gb": hardware.hbm_gb if compute_device == "cuda" else None}
         start = time.perf_counter()
         try:
             result = plan_module(module, cfg, c.world_size, local, compute_device, hbm_gb=hbm_gb, ddr_gb=ddr_gb,
-                                 batch_size=batch_size, pooling=pooling, sharding_type=c.sharding_type)
+                                 batch_size=batch_size, pooling=pooling, sharding_type=c.sharding_type,
+                                 cluster=c.cluster)
         except PlanDoesNotFit as e:
             row.update(fits=False, reason=e.reason or str(e), message=str(e))
         except ConfigError:
@@ -1102,11 +1172,11 @@ def estimate_usage(plan: ShardingPlan, module: nn.Module, world_size: int, compu
                     hbm[rank] += b
     out = []
     for r in range(world_size):
-        row: Dict[str, Any] = {"rank": r, "hbm_gb": _gib(hbm[r]), "hbm_cap_gb": None,
-                               "ddr_gb": _gib(ddr[r]), "ddr_cap_gb": None}
+        row: Dict[str, Any] = {"rank": r, "hbm_gb": _gb(hbm[r]), "hbm_cap_gb": None,
+                               "ddr_gb": _gb(ddr[r]), "ddr_cap_gb": None}
         if topo is not None:
-            row["hbm_cap_gb"] = _gib(topo.devices[r].storage.hbm)
-            row["ddr_cap_gb"] = _gib(topo.devices[r].storage.ddr)
+            row["hbm_cap_gb"] = _gb(topo.devices[r].storage.hbm)
+            row["ddr_cap_gb"] = _gb(topo.devices[r].storage.ddr)
         out.append(row)
     return out
 
@@ -1129,7 +1199,7 @@ def describe_plan(plan: ShardingPlan, module: nn.Module, topology: Topology,
             tables.append({
                 "module": fqn, "table": name, "rows": rows, "dim": dim, "sharding_type": ps.sharding_type,
                 "compute_kernel": ps.compute_kernel, "ranks": _ranges(ps.ranks or []),
-                "shards": len(ps.ranks or []), "gb": _gib(rows * dim * 4 * (1 + mults.get((fqn, name), 0.0))),
+                "shards": len(ps.ranks or []), "gb": _gb(rows * dim * 4 * (1 + mults.get((fqn, name), 0.0))),
             })
     tables.sort(key=lambda t: (-t["gb"], t["module"], t["table"]))
     ranks = per_rank if per_rank is not None else estimate_usage(plan, module, topology.world_size, topo=topology)

@@ -8,7 +8,7 @@ paths a plan names are the ones the trainer shards.
 
 from __future__ import annotations
 
-from typing import Literal, Optional
+from typing import List, Literal, Optional
 
 import torch
 from torch import nn
@@ -77,3 +77,23 @@ def build_train_module(cfg: Config, stage: str, device: Optional[torch.device] =
                   embedding_precision=precision)
         return TEMTrain(MKTTarget(tem, mem))
     raise ValueError(f"unknown stage {stage!r}; expected one of {STAGES}")
+
+
+def compile_dense(module: nn.Module) -> List[str]:
+    """``train.compile``: ``torch.compile`` (dynamic batch) each dense leaf module in place (``nn.Module.compile``):
+    HFA / its no_hfa stand-in, the CKE (MMoE), extractors, towers and DNNs (``nn.Sequential`` MLPs), sequence
+    attention and GLU gates. TorchRec's pipeline FX-traces the model around its sharded modules; the tracer calls
+    each module's Python ``forward``, so it sees through them, while the steps run the compiled code. Modules inside
+    a compiled one are not compiled again. Returns the compiled modules' names."""
+    from mkt_torchrec.modules.hfa import HFA, PadAlign
+    from mkt_torchrec.modules.layers import GLUGate, MMoE
+    from mkt_torchrec.modules.sequence import DINAttention, MultiHeadTargetAttention
+
+    kinds = (HFA, PadAlign, MMoE, GLUGate, DINAttention, MultiHeadTargetAttention, nn.Sequential)
+    compiled: List[str] = []
+    for name, m in module.named_modules():
+        if isinstance(m, kinds) and not any(name.startswith(c + ".") for c in compiled):
+            m.compile(dynamic=True)
+            compiled.append(name)
+    return compiled
+

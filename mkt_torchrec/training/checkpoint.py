@@ -21,6 +21,7 @@ a tensor stored in the checkpoint's own files (a bytes entry would make DCP call
 
 from __future__ import annotations
 
+import copy
 import io
 import json
 import os
@@ -189,12 +190,27 @@ class _HostStager:
 
 
 def _host_copy(value: Any) -> Any:
+    """A host copy of a state value; a ShardedTensor's copy is placed on the host, as ``ShardedTensor.cpu`` does.
+
+    On a GPU TorchRec places each local shard at ``rank:R/cuda:L``, and torch's ``Shard`` refuses a tensor whose
+    device differs from its placement, so the copy's placements (its local shards' and every shard's in the global
+    metadata) are rewritten to ``cpu`` on deep copies: the live tensor's metadata is shared with TorchRec and must
+    keep its own. Unlike ``ShardedTensor.cpu`` this always copies (a CPU tensor's shards are the live ones, which
+    training changes while the background write runs).
+    """
     from torch.distributed._shard.sharded_tensor import Shard, ShardedTensor
 
     if isinstance(value, ShardedTensor):
-        shards = [Shard(tensor=s.tensor.detach().to("cpu", copy=True), metadata=s.metadata)
-                  for s in value.local_shards()]
-        return ShardedTensor._init_from_local_shards_and_global_metadata(shards, value.metadata())
+        shards = []
+        for s in value.local_shards():
+            metadata = copy.deepcopy(s.metadata)
+            metadata.placement._device = torch.device("cpu")
+            shards.append(Shard(tensor=s.tensor.detach().to("cpu", copy=True), metadata=metadata))
+        global_metadata = copy.deepcopy(value.metadata())
+        for m in global_metadata.shards_metadata:
+            m.placement._device = torch.device("cpu")
+        return ShardedTensor._init_from_local_shards_and_global_metadata(shards, global_metadata,
+                                                                          process_group=value._process_group)
     if isinstance(value, torch.Tensor):
         return value.detach().to("cpu", copy=True)
     return value

@@ -22,6 +22,16 @@ emulate the accelerator instead:
 
 It is a test mechanism (like ``TORCH_DISTRIBUTED_DEBUG=DETAIL``), enabled per process by the environment variable,
 which :func:`mkt_torchrec.training.distributed.init_distributed` reads. It slows every op by a Python call.
+
+Sharded state is placed as on a GPU too. TorchRec gives every local shard of a sharded table (and of its fused
+optimizer's state) the placement ``rank:R/cuda:L``, and torch's ``Shard`` / ``ShardedTensor`` refuse a local
+tensor whose device differs from its placement; on a CPU machine every placement reads ``cpu``, so code that
+copies a shard to the host and keeps its placement (a checkpoint stager, a resharding helper) works here and dies
+on the first GPU checkpoint. :func:`place_on_accelerator` (called by ``trainer.assemble``) rewrites the placements
+of every ShardedTensor of the model's and the optimizer's state to ``cuda:(R % local world size)``, and
+:func:`install` makes torch's two checks judge a tensor by where it would be on the GPU machine: a tensor our code
+made on the host (marked as above) does not match a ``cuda`` placement; any other tensor of the rank stands for a
+device tensor and does (it would be one on the cluster).
 """
 
 from __future__ import annotations
@@ -177,8 +187,115 @@ def _checked(name: str, fn: Callable) -> Callable:
     return wrapper
 
 
+# --------------------------------------------------------------------------------------------------------
+# Placements of sharded state
+# --------------------------------------------------------------------------------------------------------
+
+
+def _sharded_tensors(obj: Any) -> Iterable[Any]:
+    from torch.distributed._shard.sharded_tensor import ShardedTensor
+
+    if isinstance(obj, ShardedTensor):
+        yield obj
+    elif isinstance(obj, dict):
+        for v in obj.values():
+            yield from _sharded_tensors(v)
+    elif isinstance(obj, (list, tuple)):
+        for v in obj:
+            yield from _sharded_tensors(v)
+
+
+def place_on_accelerator(states: Iterable[Any], local_world_size: int) -> int:
+    """Give every ShardedTensor in ``states`` (state dicts, nested) the placements TorchRec gives it on a GPU:
+    ``rank:R/cuda:(R % local_world_size)``, on its local shards and in its global metadata. The objects are the
+    live ones TorchRec hands out on every ``state_dict()`` call, so the placements stay. Returns how many."""
+    seen: dict = {}
+    for st in (st for state in states for st in _sharded_tensors(state)):
+        seen[id(st)] = st
+    for st in seen.values():
+        metas = [m for m in st.metadata().shards_metadata] + [s.metadata for s in st.local_shards()]
+        for m in metas:
+            if m.placement is not None and m.placement.device().type == "cpu":
+                m.placement._device = torch.device("cuda", m.placement.rank() % local_world_size)
+    return len(seen)
+
+
+class _Validating:
+    """Set while torch validates local shards against global metadata (see :func:`_checked_init`): our check has
+    run, so torch's compares the emulated ``cuda`` placement as the host device it is here."""
+
+    depth = 0
+
+
+def _emulated_device(original: Callable) -> Callable:
+    @functools.wraps(original)
+    def device(self: Any) -> torch.device:
+        d = original(self)
+        return torch.device("cpu") if _Validating.depth and d.type == "cuda" else d
+
+    device._mkt_checked = True  # type: ignore[attr-defined]
+    return device
+
+
+def _check_shard(tensor: torch.Tensor, placement: Any) -> None:
+    """A local shard's tensor against its placement, as on the GPU machine (see the module docstring)."""
+    if placement is None or tensor.device.type != "cpu":
+        return
+    where = placement.device()
+    if where.type == "cuda" and is_host(tensor):
+        raise ValueError("Local shard tensor device does not match with local Shard's placement! Found local shard "
+                         f"tensor device: cpu (a host tensor made at {getattr(tensor, _MARK)}), local shard metadata "
+                         f"placement device: {where} (emulated accelerator: MKT_EMULATE_ACCELERATOR=1)")
+
+
+def _checked_shard_init(original: Callable) -> Callable:
+    @functools.wraps(original)
+    def __post_init__(self: Any) -> None:
+        _check_shard(self.tensor, self.metadata.placement)
+        _Validating.depth += 1
+        try:
+            original(self)
+        finally:
+            _Validating.depth -= 1
+
+    __post_init__._mkt_checked = True  # type: ignore[attr-defined]
+    return __post_init__
+
+
+def _checked_init(original: Callable) -> Callable:
+    """``ShardedTensor._init_from_local_shards_and_global_metadata`` (a classmethod, passed unbound)."""
+    @functools.wraps(original)
+    def init(cls: Any, local_shards: Any, *args: Any, **kwargs: Any) -> Any:
+        for shard in local_shards:
+            _check_shard(shard.tensor, shard.metadata.placement)
+        _Validating.depth += 1
+        try:
+            return original(local_shards, *args, **kwargs)
+        finally:
+            _Validating.depth -= 1
+
+    init._mkt_checked = True  # type: ignore[attr-defined]
+    return classmethod(init)
+
+
+def _install_placement_checks() -> None:
+    from torch.distributed._shard.sharded_tensor import Shard, ShardedTensor
+    from torch.distributed.remote_device import _remote_device
+
+    if not getattr(_remote_device.device, "_mkt_checked", False):
+        _remote_device.device = _emulated_device(_remote_device.device)
+    if not getattr(Shard.__post_init__, "_mkt_checked", False):
+        Shard.__post_init__ = _checked_shard_init(Shard.__post_init__)
+    init = ShardedTensor.__dict__["_init_from_local_shards_and_global_metadata"]
+    if not getattr(init.__func__, "_mkt_checked", False):
+        ShardedTensor._init_from_local_shards_and_global_metadata = _checked_init(
+            ShardedTensor._init_from_local_shards_and_global_metadata)
+
+
 def install() -> None:
-    """Wrap the tensor collectives of ``torch.distributed`` and start tracking host tensors (idempotent)."""
+    """Wrap the tensor collectives of ``torch.distributed``, start tracking host tensors and check local shards
+    against ``cuda`` placements (idempotent)."""
+    _install_placement_checks()
     for name in _COLLECTIVES:
         fn = getattr(dist, name, None)
         if fn is not None and not getattr(fn, "_mkt_checked", False):

@@ -76,24 +76,94 @@ def quiet_libraries() -> None:
     warnings.filterwarnings("ignore", message=".*find_unused_parameters=True was specified.*")
 
 
-def init_distributed() -> DistInfo:
-    """Join the world from the environment (RANK, WORLD_SIZE, ...), or make a world of one."""
+DEVICE_ENV = "MKT_DEVICE"  # what the job expects: cuda (no GPU is an error), cpu (forced), auto / unset
+_DEVICE_CHOICES = ("auto", "cpu", "cuda")
+_HIDDEN = ("", "-1", "none", "void", "NoDevFiles")  # CUDA_ / NVIDIA_VISIBLE_DEVICES values that name no GPU
+
+
+def _expected_device() -> str:
+    """``MKT_DEVICE`` (set by the TorchX components): ``auto`` when unset or empty, else ``cpu`` or ``cuda``."""
+    value = os.environ.get(DEVICE_ENV, "") or "auto"
+    if value not in _DEVICE_CHOICES:
+        raise ValueError(f"{DEVICE_ENV}={value!r} is not one of {', '.join(_DEVICE_CHOICES)} (unset means auto)")
+    return value
+
+
+def _visible_devices() -> str:
+    """``CUDA_VISIBLE_DEVICES=...`` (and ``NVIDIA_VISIBLE_DEVICES=...`` when set), for messages."""
+    shown = [f"{name}={os.environ[name]!r}" for name in ("CUDA_VISIBLE_DEVICES", "NVIDIA_VISIBLE_DEVICES")
+             if name in os.environ]
+    return ", ".join(shown) or "CUDA_VISIBLE_DEVICES unset"
+
+
+def cuda_unavailable_reason() -> str:
+    """Why ``torch.cuda.is_available()`` is False on this machine, as one clause for an error message."""
+    if torch.version.cuda is None and getattr(torch.version, "hip", None) is None:
+        return f"this torch build has no CUDA (torch {torch.__version__}, torch.version.cuda is None)"
+    if "CUDA_VISIBLE_DEVICES" in os.environ and os.environ["CUDA_VISIBLE_DEVICES"].strip() in _HIDDEN:
+        return f"no GPU visible ({_visible_devices()} hides every GPU)"
+    return (f"no GPU visible ({_visible_devices()}; torch {torch.__version__} with CUDA {torch.version.cuda}): "
+            "the job was given no GPU, or the NVIDIA driver is missing or too old")
+
+
+def _gpus_named_by_environment() -> Optional[str]:
+    """``NAME=VALUE`` of a variable that says this process was given GPUs, or None. Only a hint: CUDA images set
+    ``NVIDIA_VISIBLE_DEVICES=all`` in pods that got no GPU, and shells export ``CUDA_VISIBLE_DEVICES`` out of habit,
+    so neither is reliable enough to fail a job on (``MKT_DEVICE=cuda`` is)."""
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES", "").strip()
+    if visible not in _HIDDEN:
+        return f"CUDA_VISIBLE_DEVICES={visible}"
+    slurm = os.environ.get("SLURM_GPUS_ON_NODE", "").strip()
+    return f"SLURM_GPUS_ON_NODE={slurm}" if slurm not in ("", "0") else None
+
+
+def _select_device(local_rank: int, rank: int) -> tuple[torch.device, str]:
+    """The rank's device and process-group backend, from ``MKT_DEVICE`` and what this machine has.
+
+    Raises:
+        ValueError: ``MKT_DEVICE`` is unknown; it is ``cuda`` and no GPU is usable (saying why); or this local rank
+            has no GPU of its own.
+    """
     from mkt_torchrec.training import device_check
 
+    expected = _expected_device()
+    if expected == "cpu":  # forced, even where a GPU is visible (and no emulated accelerator)
+        return torch.device("cpu"), "gloo"
+    if torch.cuda.is_available():
+        count = torch.cuda.device_count()
+        if local_rank >= count:
+            raise ValueError(f"local rank {local_rank} needs GPU {local_rank} but only {count} are visible "
+                             f"({_visible_devices()}): start at most {count} processes per node")
+        device = torch.device(f"cuda:{local_rank}")
+        torch.cuda.set_device(device)
+        return device, "nccl"
+    if expected == "cuda":
+        raise ValueError(f"{DEVICE_ENV}=cuda but torch.cuda.is_available() is False: {cuda_unavailable_reason()} "
+                         f"(set {DEVICE_ENV}=cpu to train on CPU)")
+    if device_check.enabled():  # tests: a CPU "accelerator" whose collectives refuse host tensors
+        device_check.install()
+        return device_check.EMULATED_DEVICE, "gloo"
+    hint = _gpus_named_by_environment()
+    if hint and rank == 0:
+        logging.getLogger("mkt.distributed").warning(
+            "training on CPU: %s but torch.cuda.is_available() is False: %s (set %s=cuda to make this an error, "
+            "or %s=cpu to silence it)", hint, cuda_unavailable_reason(), DEVICE_ENV, DEVICE_ENV)
+    return torch.device("cpu"), "gloo"
+
+
+def init_distributed() -> DistInfo:
+    """Join the world from the environment (RANK, WORLD_SIZE, ...), or make a world of one.
+
+    The device follows ``MKT_DEVICE`` (see :func:`_select_device`): ``cuda`` fails at once, in one line saying why,
+    where no GPU is usable; ``cpu`` trains on CPU; unset or ``auto`` takes a GPU when one is visible.
+    """
     quiet_libraries()
     launched = "WORLD_SIZE" in os.environ
     rank = int(os.environ.get("RANK", "0"))
     world = int(os.environ.get("WORLD_SIZE", "1"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     local_world = int(os.environ.get("LOCAL_WORLD_SIZE", str(world)))
-    if torch.cuda.is_available():
-        device, backend = torch.device(f"cuda:{local_rank}"), "nccl"
-        torch.cuda.set_device(device)
-    elif device_check.enabled():  # tests: a CPU "accelerator" whose collectives refuse host tensors
-        device, backend = device_check.EMULATED_DEVICE, "gloo"
-        device_check.install()
-    else:
-        device, backend = torch.device("cpu"), "gloo"
+    device, backend = _select_device(local_rank, rank)
     if not dist.is_initialized():
         if launched:
             dist.init_process_group(backend=backend)

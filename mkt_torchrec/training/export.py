@@ -44,7 +44,8 @@ def serving_from_run(run_dir: str) -> Tuple[Config, ServingModel]:
 
     The stage module is built with its tables on ``meta`` (nothing allocated); the :class:`ServingModel`
     built from it gets fresh tensors for its tables, which are what DCP loads into, so every served table
-    exists once in memory and no other table is read.
+    exists once in memory and no other table is read. A stage-2 checkpoint holds no MEM: the MEM's served
+    tensors come from the MEM run's checkpoint it records (refused if that changed since).
 
     Args:
         run_dir: a stage ``tem`` run, or a stage ``mem`` run trained under
@@ -57,10 +58,11 @@ def serving_from_run(run_dir: str) -> Tuple[Config, ServingModel]:
 
     Raises:
         FileNotFoundError: ``run_dir`` is not a run directory, or has no complete checkpoint.
-        ValueError: a MEM run of another ablation (its served model is stage 2's), or a baseline's pre-training run.
+        ValueError: a MEM run of another ablation (its served model is stage 2's), or a baseline's pre-training run,
+            or a stage-2 run whose MEM checkpoint is gone or changed since it trained.
     """
     from mkt_torchrec.models import baselines
-    from mkt_torchrec.training.trainer import read_run, run_config  # the trainer module is heavy to import
+    from mkt_torchrec.training.trainer import load_run_checkpoint, read_run, run_config  # heavy to import
 
     run = read_run(run_dir)
     cfg = run_config(run_dir)
@@ -84,7 +86,7 @@ def serving_from_run(run_dir: str) -> Tuple[Config, ServingModel]:
     _materialize(serving)
     state: Dict[str, Any] = {_CKPT_PREFIX + serving.source_keys[k]: v
                              for k, v in serving.state_dict(keep_vars=True).items()}
-    checkpoint.load(ckpt, state, no_dist=True)
+    load_run_checkpoint(ckpt, state, no_dist=True)  # stage 2: the MEM's tensors from the MEM run's checkpoint
     return cfg, serving.eval()
 
 

@@ -30,7 +30,7 @@ import shutil
 import time
 from dataclasses import asdict, replace
 from collections import deque
-from typing import Any, Deque, Dict, Iterator, List, NamedTuple, Optional, Tuple
+from typing import Any, Callable, Deque, Dict, Iterator, List, NamedTuple, Optional, Tuple
 
 import numpy as np
 import pyarrow as pa
@@ -50,15 +50,27 @@ from mkt_torchrec.data.dataset import open_dataset_shared
 from mkt_torchrec.data.reader import ParquetReader
 from mkt_torchrec.planning.plan import (FROZEN_MODULE, attach_embedding_optimizer, embedding_optimizer_kwargs,
                                        frozen_module, load_plan, make_plan, manifest_pooling, sharders, write_plan)
-from mkt_torchrec.training import checkpoint, runlock
-from mkt_torchrec.training.build import (build_train_module, dense_lr, stage2_uses_mem, stage_entity,
-                                         stage_transfer)
+from mkt_torchrec.training import checkpoint, device_check, runlock
+from mkt_torchrec.training.build import (build_train_module, compile_dense, dense_lr, stage2_uses_mem,
+                                         stage_entity, stage_transfer)
 from mkt_torchrec.training.distributed import (DistInfo, all_gather_objects, all_sum, fault_point,
                                                init_distributed)
 
 log = logging.getLogger("mkt.train")
 
 _DENSE_OPTIMIZERS = {"adam": torch.optim.Adam, "adagrad": torch.optim.Adagrad, "sgd": torch.optim.SGD}
+
+
+def dense_optimizer(cfg: Config, params: Any, lr: float) -> torch.optim.Optimizer:
+    """``train.dense_optimizer`` over ``params``, fused (one kernel for all parameters, on CPU and CUDA) where
+    torch has a fused implementation: the same update rule as the per-tensor loop, with far fewer launches."""
+    return _DENSE_OPTIMIZERS[cfg.train.dense_optimizer](params, lr=lr, fused=True)
+
+
+def configure_dense_math(cfg: Config) -> None:
+    """``train.tf32``: TensorFloat-32 matmuls / convolutions on CUDA (the flags do nothing on CPU)."""
+    torch.backends.cuda.matmul.allow_tf32 = cfg.train.tf32
+    torch.backends.cudnn.allow_tf32 = cfg.train.tf32
 FAIL_AT_STEP_ENV = "MKT_FAIL_AT_STEP"  # testing hook "N" or "STAGE:N": the last rank dies right after step N
 
 
@@ -123,15 +135,19 @@ def _mix(x: torch.Tensor) -> torch.Tensor:
     return x ^ ((x >> 31) & 0x1FFFFFFFF)
 
 
-def _table_values(seed: int, table: str, rows: int, row0: int, col0: int, shape: Tuple[int, int], dim: int
-                  ) -> torch.Tensor:
+_INIT_CHUNK_ELEMENTS = 1 << 22  # entries hashed at once by init_tables: about 150 MB of temporaries at most
+
+
+def _table_values(seed: int, table: str, rows: int, row0: int, col0: int, shape: Tuple[int, int], dim: int,
+                  device: Optional[torch.device] = None) -> torch.Tensor:
     """Uniform(-1/sqrt(rows), 1/sqrt(rows)) values of rows ``row0..`` / columns ``col0..`` of a table: a hash of
-    (seed, table, row, column), so every shard of every plan draws exactly the values of the same entries."""
+    (seed, table, row, column), so every shard of every plan draws exactly the values of the same entries.
+    Computed on ``device`` (default CPU): integer hashing and exact float64 steps, the same bits on any device."""
     import zlib
 
     salt = (zlib.crc32(table.encode()) << 20) ^ (seed * 0x9E3779B9)
-    r = torch.arange(row0, row0 + shape[0], dtype=torch.int64).unsqueeze(1)
-    c = torch.arange(col0, col0 + shape[1], dtype=torch.int64).unsqueeze(0)
+    r = torch.arange(row0, row0 + shape[0], dtype=torch.int64, device=device).unsqueeze(1)
+    c = torch.arange(col0, col0 + shape[1], dtype=torch.int64, device=device).unsqueeze(0)
     h = _mix(r * dim + c + salt)
     unit = ((h >> 11) & ((1 << 53) - 1)).double() / float(1 << 53)  # [0, 1)
     bound = 1.0 / math.sqrt(rows)
@@ -143,9 +159,17 @@ def init_tables(model: nn.Module, seed: int) -> None:
 
     TorchRec initialises each shard with the rank's random state, so the same seed gave other tables on another
     world size or plan; here a counter-based hash gives every entry one value (TorchRec's default distribution,
-    uniform(+-1/sqrt(rows))). Each rank fills only its own shards, in place, through the state dict's views.
+    uniform(+-1/sqrt(rows))). Each rank fills only its own shards, in place, through the state dict's views, on
+    the shard's own device and in chunks of rows (``_INIT_CHUNK_ELEMENTS`` entries), so the temporaries stay
+    small whatever the table's size.
     """
     from torch.distributed._shard.sharded_tensor import ShardedTensor
+
+    def fill(t: torch.Tensor, table: str, rows: int, dim: int, r0: int, c0: int) -> None:
+        step = max(1, _INIT_CHUNK_ELEMENTS // max(1, t.shape[1]))
+        for i in range(0, t.shape[0], step):
+            part = t[i:i + step]  # (chunk rows, shard columns), a view
+            part.copy_(_table_values(seed, table, rows, r0 + i, c0, tuple(part.shape), dim, device=t.device))
 
     with torch.no_grad():
         for key, value in model.state_dict().items():
@@ -157,10 +181,10 @@ def init_tables(model: nn.Module, seed: int) -> None:
                 rows, dim = value.size()
                 for shard in value.local_shards():
                     (r0, c0), t = shard.metadata.shard_offsets, shard.tensor
-                    t.copy_(_table_values(seed, table, rows, r0, c0, tuple(t.shape), dim).to(t.device))
+                    fill(t, table, rows, dim, r0, c0)
             elif value.dim() == 2 and value.numel():
                 rows, dim = value.shape
-                value.copy_(_table_values(seed, table, rows, 0, 0, (rows, dim), dim).to(value.device))
+                fill(value, table, rows, dim, 0, 0)
 
 
 def assemble(cfg: Config, stage: str, info: DistInfo, plan_file: Optional[str] = None,
@@ -175,6 +199,8 @@ def assemble(cfg: Config, stage: str, info: DistInfo, plan_file: Optional[str] =
     """
     torch.manual_seed(cfg.train.seed)
     module = build_train_module(cfg, stage, device=torch.device("meta"))
+    if cfg.train.compile:
+        compile_dense(module)
     module.autocast_device = info.device.type if cfg.train.precision == "bf16" else None  # see precision_context
     attach_embedding_optimizer(module, cfg, stage)  # fused into backward, for the tables that train
     frozen = FROZEN_MODULE.get(stage) if frozen_module(module, stage) is not None else None
@@ -200,7 +226,6 @@ def assemble(cfg: Config, stage: str, info: DistInfo, plan_file: Optional[str] =
     params = dict(model.named_parameters())
     dense = {n: p for n, p in params.items() if p.requires_grad and not hasattr(p, "_in_backward_optimizers")
              and n not in replicated and not _under(n, frozen)}
-    dense_cls = _DENSE_OPTIMIZERS[cfg.train.dense_optimizer]
     parts: List[Tuple[str, Any]] = []
     for key, opt in model.fused_optimizer.optimizers:
         names = [CombinedOptimizer.prepend_opt_key(n, key) for n in opt.params]
@@ -209,8 +234,10 @@ def assemble(cfg: Config, stage: str, info: DistInfo, plan_file: Optional[str] =
     if replicated:
         parts.append(("", _embedding_optimizer_for_replicated(cfg, {n: params[n] for n in replicated})))
     lr = dense_lr(cfg, stage)
-    parts.append(("", KeyedOptimizerWrapper(dense, lambda ps: dense_cls(ps, lr=lr))))
+    parts.append(("", KeyedOptimizerWrapper(dense, lambda ps: dense_optimizer(cfg, ps, lr))))
     optimizer = CombinedOptimizer(parts)
+    if device_check.enabled():  # tests: sharded state placed as TorchRec places it on a GPU (rank:R/cuda:L)
+        device_check.place_on_accelerator([model.state_dict(), optimizer.state_dict()["state"]], local_world)
     return Assembled(model, optimizer, plan, {"local_world_size": local_world, "compute_device": device_type},
                      replicated)
 
@@ -250,8 +277,62 @@ def train_state(model: nn.Module, optimizer: Optional[CombinedOptimizer],
 
 
 def state_of(asm: "Assembled", cfg: Config) -> Dict[str, Any]:
-    """Checkpoint state of an assembled stage (model + every optimizer)."""
-    return train_state(asm.model, asm.optimizer, asm.replicated, cfg.train.embedding_optimizer == "rowwise_adagrad")
+    """Checkpoint state of an assembled stage (model + every optimizer), less stage 2's frozen MEM: its tensors are
+    the MEM run's checkpoint, which a stage-2 checkpoint records (``extra.json``'s :data:`MEM_RECORD`) instead of
+    holding a second copy (:func:`load_run_checkpoint` reads both)."""
+    state = train_state(asm.model, asm.optimizer, asm.replicated, cfg.train.embedding_optimizer == "rowwise_adagrad")
+    return {k: v for k, v in state.items() if not k.startswith(_MEM_IN_STAGE2)}
+
+
+# Stage 2's frozen MEM (``FROZEN_MODULE``) in train_state's keys, and where the MEM run's checkpoint holds the same
+# tensors (stage 1's module is ``MEMTrain(MEM)``: ``model.`` + the loss wrapper's ``model.``).
+_MEM_IN_STAGE2, _MEM_IN_STAGE1 = f"model.{FROZEN_MODULE['tem']}.", "model.model."
+MEM_RECORD = "mem_checkpoint"  # extra.json of a stage-2 checkpoint: the MEM checkpoint its frozen MEM is
+
+
+def _mem_digest(ckpt: str) -> str:
+    """sha256 of a checkpoint's DCP ``.metadata``: it lists every tensor (key, shape, dtype), every chunk's file,
+    offset and length, and DCP's id of the save (a new uuid per save), so any re-save changes it; reading it costs
+    a few MB where hashing the tensor files would read the whole MEM (18 GB at the industrial size) each time."""
+    import hashlib
+
+    with open(os.path.join(ckpt, ".metadata"), "rb") as f:
+        return "sha256:" + hashlib.sha256(f.read()).hexdigest()
+
+
+def mem_record(ckpt: str) -> Dict[str, Any]:
+    """What a stage-2 checkpoint records of the MEM checkpoint it was trained with: path, step and digest."""
+    return {"path": os.path.abspath(ckpt), "step": int(checkpoint.read_extra(ckpt)["step"]),
+            "digest": _mem_digest(ckpt)}
+
+
+def _recorded_mem(ckpt: str, record: Dict[str, Any]) -> str:
+    """The MEM checkpoint the stage-2 checkpoint ``ckpt`` records; a ValueError (one line, naming both) if it is
+    gone or changed since."""
+    path = str(record.get("path"))
+    now = _mem_digest(path) if os.path.isfile(os.path.join(path, ".metadata")) else None
+    if now != record.get("digest"):
+        state = "is missing" if now is None else f"has changed since (now {now})"
+        raise ValueError(f"{ckpt}: was trained with the frozen MEM checkpoint {path} ({record.get('digest')}), which "
+                         f"{state}; restore that MEM checkpoint, or train stage 2 anew in a new --run-dir")
+    return path
+
+
+def load_run_checkpoint(ckpt: str, state: Dict[str, Any], no_dist: bool = False) -> None:
+    """Load a run's checkpoint into ``state`` (keys as :func:`train_state`'s) in place.
+
+    A stage-2 checkpoint's frozen-MEM keys are read from the MEM checkpoint it records (refused if that changed
+    since); a stage-2 checkpoint without that record (saved before stage 2 left the MEM out) holds them itself."""
+    frozen = {k: v for k, v in state.items() if k.startswith(_MEM_IN_STAGE2)}
+    record = checkpoint.read_extra(ckpt).get(MEM_RECORD) if frozen else None
+    if record is None:
+        checkpoint.load(ckpt, state, no_dist=no_dist)
+        return
+    mem = _recorded_mem(ckpt, record)
+    own = {k: v for k, v in state.items() if k not in frozen}
+    if own:
+        checkpoint.load(ckpt, own, no_dist=no_dist)
+    checkpoint.load(mem, {_MEM_IN_STAGE1 + k[len(_MEM_IN_STAGE2):]: v for k, v in frozen.items()}, no_dist=no_dist)
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -354,17 +435,25 @@ def check_mem_run(cfg: Config, mem_run: str) -> None:
                          "(stage 2 must use the stage-1 schema and MEM layers; model.ablation no_hfa counts)")
 
 
-def _load_mem_into_stage2(model: DistributedModelParallel, mem_run: str) -> str:
-    """DCP-load the stage-1 MEM (its best-validated, else latest checkpoint) into stage 2's frozen MEM."""
-    ckpt = checkpoint.final_checkpoint(mem_run)
-    if ckpt is None:
-        raise FileNotFoundError(f"{mem_run}: no complete checkpoint of the MEM to fine-tune from")
+def _load_mem_into_stage2(model: DistributedModelParallel, mem_run: str, resumed: Optional[str] = None
+                          ) -> Dict[str, Any]:
+    """DCP-load the stage-1 MEM into stage 2's frozen MEM: the MEM checkpoint that the stage-2 checkpoint
+    ``resumed`` records (refused if it changed since), else the MEM run's best-validated, else latest checkpoint.
+    Returns its :func:`mem_record`, which every stage-2 checkpoint records."""
     if read_run(mem_run)["stage"] != "mem":
         raise ValueError(f"{mem_run}: is not a stage 'mem' run")
-    prefix2, prefix1 = "model.model.mem.", "model.model."
-    state = {prefix1 + k[len(prefix2):]: v for k, v in train_state(model, None).items() if k.startswith(prefix2)}
+    record = checkpoint.read_extra(resumed).get(MEM_RECORD) if resumed else None
+    if record is not None:
+        ckpt = _recorded_mem(resumed, record)  # type: ignore[arg-type]
+    else:  # a new stage 2 (or one resumed from a checkpoint that holds its MEM itself: that copy is not read)
+        ckpt = checkpoint.final_checkpoint(mem_run)
+        if ckpt is None:
+            raise FileNotFoundError(f"{mem_run}: no complete checkpoint of the MEM to fine-tune from")
+        record = mem_record(ckpt)
+    state = {_MEM_IN_STAGE1 + k[len(_MEM_IN_STAGE2):]: v for k, v in train_state(model, None).items()
+             if k.startswith(_MEM_IN_STAGE2)}
     checkpoint.load(ckpt, state)
-    return ckpt
+    return record
 
 
 TEM_FROM_MEM = ("sparse_arch.", "group_arch.attention.")  # what ``model.tem.init_from_mem`` copies
@@ -472,20 +561,30 @@ class _Feed:
     all-reduce. The pipeline pulls batches ahead of the step it trains, so the feed keeps what it handed out in
     ``handed``, in order: the trainer pops one per trained step and so knows the reader position to checkpoint.
 
+    On a GPU the batches are pinned (page-locked, so the pipeline's host-to-device copy is non-blocking) by a
+    thread of the feed's own, :data:`PIN_AHEAD` batches ahead of the pipeline, so the main thread never waits for
+    the copy into pinned memory. The thread runs the reader and hands its batches over in order: the batches,
+    their order and the reader positions are the same as without it.
+
     Args:
-        reader: this rank's reader, at the position to continue from.
+        reader: this rank's reader, at the position to continue from (only the feed touches it until the feed
+            is exhausted).
         info: the process group.
         epochs: stop at the end of this epoch count.
         steps: stop after this many batches (None: no limit).
+        pin: what makes a batch's pinned copy (default: ``Batch.pin_memory`` on a CUDA device, none elsewhere).
     """
 
-    def __init__(self, reader: ParquetReader, info: DistInfo, epochs: int, steps: Optional[int]) -> None:
+    def __init__(self, reader: ParquetReader, info: DistInfo, epochs: int, steps: Optional[int],
+                 pin: Optional[Callable[[Batch], Batch]] = None) -> None:
         self.reader, self.world_size = reader, info.world_size
         self.epochs, self.steps = epochs, steps
-        self.pin = info.device.type == "cuda"  # pinned host memory: the pipeline's copy is non-blocking
+        self.pin = pin if pin is not None else (Batch.pin_memory if info.device.type == "cuda" else None)
         self.handed: Deque[_Fed] = deque()
         self._filler: Optional[Batch] = None
-        self._batches = self._generate()
+        self._batches: Iterator[_Fed] = self._generate()
+        if self.pin is not None:
+            self._batches = _Ahead(self._pinned(self._batches), PIN_AHEAD)
 
     def __iter__(self) -> "_Feed":
         return self
@@ -494,6 +593,10 @@ class _Feed:
         fed = next(self._batches)
         self.handed.append(fed)
         return fed.batch
+
+    def _pinned(self, fed: Iterator[_Fed]) -> Iterator[_Fed]:
+        for f in fed:
+            yield f._replace(batch=self.pin(f.batch))  # type: ignore[misc]
 
     def _generate(self) -> Iterator[_Fed]:
         left = self.steps
@@ -512,12 +615,53 @@ class _Feed:
                     batch = self._filler if self._filler is not None else self.reader.first_batch()
                 rows = len(batch) if i < mine else 0
                 batch = _weighted(batch, global_rows, self.world_size, real=rows > 0)
-                yield _Fed(batch.pin_memory() if self.pin else batch, epoch, rows, global_rows,
-                           self.reader.state_dict(), i == len(schedule) - 1)
+                yield _Fed(batch, epoch, rows, global_rows, self.reader.state_dict(), i == len(schedule) - 1)
                 if left is not None:
                     left -= 1
             if next(batches, None) is not None:  # ending the iteration moves the reader to the next epoch
                 raise RuntimeError(f"the reader yielded more than the {mine} batches its schedule counts")
+
+
+PIN_AHEAD = 2  # batches the feed's pinning thread prepares ahead of the pipeline (which holds two more)
+
+
+class _Ahead:
+    """Runs an iterator in a daemon thread, ``depth`` items ahead of the consumer, handing items (and the
+    iterator's exception, if it raises) over in order through a bounded queue."""
+
+    _END = object()
+
+    def __init__(self, source: Iterator[Any], depth: int) -> None:
+        import queue
+        import threading
+
+        self._queue: "queue.Queue[Any]" = queue.Queue(maxsize=depth)
+        self._done = False
+        self._thread = threading.Thread(target=self._run, args=(source,), name="mkt-feed-pin", daemon=True)
+        self._thread.start()
+
+    def _run(self, source: Iterator[Any]) -> None:
+        try:
+            for item in source:
+                self._queue.put((item, None))
+            self._queue.put((self._END, None))
+        except BaseException as e:  # noqa: BLE001 - raised again in the consumer's thread
+            self._queue.put((self._END, e))
+
+    def __iter__(self) -> "_Ahead":
+        return self
+
+    def __next__(self) -> Any:
+        if self._done:
+            raise StopIteration
+        item, error = self._queue.get()
+        if item is self._END:
+            self._done = True
+            self._thread.join()
+            if error is not None:
+                raise error
+            raise StopIteration
+        return item
 
 
 def make_pipeline(model: nn.Module, optimizer: Any, device: torch.device) -> Any:
@@ -546,6 +690,7 @@ def train(cfg: Config, stage: str, data_dir: str, run_dir: str, resume: bool = F
     """
     info = init_distributed()
     torch.set_num_threads(cfg.train.threads)
+    configure_dense_math(cfg)
     if stage == "tem" and stage2_uses_mem(cfg) and not mem_run:
         raise ValueError("stage tem needs --mem-run MEM_RUN_DIR (or model.ablation=no_mem_pretrain)")
     if stage == "tem" and stage2_uses_mem(cfg):
@@ -572,13 +717,16 @@ def _train_locked(cfg: Config, stage: str, data_dir: str, run_dir: str, resume: 
                    {"stage": stage, "world_size": info.world_size, **asm.plan_meta})
         with open(plan_path, encoding="utf-8") as f:
             plan_record = json.load(f)  # every checkpoint records the plan it was saved under
+    latest = checkpoint.latest_checkpoint(run_dir) if resume else None
+    mem_used: Optional[Dict[str, Any]] = None  # stage 2's frozen MEM: recorded by its checkpoints, not saved again
     if stage == "tem" and stage2_uses_mem(cfg):
-        mem_ckpt = _load_mem_into_stage2(model, mem_run)  # type: ignore[arg-type]
-        if cfg.model.tem.init_from_mem and not (resume and checkpoint.latest_checkpoint(run_dir)):
-            loaded = _init_tem_from_mem(model, mem_ckpt)
+        mem_used = _load_mem_into_stage2(model, mem_run, latest)  # type: ignore[arg-type]
+        if cfg.model.tem.init_from_mem and latest is None:
+            loaded = _init_tem_from_mem(model, mem_used["path"])
             if info.is_main:
-                log.info("model.tem.init_from_mem: the TEM starts from %d tensors of %s", len(loaded), mem_ckpt)
-    if stage_transfer(cfg, stage) and not (resume and checkpoint.latest_checkpoint(run_dir)):  # else in the ckpt
+                log.info("model.tem.init_from_mem: the TEM starts from %d tensors of %s", len(loaded),
+                         mem_used["path"])
+    if stage_transfer(cfg, stage) and latest is None:  # else in the checkpoint
         _transfer_from_pretraining(model, mem_run, stage_transfer(cfg, stage))  # type: ignore[arg-type]
     entity = stage_entity(cfg, stage)
     if entity and not manifest.split_rows("train", entity, validation_fraction=cfg.data.validation_fraction):
@@ -589,7 +737,6 @@ def _train_locked(cfg: Config, stage: str, data_dir: str, run_dir: str, resume: 
     step, epoch, epoch_rows = 0, 0, 0
     best: Optional[Dict[str, Any]] = None  # early stopping: the best validation so far ({step, epoch, gauc, auc})
     since_best = 0  # epochs validated since the best
-    latest = checkpoint.latest_checkpoint(run_dir) if resume else None
     if latest is not None:
         extra = checkpoint.read_extra(latest)
         load_train_state(asm, cfg, latest, extra.get("plan") or {})
@@ -620,7 +767,7 @@ def _train_locked(cfg: Config, stage: str, data_dir: str, run_dir: str, resume: 
         saver.save(step, state_of(asm, cfg),
                    {"step": step, "epoch": epoch, "epoch_rows": epoch_rows, "readers": readers,
                     "world_size": info.world_size, "stage": stage, "plan": plan_record, "best": best,
-                    "since_best": since_best})
+                    "since_best": since_best, **({MEM_RECORD: mem_used} if mem_used else {})})
         cadence.saved()
 
     fail_stage, _, fail_step = os.environ.get(FAIL_AT_STEP_ENV, "").rpartition(":")  # "N" or "STAGE:N"
@@ -717,6 +864,8 @@ def load_train_state(asm: Assembled, cfg: Config, ckpt: str, saved_plan: Dict[st
     row *and column shard* (``rows x shards``). It is carried through its plan-independent form, one value per
     row, the column-width-weighted mean over the saved shards (exact: each value is a running mean of squared
     gradients over its columns); every new column shard starts from that mean (exact when the shards are the same).
+    Stage 2's frozen MEM is not part of it (:func:`state_of`): the trainer loads it from the MEM checkpoint the
+    stage-2 checkpoint records first (``_load_mem_into_stage2``).
 
     Args:
         asm: the assembled stage.
@@ -855,10 +1004,11 @@ def _bar(total: int, desc: str, initial: int, enabled: bool):
 
 
 def load_unsharded(cfg: Config, stage: str, ckpt: str) -> nn.Module:
-    """The stage module with real (unsharded) tables, loaded from a checkpoint without collectives."""
+    """The stage module with real (unsharded) tables, loaded from a checkpoint without collectives (stage 2's
+    frozen MEM from the MEM checkpoint it records: :func:`load_run_checkpoint`)."""
     module = build_train_module(cfg, stage, device=torch.device("cpu"))
     state = train_state(module, None)
-    checkpoint.load(ckpt, state, no_dist=True)
+    load_run_checkpoint(ckpt, state, no_dist=True)
     module.load_state_dict({k[len("model."):]: v for k, v in state.items()})
     return module
 
@@ -944,13 +1094,14 @@ def score_split(pipeline: Any, reader: ParquetReader, info: DistInfo, pred_dir: 
             logits.append(out.logits)
             if hfa is not None and scored_hfa:
                 hfa.add(out.hfa, out.entity)
-            cols["user_id"].append(batch.user_id.numpy())
-            cols["entity"].append(batch.entity.numpy())
-            cols["label"].append(batch.labels.numpy())
+            # copies in pageable memory: a view would keep the feed's (on CUDA pinned) batch alive all pass long
+            cols["user_id"].append(batch.user_id.numpy().copy())
+            cols["entity"].append(batch.entity.numpy().copy())
+            cols["label"].append(batch.labels.numpy().copy())
             if batch.activity is not None:
-                cols["activity"].append(batch.activity.numpy())
+                cols["activity"].append(batch.activity.numpy().copy())
             if batch.true_prob is not None:
-                cols["true_prob"].append(batch.true_prob.numpy())
+                cols["true_prob"].append(batch.true_prob.numpy().copy())
     bar.close()
     cols["score"] = [torch.sigmoid(torch.cat(logits).float()).cpu().numpy()] if logits else []
 
@@ -1025,6 +1176,7 @@ def evaluate(cfg: Config, run_dir: str, data_dir: str) -> Dict[str, Any]:
     cfg.train.planner.plan_file = None  # evaluation may run at another world size: plan afresh
     info = init_distributed()
     torch.set_num_threads(cfg.train.threads)
+    configure_dense_math(cfg)
     stage = run["stage"]
     ckpt = checkpoint.final_checkpoint(run_dir)
     if ckpt is None:
@@ -1045,7 +1197,7 @@ def _evaluate_locked(cfg: Config, run_dir: str, data_dir: str, info: DistInfo, m
 
     asm = assemble(cfg, stage, info, manifest=manifest)
     model = asm.model
-    checkpoint.load(ckpt, train_state(model, None))
+    load_run_checkpoint(ckpt, train_state(model, None))  # stage 2: its frozen MEM from the MEM run's checkpoint
     model.eval()
     entity = "target" if stage_entity(cfg, stage) == "target" else None  # joint models: both entities
     reader = ParquetReader(data_dir, "test", cfg.schema, cfg.data, rank=info.rank, world_size=info.world_size,

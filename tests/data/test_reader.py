@@ -471,3 +471,35 @@ def test_a_window_smaller_than_a_row_group_is_warned_about_once(small_dataset, c
             ParquetReader(small_dataset, "train", cfg.schema, cfg.data)
     warned = [r for r in caplog.records if "larger than data.shuffle_window_rows=333" in r.getMessage()]
     assert len(warned) == 1 and "500 rows" in warned[0].getMessage()
+
+
+class _CountHostReads(torch.overrides.TorchFunctionMode):
+    """Counts ``.tolist()`` / ``.item()`` calls: on a GPU each reads a device tensor back to the host (a sync)."""
+
+    def __init__(self):
+        super().__init__()
+        self.calls = 0
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        if func in (torch.Tensor.tolist, torch.Tensor.item):
+            self.calls += 1
+        return func(*args, **(kwargs or {}))
+
+
+def test_batches_carry_per_key_lengths_so_input_distribution_reads_nothing_back(small_dataset):
+    """TorchRec's input distribution permutes and splits the KJT by key; without per-key lengths known on the host
+    it computes them from the lengths tensor (``.tolist()``, a device-to-host sync per call on a GPU)."""
+    cfg = small_config("data.batch_size=64")
+    batch = next(iter(ParquetReader(small_dataset, "train", cfg.schema, cfg.data, rank=0, world_size=1)))
+    kjt = batch.sparse_features
+    lengths = kjt.lengths().view(len(kjt.keys()), -1)  # (keys, B)
+    assert kjt._length_per_key == lengths.sum(1).tolist()
+    assert kjt._offset_per_key == [0, *np.cumsum(lengths.sum(1).numpy()).tolist()]
+    assert kjt.stride() == len(batch) == 64
+    order = list(reversed(range(len(kjt.keys()))))
+    with _CountHostReads() as mode:
+        permuted = kjt.permute(order)
+        parts = permuted.split([1] * len(order))
+    assert mode.calls == 0
+    for i, part in zip(order, parts):
+        assert torch.equal(part.values(), kjt[kjt.keys()[i]].values())

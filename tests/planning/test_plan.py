@@ -239,7 +239,7 @@ def test_cli_reports_a_model_that_does_not_fit_and_writes_nothing(tmp_path, caps
                  "--out", str(out)])
     err = capsys.readouterr().err
     assert code == 1 and not out.exists()
-    assert "does not fit" in err and "short by" in err and "item_id" in err and "GiB" in err
+    assert "does not fit" in err and "short by" in err and "item_id" in err and " GB" in err
     code = main(["plan", "--config", QUICKSTART, "--world-size", "12", "--local-world-size", "8", "--out", str(out)])
     assert code == 2 and "not a multiple of local_world_size 8" in capsys.readouterr().err and not out.exists()
     code = main(["plan", "--config", QUICKSTART, *_sets("schema.tables.item_id.rows=20000000000"),
@@ -543,7 +543,7 @@ def test_compare_prints_one_row_per_candidate(capsys):
                                                                 (2, "table_wise")]
     assert all(r["fits"] for r in rows)
     header = next(i for i, line in enumerate(lines) if line.startswith("world "))
-    for col in ("sharding", "fits", "step ms", "imbalance", "max HBM GiB", "max DDR GiB"):
+    for col in ("sharding", "fits", "step ms", "imbalance", "max HBM GB", "max DDR GB"):
         assert col in lines[header], col
     table = lines[header + 1:header + 1 + len(rows)]
     assert [line.split()[:3] for line in table] == [["1", "1", "x"], ["1", "1", "x"], ["2", "1", "x"], ["2", "1", "x"]]

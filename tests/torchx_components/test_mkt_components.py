@@ -110,7 +110,7 @@ def test_plan_and_overrides_become_set_flags_in_order(component):
 
 @pytest.mark.parametrize("component", COMPONENTS)
 def test_multi_node_job_rendezvous_on_rank0_host(component):
-    role = build(component, nnodes=16, nproc_per_node=8, gpu=8, cpu=96, memMB=1_000_000,
+    role = build(component, nnodes=16, nproc_per_node=8, device="cuda", gpu=8, cpu=96, memMB=1_000_000,
                  rdzv_port=29501, rdzv_backend="c10d", max_retries=3).roles[0]
 
     assert role.num_replicas == 16 and role.min_replicas == 16
@@ -129,7 +129,7 @@ def test_multi_node_job_rendezvous_on_rank0_host(component):
 
 
 def test_named_resource_takes_precedence_over_cpu_gpu_mem():
-    role = build("pretrain", h="gpu.xlarge", nproc_per_node=8, cpu=1, memMB=1).roles[0]
+    role = build("pretrain", h="gpu.xlarge", device="cuda", nproc_per_node=8, cpu=1, memMB=1).roles[0]
 
     assert role.resource == specs.resource(h="gpu.xlarge")
     assert role.resource.gpu == 8
@@ -191,7 +191,7 @@ def test_app_depends_on_arguments_only(component, monkeypatch):
 @pytest.mark.parametrize("kwargs, overrides, message", [
     ({"nnodes": 0}, (), "nnodes"),
     ({"nproc_per_node": 0}, (), "nproc_per_node"),
-    ({"gpu": 4, "nproc_per_node": 8}, (), "exceeds gpu=4"),
+    ({"device": "cuda", "gpu": 4, "nproc_per_node": 8}, (), "exceeds gpu=4"),
     ({"max_retries": -1}, (), "max_retries"),
     ({}, ("train.max_steps",), "not KEY=VALUE"),
     ({}, ("=10",), "not KEY=VALUE"),
@@ -253,7 +253,7 @@ def test_torchx_command_line_without_overrides():
 
 
 def test_same_app_dry_runs_on_local_cwd_and_slurm():
-    app = build("pretrain", "train.max_steps=10", nnodes=2, nproc_per_node=8, gpu=8)
+    app = build("pretrain", "train.max_steps=10", nnodes=2, nproc_per_node=8, device="cuda", gpu=8)
     with get_runner() as runner:
         local = runner.dryrun(app, "local_cwd", cfg={})
         slurm = runner.dryrun(app, "slurm", cfg={})

@@ -3,6 +3,10 @@
 How each test stands in for the cluster condition:
 * CUDA / NCCL collectives: ``MKT_EMULATE_ACCELERATOR=1`` gives every rank a device object other than ``cpu`` and
   fails any collective on a tensor that would be on the host of a GPU machine (``training/device_check.py``).
+* CUDA placements in sharded state: under the same variable every ShardedTensor of the model and its fused
+  optimizer is placed at ``rank:R/cuda:L`` (what TorchRec gives it on a GPU), and a local shard our code copied
+  to the host no longer matches its placement, as torch checks on a GPU. The save / resume / reshard / stage-2 /
+  evaluate / export tests below run under it.
 * A failing rank: ``MKT_FAULT=POINT:RANK`` raises in one rank only; the others block in their next collective, as
   on the cluster. The world must end in seconds, not at the process-group timeout.
 * Restarts at another world size: the same run directory resumed with 1 and 3 processes, and with other
@@ -381,7 +385,8 @@ def test_frozen_mem_has_no_optimizer_state_gradient_or_ddp_sync(small_dataset, m
 # ------------------------------------------------------------------------------------------------------------
 
 
-def test_restart_at_1_then_3_ranks_and_other_plans_trains_every_row_once(small_dataset, tmp_path):
+def test_restart_at_1_then_3_ranks_and_other_plans_trains_every_row_once(small_dataset, tmp_path, monkeypatch):
+    monkeypatch.setenv("MKT_EMULATE_ACCELERATOR", "1")  # sharded state placed on (emulated) GPUs, as on the cluster
     run = str(tmp_path / "elastic")
     sets = ("train.epochs=2", "train.checkpoint_every=4", "data.batch_size=64")
     code, _, _ = _mkt("train", "--config", QUICKSTART, *_sets(*sets, "train.planner.sharding_type=table_wise"),
@@ -435,9 +440,12 @@ def _per_row(momentum, rows):
     return momentum.view(-1, rows)
 
 
-def test_model_and_optimizer_state_carry_across_plans(small_dataset, tmp_path):
+def test_model_and_optimizer_state_carry_across_plans(small_dataset, tmp_path, monkeypatch):
     """table_wise (2 ranks) -> column_wise (2 ranks: the 256-wide table splits into 2 column shards, whose
-    row-wise momentum is rows x 2) -> data_parallel -> table_wise on 3 ranks; and column_wise back."""
+    row-wise momentum is rows x 2) -> data_parallel -> table_wise on 3 ranks; and column_wise back. Every world
+    runs under the emulated accelerator: the sharded state is placed at ``rank:R/cuda:L`` as TorchRec places it on
+    a GPU, through DCP save, load and resharding."""
+    monkeypatch.setenv("MKT_EMULATE_ACCELERATOR", "1")
     run = str(tmp_path / "tw")
     _train("mem", small_dataset, run, 2, sets=("train.max_steps=6", "schema.tables.age.dim=256",
                                                 "train.planner.sharding_type=table_wise"))
@@ -502,7 +510,10 @@ def test_evaluate_refuses_options_it_would_ignore(small_dataset, mem_run, capsys
 # ------------------------------------------------------------------------------------------------------------
 
 
-def test_mkt_run_resumes_a_rank_killed_in_each_stage_bit_equal(tmp_path):
+def test_mkt_run_resumes_a_rank_killed_in_each_stage_bit_equal(tmp_path, monkeypatch):
+    """Under the emulated accelerator (collectives on the device; sharded state placed at ``rank:R/cuda:L``):
+    asynchronous checkpoints in both stages, the frozen MEM's load, resume, evaluate and export."""
+    monkeypatch.setenv("MKT_EMULATE_ACCELERATOR", "1")
     sets = _sets("train.checkpoint_every=3", "train.epochs=2", "eval.bootstrap_samples=0", "train.log_every=2")
     run = ["run", "--config", QUICKSTART, *sets, "--runs", "mkt", "--nproc", "2"]
     straight, killed = str(tmp_path / "straight"), str(tmp_path / "killed")

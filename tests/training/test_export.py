@@ -81,30 +81,35 @@ def test_export_without_data_uses_a_synthetic_example(runs, small_dataset, tmp_p
 
 
 def test_only_served_tensors_are_loaded_once_into_the_serving_model(runs, monkeypatch):
+    """The TEM's tensors come from the stage-2 checkpoint, the MEM's from the MEM run's (stage 2 saves no MEM)."""
     run = runs["tem"]
-    loaded = {}
+    loaded = {}  # checkpoint -> {key: tensor loaded into}
     real_load = checkpoint.load
 
     def recording_load(ckpt, state, no_dist=False):
         assert no_dist and not torch.distributed.is_initialized()
-        loaded.update(state)
+        loaded.setdefault(ckpt, {}).update(state)
         real_load(ckpt, state, no_dist=no_dist)
 
     monkeypatch.setattr(checkpoint, "load", recording_load)
     _, serving = serving_from_run(run)
-    keys = sorted(loaded)
-    assert not [k for k in keys if any(s in k for s in SOURCE_ONLY)], "a source-entity tensor was loaded"
-    assert not [k for k in keys if k.startswith(("model.model.mem.extractors", "model.model.mem.towers"))]
-    assert "model.model.mem.sparse_arch.ec.embeddings.item_id.weight" in keys
-    assert "model.model.tem.sparse_arch.ec.embeddings.item_id.weight" in keys
-    in_ckpt = set(checkpoint.SafeFileSystemReader(checkpoint.latest_checkpoint(run)).read_metadata()
-                  .state_dict_metadata)
-    assert set(keys) <= in_ckpt and any("price_bucket" in k for k in in_ckpt)  # the checkpoint has them
+    tem_ckpt, mem_ckpt = checkpoint.latest_checkpoint(run), checkpoint.final_checkpoint(runs["mem"])
+    assert set(loaded) == {tem_ckpt, mem_ckpt}
+    own, mem = sorted(loaded[tem_ckpt]), sorted(loaded[mem_ckpt])
+    assert not [k for k in own + mem if any(s in k for s in SOURCE_ONLY)], "a source-entity tensor was loaded"
+    assert not [k for k in mem if k.startswith(("model.model.extractors", "model.model.towers"))]
+    assert "model.model.sparse_arch.ec.embeddings.item_id.weight" in mem  # the MEM's, under the MEM run's name
+    assert "model.model.tem.sparse_arch.ec.embeddings.item_id.weight" in own
+    assert not [k for k in own if k.startswith("model.model.mem.")]
+    for ckpt, keys in ((tem_ckpt, own), (mem_ckpt, mem)):
+        in_ckpt = set(checkpoint.SafeFileSystemReader(ckpt).read_metadata().state_dict_metadata)
+        assert set(keys) <= in_ckpt, ckpt
+    assert any("price_bucket" in k for k in in_ckpt)  # the MEM checkpoint has the source tables
     # every served tensor is the very one DCP loaded into: the tables exist once, as serving buffers
-    ptrs = {v.data_ptr() for v in loaded.values()}
+    ptrs = {v.data_ptr() for part in loaded.values() for v in part.values()}
     tables = {k: v for k, v in serving.state_dict().items() if "table__" in k}
     assert tables and all(v.data_ptr() in ptrs for v in tables.values())
-    assert len(loaded) == len(serving.state_dict())
+    assert len(own) + len(mem) == len(serving.state_dict())
 
 
 def test_mem_run_is_exported_only_under_no_tem_finetune(runs, small_dataset, tmp_path):

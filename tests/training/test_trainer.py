@@ -283,3 +283,57 @@ def test_finetune_dense_lr_applies_to_stages_that_start_from_stage_1_only(model,
     cfg = small_config(*name, "train.dense_lr=0.002", "train.finetune_dense_lr=0.0005")
     assert dense_lr(cfg, stage) == (0.0005 if fine_tuning else 0.002)
     assert dense_lr(small_config(*name, "train.dense_lr=0.002", "train.finetune_dense_lr=null"), stage) == 0.002
+
+
+def test_the_feed_pins_batches_off_the_main_thread_and_hands_them_over_unchanged(small_dataset):
+    """On a GPU the feed pins each batch; a thread of its own does it, ahead of the pipeline. The batches, their
+    order, loss weights and reader positions are those of the feed without the thread."""
+    import threading
+
+    from mkt_torchrec.data.reader import ParquetReader
+    from mkt_torchrec.training.distributed import DistInfo
+    from mkt_torchrec.training.trainer import _Feed
+
+    cfg = small_config("data.batch_size=256")
+    info = DistInfo(0, 1, 0, 1, torch.device("cpu"), "gloo")
+    threads = []
+
+    def pin(batch):  # stands in for Batch.pin_memory (which needs CUDA)
+        threads.append(threading.current_thread())
+        return batch
+
+    def fed(pin_fn):
+        reader = ParquetReader(small_dataset, "train", cfg.schema, cfg.data, rank=0, world_size=1)
+        feed = _Feed(reader, info, epochs=1, steps=None, pin=pin_fn)
+        out = []
+        for batch in feed:
+            f = feed.handed.popleft()
+            out.append((batch.sparse_features.values(), batch.weights, f.rows, f.reader_state, f.epoch_end))
+        return out
+
+    plain, pinned = fed(None), fed(pin)
+    assert len(plain) == len(pinned) > 3
+    assert threads and all(t is not threading.main_thread() for t in threads) and len(threads) == len(plain)
+    for a, b in zip(plain, pinned):
+        assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1]) and a[2:] == b[2:]
+
+
+def test_the_feed_thread_raises_the_readers_error_in_the_trainer(small_dataset):
+    from mkt_torchrec.data.reader import ParquetReader
+    from mkt_torchrec.training.distributed import DistInfo
+    from mkt_torchrec.training.trainer import _Feed
+
+    cfg = small_config("data.batch_size=256")
+    reader = ParquetReader(small_dataset, "train", cfg.schema, cfg.data, rank=0, world_size=1)
+    calls = []
+
+    def pin(batch):
+        calls.append(1)
+        if len(calls) == 3:
+            raise ValueError("part-00001.parquet: column 'age' row 7: broken")
+        return batch
+
+    feed = _Feed(reader, DistInfo(0, 1, 0, 1, torch.device("cpu"), "gloo"), epochs=1, steps=None, pin=pin)
+    with pytest.raises(ValueError, match="column 'age' row 7"):
+        for _ in feed:
+            pass
