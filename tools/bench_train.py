@@ -21,7 +21,9 @@ A, tables from the trainer's ``init_tables`` hash).
 The same update rules. Arm A trains its sharded tables with fbgemm's fused EXACT_ROWWISE_ADAGRAD and its
 data_parallel tables with ``torchrec.optim.RowWiseAdagrad``: per row with a gradient g (duplicate ids summed),
 ``m += mean_d(g**2)``, ``w -= lr * g / (sqrt(m) + eps)``, lr / eps from ``plan.embedding_optimizer_kwargs``; the
-rest with ``train.dense_optimizer`` (Adam, ``train.dense_lr``). Arm B uses the same dense optimizer and
+rest with ``train.dense_optimizer`` (Adam, ``train.dense_lr``), in torch's fused implementation (one kernel for all
+parameters: ``trainer.dense_optimizer``). Arm B uses the same dense optimizer in torch's default implementation,
+what a plain team writes (``--baseline-dense-optimizer fused`` gives it the fused one: the same update rule), and
 :class:`RowwiseAdagrad` with the same lr / eps. ``torchrec.optim.RowWiseAdagrad`` refuses sparse
 gradients, so a plain team writes that one; ours takes both kinds of gradient (``--baseline-grads``):
 
@@ -246,6 +248,10 @@ class _PlainArm:
         mem = MEM(cfg.schema, cfg.model, device=torch.device("meta"))
         arch = mem.sparse_arch
         mem.sparse_arch = PlainSparse(cfg.schema, arch.features, arch.sequences, sparse_grad)
+        if cfg.train.compile:  # --set train.compile=true compiles both arms' dense modules alike
+            from mkt_torchrec.training.build import compile_dense
+
+            compile_dense(mem)
         module = MEMTrain(mem, pdl_gamma(cfg.model)).to(info.device)
         module.autocast_device = info.device.type if cfg.train.precision == "bf16" else None  # as assemble does
         with torch.no_grad():

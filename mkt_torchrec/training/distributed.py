@@ -1,6 +1,8 @@
 """Process-group set-up, local multi-process launch, and failing fast.
 
-The code path is device-agnostic: CUDA + NCCL when a GPU is visible, CPU + gloo otherwise. Under torchrun /
+The code path is device-agnostic: CUDA + NCCL when a GPU is visible, CPU + gloo otherwise. ``MKT_DEVICE=cuda``
+(what the TorchX components pass for ``--device cuda``) makes a job that finds no GPU stop at start saying why,
+instead of training on the CPU; ``MKT_DEVICE=cpu`` forces the CPU. Under torchrun /
 TorchX the process joins the world its environment describes; ``launch(nproc, fn, *args)`` starts ``nproc``
 local processes itself with torch elastic (what ``mkt train --nproc N`` does).
 

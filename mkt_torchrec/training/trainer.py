@@ -79,8 +79,23 @@ FAIL_AT_STEP_ENV = "MKT_FAIL_AT_STEP"  # testing hook "N" or "STAGE:N": the last
 # --------------------------------------------------------------------------------------------------------
 
 
-def _compute_device(cfg: Config, info: DistInfo) -> str:
+def _compute_device(cfg: Config, info: DistInfo, plan_file: Optional[str] = None) -> str:
+    """The device type the plan is for: ``train.planner.compute_device``, or this rank's. A job that asked for CUDA
+    (the setting, or a plan file made for cuda) and runs on the CPU stops here, saying why it has no GPU."""
     choice = cfg.train.planner.compute_device
+    wanted = {"train.planner.compute_device=cuda"} if choice == "cuda" else set()
+    if plan_file:
+        try:
+            with open(plan_file, encoding="utf-8") as f:
+                if (json.load(f) or {}).get("compute_device") == "cuda":
+                    wanted.add(f"the plan file {plan_file} is for cuda")
+        except (OSError, ValueError, AttributeError):
+            pass  # load_plan names what is wrong with the file
+    if wanted and info.device.type != "cuda":
+        from mkt_torchrec.training.distributed import cuda_unavailable_reason
+
+        raise ValueError(f"{' and '.join(sorted(wanted))}, but this job runs on {info.device.type}: "
+                         f"{cuda_unavailable_reason()}")
     return info.device.type if choice == "auto" else choice
 
 
@@ -206,8 +221,8 @@ def assemble(cfg: Config, stage: str, info: DistInfo, plan_file: Optional[str] =
     frozen = FROZEN_MODULE.get(stage) if frozen_module(module, stage) is not None else None
     frozen_names = [n for n, _ in module.named_parameters() if _under(n, frozen)]
     local_world = cfg.train.planner.local_world_size or info.local_world_size
-    device_type = _compute_device(cfg, info)
     plan_file = plan_file or cfg.train.planner.plan_file
+    device_type = _compute_device(cfg, info, plan_file)
     if plan_file:
         plan = load_plan(plan_file, module, info.world_size, local_world, device_type)
     else:

@@ -147,3 +147,23 @@ def test_mkt_train_nproc_2_with_mkt_device_cuda_stops_at_start_in_one_line(tmp_p
     assert "MKT_DEVICE=cuda but torch.cuda.is_available() is False: " in said[0]
     assert "Traceback" not in proc.stderr
     assert not run_dir.exists()  # stopped before the data was opened or the run directory made
+
+
+def test_a_cuda_plan_or_compute_device_on_a_cpu_job_says_why_there_is_no_gpu(tmp_path):
+    """A job given a plan file made for cuda (or ``train.planner.compute_device=cuda``) that runs on the CPU used to
+    fail with "plan file ... is for compute device 'cuda', but this job runs on 'cpu'", not saying why."""
+    import json as _json
+
+    from mkt_torchrec.training.distributed import DistInfo
+    from mkt_torchrec.training.trainer import _compute_device
+    from tests.conftest import small_config
+
+    info = DistInfo(0, 1, 0, 1, torch.device("cpu"), "gloo")
+    plan = tmp_path / "plan.json"
+    plan.write_text(_json.dumps({"compute_device": "cuda", "world_size": 1}))
+    with pytest.raises(ValueError, match=r"plan file .*plan\.json is for cuda, but this job runs on cpu: this torch "
+                                         r"build has no CUDA"):
+        _compute_device(small_config(), info, str(plan))
+    with pytest.raises(ValueError, match=r"train.planner.compute_device=cuda, but this job runs on cpu: .*no CUDA"):
+        _compute_device(small_config("train.planner.compute_device=cuda"), info)
+    assert _compute_device(small_config(), info) == "cpu"
