@@ -392,6 +392,15 @@ def _read_json(path: str) -> dict:
         return json.load(f)
 
 
+def _remove(work: str, created: bool) -> None:
+    """Remove the work directory (only its contents when it existed, empty, before the run)."""
+    if created:
+        shutil.rmtree(work)
+    else:
+        for name in os.listdir(work):
+            shutil.rmtree(os.path.join(work, name))
+
+
 def _one_line(text: str) -> str:
     return " ".join(text.split())[:400]
 
@@ -409,7 +418,7 @@ def _last_line(stderr: str) -> str:
 def parse_args(argv: Optional[List[str]]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         prog="gpu_smoke.py", formatter_class=argparse.RawDescriptionHelpFormatter,
-        description=__doc__.split("\n\n", 1)[0] + "\n\n" + __doc__.split("\n\n", 1)[1])
+        description=__doc__)
     parser.add_argument("--nproc", type=int, default=None,
                         help="ranks of every job (default: the visible GPUs with --device cuda, else 2)")
     parser.add_argument("--device", choices=("auto", "cuda", "cpu"), default="auto",
@@ -479,11 +488,13 @@ def main(argv: Optional[List[str]] = None) -> int:
     counts = {k: sum(r.status == k for r in smoke.results) for k in ("pass", "fail", "skip")}
     kept = not passed or args.keep
     if not kept:
-        shutil.rmtree(work) if created else [shutil.rmtree(os.path.join(work, n)) for n in os.listdir(work)]
-    print(f"gpu_smoke: {'PASS' if passed else 'FAIL'}: {counts['pass']} of {len(smoke.results)} steps passed"
-          f"{'' if passed else f', {counts[chr(102) + 'ail']} failed, {counts['skip']} skipped'} in {seconds:.1f} s "
-          f"(device {device}, nproc {args.nproc}); "
-          f"{f'logs and runs kept in {work}' if kept else 'work directory removed'}", flush=True)
+        _remove(work, created)
+    tally = f"{counts['pass']} of {len(smoke.results)} steps passed"
+    if not passed:
+        tally += f", {counts['fail']} failed, {counts['skip']} skipped"
+    where = f"logs and runs kept in {work}" if kept else "work directory removed"
+    print(f"gpu_smoke: {'PASS' if passed else 'FAIL'}: {tally} in {seconds:.1f} s (device {device}, nproc "
+          f"{args.nproc}); {where}", flush=True)
     print(json.dumps({"passed": passed, "seconds": seconds, "device": args.device,
                       "emulate_accelerator": args.emulate_accelerator, "nproc": args.nproc,
                       "workdir": work if kept else None, "steps": [asdict(r) for r in smoke.results]}), flush=True)

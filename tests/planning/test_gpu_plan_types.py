@@ -92,12 +92,12 @@ def test_the_128_gpu_plan_splits_the_big_tables_by_rows_in_both_stages(industria
 
 def test_stage_2s_frozen_mem_is_planned_without_optimizer_state(industrial):
     _, planned = industrial
-    module, result = planned["tem"]
+    module, _ = planned["tem"]
     frozen = FROZEN_MODULE["tem"]
     by_module = {}
     for t in table_infos(module, "cuda"):
         by_module.setdefault(t.module.startswith(frozen + "."), []).append(t)
-    assert len(by_module[True]) == len(by_module[False]) - 3  # the MEM has the source-only tables too
+    assert len(by_module[True]) == len(by_module[False]) + 3  # the MEM has the source-only tables too
     for t in by_module[True]:  # the frozen MEM: a stateless fused SGD at lr 0, weights only
         assert t.optimizer == "SGD" and t.bytes == t.weight_bytes, (t.module, t.name)
     for t in by_module[False]:
@@ -107,10 +107,6 @@ def test_stage_2s_frozen_mem_is_planned_without_optimizer_state(industrial):
         for p in coll.parameters():
             assert p._optimizer_classes == [torch.optim.SGD] and p._optimizer_kwargs == [{"lr": 0.0}]
             assert not p.requires_grad
-    # per rank, the plan's storage counts the MEM's weights and the TEM's weights + one float per row
-    ranks = result.plan.plan
-    mem_ps, tem_ps = ranks[f"{frozen}.sparse_arch.ec"]["item_id"], ranks["model.tem.sparse_arch.ec"]["item_id"]
-    assert mem_ps.sharding_type == tem_ps.sharding_type == "row_wise"
 
 
 @pytest.mark.parametrize("stage", ["mem", "tem"])

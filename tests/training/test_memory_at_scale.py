@@ -267,3 +267,29 @@ def test_stage2_resumes_with_the_recorded_mem_and_refuses_a_changed_one(runs, sm
     assert checkpoint.latest_checkpoint(tem) == tem_ckpt  # nothing trained or saved
     with pytest.raises(ValueError, match="has changed since"):  # readers refuse it too
         load_unsharded(cfg, "tem", tem_ckpt)
+
+
+def test_checkpoint_sizes_tool_counts_the_bytes_the_checkpoints_hold(runs, tmp_path):
+    """tools/checkpoint_sizes.py, on the runs' own config: stage 1 and stage 2 (new) equal the tensor bytes of the
+    runs' checkpoints; stage 2 (old) adds the MEM's model tensors, what stage-2 checkpoints held before."""
+    import subprocess
+    import sys
+
+    import yaml
+
+    from tests.conftest import REPO
+
+    def tensor_bytes(ckpt, prefix=""):
+        md = checkpoint.SafeFileSystemReader(ckpt).read_metadata().state_dict_metadata
+        return sum(m.size.numel() * torch.empty(0, dtype=m.properties.dtype).element_size()
+                   for k, m in md.items() if k.startswith(prefix))
+
+    config = tmp_path / "run.yaml"
+    config.write_text(yaml.safe_dump(run_config(runs["tem"]).to_dict()))
+    proc = subprocess.run([sys.executable, os.path.join(REPO, "tools", "checkpoint_sizes.py"), "--config",
+                           str(config)], capture_output=True, text=True, check=True)
+    sizes = json.loads(proc.stdout.strip().splitlines()[-1])
+    mem_ckpt, tem_ckpt = checkpoint.final_checkpoint(runs["mem"]), checkpoint.latest_checkpoint(runs["tem"])
+    assert sizes["stage1_bytes"] == tensor_bytes(mem_ckpt)
+    assert sizes["stage2_new_bytes"] == tensor_bytes(tem_ckpt)
+    assert sizes["stage2_old_bytes"] == tensor_bytes(tem_ckpt) + tensor_bytes(mem_ckpt, "model.")
