@@ -38,11 +38,13 @@ import argparse
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
 import time
 from dataclasses import asdict, dataclass, field
+from functools import partial
 from typing import Callable, Dict, List, Optional
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -152,13 +154,17 @@ class Smoke:
         with open(os.path.join(logs, f"{len(self.results) + 1:02d}-{log_name}.log"), "w") as log:
             log.write(" ".join(cmd) + "\n\n")
             log.flush()
+            # a session of its own: on a timeout the job's ranks (torch elastic's children) are stopped with it
+            proc = subprocess.Popen(cmd, cwd=REPO, env=env or self.env(), stdout=log, stderr=subprocess.PIPE,
+                                    text=True, start_new_session=True)
             try:
-                proc = subprocess.run(cmd, cwd=REPO, env=env or self.env(), stdout=log, stderr=subprocess.PIPE,
-                                      text=True, timeout=self.step_timeout)
+                _, stderr = proc.communicate(timeout=self.step_timeout)
             except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.communicate()
                 raise StepFailed(f"timed out after {self.step_timeout} s (--step-timeout)") from None
-            log.write(proc.stderr)
-        return proc
+            log.write(stderr)
+        return subprocess.CompletedProcess(cmd, proc.returncode, None, stderr)
 
     def mkt_ok(self, log_name: str, *args: str) -> None:
         proc = self.mkt(log_name, *args)
@@ -454,17 +460,18 @@ def run_steps(smoke: Smoke) -> None:
     """The smoke test's steps in order (each line printed as it ends)."""
     s = smoke.step
     s("synth tiny dataset", smoke.synth)
-    for stage, mem_straight in (("mem", ()), ("tem", ("train stage mem uninterrupted",))):
-        mem_resumed = ("resume stage mem",) if stage == "tem" else ()
-        s(f"train stage {stage} uninterrupted", lambda: smoke.train(stage, "straight", "straight"),
-          needs=("synth tiny dataset", *mem_straight))
-        s(f"kill stage {stage} after step {FAIL_AFTER}", lambda: smoke.kill(stage),
-          needs=("synth tiny dataset", *mem_resumed))
-        s(f"resume stage {stage}", lambda: smoke.resume(stage), needs=(f"kill stage {stage} after step {FAIL_AFTER}",))
-        s(f"resume stage {stage} bit-equal", lambda: smoke.bit_equal(stage),
+    for stage in ("mem", "tem"):
+        straight_mem = ("train stage mem uninterrupted",) if stage == "tem" else ()  # stage 2 loads that MEM
+        resumed_mem = ("resume stage mem",) if stage == "tem" else ()
+        killed = f"kill stage {stage} after step {FAIL_AFTER}"
+        s(f"train stage {stage} uninterrupted", partial(smoke.train, stage, "straight", "straight"),
+          needs=("synth tiny dataset", *straight_mem))
+        s(killed, partial(smoke.kill, stage), needs=("synth tiny dataset", *resumed_mem))
+        s(f"resume stage {stage}", partial(smoke.resume, stage), needs=(killed,))
+        s(f"resume stage {stage} bit-equal", partial(smoke.bit_equal, stage),
           needs=(f"train stage {stage} uninterrupted", f"resume stage {stage}"))
-    s("evaluate uninterrupted stage tem", lambda: smoke.evaluate("straight"), needs=("train stage tem uninterrupted",))
-    s("evaluate resumed stage tem", lambda: smoke.evaluate("resumed"), needs=("resume stage tem",))
+    s("evaluate uninterrupted stage tem", partial(smoke.evaluate, "straight"), needs=("train stage tem uninterrupted",))
+    s("evaluate resumed stage tem", partial(smoke.evaluate, "resumed"), needs=("resume stage tem",))
     s("evaluate metrics equal", smoke.metrics_equal,
       needs=("evaluate uninterrupted stage tem", "evaluate resumed stage tem"))
     s("export serving model loads", smoke.export, needs=("resume stage tem",))

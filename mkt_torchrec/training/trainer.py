@@ -99,6 +99,15 @@ def _compute_device(cfg: Config, info: DistInfo, plan_file: Optional[str] = None
     return info.device.type if choice == "auto" else choice
 
 
+def _dmp_device(info: DistInfo) -> torch.device:
+    """The device DMP places the model on. Under the accelerator emulation the rank's device object is
+    ``cpu:0``, and ``Tensor.to(cpu:0)`` copies even on the CPU: DMP's ``.to(device)`` would then leave the
+    data_parallel tables computing with a copy that initialisation and checkpoints never reach. The emulated
+    rank's memory is the host's, so DMP gets ``cpu`` (what ``cuda:L`` is to a GPU rank: its own memory)."""
+    return torch.device("cpu") if device_check.enabled() and info.device == device_check.EMULATED_DEVICE \
+        else info.device
+
+
 class Assembled(NamedTuple):
     model: DistributedModelParallel
     optimizer: CombinedOptimizer
@@ -229,7 +238,7 @@ def assemble(cfg: Config, stage: str, info: DistInfo, plan_file: Optional[str] =
         plan = make_plan(module, cfg, info.world_size, local_world, device_type, pg=dist.group.WORLD,
                          pooling=manifest_pooling(manifest) if manifest is not None else None)
     model = DistributedModelParallel(
-        module=module, env=ShardingEnv.from_process_group(dist.group.WORLD), device=info.device, plan=plan,
+        module=module, env=ShardingEnv.from_process_group(dist.group.WORLD), device=_dmp_device(info), plan=plan,
         sharders=sharders(),
         # every dense parameter gets a gradient every step (the MEM runs both entity paths on all rows; the frozen
         # MEM is not in DDP), so DDP need not search the graph for unused ones

@@ -237,6 +237,9 @@ def _steps_with_fixed_batches(sets, steps, global_batch, pipelined=False):
 
 @pytest.mark.parametrize("optimizer", ["rowwise_adagrad", "sgd"])
 def test_every_table_trains_the_same_at_any_world_size_and_plan(small_dataset, tmp_path, monkeypatch, optimizer):
+    """Under the emulated accelerator (data_parallel tables once computed with a copy of their weights that neither
+    the initialisation nor checkpoints reached, because DMP's ``.to(device)`` copied them to the emulated device)."""
+    monkeypatch.setenv("MKT_EMULATE_ACCELERATOR", "1")
     monkeypatch.setenv("MKT_TEST_DATA", small_dataset)
     monkeypatch.setenv("MKT_TEST_OUT", str(tmp_path))
     base = ("model.ablation=no_pdl", f"train.embedding_optimizer={optimizer}", "train.embedding_lr=0.1")
