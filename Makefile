@@ -25,7 +25,7 @@ $(STAMP): pyproject.toml third_party/fbgemm_gpu_cpu_alias/pyproject.toml Makefil
 	touch $(STAMP)
 
 test: install
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q --durations=30 tests
 
 # The demo: MKT, its own MEM and the TEM alone, fine-tuning and two single-domain baselines, 3 seeds each (under 10
 # minutes on 2 cores). The full table adds no_hfa, no_pdl and mmoe: rerun with them (finished runs are reused).

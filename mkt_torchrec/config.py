@@ -557,8 +557,10 @@ class PlannerConfig:
             (``mkt plan --help``); null: TorchRec's default bandwidths. Used on cuda only.
         hbm_gb: accelerator memory per rank, GB (10^9 bytes, as sold: 80 for an A100 / H100 80 GB); null: the
             cluster's, or 80 without one. The planner keeps 15% of it free for the CUDA context and allocator.
-        ddr_gb: host memory per rank the job may use, GB (10^9 bytes): its memory request per node divided by the
-            ranks per node (60: 480,000 MB for 8 ranks). Not part of a cluster preset.
+        ddr_gb: host memory per rank the planner may fill with embedding tables (UVM), GB (10^9 bytes). 24: the
+            TorchX components give a cuda worker 32 GiB (34.4 GB) by default, and about 10 GB of that is the
+            trainer itself, its loader processes, pinned batches and checkpoint staging. Raise both together
+            (``--memMB`` of the component). Not part of a cluster preset.
         local_world_size: ranks per node (0: all ranks on one node, or LOCAL_WORLD_SIZE when launched).
         plan_file: a plan written by ``mkt plan``; when set the trainer uses it instead of planning.
         sharding_type: shard every table this way where its collection and the compute device allow it
@@ -572,7 +574,7 @@ class PlannerConfig:
     compute_device: Literal["auto", "cpu", "cuda"] = "auto"
     cluster: Optional[str] = None
     hbm_gb: Optional[float] = None
-    ddr_gb: float = 60.0
+    ddr_gb: float = 24.0
     local_world_size: int = 0
     plan_file: Optional[str] = None
     sharding_type: str = ""
