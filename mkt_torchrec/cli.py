@@ -10,10 +10,12 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import sys
 import time
 from typing import Callable, Optional, Sequence
 
+from mkt_torchrec import registry
 from mkt_torchrec.config import Config, ConfigError, load_config
 
 Handler = Callable[[argparse.Namespace, Config], int]
@@ -175,16 +177,14 @@ def read_back(cfg: Config, data_dir: str, split: str) -> dict:
 
 
 def _add_run(p: argparse.ArgumentParser) -> None:
-    from mkt_torchrec.pipeline import ABLATION_RUNS, baseline_runs
-
     p.add_argument("--out", required=True, help="output directory: data/ (unless --data), runs/, report/, "
                    "summary.json")
     p.add_argument("--data", default=None, help="an existing dataset (e.g. from mkt tenrec) instead of synthesising "
                    "one from the config's synth section")
     p.add_argument("--nproc", type=int, default=2, help="local ranks for training and evaluation (default 2)")
     p.add_argument("--runs", nargs="+", default=None, metavar="NAME",
-                   help=f"which models (default: MKT and its ablations: {' '.join(ABLATION_RUNS)}); the paper's "
-                   f"baselines: {' '.join(baseline_runs())}; 'all' for every one")
+                   help=f"which models (default: MKT and its ablations: {' '.join(registry.mkt_names())}); the "
+                   f"baselines: {' '.join(registry.baseline_names())}; 'all' for every one")
     p.add_argument("--seeds", type=int, default=1, help="runs per model, with seeds train.seed + k (default 1)")
     p.add_argument("--baseline", default=None, help="the report's reference model (default: no_mem_pretrain if "
                    "run, else the first)")
@@ -192,9 +192,9 @@ def _add_run(p: argparse.ArgumentParser) -> None:
 
 
 def _run_run(args: argparse.Namespace, cfg: Config) -> int:
-    from mkt_torchrec.pipeline import ABLATION_RUNS, all_runs, run_all
+    from mkt_torchrec.pipeline import run_all
 
-    names = list(all_runs()) if args.runs == ["all"] else (args.runs or list(ABLATION_RUNS))
+    names = list(registry.names()) if args.runs == ["all"] else (args.runs or list(registry.mkt_names()))
     summary = run_all(cfg, args.config, args.overrides, args.out, nproc=args.nproc, names=names,
                       overwrite=args.overwrite, data_dir=args.data, seeds=args.seeds, baseline=args.baseline)
     print(json.dumps(summary["target"], indent=2))
@@ -243,8 +243,8 @@ def _train_entry(config: str, overrides: list, stage: str, data: str, run_dir: s
 def _run_train(args: argparse.Namespace, cfg: Config) -> int:
     summary = _in_world(args.nproc, _train_entry, args.config, args.overrides, args.stage, args.data,
                         args.run_dir, args.resume, args.mem_run)
-    served = args.stage == "tem" or cfg.model.ablation == "no_tem_finetune"  # the MEM's own tower is served
-    if served and int(os.environ.get("RANK", "0")) == 0:
+    spec = registry.of_config(cfg.model.name, cfg.model.ablation)
+    if spec.served and args.stage == spec.final_stage and int(os.environ.get("RANK", "0")) == 0:
         # a separate single-process step, once every rank has left the process group
         from mkt_torchrec.training.export import export_run
 
@@ -263,10 +263,6 @@ def _add_export(p: argparse.ArgumentParser) -> None:
 
 def _run_export(args: argparse.Namespace, cfg: Config) -> int:
     from mkt_torchrec.training.export import export_run
-
-    if args.config or args.overrides:
-        raise ValueError(f"export takes no --config / --set: the model and its settings come from "
-                         f"{os.path.join(args.run_dir, 'run.json')}")
 
     print(json.dumps({"serving": export_run(args.run_dir, args.data, args.out)}))
     return 0
@@ -335,7 +331,8 @@ def _run_config(args: argparse.Namespace, cfg: Optional[Config]) -> int:
     rows = describe_keys(cfg)
     width = max(len(f"{k} = {v!r}") for k, v, _ in rows)
     source = args.config or "the defaults"
-    print(f"# settings of {source} (besides schema.*, which describes the dataset); override with --set KEY=VALUE")
+    schema = "" if cfg is not None else " (schema.* describes a dataset: give --config to list it)"
+    print(f"# settings of {source}{schema}; override with --set KEY=VALUE")
     for key, value, meaning in rows:
         print(f"{f'{key} = {value!r}':<{width}}  # {meaning}")
     return 0
@@ -361,23 +358,38 @@ _COMMANDS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], None], Handl
 }
 
 
+def _local_paths_only(args: argparse.Namespace) -> None:
+    """A URL (``s3://bucket/...``) given where a local path is expected would become ``CWD/s3:/bucket/...``; say so
+    before anything is created.
+
+    Raises:
+        ValueError: an option holds a URL.
+    """
+    for name, value in sorted(vars(args).items()):
+        for v in value if isinstance(value, list) else [value]:
+            if isinstance(v, str) and re.match(r"^[A-Za-z][A-Za-z0-9+.-]*://", v):
+                raise ValueError(f"--{name.replace('_', '-')} {v}: object-store and other URLs are not read yet; "
+                                 "copy or mount the data to a local path")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="mkt",
         description="MKT: multi-entity knowledge transfer CTR prediction on TorchRec.",
-        epilog="Every subcommand takes --config FILE (optional for config and report; export uses the run's own) "
-           "and repeatable --set dotted.key=value overrides.",
+        epilog="Every subcommand but export takes --config FILE (optional for config and report) and repeatable "
+           "--set dotted.key=value overrides; export uses the run's own.",
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name, (help_text, add, _) in _COMMANDS.items():
         p = sub.add_parser(name, help=help_text, description=help_text)
-        # config lists settings; report reads the runs (a config only sets its eval.* options); export uses the
-        # run's own config
-        optional = name in ("config", "report", "export")
-        p.add_argument("--config", required=not optional,
-                       help="YAML config file (see configs/)" + (" (optional)" if optional else ""))
-        p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                       help="override a config value, e.g. --set data.batch_size=256 (repeatable)")
+        if name == "export":  # the model and its settings come from the run's own run.json
+            p.set_defaults(config=None, overrides=[])
+        else:  # config lists settings; report reads the runs (a config only sets its eval.* options)
+            optional = name in ("config", "report")
+            p.add_argument("--config", required=not optional,
+                           help="YAML config file (see configs/)" + (" (optional)" if optional else ""))
+            p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                           help="override a config value, e.g. --set data.batch_size=256 (repeatable)")
         add(p)
     return parser
 
@@ -386,6 +398,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     from mkt_torchrec import logs
 
     logs.configure()
+    try:
+        registry.runs()  # imports the models of MKT_MODELS: a bad one is a one-line error, before anything else
+    except ValueError as e:
+        print(f"mkt: {e}", file=sys.stderr)
+        return 2
     args = build_parser().parse_args(argv)
     try:
         if not args.config and args.overrides:
@@ -399,6 +416,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     from mkt_torchrec.training.distributed import RankFailed
 
     try:
+        _local_paths_only(args)
         return handler(args, cfg)
     except (ValueError, OSError, RankFailed) as e:  # OSError: a read-only or full disk names its path
         if int(os.environ.get("RANK", "0")) == 0:  # under torchrun every rank sees the same option error: say it once

@@ -127,7 +127,16 @@ class EntityNames:
 
 @dataclass
 class SchemaConfig:
-    """MKT's four feature groups and the tables behind them."""
+    """MKT's four feature groups and the tables behind them.
+
+    Args:
+        tables: embedding table name -> its size and id mapping.
+        features: single-valued categorical feature (a column) -> its group, table and entity.
+        sequences: behaviour sequence (a ``list<int64>`` column) -> its entity, table and length.
+        dense: dense float feature (a column) -> its group and entity.
+        entities: display names of the two entities.
+        user_id_feature: the feature that identifies a user (GAUC's groups, the per-user split).
+    """
 
     tables: dict[str, TableConfig]
     features: dict[str, FeatureConfig]
@@ -288,11 +297,13 @@ class SynthConfig:
         users: number of users.
         source_rows: total source-entity impressions; target rows are ``target_ratio`` of that.
         target_ratio: target rows per source row (the paper's industrial data: 1/3).
-        source_items / target_items: catalogue sizes.
+        source_items: catalogue size of the source entity (products).
+        target_items: catalogue size of the target entity (posts).
         categories: item categories, shared by both entities.
         latent_dim: dimension of the planted user / item interest vectors.
         test_fraction: the last fraction of each user's impressions (time order) goes to the test split.
-        rows_per_file / row_group_rows: Parquet layout.
+        rows_per_file: rows per Parquet file.
+        row_group_rows: rows per Parquet row group (the unit of reading and shuffling).
         flip_fraction: negative transfer: in this fraction of the categories a user's interest in posts is the
             opposite of their interest in products (the target logit's and target history's affinity term
             changes sign there), so what the source entity teaches about those categories misleads.
@@ -331,7 +342,8 @@ class TenrecConfig:
             ``global`` (the paper: the last ``test_fraction`` of each file).
         test_fraction: share of rows in the test split.
         chunk_rows: CSV rows read per streaming chunk.
-        rows_per_file / row_group_rows: Parquet layout.
+        rows_per_file: rows per Parquet file.
+        row_group_rows: rows per Parquet row group (the unit of reading and shuffling).
     """
 
     split: Literal["per_user", "global"] = "per_user"
@@ -348,8 +360,6 @@ class TenrecConfig:
 # --------------------------------------------------------------------------------------------------------
 # Model
 # --------------------------------------------------------------------------------------------------------
-
-ABLATIONS = ("none", "no_hfa", "no_pdl", "no_mem_pretrain", "no_tem_finetune")
 
 
 @dataclass
@@ -493,7 +503,7 @@ class ModelConfig:
         name: the model: ``mkt`` (MEM + TEM), or a baseline of the paper's Table 2 (``mlp``, ``din``, ``fibinet``:
             single-domain, trained on target rows; ``mmoe``, ``ple``, ``star``, ``conet``: trained jointly on both
             entities' rows; ``minet``, ``finetune``, ``ctnet``: pre-trained (stage ``mem``), then fine-tuned on
-            target rows (stage ``tem``)); see ``mkt_torchrec.models.baselines``.
+            target rows (stage ``tem``)), or a model registered by a plugin; see ``mkt_torchrec.registry``.
         baselines: layer sizes of the baselines (ignored by ``mkt``).
         ablation: ``none`` or one of the paper's Table 4 ablations: ``no_hfa`` (specific features
             zero-padded and concatenated without HFA), ``no_pdl`` (gamma = 0), ``no_mem_pretrain`` (TEM alone,
@@ -505,9 +515,9 @@ class ModelConfig:
             ``squared_cosine`` (an extension: minimised, it makes the two vectors orthogonal, i.e. independent).
     """
 
-    name: Literal["mkt", "mlp", "din", "fibinet", "mmoe", "ple", "star", "conet", "minet", "finetune", "ctnet"] = "mkt"
+    name: str = "mkt"
     baselines: BaselinesConfig = field(default_factory=BaselinesConfig)
-    ablation: Literal["none", "no_hfa", "no_pdl", "no_mem_pretrain", "no_tem_finetune"] = "none"
+    ablation: str = "none"
     sequence: SequenceEncoderConfig = field(default_factory=SequenceEncoderConfig)
     hfa: HFAConfig = field(default_factory=HFAConfig)
     cke: CKEConfig = field(default_factory=CKEConfig)
@@ -518,6 +528,12 @@ class ModelConfig:
     tem: TEMConfig = field(default_factory=TEMConfig)
 
     def _validate(self, key: str) -> None:
+        from mkt_torchrec import registry  # no torch; plugins (MKT_MODELS) register here
+
+        _check(self.name in registry.model_names(), f"{key}.name",
+               f"expected one of {list(registry.model_names())}, got {self.name!r}")
+        _check(self.ablation in registry.ablations(), f"{key}.ablation",
+               f"expected one of {list(registry.ablations())}, got {self.ablation!r}")
         for name, layers in (("sequence.attention_mlp", self.sequence.attention_mlp), ("hfa.mlp", self.hfa.mlp),
                              ("hfa.align", self.hfa.align), ("cke.expert_layers", self.cke.expert_layers),
                              ("extractor_layers", self.extractor_layers), ("tower", self.tower),
@@ -603,7 +619,8 @@ class TrainConfig:
         max_steps: stop after this many steps in all (0: no limit).
         embedding_optimizer: fused optimizer of the embedding tables (applied in backward).
         embedding_lr: its learning rate.
-        dense_optimizer / dense_lr: optimizer of every other parameter.
+        dense_optimizer: optimizer of every other (dense) parameter, in torch's fused implementation where it has one.
+        dense_lr: its learning rate.
         finetune_dense_lr: the dense learning rate of a stage that starts from a stage-1 model (MKT's TEM beside its
             frozen MEM, a baseline's fine-tuning stage); null: ``dense_lr``. Such a stage trains on the target rows
             only, far fewer than stage 1's, and at stage 1's rate its fresh dense layers overfit within the first
@@ -916,7 +933,9 @@ def _arg_docs(cls: type) -> dict[str, str]:
 
 
 def describe_keys(cfg: Optional[Config] = None) -> list[tuple[str, Any, str]]:
-    """(dotted key, value, meaning) of every setting outside ``schema``: ``cfg``'s values, or the defaults."""
+    """(dotted key, value, meaning) of every setting: ``cfg``'s values, or the defaults (without ``schema``,
+    which has none: it describes a dataset). ``schema``'s named entries are listed one key each
+    (``schema.tables.item_id.rows``)."""
     rows: list[tuple[str, Any, str]] = []
 
     def walk(obj: Any, prefix: str) -> None:
@@ -926,10 +945,15 @@ def describe_keys(cfg: Optional[Config] = None) -> list[tuple[str, Any, str]]:
             key = f"{prefix}.{f.name}"
             if dataclasses.is_dataclass(value):
                 walk(value, key)
+            elif isinstance(value, dict) and value and all(dataclasses.is_dataclass(v) for v in value.values()):
+                for name, entry in value.items():  # schema.tables.<name>, schema.features.<name>, ...
+                    walk(entry, f"{key}.{name}")
             else:
                 rows.append((key, value, docs.get(f.name, "")))
 
-    for name in ("data", "synth", "tenrec", "model", "train", "eval"):
+    names = ("schema", "data", "synth", "tenrec", "model", "train", "eval") if cfg is not None else \
+        ("data", "synth", "tenrec", "model", "train", "eval")
+    for name in names:
         section = getattr(cfg, name) if cfg is not None else {
             "data": DataConfig, "synth": SynthConfig, "tenrec": TenrecConfig, "model": ModelConfig,
             "train": TrainConfig, "eval": EvalConfig}[name]()

@@ -35,57 +35,27 @@ import shutil
 import time
 from typing import Any, Dict, List, Optional, Sequence
 
+from mkt_torchrec import registry
 from mkt_torchrec.config import Config, load_config
 
 log = logging.getLogger("mkt.run")
 
-ABLATION_RUNS = ("mkt", "no_hfa", "no_pdl", "no_mem_pretrain", "no_tem_finetune")
-
-
-def baseline_runs() -> tuple:
-    """The paper's Table-2 baselines (``mkt_torchrec.models.baselines``), in the registry's order."""
-    from mkt_torchrec.models.baselines import MODELS
-
-    return tuple(MODELS)
-
-
-def all_runs() -> tuple:
-    return ABLATION_RUNS + baseline_runs()
-
-
 def _overrides_of(name: str, seed: int, base_seed: int) -> List[str]:
-    """Config overrides of a named run and seed index: the model, and seed ``base + index`` for parameter
-    initialisation and data order (the dataset itself stays the same)."""
-    model = [f"model.ablation={'none' if name == 'mkt' else name}"] if name in ABLATION_RUNS else \
-        [f"model.name={name}"]
-    return [*model, f"train.seed={base_seed + seed}", f"data.seed={base_seed + seed}"]
-
-
-def _made_as(name: str) -> str:
-    """The run whose settings train a named run's directories: no_tem_finetune's one run dir is the MKT MEM."""
-    return "mkt" if name == "no_tem_finetune" else name
-
-
-def _stages(name: str) -> List[str]:
-    """The stages a named run trains, in order."""
-    if name in ABLATION_RUNS:
-        return {"no_tem_finetune": [], "no_mem_pretrain": ["tem"]}.get(name, ["mem", "tem"])
-    from mkt_torchrec.models.baselines import MODELS
-
-    return list(MODELS[name].stages)
+    """Config overrides of a named run and seed index: the model (``registry``), and seed ``base + index`` for
+    parameter initialisation and data order (the dataset itself stays the same)."""
+    return [*registry.get(name).overrides(), f"train.seed={base_seed + seed}", f"data.seed={base_seed + seed}"]
 
 
 def _run_dirs(out: str, name: str, seed: int = 0) -> Dict[str, str]:
-    """Run directories a named run needs: {"mem": ..., "tem": ...} (``OUT/runs/NAME/seedK/STAGE``)."""
-    root = os.path.join(out, "runs", name, f"seed{seed}")
-    if name == "no_tem_finetune":
-        return {"mem": os.path.join(out, "runs", "mkt", f"seed{seed}", "mem")}  # the MEM's own target tower
-    return {stage: os.path.join(root, stage) for stage in _stages(name)}
+    """Run directories a named run needs: {"mem": ..., "tem": ...} (``OUT/runs/NAME/seedK/STAGE``; a run made as
+    another, such as no_tem_finetune, is that one's directories)."""
+    spec = registry.get(name)
+    root = os.path.join(out, "runs", spec.made_as or name, f"seed{seed}")
+    return {stage: os.path.join(root, stage) for stage in spec.stages}
 
 
 def final_run_dir(out: str, name: str, seed: int = 0) -> str:
-    dirs = _run_dirs(out, name, seed)
-    return dirs.get("tem", dirs.get("mem"))  # type: ignore[return-value]
+    return _run_dirs(out, name, seed)[registry.get(name).final_stage]
 
 
 def _evaluated(run_dir: str) -> bool:
@@ -106,15 +76,15 @@ def _train_and_evaluate(config: str, overrides: List[str], data: str, out: str, 
     for name in names:
         start = time.perf_counter()
         for seed in range(seeds):
-            cfg = load_config(config, [*overrides, *_overrides_of(_made_as(name), seed, base_seed)])
+            cfg = load_config(config, [*overrides, *_overrides_of(name, seed, base_seed)])
             dirs = _run_dirs(out, name, seed)
-            final = final_run_dir(out, name, seed)
+            evaluated = registry.evaluated_stages(registry.get(name).made_as or name)
             for stage, run_dir in dirs.items():
                 if _evaluated(run_dir) or os.path.isfile(os.path.join(run_dir, "DONE")):
                     continue
                 resume = os.path.exists(os.path.join(run_dir, "checkpoints", checkpoint.LATEST))
                 train(cfg, stage, data, run_dir, resume=resume, mem_run=dirs.get("mem") if stage == "tem" else None)
-                if run_dir == final or (name == "mkt" and stage == "mem"):  # the MKT MEM is no_tem_finetune's model
+                if stage in evaluated:  # a final model (the MKT MEM is also no_tem_finetune's)
                     evaluate(cfg, run_dir, data)
                 elif info.is_main:  # a pre-training stage: finished, not evaluated
                     open(os.path.join(run_dir, "DONE"), "w").close()
@@ -125,7 +95,7 @@ def _train_and_evaluate(config: str, overrides: List[str], data: str, out: str, 
 
 
 def run_all(cfg: Config, config_path: str, overrides: Sequence[str], out: str, nproc: int = 2,
-            names: Sequence[str] = ABLATION_RUNS, overwrite: bool = False, data_dir: Optional[str] = None,
+            names: Sequence[str] = ("mkt",), overwrite: bool = False, data_dir: Optional[str] = None,
             seeds: int = 1, baseline: Optional[str] = None) -> Dict[str, Any]:
     """The whole pipeline; returns a summary (also written to OUT/summary.json).
 
@@ -134,7 +104,7 @@ def run_all(cfg: Config, config_path: str, overrides: Sequence[str], out: str, n
         out: output directory: ``data/`` (unless ``data_dir``), ``runs/NAME/seedK/STAGE``, ``report/``,
             ``summary.json``.
         nproc: local ranks.
-        names: runs: MKT, its ablations (:data:`ABLATION_RUNS`) and any baseline (:func:`baseline_runs`).
+        names: runs, by their ``registry`` names (MKT, its ablations, the baselines, plugins).
         overwrite: delete ``out`` first.
         data_dir: an existing dataset (e.g. from ``mkt tenrec``) instead of synthesising one into ``out/data``.
         seeds: runs per model, with seeds ``train.seed + k`` (k < seeds) for initialisation and data order.
@@ -145,9 +115,9 @@ def run_all(cfg: Config, config_path: str, overrides: Sequence[str], out: str, n
     from mkt_torchrec.training.distributed import launch
 
     names = list(dict.fromkeys(names))
-    unknown = [n for n in names if n not in all_runs()]
+    unknown = [n for n in names if n not in registry.names()]
     if unknown:
-        raise ValueError(f"unknown runs {unknown}; choose from {list(all_runs())}")
+        raise ValueError(f"unknown runs {unknown}; choose from {list(registry.names())}")
     if seeds < 1:
         raise ValueError(f"--seeds must be at least 1, got {seeds}")
     if overwrite and os.path.exists(out):
@@ -173,8 +143,8 @@ def run_all(cfg: Config, config_path: str, overrides: Sequence[str], out: str, n
 
     for name in names:  # serving exports: single-process steps, after the training world is gone
         for seed in range(seeds):
-            final = final_run_dir(out, name, seed)
-            if name != "no_tem_finetune" and os.path.basename(final) == "tem" and \
+            spec, final = registry.get(name), final_run_dir(out, name, seed)
+            if spec.served and spec.made_as is None and \
                     not os.path.isfile(os.path.join(final, "serving", "serving.json")):
                 export_run(final, data)
     runs = {n: [final_run_dir(out, n, k) for k in range(seeds)] for n in names}
@@ -183,7 +153,7 @@ def run_all(cfg: Config, config_path: str, overrides: Sequence[str], out: str, n
     write_report(runs, os.path.join(out, "report"), baseline=baseline, entity="target", eval_cfg=cfg.eval)
     summary = {"out": out, "data": data, "seeds": seeds, "runs": runs, "report": os.path.join(out, "report"),
                "seconds_per_run": seconds, "seconds": round(time.perf_counter() - started, 1),
-               "target": {n: _target_metrics(d[0]) for n, d in runs.items()},
+               "target": {n: _over_seeds([_target_metrics(r) for r in d]) for n, d in runs.items()},
                "target_by_seed": {n: [_target_metrics(r) for r in d] for n, d in runs.items()}}
     with open(os.path.join(out, "summary.json.tmp"), "w", encoding="utf-8") as f:
         json.dump(summary, f, indent=2)
@@ -223,7 +193,7 @@ def _check_reuse(config: str, overrides: List[str], data: str, out: str, names: 
     base_seed = load_config(config, overrides).train.seed
     for name in names:
         for seed in range(seeds):
-            cfg = load_config(config, [*overrides, *_overrides_of(_made_as(name), seed, base_seed)]).to_dict()
+            cfg = load_config(config, [*overrides, *_overrides_of(name, seed, base_seed)]).to_dict()
             for run_dir in _run_dirs(out, name, seed).values():
                 if os.path.isfile(os.path.join(run_dir, "run.json")):
                     run = read_run(run_dir)
@@ -238,4 +208,23 @@ def _check_reuse(config: str, overrides: List[str], data: str, out: str, names: 
 def _target_metrics(run_dir: str) -> Optional[Dict[str, Any]]:
     with open(os.path.join(run_dir, "metrics.json"), encoding="utf-8") as f:
         m = json.load(f).get("target")
-    return None if m is None else {k: m.get(k) for k in ("auc", "gauc", "auc_ci", "gauc_ci", "rows", "users")}
+    return None if m is None else {k: m.get(k) for k in ("auc", "gauc", "logloss", "auc_ci", "gauc_ci", "rows",
+                                                        "users")}
+
+
+def _over_seeds(per_seed: List[Optional[Dict[str, Any]]]) -> Optional[Dict[str, Any]]:
+    """A model's headline: AUC / GAUC / log loss, mean and standard deviation (n - 1; 0 for one seed) over its
+    seeds, with the rows and users scored (the same test split for every seed). None if a seed scored no target
+    rows. The per-seed intervals stay in ``target_by_seed``."""
+    import statistics
+
+    if not per_seed or any(m is None for m in per_seed):
+        return None
+    out: Dict[str, Any] = {"seeds": len(per_seed)}
+    for key in ("auc", "gauc", "logloss"):
+        values = [m[key] for m in per_seed if m.get(key) is not None]  # type: ignore[union-attr]
+        if len(values) == len(per_seed):
+            out[key] = statistics.fmean(values)
+            out[f"{key}_std"] = statistics.stdev(values) if len(values) > 1 else 0.0
+    out.update(rows=per_seed[0]["rows"], users=per_seed[0]["users"])  # type: ignore[index]
+    return out

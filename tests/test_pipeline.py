@@ -38,7 +38,7 @@ def test_the_demo_transfers_from_posts_and_products_far_beyond_seed_noise(tmp_pa
 def test_mkt_run_on_a_converted_tenrec_dataset_runs_every_model_for_two_seeds(tmp_path, capsys):
     """`mkt run --data` on Tenrec-layout CSVs converted by `mkt tenrec`: MKT, its ablations and the ten baselines,
     two seeds each, end to end (train, evaluate, export, report)."""
-    from mkt_torchrec.pipeline import all_runs
+    from mkt_torchrec.registry import names as all_runs
 
     from tests.data.test_tenrec import TENREC, random_rows, write_pair
 

@@ -24,10 +24,10 @@ user group and the training loss curves of ``metrics.jsonl``.
 Families
 --------
 ``families`` maps display names to ``single_domain``, ``joint``, ``pretrain_finetune``, ``mkt`` or ``other``.
-Without it, a model's family comes from its runs' ``run.json`` config: ``model.name`` (``mkt`` when absent)
-``mlp`` / ``din`` / ``fibinet`` are single-domain, ``mmoe`` / ``ple`` / ``star`` / ``conet`` joint training,
-``minet`` / ``finetune`` / ``ctnet`` pre-training & fine-tuning; an ``mkt`` run is in the MKT family unless
-its ``model.ablation`` is ``no_mem_pretrain`` (the TEM alone: single-domain); any other name is ``other``.
+Without it, a model's family comes from its runs' ``run.json`` config: ``model.name`` (``mkt`` when absent) and
+``model.ablation`` name an entry of ``mkt_torchrec.registry`` (e.g. ``mlp`` single-domain, ``mmoe`` joint training,
+``finetune`` pre-training & fine-tuning, ``mkt`` MKT unless its ablation is ``no_mem_pretrain``, the TEM alone:
+single-domain); a name no entry has is ``other``.
 
 Too few users
 -------------
@@ -80,6 +80,7 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
+from mkt_torchrec import registry
 from mkt_torchrec.evaluation import analysis
 from mkt_torchrec.evaluation.analysis import _mix64
 from mkt_torchrec.evaluation.report_metrics import SpillLimits, iter_entity_columns
@@ -87,15 +88,7 @@ from mkt_torchrec.evaluation.report_metrics import SpillLimits, iter_entity_colu
 ENTITIES = ("source", "target")
 PLOT_FILES = ("roc.png", "groups.png", "calibration.png", "loss.png")
 CALIBRATION_BINS = 10  # equal-count bins of the plotted sample
-ABLATION_LABELS = {
-    "no_hfa": "w/o HFA", "no_pdl": "w/o PDL", "no_mem_pretrain": "w/o MEM pretrain",
-    "no_tem_finetune": "w/o TEM finetune",
-}
-FAMILIES = {"single_domain": "Single-domain", "joint": "Joint training",
-            "pretrain_finetune": "Pre-training & fine-tuning", "mkt": "MKT and ablations", "other": "Other"}
-MODEL_FAMILIES = {"mlp": "single_domain", "din": "single_domain", "fibinet": "single_domain",
-                  "mmoe": "joint", "ple": "joint", "star": "joint", "conet": "joint",
-                  "minet": "pretrain_finetune", "finetune": "pretrain_finetune", "ctnet": "pretrain_finetune"}
+FAMILIES = registry.FAMILIES
 _NOT_SAME_ROWS = "n/a (not the same rows)"
 _TOO_FEW = "n/a (too few users)"
 _SAMPLE_SALT = 0x5DEECE66D2B7E151
@@ -304,16 +297,19 @@ def _load_run(run_dir: str, name: Optional[str]) -> Run:
 
 
 def family_of(run: Run) -> str:
-    """The family of a run from its run.json ``model.name`` and ``model.ablation`` (module docstring)."""
-    if run.model_name == "mkt":
-        return "single_domain" if run.ablation == "no_mem_pretrain" else "mkt"
-    return MODEL_FAMILIES.get(run.model_name, "other")
+    """The family of a run from its run.json ``model.name`` and ``model.ablation`` (its registry entry)."""
+    return registry.family_of(run.model_name, run.ablation)
 
 
 def default_name(run_dir: str, ablation: str) -> str:
     """``mkt_no_hfa (w/o HFA)``: the directory name plus the ablation, if any."""
     base = os.path.basename(os.path.normpath(run_dir))
-    return base if ablation in ("none", "") else f"{base} ({ABLATION_LABELS.get(ablation, ablation)})"
+    if ablation in ("none", ""):
+        return base
+    try:
+        return f"{base} ({registry.of_config('mkt', ablation).label})"
+    except ValueError:
+        return f"{base} ({ablation})"
 
 
 def pick_baseline(models: Sequence[Model], baseline: Optional[str]) -> Model:

@@ -17,7 +17,8 @@ import argparse
 import os
 from typing import Any, Dict, List, Optional
 
-from mkt_torchrec.evaluation.report import ENTITIES, FAMILIES, text_table, write_report
+from mkt_torchrec.config import ENTITIES
+from mkt_torchrec.registry import FAMILIES  # this module builds `mkt report --help`: nothing heavy at import
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -70,6 +71,8 @@ def run(args: argparse.Namespace, cfg: Any) -> int:
                 raise ValueError(f"--model {name!r} given twice; list all its runs in one --model")
             runs[name] = [d for d in dirs.split(",") if d]
     families: Dict[str, str] = dict(_pairs(args.families, "--family"))
+    from mkt_torchrec.evaluation.report import text_table, write_report
+
     summary = write_report(runs, args.out, baseline=args.baseline, entity=args.entity,
                            names=None if models else args.names, eval_cfg=eval_cfg, families=families or None)
     overall = next(t for t in summary["tables"] if t["key"] == "overall")

@@ -13,6 +13,7 @@ from typing import List, Literal, Optional
 import torch
 from torch import nn
 
+from mkt_torchrec import registry
 from mkt_torchrec.config import Config
 from mkt_torchrec.models import baselines
 from mkt_torchrec.models.mkt import MEM, TEM, MKTTarget, knowledge_dims
@@ -24,7 +25,7 @@ STAGES = ("mem", "tem")
 
 def stage2_uses_mem(cfg: Config) -> bool:
     """Stage 2 holds MKT's frozen MEM (loaded from a stage-1 run). Never for a baseline: its stage ``tem`` loads
-    the tensors its registry entry names (``baselines.MODELS[name].stages["tem"].transfer``), if any."""
+    the tensors its registry entry names (``registry.get(name).stages["tem"].transfer``), if any."""
     return cfg.model.name == "mkt" and cfg.model.ablation != "no_mem_pretrain"
 
 
@@ -42,22 +43,23 @@ def dense_lr(cfg: Config, stage: str) -> float:
 
 
 def stage_entity(cfg: Config, stage: str) -> Optional[str]:
-    """The rows a stage trains on: None (both entities), ``source`` or ``target``. MKT: its MEM trains on both,
-    its TEM on target rows; a baseline: its registry entry (e.g. Finetune pre-trains on source rows)."""
-    if cfg.model.name != "mkt":
-        spec = baselines.MODELS[cfg.model.name].stages
-        if stage not in spec:
-            raise ValueError(f"model.name={cfg.model.name} has no stage {stage!r}; its stages: {list(spec)}")
-        return spec[stage].entity
-    return "target" if stage == "tem" else None
+    """The rows a stage trains on: None (both entities), ``source`` or ``target``, from the model's registry entry
+    (MKT: its MEM trains on both, its TEM on target rows; Finetune pre-trains on source rows)."""
+    spec = registry.of_config(cfg.model.name, cfg.model.ablation)
+    if not spec.is_baseline:
+        spec = registry.get("mkt")  # every MKT variant trains its stages on MKT's rows
+    if stage not in spec.stages:
+        raise ValueError(f"model.name={cfg.model.name} has no stage {stage!r}; its stages: {list(spec.stages)}")
+    return spec.stages[stage].entity
 
 
 def stage_transfer(cfg: Config, stage: str) -> tuple:
     """State-dict prefixes (after the leading ``model.``) a baseline's stage ``tem`` loads from its stage-``mem``
-    run before training; () for MKT (whose stage 2 loads a frozen MEM instead) and single-stage models."""
+    run before training (its registry entry); () for MKT (whose stage 2 loads a frozen MEM instead) and
+    single-stage models."""
     if cfg.model.name == "mkt" or stage != "tem":
         return ()
-    return tuple(baselines.MODELS[cfg.model.name].stages[stage].transfer)
+    return tuple(registry.of_config(cfg.model.name).stages[stage].transfer)
 
 
 def build_train_module(cfg: Config, stage: str, device: Optional[torch.device] = None) -> nn.Module:
@@ -79,12 +81,13 @@ def build_train_module(cfg: Config, stage: str, device: Optional[torch.device] =
     raise ValueError(f"unknown stage {stage!r}; expected one of {STAGES}")
 
 
-def compile_dense(module: nn.Module) -> List[str]:
+def compile_dense(module: nn.Module, backend: str = "inductor") -> List[str]:
     """``train.compile``: ``torch.compile`` (dynamic batch) each dense leaf module in place (``nn.Module.compile``):
     HFA / its no_hfa stand-in, the CKE (MMoE), extractors, towers and DNNs (``nn.Sequential`` MLPs), sequence
     attention and GLU gates. TorchRec's pipeline FX-traces the model around its sharded modules; the tracer calls
     each module's Python ``forward``, so it sees through them, while the steps run the compiled code. Modules inside
-    a compiled one are not compiled again. Returns the compiled modules' names."""
+    a compiled one are not compiled again. ``backend``: torch.compile's (``aot_eager`` skips code generation: the
+    tests' choice, same graphs and autograd). Returns the compiled modules' names."""
     from mkt_torchrec.modules.hfa import HFA, PadAlign
     from mkt_torchrec.modules.layers import GLUGate, MMoE
     from mkt_torchrec.modules.sequence import DINAttention, MultiHeadTargetAttention
@@ -93,7 +96,7 @@ def compile_dense(module: nn.Module) -> List[str]:
     compiled: List[str] = []
     for name, m in module.named_modules():
         if isinstance(m, kinds) and not any(name.startswith(c + ".") for c in compiled):
-            m.compile(dynamic=True)
+            m.compile(dynamic=True, backend=backend)
             compiled.append(name)
     return compiled
 

@@ -61,19 +61,17 @@ def serving_from_run(run_dir: str) -> Tuple[Config, ServingModel]:
         ValueError: a MEM run of another ablation (its served model is stage 2's), or a baseline's pre-training run,
             or a stage-2 run whose MEM checkpoint is gone or changed since it trained.
     """
+    from mkt_torchrec import registry
     from mkt_torchrec.models import baselines
     from mkt_torchrec.training.trainer import load_run_checkpoint, read_run, run_config  # heavy to import
 
     run = read_run(run_dir)
     cfg = run_config(run_dir)
     stage = run["stage"]
-    if cfg.model.name != "mkt":
-        final = baselines.final_stage(cfg.model.name)
-        if stage != final:
-            raise ValueError(f"{run_dir}: a stage {stage!r} run of model.name={cfg.model.name} is pre-training; "
-                             f"export its stage {final!r} run")
-    elif stage == "mem" and cfg.model.ablation != "no_tem_finetune":
-        raise ValueError(f"{run_dir}: a MEM run is served only under model.ablation=no_tem_finetune")
+    spec = registry.of_config(cfg.model.name, cfg.model.ablation)
+    if stage != spec.final_stage:
+        raise ValueError(f"{run_dir}: a stage {stage!r} run of {spec.name} is pre-training; export its stage "
+                         f"{spec.final_stage!r} run (a MEM is served on its own under model.ablation=no_tem_finetune)")
     ckpt = checkpoint.final_checkpoint(run_dir)
     if ckpt is None:
         raise FileNotFoundError(f"{run_dir}: no checkpoint to export")

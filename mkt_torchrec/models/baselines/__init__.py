@@ -22,36 +22,37 @@ Example:
 
 from __future__ import annotations
 
-import typing
+import importlib
 from typing import Callable, Dict, Optional
 
 import torch
 from torch import nn
 
-from mkt_torchrec.config import Config, ModelConfig, SchemaConfig
-from mkt_torchrec.models.baselines import conet, ctnet, din, fibinet, finetune, minet, mlp, mmoe, ple, star
+from mkt_torchrec import registry
+from mkt_torchrec.config import Config, SchemaConfig
 from mkt_torchrec.models.baselines.common import (BaselineModel, BaselineServing, BaselineTrain, ModelSpec,
                                                   StageSpec)
 
-_FILES = (mlp, din, fibinet, mmoe, ple, star, conet, minet, finetune, ctnet)
-MODELS: Dict[str, ModelSpec] = {m.SPEC.name: m.SPEC for m in _FILES}
-_BUILDERS: Dict[str, Callable[[Config, str, Optional[torch.device]], BaselineModel]] = {
-    m.SPEC.name: m.build_model for m in _FILES}
-
-_CONFIG_NAMES = set(typing.get_args(typing.get_type_hints(ModelConfig)["name"])) - {"mkt"}
-if set(MODELS) != _CONFIG_NAMES:  # a developer error: config.ModelConfig.name lists the registry's names
-    raise RuntimeError(f"ModelConfig.name allows {sorted(_CONFIG_NAMES)} but the registry has {sorted(MODELS)}")
-
 
 def spec_of(name: str) -> ModelSpec:
-    """The registry entry of a baseline.
+    """A baseline's registry entry (``mkt_torchrec.registry``, plugins included) with its module's ``PAPER``.
 
     Raises:
         ValueError: not a baseline's name.
     """
-    if name not in MODELS:
-        raise ValueError(f"model.name={name!r} is not a baseline; baselines: {sorted(MODELS)}")
-    return MODELS[name]
+    entry = registry.get(name) if name in registry.names() else None
+    if entry is None or not entry.is_baseline:
+        raise ValueError(f"model.name={name!r} is not a baseline; baselines: {list(registry.baseline_names())}")
+    module = importlib.import_module(entry.module)  # type: ignore[arg-type]
+    return ModelSpec(name, entry.family, dict(entry.stages), getattr(module, "PAPER", ""))
+
+
+def _builder(name: str) -> Callable[[Config, str, Optional[torch.device]], BaselineModel]:
+    return importlib.import_module(registry.get(name).module).build_model  # type: ignore[arg-type]
+
+
+# name -> spec of every baseline registered when this package was first imported
+MODELS: Dict[str, ModelSpec] = {name: spec_of(name) for name in registry.baseline_names()}
 
 
 def final_stage(name: str) -> str:
@@ -68,7 +69,7 @@ def build_train_module(cfg: Config, stage: str, device: Optional[torch.device] =
     spec = spec_of(cfg.model.name)
     if stage not in spec.stages:
         raise ValueError(f"model.name={spec.name} trains in stage(s) {list(spec.stages)}; it has no stage {stage!r}")
-    return BaselineTrain(_BUILDERS[spec.name](cfg, stage, device))
+    return BaselineTrain(_builder(spec.name)(cfg, stage, device))
 
 
 def serving_model(schema: SchemaConfig, model: BaselineModel) -> BaselineServing:

@@ -37,6 +37,7 @@ from mkt_torchrec.models.serving import ServingModel, serving_keys
 from mkt_torchrec.models.train import StepOutput, _bce, precision_context
 from mkt_torchrec.modules.layers import mlp
 from mkt_torchrec.modules.sparse import PaddedLookup, SequenceInputs, SparseArch, SparseFeatures
+from mkt_torchrec.registry import StageSpec
 
 VIEWS = ("target", "all")
 DENSE_DIM_DEFAULT = 8  # width of a dense feature's vector when the tables have several dims (GroupArch's default)
@@ -48,33 +49,14 @@ DENSE_DIM_DEFAULT = 8  # width of a dense feature's vector when the tables have 
 
 
 @dataclass(frozen=True)
-class StageSpec:
-    """One training stage of a baseline.
-
-    Attributes:
-        entity: the rows this stage trains on: None (both entities), ``source`` or ``target``.
-        transfer: for stage ``tem`` only: state-dict key prefixes of the train module (the same keys in both
-            stages' modules) whose tensors are loaded from the stage ``mem`` run's checkpoint before training.
-            Every parameter trains in every stage; nothing is frozen.
-    """
-
-    entity: Optional[str]
-    transfer: Tuple[str, ...] = ()
-
-
-@dataclass(frozen=True)
 class ModelSpec:
-    """A baseline: its family (the paper's Table 2 groups), its stages in order (the last one's run is the final
-    model, evaluated on target rows and exported) and the paper it reproduces."""
+    """A baseline as its package describes it: its registry entry's name, family and stages
+    (:mod:`mkt_torchrec.registry`), and the paper its module reproduces (the module's ``PAPER``)."""
 
     name: str
     family: str  # "single_domain" | "joint" | "pretrain_finetune"
     stages: Dict[str, StageSpec] = field(default_factory=dict)
     paper: str = ""
-
-
-SINGLE_DOMAIN = {"tem": StageSpec("target")}
-JOINT = {"mem": StageSpec(None)}
 
 
 # --------------------------------------------------------------------------------------------------------

@@ -27,14 +27,13 @@ import torch
 from torch import nn
 
 from mkt_torchrec.config import Config, SchemaConfig
-from mkt_torchrec.models.baselines.common import (JOINT, BaselineModel, EntityTowers, ModelSpec, make_model,
-                                                  view_fields)
+from mkt_torchrec.models.baselines.common import BaselineModel, EntityTowers, make_model, view_fields
 from mkt_torchrec.models.mkt import ENTITY_CODE
 from mkt_torchrec.modules.sparse import SparseFeatures
 
-SPEC = ModelSpec(name="conet", family="joint", stages=JOINT,
-                 paper="Hu, Zhang and Yang, 'CoNet: Collaborative Cross Networks for Cross-Domain "
-                       "Recommendation', CIKM 2018")
+# the paper this model reproduces (its family and stages: its entry in mkt_torchrec.registry)
+PAPER = ("Hu, Zhang and Yang, 'CoNet: Collaborative Cross Networks for Cross-Domain "
+         "Recommendation', CIKM 2018")
 
 OTHER = {"source": "target", "target": "source"}
 

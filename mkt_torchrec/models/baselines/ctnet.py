@@ -27,13 +27,12 @@ from typing import Optional
 import torch
 
 from mkt_torchrec.config import Config
-from mkt_torchrec.models.baselines.common import BaselineModel, ModelSpec, StageSpec
+from mkt_torchrec.models.baselines.common import BaselineModel
 from mkt_torchrec.models.baselines.din import din_model
 
-SPEC = ModelSpec(name="ctnet", family="pretrain_finetune",
-                 stages={"mem": StageSpec("source"), "tem": StageSpec("target", ("model.sparse_arch.",))},
-                 paper="Liu et al., 'Continual Transfer Learning for Cross-Domain Click-Through Rate Prediction "
-                       "at Taobao', WWW 2023 Companion, as adapted in Guan et al., arXiv 2402.19101 (4.1.3)")
+# the paper this model reproduces (its family and stages: its entry in mkt_torchrec.registry)
+PAPER = ("Liu et al., 'Continual Transfer Learning for Cross-Domain Click-Through Rate Prediction "
+         "at Taobao', WWW 2023 Companion, as adapted in Guan et al., arXiv 2402.19101 (4.1.3)")
 
 
 def build_model(cfg: Config, stage: str, device: Optional[torch.device]) -> BaselineModel:

@@ -27,13 +27,12 @@ import torch
 from torch import nn
 
 from mkt_torchrec.config import Config, SchemaConfig
-from mkt_torchrec.models.baselines.common import (SINGLE_DOMAIN, BaselineModel, DiceMLP, ModelSpec, make_model,
-                                                  view_features, view_fields)
+from mkt_torchrec.models.baselines.common import BaselineModel, DiceMLP, make_model, view_features, view_fields
 from mkt_torchrec.modules.sequence import valid_mask
 from mkt_torchrec.modules.sparse import SequenceInputs, SparseFeatures
 
-SPEC = ModelSpec(name="din", family="single_domain", stages=SINGLE_DOMAIN,
-                 paper="Zhou et al., 'Deep Interest Network for Click-Through Rate Prediction', KDD 2018")
+# the paper this model reproduces (its family and stages: its entry in mkt_torchrec.registry)
+PAPER = ("Zhou et al., 'Deep Interest Network for Click-Through Rate Prediction', KDD 2018")
 
 
 class ActivationUnit(nn.Module):

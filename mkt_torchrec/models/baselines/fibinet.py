@@ -26,14 +26,13 @@ import torch
 from torch import nn
 
 from mkt_torchrec.config import Config, SchemaConfig
-from mkt_torchrec.models.baselines.common import (SINGLE_DOMAIN, BaselineModel, ModelSpec, make_model,
-                                                  view_fields)
+from mkt_torchrec.models.baselines.common import BaselineModel, make_model, view_fields
 from mkt_torchrec.modules.layers import mlp
 from mkt_torchrec.modules.sparse import SparseFeatures
 
-SPEC = ModelSpec(name="fibinet", family="single_domain", stages=SINGLE_DOMAIN,
-                 paper="Huang, Zhang and Zhang, 'FiBiNET: Combining Feature Importance and Bilinear Feature "
-                       "Interaction for Click-Through Rate Prediction', RecSys 2019")
+# the paper this model reproduces (its family and stages: its entry in mkt_torchrec.registry)
+PAPER = ("Huang, Zhang and Zhang, 'FiBiNET: Combining Feature Importance and Bilinear Feature "
+         "Interaction for Click-Through Rate Prediction', RecSys 2019")
 
 
 class SENet(nn.Module):

@@ -24,14 +24,13 @@ from typing import Optional
 import torch
 
 from mkt_torchrec.config import Config
-from mkt_torchrec.models.baselines.common import BaselineModel, ModelSpec, StageSpec
+from mkt_torchrec.models.baselines.common import BaselineModel
 from mkt_torchrec.models.baselines.din import din_model
 
-SPEC = ModelSpec(name="finetune", family="pretrain_finetune",
-                 stages={"mem": StageSpec("source"), "tem": StageSpec("target", ("model.",))},
-                 paper="Finetune (pre-train on the source domain, fine-tune on the target domain) as described in "
-                       "Guan et al., 'Effective Two-Stage Knowledge Transfer for Multi-Entity Cross-Domain "
-                       "Recommendation', arXiv 2402.19101, 2024 (4.1.2)")
+# the paper this model reproduces (its family and stages: its entry in mkt_torchrec.registry)
+PAPER = ("Finetune (pre-train on the source domain, fine-tune on the target domain) as described in "
+         "Guan et al., 'Effective Two-Stage Knowledge Transfer for Multi-Entity Cross-Domain "
+         "Recommendation', arXiv 2402.19101, 2024 (4.1.2)")
 
 
 def build_model(cfg: Config, stage: str, device: Optional[torch.device]) -> BaselineModel:

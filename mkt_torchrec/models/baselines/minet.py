@@ -34,16 +34,15 @@ import torch
 from torch import nn
 
 from mkt_torchrec.config import Config, SchemaConfig
-from mkt_torchrec.models.baselines.common import (BaselineModel, EntityTowers, FieldEmbedding, ModelSpec, StageSpec,
-                                                  common_dim, make_model, view_dense, view_features)
+from mkt_torchrec.models.baselines.common import (BaselineModel, EntityTowers, FieldEmbedding, common_dim, make_model,
+                                                  view_dense, view_features)
 from mkt_torchrec.modules.layers import mlp
 from mkt_torchrec.modules.sequence import valid_mask
 from mkt_torchrec.modules.sparse import SequenceInputs, SparseFeatures
 
-SPEC = ModelSpec(name="minet", family="pretrain_finetune",
-                 stages={"mem": StageSpec(None), "tem": StageSpec("target", ("model.",))},
-                 paper="Ouyang et al., 'MiNet: Mixed Interest Network for Cross-Domain Click-Through Rate "
-                       "Prediction', CIKM 2020")
+# the paper this model reproduces (its family and stages: its entry in mkt_torchrec.registry)
+PAPER = ("Ouyang et al., 'MiNet: Mixed Interest Network for Cross-Domain Click-Through Rate "
+         "Prediction', CIKM 2020")
 
 EXP_CLAMP = 10.0
 

@@ -21,14 +21,13 @@ import torch
 from torch import nn
 
 from mkt_torchrec.config import Config, SchemaConfig
-from mkt_torchrec.models.baselines.common import (SINGLE_DOMAIN, BaselineModel, ModelSpec, make_model,
-                                                  view_fields)
+from mkt_torchrec.models.baselines.common import BaselineModel, make_model, view_fields
 from mkt_torchrec.modules.layers import mlp
 from mkt_torchrec.modules.sparse import SparseFeatures
 
-SPEC = ModelSpec(name="mlp", family="single_domain", stages=SINGLE_DOMAIN,
-                 paper="MLP baseline as described in Guan et al., 'Effective Two-Stage Knowledge Transfer for "
-                       "Multi-Entity Cross-Domain Recommendation', arXiv 2402.19101, 2024 (4.1.2)")
+# the paper this model reproduces (its family and stages: its entry in mkt_torchrec.registry)
+PAPER = ("MLP baseline as described in Guan et al., 'Effective Two-Stage Knowledge Transfer for "
+         "Multi-Entity Cross-Domain Recommendation', arXiv 2402.19101, 2024 (4.1.2)")
 
 
 class MLPArch(nn.Module):

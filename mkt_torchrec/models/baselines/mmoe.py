@@ -21,15 +21,14 @@ import torch
 from torch import nn
 
 from mkt_torchrec.config import Config, SchemaConfig
-from mkt_torchrec.models.baselines.common import (JOINT, BaselineModel, EntityTowers, ModelSpec, make_model,
-                                                  view_fields)
+from mkt_torchrec.models.baselines.common import BaselineModel, EntityTowers, make_model, view_fields
 from mkt_torchrec.models.mkt import ENTITY_CODE
 from mkt_torchrec.modules.layers import mlp
 from mkt_torchrec.modules.sparse import SparseFeatures
 
-SPEC = ModelSpec(name="mmoe", family="joint", stages=JOINT,
-                 paper="Ma et al., 'Modeling Task Relationships in Multi-task Learning with Multi-gate "
-                       "Mixture-of-Experts', KDD 2018")
+# the paper this model reproduces (its family and stages: its entry in mkt_torchrec.registry)
+PAPER = ("Ma et al., 'Modeling Task Relationships in Multi-task Learning with Multi-gate "
+         "Mixture-of-Experts', KDD 2018")
 
 
 def mix(gate_logits: torch.Tensor, experts: List[torch.Tensor]) -> torch.Tensor:

@@ -25,16 +25,15 @@ import torch
 from torch import nn
 
 from mkt_torchrec.config import Config, SchemaConfig
-from mkt_torchrec.models.baselines.common import (JOINT, BaselineModel, EntityTowers, ModelSpec, make_model,
-                                                  view_fields)
+from mkt_torchrec.models.baselines.common import BaselineModel, EntityTowers, make_model, view_fields
 from mkt_torchrec.models.baselines.mmoe import mix
 from mkt_torchrec.models.mkt import ENTITY_CODE
 from mkt_torchrec.modules.layers import mlp
 from mkt_torchrec.modules.sparse import SparseFeatures
 
-SPEC = ModelSpec(name="ple", family="joint", stages=JOINT,
-                 paper="Tang, Liu, Zhao and Gong, 'Progressive Layered Extraction (PLE): A Novel Multi-Task "
-                       "Learning (MTL) Model for Personalized Recommendations', RecSys 2020")
+# the paper this model reproduces (its family and stages: its entry in mkt_torchrec.registry)
+PAPER = ("Tang, Liu, Zhao and Gong, 'Progressive Layered Extraction (PLE): A Novel Multi-Task "
+         "Learning (MTL) Model for Personalized Recommendations', RecSys 2020")
 
 
 class ExtractionLevel(nn.Module):

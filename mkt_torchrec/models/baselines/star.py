@@ -29,15 +29,14 @@ import torch
 from torch import nn
 
 from mkt_torchrec.config import Config, SchemaConfig
-from mkt_torchrec.models.baselines.common import (JOINT, BaselineModel, ModelSpec, common_dim, make_model,
-                                                  select_by_entity, view_fields)
+from mkt_torchrec.models.baselines.common import BaselineModel, common_dim, make_model, select_by_entity, view_fields
 from mkt_torchrec.models.mkt import ENTITY_CODE
 from mkt_torchrec.modules.layers import mlp
 from mkt_torchrec.modules.sparse import SparseFeatures
 
-SPEC = ModelSpec(name="star", family="joint", stages=JOINT,
-                 paper="Sheng et al., 'One Model to Serve All: Star Topology Adaptive Recommender for "
-                       "Multi-Domain CTR Prediction', CIKM 2021")
+# the paper this model reproduces (its family and stages: its entry in mkt_torchrec.registry)
+PAPER = ("Sheng et al., 'One Model to Serve All: Star Topology Adaptive Recommender for "
+         "Multi-Domain CTR Prediction', CIKM 2021")
 
 
 def entity_one_hot(entity: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
