@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import importlib
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Dict, List, Mapping, Optional, Tuple
 
 PLUGINS_ENV = "MKT_MODELS"
@@ -90,7 +90,9 @@ class RunSpec:
     def overrides(self) -> List[str]:
         """The config overrides that make a run of this model (of the run it is made as, if any)."""
         spec = get(self.made_as) if self.made_as else self
-        return [f"model.name={spec.model}"] if spec.is_baseline else [f"model.name=mkt", f"model.ablation={spec.ablation}"]
+        if spec.is_baseline:
+            return [f"model.name={spec.model}"]
+        return ["model.name=mkt", f"model.ablation={spec.ablation}"]
 
 
 _MKT = {"mem": StageSpec(None), "tem": StageSpec("target")}

@@ -18,7 +18,7 @@ import copy
 import json
 import os
 import pickle
-from typing import Any, Dict, Iterator, List, Optional, Set, Tuple, Union
+from typing import Any, Dict, Iterator, Optional, Set, Tuple, Union
 
 import torch
 from torch import nn

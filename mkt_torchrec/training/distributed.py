@@ -187,7 +187,6 @@ def shutdown() -> None:
 # --------------------------------------------------------------------------------------------------------
 
 ERROR_DIR_ENV = "MKT_ERROR_DIR"  # set by launch(): where a failing rank leaves its error record
-FAULT_ENV = "MKT_FAULT"  # testing hook "POINT:RANK": that rank raises at fault_point(POINT)
 
 
 class RankFailed(RuntimeError):
@@ -206,13 +205,6 @@ def describe_error(e: BaseException) -> str:
     if isinstance(e, (ValueError, FileNotFoundError, FileExistsError, RankFailed)):
         return text or type(e).__name__
     return f"{type(e).__name__}: {text}" if text else type(e).__name__
-
-
-def fault_point(name: str) -> None:
-    """Testing hook: raise here on the rank that ``MKT_FAULT=name:RANK`` names."""
-    spec = os.environ.get(FAULT_ENV, "")
-    if spec and spec.rsplit(":", 1)[0] == name and int(spec.rsplit(":", 1)[1]) == _rank_and_world()[0]:
-        raise ValueError(f"injected fault at {name}")
 
 
 def run_rank(fn: Callable[..., Any], *args: Any) -> Any:

@@ -42,7 +42,7 @@ from torchrec.distributed.model_parallel import DefaultDataParallelWrapper, Dist
 from torchrec.distributed.types import ShardingEnv
 from torchrec.optim.keyed import CombinedOptimizer, KeyedOptimizerWrapper
 
-from mkt_torchrec import logs
+from mkt_torchrec import faults, logs
 from mkt_torchrec.collective import Collective
 from mkt_torchrec.config import Config, config_from_dict
 from mkt_torchrec.data.batch import Batch
@@ -53,8 +53,7 @@ from mkt_torchrec.planning.plan import (FROZEN_MODULE, attach_embedding_optimize
 from mkt_torchrec.training import checkpoint, device_check, runlock
 from mkt_torchrec.training.build import (build_train_module, compile_dense, dense_lr, stage2_uses_mem,
                                          stage_entity, stage_transfer)
-from mkt_torchrec.training.distributed import (DistInfo, all_gather_objects, all_sum, fault_point,
-                                               init_distributed)
+from mkt_torchrec.training.distributed import DistInfo, all_gather_objects, all_sum, init_distributed
 
 log = logging.getLogger("mkt.train")
 
@@ -71,7 +70,6 @@ def configure_dense_math(cfg: Config) -> None:
     """``train.tf32``: TensorFloat-32 matmuls / convolutions on CUDA (the flags do nothing on CPU)."""
     torch.backends.cuda.matmul.allow_tf32 = cfg.train.tf32
     torch.backends.cudnn.allow_tf32 = cfg.train.tf32
-FAIL_AT_STEP_ENV = "MKT_FAIL_AT_STEP"  # testing hook "N" or "STAGE:N": the last rank dies right after step N
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -794,8 +792,7 @@ def _train_locked(cfg: Config, stage: str, data_dir: str, run_dir: str, resume: 
                     "since_best": since_best, **({MEM_RECORD: mem_used} if mem_used else {})})
         cadence.saved()
 
-    fail_stage, _, fail_step = os.environ.get(FAIL_AT_STEP_ENV, "").rpartition(":")  # "N" or "STAGE:N"
-    fail_at = int(fail_step or 0) if fail_stage in ("", stage) else 0
+    fail_check = faults.die_after_step(stage)  # MKT_FAIL_AT_STEP (mkt_torchrec.faults)
     rows_per_step = reader.plan.batch_size * info.world_size
     split_rows = reader.num_rows()  # of the stage's entity
     est_steps = epochs * max(1, -(-split_rows // rows_per_step))
@@ -808,7 +805,7 @@ def _train_locked(cfg: Config, stage: str, data_dir: str, run_dir: str, resume: 
     stats = torch.zeros(3, dtype=torch.float64, device=info.device)  # loss, bce, pdl summed since the last log
     window_steps, last_loss = 0, float("nan")
     stopped = validating and best is not None and since_best >= tc.patience  # resumed after the early stop
-    fault_point("train")
+    faults.fault_point("train", info.rank)
     while reader.epoch < epochs and not stopped and (steps_left is None or steps_left > 0):
         feed = _Feed(reader, info, reader.epoch + 1, steps_left)  # one epoch: validation runs between epochs
         trained = False
@@ -845,10 +842,7 @@ def _train_locked(cfg: Config, stage: str, data_dir: str, run_dir: str, resume: 
             saver.poll()
             if cadence.due(step, time_due) and not (validation is not None and fed.epoch_end):
                 save()  # (an epoch's last step saves after its validation)
-            if fail_at and step == fail_at:
-                saver.wait()  # testing hook: the checkpoint before the failure is published
-                if info.rank == info.world_size - 1:
-                    os._exit(3)  # testing hook: simulate a rank dying mid-run
+            fail_check(step, info.rank, info.world_size, saver.wait)
         if validation is None or not trained or reader.epoch == epoch:  # or stopped by max_steps mid-epoch
             continue
         model.eval()
@@ -1229,7 +1223,7 @@ def _evaluate_locked(cfg: Config, run_dir: str, data_dir: str, info: DistInfo, m
     wanted = manifest.rows.get("test", {}).get("target", 0) if entity else reader.num_rows()
     if wanted == 0:
         raise ValueError(f"{data_dir}: the test split has no {'target ' if entity else ''}rows to evaluate")
-    fault_point("evaluate")
+    faults.fault_point("evaluate", info.rank)
     pipeline = make_pipeline(model, asm.optimizer, info.device)
     pred_dir = os.path.join(run_dir, "predictions")
     hfa_scores = score_split(pipeline, reader, info, pred_dir, "evaluate", hfa_feature_names(cfg.schema))

@@ -33,7 +33,7 @@ def _target_batch(small_dataset, cfg, split="test"):
 def _subset(batch, mask):
     """A Batch with only the rows in mask (rebuilt through the KJT)."""
     from mkt_torchrec.data.batch import Batch
-    from torchrec.sparse.jagged_tensor import KeyedJaggedTensor, JaggedTensor
+    from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
     jts = batch.sparse_features.to_dict()
     keys = list(jts)

@@ -13,9 +13,9 @@ from torchx.specs.builders import materialize_appdef
 from torchx.specs.finder import get_component
 
 from tests.conftest import REPO
-from torchx_components import mkt
+from mkt_torchrec import components as mkt
 
-COMPONENT_FILE = os.path.join(REPO, "torchx_components", "mkt.py")
+COMPONENT_FILE = os.path.join(REPO, "mkt_torchrec", "components.py")
 COMPONENTS = ("pretrain", "finetune", "evaluate")
 REQUIRED = {
     "pretrain": {"config": "c.yaml", "data": "d", "run_dir": "runs/mem"},

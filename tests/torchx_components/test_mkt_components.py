@@ -18,9 +18,9 @@ from torchx.specs.builders import materialize_appdef
 from torchx.specs.finder import get_component
 
 from tests.conftest import QUICKSTART, REPO, SMALL
-from torchx_components import mkt
+from mkt_torchrec import components as mkt
 
-COMPONENT_FILE = os.path.join(REPO, "torchx_components", "mkt.py")
+COMPONENT_FILE = os.path.join(REPO, "mkt_torchrec", "components.py")
 COMPONENTS = ("pretrain", "finetune", "evaluate")
 
 # The required arguments of each component; all paths relative so nothing gets resolved against a cwd.
@@ -214,6 +214,18 @@ def test_torchx_accepts_the_component(component):
     assert found.validation_errors == []
 
 
+def test_the_installed_package_names_its_components_and_keeps_torchx_builtins():
+    """pyproject.toml's ``[torchx.components]``: ``mkt.pretrain`` etc. resolve to this file's functions, and
+    registering them did not hide torchx's own components (it does unless they are registered too)."""
+    import torchx.specs.finder as finder
+
+    finder._components = None  # torchx caches what it found
+    for component in COMPONENTS:
+        found = get_component(f"mkt.{component}")
+        assert found.fn is getattr(mkt, component) and found.validation_errors == []
+    assert get_component("dist.ddp").validation_errors == [] and get_component("utils.echo")
+
+
 @pytest.mark.parametrize("component", COMPONENTS)
 def test_help_documents_every_argument(component):
     fn = getattr(mkt, component)
@@ -273,12 +285,13 @@ E2E_OVERRIDES = [*SMALL, "train.max_steps=4", "train.log_every=1"]
 
 
 def torchx_run(component: str, log_dir: str, *args: str) -> None:
-    """``torchx run -s local_cwd torchx_components/mkt.py:COMPONENT ARGS``, from the repository root."""
+    """``torchx run -s local_cwd mkt.COMPONENT ARGS`` (the installed package's components), from the repository
+    root."""
     env = dict(os.environ)
     # the job's `bash -c "torchrun ..."` must find this interpreter's torchrun
     env["PATH"] = os.path.dirname(sys.executable) + os.pathsep + env.get("PATH", "")
     cmd = [sys.executable, "-m", "torchx.cli.main", "run", "-s", "local_cwd", "-cfg", f"log_dir={log_dir}",
-           f"torchx_components/mkt.py:{component}", *args]
+           f"mkt.{component}", *args]
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=1200)
     assert proc.returncode == 0, (
         f"{shlex.join(cmd)} exited with {proc.returncode}\n"

@@ -8,8 +8,9 @@ import pytest
 import torch
 
 from mkt_torchrec.cli import main
+from mkt_torchrec.faults import FAIL_AT_STEP_ENV
 from mkt_torchrec.training import checkpoint
-from mkt_torchrec.training.trainer import FAIL_AT_STEP_ENV, load_unsharded
+from mkt_torchrec.training.trainer import load_unsharded
 
 from tests.conftest import QUICKSTART, SMALL, set_flags, small_config
 

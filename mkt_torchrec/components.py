@@ -5,9 +5,11 @@ Each component returns a one-role :py:class:`torchx.specs.AppDef` built by
 ``torchrun --nproc_per_node N -m mkt_torchrec.cli <command> ...``. The ``mkt`` commands join the
 torchrun world themselves (gloo on CPU, nccl on CUDA), so nothing here depends on the scheduler.
 
+The package registers them with torchx (``[torchx.components]`` in pyproject.toml) as ``mkt.pretrain``,
+``mkt.finetune`` and ``mkt.evaluate``; ``torchx run mkt_torchrec/components.py:pretrain`` names the file instead.
 Positional arguments after the named ones are config overrides, passed on as ``--set KEY=VALUE``::
 
-    torchx run -s local_cwd torchx_components/mkt.py:pretrain \\
+    torchx run -s local_cwd mkt.pretrain \\
         --config configs/quickstart.yaml --data out/data --run_dir out/runs/mem \\
         train.max_steps=100 data.batch_size=256
 
@@ -33,7 +35,7 @@ Paths are passed through unchanged: relative ones resolve in the job's working d
 directory for ``local_cwd``, the image's ``WORKDIR`` in a container). Boolean flags take a value on
 the torchx command line: ``--resume True``.
 
-Note: ``torchx run path/to/mkt.py:fn`` executes this file inside a torchx module, so it imports only
+Note: ``torchx run path/to/components.py:fn`` executes this file inside a torchx module, so it imports only
 absolute names and keeps its helpers behind a ``_mkt`` prefix.
 """
 
