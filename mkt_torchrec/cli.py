@@ -275,7 +275,7 @@ def _add_evaluate(p: argparse.ArgumentParser) -> None:
 
 
 def _evaluate_entry(config: str, overrides: list, run_dir: str, data: str) -> dict:
-    from mkt_torchrec.training.trainer import evaluate
+    from mkt_torchrec.training.scoring import evaluate
 
     cfg = load_config(config, overrides)
     return evaluate(cfg, run_dir, data)

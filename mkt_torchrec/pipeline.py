@@ -68,7 +68,8 @@ def _train_and_evaluate(config: str, overrides: List[str], data: str, out: str, 
     run is evaluated already is skipped, an interrupted one resumes from its checkpoint."""
     from mkt_torchrec.training import checkpoint
     from mkt_torchrec.training.distributed import init_distributed
-    from mkt_torchrec.training.trainer import evaluate, train
+    from mkt_torchrec.training.scoring import evaluate
+    from mkt_torchrec.training.trainer import train
 
     info = init_distributed()  # also when every run is done already: the world is left cleanly either way
     base_seed = load_config(config, overrides).train.seed
@@ -180,7 +181,7 @@ def _check_reuse(config: str, overrides: List[str], data: str, out: str, names: 
     """A rerun reuses OUT's data and runs only if they were made with the settings of this one."""
     from dataclasses import asdict
 
-    from mkt_torchrec.training.trainer import read_run
+    from mkt_torchrec.training.rundir import read_run
 
     manifest = os.path.join(data, "manifest.json")
     if synthesised and os.path.isfile(manifest):

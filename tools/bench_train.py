@@ -3,9 +3,9 @@
 Both arms are built once in the same ranks of one launch (``mkt_torchrec.training.distributed.launch``, as
 ``mkt train --nproc``), kept warm, and timed in interleaved windows, so both see the same machine state.
 
-Arm A, TorchRec, is exactly how ``mkt train`` steps: ``trainer.assemble(cfg, "mem", info)`` (meta-device build
+Arm A, TorchRec, is exactly how ``mkt train`` steps: ``assembly.assemble(cfg, "mem", info)`` (meta-device build
 -> fused embedding optimizer -> planner -> ``DistributedModelParallel`` -> ``CombinedOptimizer``), then
-``trainer.make_pipeline`` (``TrainPipelineSparseDist``) fed by the trainer's ``_Feed`` (the ``ParquetReader``,
+``feed.make_pipeline`` (``TrainPipelineSparseDist``) fed by the trainer's ``Feed`` (the ``ParquetReader``,
 loss weights from ``_weighted``); one ``pipeline.progress`` is one step.
 
 Arm B, plain PyTorch, is what a team without TorchRec writes: the same MEM dense modules (shared code) with the
@@ -14,7 +14,7 @@ sparse arch replaced by one ``nn.Embedding`` weight per table, replicated, and t
 (``gradient_as_bucket_view=True, broadcast_buffers=False``). It reads the same KeyedJaggedTensor batches:
 ``F.embedding_bag(mode="sum")`` per single-valued feature (an empty bag pools to zeros, as in TorchRec) and, per
 behaviour sequence, ``F.embedding`` of its jagged ids (the real ids only, as TorchRec's EmbeddingCollection)
-scattered into the zero (B, L, D) padding. Same feed (``_Feed`` over its own reader: the same batches in the same
+scattered into the zero (B, L, D) padding. Same feed (``Feed`` over its own reader: the same batches in the same
 order), batch size, loss weights, threads (``train.threads``) and initial values (dense parameters copied from arm
 A, tables from the trainer's ``init_tables`` hash).
 
@@ -22,7 +22,7 @@ The same update rules. Arm A trains its sharded tables with fbgemm's fused EXACT
 data_parallel tables with ``torchrec.optim.RowWiseAdagrad``: per row with a gradient g (duplicate ids summed),
 ``m += mean_d(g**2)``, ``w -= lr * g / (sqrt(m) + eps)``, lr / eps from ``plan.embedding_optimizer_kwargs``; the
 rest with ``train.dense_optimizer`` (Adam, ``train.dense_lr``), in torch's fused implementation (one kernel for all
-parameters: ``trainer.dense_optimizer``). Arm B uses the same dense optimizer in torch's default implementation,
+parameters: ``assembly.dense_optimizer``). Arm B uses the same dense optimizer in torch's default implementation,
 what a plain team writes (``--baseline-dense-optimizer fused`` gives it the fused one: the same update rule), and
 :class:`RowwiseAdagrad` with the same lr / eps. ``torchrec.optim.RowWiseAdagrad`` refuses sparse
 gradients, so a plain team writes that one; ours takes both kinds of gradient (``--baseline-grads``):
@@ -239,7 +239,8 @@ class _PlainArm:
         from mkt_torchrec.models.mkt import MEM
         from mkt_torchrec.models.train import MEMTrain, pdl_gamma
         from mkt_torchrec.planning.plan import embedding_optimizer_kwargs
-        from mkt_torchrec.training.trainer import _DENSE_OPTIMIZERS, _Feed, _table_values, dense_optimizer
+        from mkt_torchrec.training.assembly import _DENSE_OPTIMIZERS, _table_values, dense_optimizer
+        from mkt_torchrec.training.feed import Feed
 
         if cfg.train.embedding_optimizer != "rowwise_adagrad" or cfg.train.embedding_precision != "fp32":
             raise ValueError(f"train.embedding_optimizer={cfg.train.embedding_optimizer}, train.embedding_precision="
@@ -273,7 +274,7 @@ class _PlainArm:
                            _DENSE_OPTIMIZERS[cfg.train.dense_optimizer](dense, lr=cfg.train.dense_lr)]
         reader = ParquetReader(data_dir, "train", cfg.schema, cfg.data, rank=info.rank,
                                world_size=info.world_size, manifest=manifest)
-        self.feed = _Feed(reader, info, epochs=1 << 30, steps=None)
+        self.feed = Feed(reader, info, epochs=1 << 30, steps=None)
         self.model.train()
 
     def step(self) -> Tuple[int, Any]:
@@ -299,14 +300,15 @@ class _TorchRecArm:
 
     def __init__(self, cfg: Any, info: Any, manifest: Any, data_dir: str) -> None:
         from mkt_torchrec.data.reader import ParquetReader
-        from mkt_torchrec.training.trainer import _Feed, assemble, make_pipeline
+        from mkt_torchrec.training.assembly import assemble
+        from mkt_torchrec.training.feed import Feed, make_pipeline
 
         self.asm = assemble(cfg, "mem", info, manifest=manifest)
         self.asm.model.train()
         self.pipeline = make_pipeline(self.asm.model, self.asm.optimizer, info.device)
         reader = ParquetReader(data_dir, "train", cfg.schema, cfg.data, rank=info.rank,
                                world_size=info.world_size, manifest=manifest)
-        self.feed = _Feed(reader, info, epochs=1 << 30, steps=None)
+        self.feed = Feed(reader, info, epochs=1 << 30, steps=None)
 
     def dense_state(self) -> Dict[str, Any]:
         """Non-table parameters by name (the names a plain ``MEMTrain`` gives them)."""

@@ -32,7 +32,7 @@ import torch
 
 from mkt_torchrec.config import Config, load_config
 from mkt_torchrec.training.build import build_train_module
-from mkt_torchrec.training.trainer import _MEM_IN_STAGE2
+from mkt_torchrec.training.assembly import MEM_IN_STAGE2
 
 _TABLE_STATE = {"rowwise_adagrad": "row", "adagrad": 1, "adam": 2, "sgd": 0}  # float32 values per entry
 _DENSE_STATE = {"adam": 2, "adagrad": 1, "sgd": 0}  # float32 values per entry (plus one step each, if any)
@@ -53,7 +53,7 @@ def stage_sizes(cfg: Config, stage: str) -> Dict[str, int]:
     dense_per_entry = _DENSE_STATE[cfg.train.dense_optimizer]
     for name, t in module.state_dict(keep_vars=True).items():
         key, size = f"model.{name}", t.numel() * t.element_size()
-        if stage == "tem" and key.startswith(_MEM_IN_STAGE2):
+        if stage == "tem" and key.startswith(MEM_IN_STAGE2):
             out["frozen_mem"] += size  # in no optimizer
             continue
         if _is_table(key):

@@ -276,7 +276,7 @@ class Smoke:
 
         from mkt_torchrec.data.reader import ParquetReader
         from mkt_torchrec.models.serving import load_serving, padded_ids, serving_keys
-        from mkt_torchrec.training.trainer import run_config
+        from mkt_torchrec.training.rundir import run_config
 
         run = self.run_dir("resumed", "tem")
         cfg = run_config(run)

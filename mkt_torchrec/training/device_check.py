@@ -27,7 +27,7 @@ Sharded state is placed as on a GPU too. TorchRec gives every local shard of a s
 optimizer's state) the placement ``rank:R/cuda:L``, and torch's ``Shard`` / ``ShardedTensor`` refuse a local
 tensor whose device differs from its placement; on a CPU machine every placement reads ``cpu``, so code that
 copies a shard to the host and keeps its placement (a checkpoint stager, a resharding helper) works here and dies
-on the first GPU checkpoint. :func:`place_on_accelerator` (called by ``trainer.assemble``) rewrites the placements
+on the first GPU checkpoint. :func:`place_on_accelerator` (called by ``assembly.assemble``) rewrites the placements
 of every ShardedTensor of the model's and the optimizer's state to ``cuda:(R % local world size)``, and
 :func:`install` makes torch's two checks judge a tensor by where it would be on the GPU machine: a tensor our code
 made on the host (marked as above) does not match a ``cuda`` placement; any other tensor of the rank stands for a

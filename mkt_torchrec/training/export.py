@@ -63,7 +63,8 @@ def serving_from_run(run_dir: str) -> Tuple[Config, ServingModel]:
     """
     from mkt_torchrec import registry
     from mkt_torchrec.models import baselines
-    from mkt_torchrec.training.trainer import load_run_checkpoint, read_run, run_config  # heavy to import
+    from mkt_torchrec.training.mem_transfer import load_run_checkpoint
+    from mkt_torchrec.training.rundir import read_run, run_config# heavy to import
 
     run = read_run(run_dir)
     cfg = run_config(run_dir)

@@ -233,7 +233,8 @@ def _pipelined_steps(data: str, out: str) -> dict:
     sync our code makes; the SERVED runs save a checkpoint and run.json."""
     from mkt_torchrec.training import checkpoint, device_check
     from mkt_torchrec.training.distributed import init_distributed
-    from mkt_torchrec.training.trainer import _weighted, assemble, make_pipeline, state_of
+    from mkt_torchrec.training.assembly import assemble, state_of
+    from mkt_torchrec.training.feed import _weighted, make_pipeline
 
     torch.set_num_threads(1)
     info = init_distributed()

@@ -203,7 +203,8 @@ def _steps_with_fixed_batches(sets, steps, global_batch, pipelined=False):
 
     from mkt_torchrec.data.reader import ParquetReader
     from mkt_torchrec.training.distributed import init_distributed
-    from mkt_torchrec.training.trainer import _weighted, assemble, make_pipeline, state_of
+    from mkt_torchrec.training.assembly import assemble, state_of
+    from mkt_torchrec.training.feed import _weighted, make_pipeline
 
     torch.set_num_threads(1)
     info = init_distributed()
@@ -355,7 +356,7 @@ def test_early_stopping_validates_each_epoch_and_serves_the_best(small_dataset, 
 def _stage2_parts(mem_run) -> dict:
     from mkt_torchrec.data.reader import ParquetReader
     from mkt_torchrec.training.distributed import init_distributed
-    from mkt_torchrec.training.trainer import assemble
+    from mkt_torchrec.training.assembly import assemble
 
     torch.set_num_threads(1)
     info = init_distributed()
@@ -419,7 +420,8 @@ def test_restart_at_1_then_3_ranks_and_other_plans_trains_every_row_once(small_d
 
 def _carry(ckpt_in, sharding_type, out) -> str:
     from mkt_torchrec.training.distributed import init_distributed
-    from mkt_torchrec.training.trainer import assemble, load_train_state, state_of
+    from mkt_torchrec.training.assembly import assemble, state_of
+    from mkt_torchrec.training.resume import load_train_state
 
     torch.set_num_threads(1)
     info = init_distributed()

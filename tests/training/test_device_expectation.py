@@ -155,7 +155,7 @@ def test_a_cuda_plan_or_compute_device_on_a_cpu_job_says_why_there_is_no_gpu(tmp
     import json as _json
 
     from mkt_torchrec.training.distributed import DistInfo
-    from mkt_torchrec.training.trainer import _compute_device
+    from mkt_torchrec.training.assembly import _compute_device
     from tests.conftest import small_config
 
     info = DistInfo(0, 1, 0, 1, torch.device("cpu"), "gloo")

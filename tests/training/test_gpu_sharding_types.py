@@ -83,7 +83,7 @@ def _plan_file(cfg, stage, choice, path):
 
 def _assemble(stage, plan_file):
     from mkt_torchrec.training.distributed import init_distributed
-    from mkt_torchrec.training.trainer import assemble
+    from mkt_torchrec.training.assembly import assemble
 
     torch.set_num_threads(1)
     info = init_distributed()
@@ -108,7 +108,8 @@ def _plan_record(asm, info):
 def _train(plan_file, run, steps=3, per_rank=64):
     """Assemble the MEM under ``plan_file``, train ``steps`` steps on fixed batches, save it as a run."""
     from mkt_torchrec.data.reader import ParquetReader
-    from mkt_torchrec.training.trainer import _weighted, state_of
+    from mkt_torchrec.training.assembly import state_of
+    from mkt_torchrec.training.feed import _weighted
 
     info, cfg, asm = _assemble("mem", plan_file)
     reader = ParquetReader(os.environ["MKT_TEST_DATA"], "train", cfg.schema, cfg.data, batch_size=per_rank)
@@ -125,7 +126,8 @@ def _train(plan_file, run, steps=3, per_rank=64):
 def _reload(plan_file, loads):
     """Assemble the MEM under ``plan_file``; for each (checkpoint, run): load it (``load_train_state``, with the
     plan it records) and save it again as ``run``."""
-    from mkt_torchrec.training.trainer import load_train_state, state_of
+    from mkt_torchrec.training.assembly import state_of
+    from mkt_torchrec.training.resume import load_train_state
 
     info, cfg, asm = _assemble("mem", plan_file)
     out = []
@@ -177,14 +179,15 @@ def _stage2(plan_file, mem_runs, out):
     """Assemble stage 2 under ``plan_file``; for each MEM run: load the frozen MEM from it, train one step, save the
     frozen MEM's tensors."""
     from mkt_torchrec.data.reader import ParquetReader
-    from mkt_torchrec.training.trainer import _load_mem_into_stage2, train_state
+    from mkt_torchrec.training.assembly import train_state
+    from mkt_torchrec.training.mem_transfer import load_mem_into_stage2
 
     info, cfg, asm = _assemble("tem", plan_file)
     batch = next(iter(ParquetReader(os.environ["MKT_TEST_DATA"], "train", cfg.schema, cfg.data, rank=info.rank,
                                     world_size=info.world_size, entity="target", batch_size=64)))
     saved = []
     for i, mem_run in enumerate(mem_runs):
-        record = _load_mem_into_stage2(asm.model, mem_run)
+        record = load_mem_into_stage2(asm.model, mem_run)
         loss, _ = asm.model(batch.to(info.device))
         asm.optimizer.zero_grad()
         loss.backward()

@@ -24,9 +24,11 @@ import torch.distributed as dist
 
 from mkt_torchrec.cli import main
 from mkt_torchrec.data.reader import ParquetReader
-from mkt_torchrec.training import checkpoint, trainer
+from mkt_torchrec.training import assembly, checkpoint, mem_transfer, scoring
 from mkt_torchrec.training.build import build_train_module
-from mkt_torchrec.training.trainer import load_unsharded, run_config, train_state
+from mkt_torchrec.training.assembly import train_state
+from mkt_torchrec.training.rundir import run_config
+from mkt_torchrec.training.trainer import load_unsharded
 
 from tests.conftest import QUICKSTART, SMALL, set_flags, small_config
 
@@ -77,7 +79,7 @@ def test_score_split_holds_no_batch_of_the_pass_it_has_scored(small_dataset, tmp
             buffers.append(refs)
             return SimpleNamespace(logits=torch.zeros(len(batch)), hfa=None, entity=batch.entity)
 
-    trainer.score_split(Pipeline(), reader, world_of_one, str(tmp_path / "pred"), "test")
+    scoring.score_split(Pipeline(), reader, world_of_one, str(tmp_path / "pred"), "test")
     scored = pq.read_table(tmp_path / "pred" / "part-00000.parquet")
     assert scored.num_rows == reader.num_rows() and len(buffers) >= 20
     assert scored.column("user_id").to_pylist()[:5] == next(iter(reader)).user_id[:5].tolist()
@@ -94,7 +96,7 @@ def _whole_table_reference(seed, table, rows, dim):
     salt = (zlib.crc32(table.encode()) << 20) ^ (seed * 0x9E3779B9)
     r = torch.arange(0, rows, dtype=torch.int64).unsqueeze(1)
     c = torch.arange(0, dim, dtype=torch.int64).unsqueeze(0)
-    h = trainer._mix(r * dim + c + salt)
+    h = assembly._mix(r * dim + c + salt)
     unit = ((h >> 11) & ((1 << 53) - 1)).double() / float(1 << 53)
     return ((unit * 2.0 - 1.0) * (1.0 / math.sqrt(rows))).float()
 
@@ -111,7 +113,7 @@ class _Tables:
 
 def _spy_table_values(monkeypatch, compute=True):
     calls = []
-    real = trainer._table_values
+    real = assembly._table_values
 
     def spy(seed, table, rows, row0, col0, shape, dim, device=None):
         calls.append({"table": table, "row0": row0, "col0": col0, "shape": tuple(shape), "device": device})
@@ -119,7 +121,7 @@ def _spy_table_values(monkeypatch, compute=True):
             return torch.empty(shape, device="meta")
         return real(seed, table, rows, row0, col0, shape, dim, **({} if device is None else {"device": device}))
 
-    monkeypatch.setattr(trainer, "_table_values", spy)
+    monkeypatch.setattr(assembly, "_table_values", spy)
     return calls
 
 
@@ -128,13 +130,13 @@ def test_init_tables_hashes_every_shard_in_small_chunks_to_the_same_bits(monkeyp
     values of the whole-table hash, each call on the shard's device and at most 10 entries (or one row)."""
     from torch.distributed._shard.sharded_tensor import Shard, ShardedTensor, ShardMetadata
 
-    monkeypatch.setattr(trainer, "_INIT_CHUNK_ELEMENTS", 10, raising=False)
+    monkeypatch.setattr(assembly, "_INIT_CHUNK_ELEMENTS", 10, raising=False)
     calls = _spy_table_values(monkeypatch)
     pieces = [((0, 0), (7, 5)), ((0, 5), (7, 7)), ((7, 0), (13, 12))]  # (offsets, sizes) of a 20 x 12 table
     shards = [Shard(torch.zeros(size), ShardMetadata(list(off), list(size), "rank:0/cpu")) for off, size in pieces]
     sharded = ShardedTensor._init_from_local_shards(shards, 20, 12)
     plain = torch.zeros(33, 4)
-    trainer.init_tables(_Tables(**{"sparse.ebc.embedding_bags.user_id.weight": sharded,
+    assembly.init_tables(_Tables(**{"sparse.ebc.embedding_bags.user_id.weight": sharded,
                                    "sparse.ec.embeddings.item_id.weight": plain}), seed=7)
 
     whole = _whole_table_reference(7, "user_id", 20, 12)
@@ -153,7 +155,7 @@ def test_init_tables_of_an_industrial_user_id_shard_keeps_every_chunk_small(monk
     ``_INIT_CHUNK_ELEMENTS`` (4M) entries, and the calls cover every row once, in order."""
     calls = _spy_table_values(monkeypatch, compute=False)
     rows = 150_000_000
-    trainer.init_tables(_Tables(**{"model.sparse_arch.ebc.embedding_bags.user_id.weight":
+    assembly.init_tables(_Tables(**{"model.sparse_arch.ebc.embedding_bags.user_id.weight":
                                    torch.empty(rows, 8, device="meta")}), seed=0)
     assert calls and max(c["shape"][0] * c["shape"][1] for c in calls) <= 1 << 22
     assert {c["device"] for c in calls} == {torch.device("meta")}
@@ -192,7 +194,7 @@ def test_a_stage2_checkpoint_holds_no_mem_and_records_the_mem_checkpoint(runs):
     assert any(k.startswith("model.model.tem.") for k in keys)
     assert not [k for k in keys if k.startswith(MEM_KEYS)], "the frozen MEM was saved again"
     digest = hashlib.sha256(open(os.path.join(mem_ckpt, ".metadata"), "rb").read()).hexdigest()
-    assert checkpoint.read_extra(tem_ckpt)[trainer.MEM_RECORD] == {
+    assert checkpoint.read_extra(tem_ckpt)[mem_transfer.MEM_RECORD] == {
         "path": os.path.abspath(mem_ckpt), "step": 3, "digest": f"sha256:{digest}"}
     # what the MEM checkpoint holds of the MEM is everything stage 2's MEM has
     mem_state = load_unsharded(run_config(runs["tem"]), "tem", tem_ckpt).state_dict()

@@ -59,7 +59,7 @@ def _sharded_state_on_emulated_gpus(out: str) -> dict:
     old stager), then an async and a sync checkpoint, and a load back into the live (cuda-placed) state."""
     from mkt_torchrec.training.checkpoint import AsyncCheckpointer
     from mkt_torchrec.training.distributed import init_distributed
-    from mkt_torchrec.training.trainer import assemble, state_of
+    from mkt_torchrec.training.assembly import assemble, state_of
 
     torch.set_num_threads(1)
     info = init_distributed()

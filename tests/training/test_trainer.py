@@ -294,7 +294,7 @@ def test_the_feed_pins_batches_off_the_main_thread_and_hands_them_over_unchanged
 
     from mkt_torchrec.data.reader import ParquetReader
     from mkt_torchrec.training.distributed import DistInfo
-    from mkt_torchrec.training.trainer import _Feed
+    from mkt_torchrec.training.feed import Feed
 
     cfg = small_config("data.batch_size=256")
     info = DistInfo(0, 1, 0, 1, torch.device("cpu"), "gloo")
@@ -306,7 +306,7 @@ def test_the_feed_pins_batches_off_the_main_thread_and_hands_them_over_unchanged
 
     def fed(pin_fn):
         reader = ParquetReader(small_dataset, "train", cfg.schema, cfg.data, rank=0, world_size=1)
-        feed = _Feed(reader, info, epochs=1, steps=None, pin=pin_fn)
+        feed = Feed(reader, info, epochs=1, steps=None, pin=pin_fn)
         out = []
         for batch in feed:
             f = feed.handed.popleft()
@@ -323,7 +323,7 @@ def test_the_feed_pins_batches_off_the_main_thread_and_hands_them_over_unchanged
 def test_the_feed_thread_raises_the_readers_error_in_the_trainer(small_dataset):
     from mkt_torchrec.data.reader import ParquetReader
     from mkt_torchrec.training.distributed import DistInfo
-    from mkt_torchrec.training.trainer import _Feed
+    from mkt_torchrec.training.feed import Feed
 
     cfg = small_config("data.batch_size=256")
     reader = ParquetReader(small_dataset, "train", cfg.schema, cfg.data, rank=0, world_size=1)
@@ -335,14 +335,14 @@ def test_the_feed_thread_raises_the_readers_error_in_the_trainer(small_dataset):
             raise ValueError("part-00001.parquet: column 'age' row 7: broken")
         return batch
 
-    feed = _Feed(reader, DistInfo(0, 1, 0, 1, torch.device("cpu"), "gloo"), epochs=1, steps=None, pin=pin)
+    feed = Feed(reader, DistInfo(0, 1, 0, 1, torch.device("cpu"), "gloo"), epochs=1, steps=None, pin=pin)
     with pytest.raises(ValueError, match="column 'age' row 7"):
         for _ in feed:
             pass
 
 
 def test_train_tf32_sets_the_cuda_matmul_flags_and_the_dense_optimizer_is_fused():
-    from mkt_torchrec.training.trainer import configure_dense_math, dense_optimizer
+    from mkt_torchrec.training.assembly import configure_dense_math, dense_optimizer
 
     before = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)
     try:

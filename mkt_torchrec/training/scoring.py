@@ -1,0 +1,249 @@
+"""The distributed scoring pass: prediction files of a split, HFA's scores, the validation of early stopping and
+``evaluate``.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+from dataclasses import replace
+from typing import Any, Dict, List, Optional
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import torch
+import torch.distributed as dist
+
+from mkt_torchrec import faults, logs
+from mkt_torchrec.collective import Collective
+from mkt_torchrec.config import Config
+from mkt_torchrec.data.dataset import open_dataset_shared
+from mkt_torchrec.data.reader import ParquetReader
+from mkt_torchrec.training import checkpoint, runlock
+from mkt_torchrec.training.assembly import assemble, configure_dense_math, train_state
+from mkt_torchrec.training.build import stage_entity
+from mkt_torchrec.training.distributed import DistInfo, init_distributed
+from mkt_torchrec.training.feed import Feed, make_pipeline
+from mkt_torchrec.training.mem_transfer import load_run_checkpoint
+from mkt_torchrec.training.rundir import read_run, run_config, write_json
+
+log = logging.getLogger("mkt.train")
+
+
+def progress_bar(total: int, desc: str, initial: int, enabled: bool):
+    from tqdm import tqdm
+
+    return tqdm(total=total, initial=min(initial, total), desc=desc, unit="step", dynamic_ncols=True,
+                disable=not enabled or not logs.progress_enabled())
+
+
+class _HFAMeans:
+    """Per-entity mean HFA score of each specific feature over the entity's own rows, summed on the device.
+
+    Args:
+        features: entity -> feature names of its score columns (``hfa_feature_names``); ``StepOutput.hfa`` holds
+            the entities' columns one after the other, in this order, which is that of the entity codes (source
+            0, target 1).
+    """
+
+    def __init__(self, features: Dict[str, List[str]]) -> None:
+        self.features = features
+        self.sums: Optional[torch.Tensor] = None  # (F_src + F_tgt + entities,) own-row score sums, then row counts
+        self.codes: Optional[torch.Tensor] = None  # (F,) entity code of each score column, on the device
+
+    def add(self, hfa: torch.Tensor, entity: torch.Tensor) -> None:
+        """hfa (B, F_src + F_tgt), entity (B,) on the device; no host sync."""
+        width = sum(len(f) for f in self.features.values())
+        if hfa.shape[1] != width:
+            raise RuntimeError(f"the model's HFA scores have {hfa.shape[1]} columns, the schema's specific "
+                               f"features {width}")
+        if self.codes is None:  # filled on the device (a tensor from a host list would copy and sync on CUDA)
+            self.codes = torch.cat([torch.full((len(names),), code, dtype=entity.dtype, device=hfa.device)
+                                    for code, names in enumerate(self.features.values())])  # (F,)
+        own = (entity.unsqueeze(1) == self.codes.unsqueeze(0)).double()  # (B, F) 1 where the column is the row's
+        rows = (entity.unsqueeze(1) == torch.arange(len(self.features), device=hfa.device)).double()  # (B, E)
+        part = torch.cat([(hfa.double() * own).sum(0), rows.sum(0)])  # (F + E,)
+        self.sums = part if self.sums is None else self.sums + part
+
+    def all_reduce(self, device: torch.device) -> Dict[str, Dict[str, float]]:
+        """Sum over ranks (a collective) -> {entity: {feature: mean}} of the entities with rows."""
+        width = sum(len(f) for f in self.features.values())
+        sums = self.sums if self.sums is not None else torch.zeros(width + len(self.features), dtype=torch.float64,
+                                                                   device=device)
+        dist.all_reduce(sums)
+        values = sums.tolist()
+        out: Dict[str, Dict[str, float]] = {}
+        col = 0
+        for i, (e, names) in enumerate(self.features.items()):
+            count = values[width + i]
+            if count > 0:
+                out[e] = {n: values[col + j] / count for j, n in enumerate(names)}
+            col += len(names)
+        return out
+
+
+def score_split(pipeline: Any, reader: ParquetReader, info: DistInfo, pred_dir: str, desc: str,
+                hfa_features: Optional[Dict[str, List[str]]] = None) -> Optional[Dict[str, Dict[str, float]]]:
+    """Score one pass of ``reader`` through ``pipeline`` (its model in eval mode) and write this rank's predictions
+    to ``pred_dir/part-RANK.parquet`` (``user_id, entity, label, score`` [, ``activity``, ``true_prob``]); the
+    directory is emptied first. Collective: every rank calls it. Scores stay on the device until the pass ends.
+
+    With ``hfa_features`` (entity -> specific feature names, ``hfa_feature_names``) and a model that reports HFA
+    scores (``StepOutput.hfa``, MKT's MEM with HFA), also returns every entity's mean score of each of its
+    specific features over its own rows of all ranks: {entity: {feature: mean}}; else None."""
+    cols: Dict[str, list] = {"user_id": [], "entity": [], "label": [], "activity": [], "true_prob": []}
+    logits: List[torch.Tensor] = []
+    hfa = _HFAMeans(hfa_features) if hfa_features is not None else None
+    scored_hfa = False  # the model reports HFA scores (the same on every rank: the same model, the same steps)
+    feed = Feed(reader, info, epochs=reader.epoch + 1, steps=None)
+    total = -(-reader.num_rows() // max(1, reader.plan.batch_size * info.world_size))
+    bar = progress_bar(total, desc, 0, info.is_main)
+    with torch.no_grad():
+        while True:
+            try:
+                out = pipeline.progress(feed)  # the forward's StepOutput (no backward in eval mode)
+            except StopIteration:
+                break
+            fed = feed.handed.popleft()
+            bar.update(1)
+            scored_hfa = scored_hfa or (out.hfa is not None and out.hfa.shape[1] > 0)
+            if fed.rows == 0:  # filler: this rank has scored all its rows
+                continue
+            batch = fed.batch
+            logits.append(out.logits)
+            if hfa is not None and scored_hfa:
+                hfa.add(out.hfa, out.entity)
+            # copies in pageable memory: a view would keep the feed's (on CUDA pinned) batch alive all pass long
+            cols["user_id"].append(batch.user_id.numpy().copy())
+            cols["entity"].append(batch.entity.numpy().copy())
+            cols["label"].append(batch.labels.numpy().copy())
+            if batch.activity is not None:
+                cols["activity"].append(batch.activity.numpy().copy())
+            if batch.true_prob is not None:
+                cols["true_prob"].append(batch.true_prob.numpy().copy())
+    bar.close()
+    cols["score"] = [torch.sigmoid(torch.cat(logits).float()).cpu().numpy()] if logits else []
+
+    def column(name: str, dtype: Any) -> np.ndarray:
+        return np.concatenate(cols[name]).astype(dtype) if cols[name] else np.zeros(0, dtype)
+
+    names = pa.array(["source", "target"])  # entity code -> name
+    arrays = {"user_id": pa.array(column("user_id", np.int64)),
+              "entity": names.take(pa.array(column("entity", np.int64))),
+              "label": pa.array(column("label", np.float32)), "score": pa.array(column("score", np.float32))}
+    has = reader.manifest.optional_columns
+    if "activity" in has:
+        arrays["activity"] = pa.array(column("activity", np.int64))
+    if "true_prob" in has:
+        arrays["true_prob"] = pa.array(column("true_prob", np.float32))
+    if info.is_main:  # predictions of an earlier pass (perhaps at another world size) go first
+        shutil.rmtree(pred_dir, ignore_errors=True)
+        os.makedirs(pred_dir)
+    dist.barrier()
+    path = os.path.join(pred_dir, f"part-{info.rank:05d}.parquet")
+    pq.write_table(pa.table(arrays), path + ".tmp")
+    os.replace(path + ".tmp", path)
+    dist.barrier()
+    return hfa.all_reduce(info.device) if hfa is not None and scored_hfa else None
+
+
+class Validation:
+    """The early-stopping metric: GAUC (and AUC) of ``entity``'s rows of the validation split (the last
+    ``data.validation_fraction`` of the train split in time order), scored after each epoch through the training
+    pipeline, with the exact distributed metrics (no bootstrap). Predictions go to ``RUN/validation/``."""
+
+    def __init__(self, cfg: Config, data_dir: str, run_dir: str, info: DistInfo, manifest: Any, entity: str) -> None:
+        if cfg.data.validation_fraction <= 0:
+            raise ValueError("train.patience > 0 needs a validation split: set data.validation_fraction > 0 (or "
+                             "train.patience=0 to train train.epochs epochs without early stopping)")
+        self.reader = ParquetReader(data_dir, "valid", cfg.schema, cfg.data, rank=info.rank,
+                                    world_size=info.world_size, training=False, entity=entity, manifest=manifest)
+        if self.reader.num_rows() == 0:
+            raise ValueError(f"{data_dir}: the validation split (data.validation_fraction="
+                             f"{cfg.data.validation_fraction}) has no {entity} rows to stop early on")
+        self.info, self.entity = info, entity
+        self.eval_cfg = replace(cfg.eval, bootstrap_samples=0)
+        self.pred_dir = os.path.join(run_dir, "validation")
+
+    def run(self, pipeline: Any, epoch: int) -> Dict[str, float]:
+        """Score the validation split (collective) -> {"gauc", "auc", "rows", "users"} of the entity."""
+        from mkt_torchrec.evaluation.distributed_metrics import (
+            compute_metrics_distributed,
+        )
+
+        self.reader.set_epoch(0)
+        score_split(pipeline, self.reader, self.info, self.pred_dir, f"validate {epoch}")
+        metrics = (compute_metrics_distributed(self.pred_dir, self.eval_cfg, self.info.device) or {})[self.entity]
+        gauc = metrics.get("gauc")
+        return {"gauc": float("nan") if gauc is None else float(gauc), "auc": float(metrics.get("auc") or "nan"),
+                "rows": int(metrics.get("rows", 0)), "users": int(metrics.get("users", 0))}
+
+
+def evaluate(cfg: Config, run_dir: str, data_dir: str) -> Dict[str, Any]:
+    """Score the test split with the run's latest checkpoint; write predictions and RUN/metrics.json.
+
+    The model (schema, layers, ablation) is the run's own, from RUN/run.json; ``cfg`` contributes the evaluation
+    settings (``eval``), batch size, workers and threads. Every rank scores its share of the test rows and writes
+    its predictions, then every rank computes the exact statistics of its share of users and rank 0 merges small
+    sums (:mod:`mkt_torchrec.evaluation.distributed_metrics`): no rank works while the others wait.
+    """
+    run = read_run(run_dir)
+    evaluation = cfg
+    if evaluation.train.planner.plan_file:
+        raise ValueError("train.planner.plan_file does not apply to evaluate: it plans for its own world size")
+    cfg = run_config(run_dir)
+    cfg.eval, cfg.train.threads = evaluation.eval, evaluation.train.threads
+    cfg.data.batch_size, cfg.data.num_workers = evaluation.data.batch_size, evaluation.data.num_workers
+    cfg.train.planner.plan_file = None  # evaluation may run at another world size: plan afresh
+    info = init_distributed()
+    torch.set_num_threads(cfg.train.threads)
+    configure_dense_math(cfg)
+    stage = run["stage"]
+    ckpt = checkpoint.final_checkpoint(run_dir)
+    if ckpt is None:
+        raise FileNotFoundError(f"{run_dir}: no complete checkpoint to evaluate")
+    manifest = open_dataset_shared(data_dir, cfg.schema)
+    lock = Collective(info.device).on_root(lambda: runlock.acquire(run_dir, "mkt evaluate"))
+    try:
+        return _evaluate_locked(cfg, run_dir, data_dir, info, manifest, stage, ckpt)
+    finally:
+        runlock.release(lock if info.is_main else None)
+
+
+def _evaluate_locked(cfg: Config, run_dir: str, data_dir: str, info: DistInfo, manifest: Any, stage: str,
+                     ckpt: str) -> Dict[str, Any]:
+    """:func:`evaluate` once the run directory is locked."""
+    from mkt_torchrec.evaluation.distributed_metrics import compute_metrics_distributed
+    from mkt_torchrec.models.train import hfa_feature_names
+
+    asm = assemble(cfg, stage, info, manifest=manifest)
+    model = asm.model
+    load_run_checkpoint(ckpt, train_state(model, None))  # stage 2: its frozen MEM from the MEM run's checkpoint
+    model.eval()
+    entity = "target" if stage_entity(cfg, stage) == "target" else None  # joint models: both entities
+    reader = ParquetReader(data_dir, "test", cfg.schema, cfg.data, rank=info.rank, world_size=info.world_size,
+                           training=False, entity=entity, manifest=manifest)
+    wanted = manifest.rows.get("test", {}).get("target", 0) if entity else reader.num_rows()
+    if wanted == 0:
+        raise ValueError(f"{data_dir}: the test split has no {'target ' if entity else ''}rows to evaluate")
+    faults.fault_point("evaluate", info.rank)
+    pipeline = make_pipeline(model, asm.optimizer, info.device)
+    pred_dir = os.path.join(run_dir, "predictions")
+    hfa_scores = score_split(pipeline, reader, info, pred_dir, "evaluate", hfa_feature_names(cfg.schema))
+    metrics = compute_metrics_distributed(pred_dir, cfg.eval, info.device) or {}
+    if info.is_main:
+        extra = checkpoint.read_extra(ckpt)
+        metrics["run_dir"] = run_dir
+        metrics["checkpoint"] = os.path.basename(ckpt)
+        metrics["checkpoint_epoch"] = int(extra["epoch"])  # the epoch early stopping chose, when it ran
+        metrics["validation"] = extra.get("best")
+        metrics["stage"] = stage
+        metrics["ablation"] = cfg.model.ablation
+        metrics["world_size"] = info.world_size
+        if hfa_scores is not None:  # MKT's MEM with HFA: {entity: {specific feature: mean score on its rows}}
+            metrics["hfa_scores"] = hfa_scores
+        write_json(os.path.join(run_dir, "metrics.json"), metrics)
+    dist.barrier()
+    return metrics
