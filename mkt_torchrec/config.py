@@ -641,8 +641,10 @@ class TrainConfig:
             later: about 8x the fp32 matmul rate, 10-bit mantissa products with fp32 accumulation). No effect on CPU.
         compile: ``torch.compile`` (dynamic batch) of the dense modules the pipeline's tracer leaves whole (HFA,
             CKE, source / target extractors, towers, sequence attention, gates), fewer kernel launches per step on
-            a GPU; the first steps of every process then wait for compilation (see README "Speed").
+            a GPU; the first steps of every process then wait for compilation (measured in docs/benchmarks.md).
         planner: topology for TorchRec's planner.
+        tensorboard: write the metrics records as TensorBoard scalars too, in ``RUN/tensorboard/`` (loss, step
+            rate, validation curves; ``tensorboard --logdir OUT``).
     """
 
     epochs: int = 1
@@ -664,6 +666,7 @@ class TrainConfig:
     threads: int = 1
     tf32: bool = True
     compile: bool = False
+    tensorboard: bool = True
     planner: PlannerConfig = field(default_factory=PlannerConfig)
 
     def _validate(self, key: str) -> None:

@@ -47,7 +47,7 @@ from mkt_torchrec.training.feed import Feed, make_pipeline
 from mkt_torchrec.training.mem_transfer import (MEM_RECORD, check_mem_run, check_pretraining_run, init_tem_from_mem,
                                                 load_mem_into_stage2, load_run_checkpoint, transfer_from_pretraining)
 from mkt_torchrec.training.resume import load_train_state
-from mkt_torchrec.training.rundir import log_record, read_run, truncate_log, write_json
+from mkt_torchrec.training.rundir import Scalars, log_record, read_run, truncate_log, write_json
 from mkt_torchrec.training.scoring import Validation, progress_bar
 
 log = logging.getLogger("mkt.train")
@@ -188,111 +188,118 @@ def _train_locked(cfg: Config, stage: str, data_dir: str, run_dir: str, resume: 
             log.info("resumed %s from %s (step %d, epoch %d, saved by %d ranks, now %d)", run_dir, latest, step,
                      epoch, int(extra.get("world_size", 0)), info.world_size)
 
-    saver = checkpoint.AsyncCheckpointer(run_dir, info.is_main, cfg.train.keep_checkpoints)
-    cadence = _Cadence(cfg.train, info.is_main)
-    tc = cfg.train
-    validating = tc.patience > 0
-    epochs = tc.max_epochs if validating else tc.epochs
-    valid_entity = "source" if entity == "source" else "target"  # the target entity's GAUC is what counts
-    validation = Validation(cfg, data_dir, run_dir, info, manifest, valid_entity) if validating else None
-    steps_left = max(0, tc.max_steps - step) if tc.max_steps else None
-    reader_state = reader.state_dict()  # this rank's position after the last trained step
+    scalars = Scalars(run_dir, purge_step=step + 1 if latest is not None else None) \
+        if info.is_main and cfg.train.tensorboard else None
+    try:
+        saver = checkpoint.AsyncCheckpointer(run_dir, info.is_main, cfg.train.keep_checkpoints)
+        cadence = _Cadence(cfg.train, info.is_main)
+        tc = cfg.train
+        validating = tc.patience > 0
+        epochs = tc.max_epochs if validating else tc.epochs
+        valid_entity = "source" if entity == "source" else "target"  # the target entity's GAUC is what counts
+        validation = Validation(cfg, data_dir, run_dir, info, manifest, valid_entity) if validating else None
+        steps_left = max(0, tc.max_steps - step) if tc.max_steps else None
+        reader_state = reader.state_dict()  # this rank's position after the last trained step
 
-    def save() -> None:
-        if window_steps:  # never publish a checkpoint of a run that diverged since its last log step
-            _check_finite(all_sum([float(stats.sum())], info.device)[0], step - window_steps, step)
-        runlock.refresh(lock)
-        readers = all_gather_objects(reader_state, info.world_size)
-        saver.save(step, state_of(asm, cfg),
-                   {"step": step, "epoch": epoch, "epoch_rows": epoch_rows, "readers": readers,
-                    "world_size": info.world_size, "stage": stage, "plan": plan_record, "best": best,
-                    "since_best": since_best, **({MEM_RECORD: mem_used} if mem_used else {})})
-        cadence.saved()
+        def save() -> None:
+            if window_steps:  # never publish a checkpoint of a run that diverged since its last log step
+                _check_finite(all_sum([float(stats.sum())], info.device)[0], step - window_steps, step)
+            runlock.refresh(lock)
+            readers = all_gather_objects(reader_state, info.world_size)
+            saver.save(step, state_of(asm, cfg),
+                       {"step": step, "epoch": epoch, "epoch_rows": epoch_rows, "readers": readers,
+                        "world_size": info.world_size, "stage": stage, "plan": plan_record, "best": best,
+                        "since_best": since_best, **({MEM_RECORD: mem_used} if mem_used else {})})
+            cadence.saved()
 
-    fail_check = faults.die_after_step(stage)  # MKT_FAIL_AT_STEP (mkt_torchrec.faults)
-    rows_per_step = reader.plan.batch_size * info.world_size
-    split_rows = reader.num_rows()  # of the stage's entity
-    est_steps = epochs * max(1, -(-split_rows // rows_per_step))
-    if tc.max_steps:
-        est_steps = min(est_steps, tc.max_steps)
-    bar = progress_bar(est_steps, f"train {stage}", step, info.is_main)
-    model.train()
-    pipeline = make_pipeline(model, optimizer, info.device)
-    window_rows, window_start = 0, time.perf_counter()
-    stats = torch.zeros(3, dtype=torch.float64, device=info.device)  # loss, bce, pdl summed since the last log
-    window_steps, last_loss = 0, float("nan")
-    stopped = validating and best is not None and since_best >= tc.patience  # resumed after the early stop
-    faults.fault_point("train", info.rank)
-    while reader.epoch < epochs and not stopped and (steps_left is None or steps_left > 0):
-        feed = Feed(reader, info, reader.epoch + 1, steps_left)  # one epoch: validation runs between epochs
-        trained = False
-        while True:
-            try:
-                out = pipeline.progress(feed)  # forward, backward and update of one step; no host sync
-            except StopIteration:
-                break
-            fed = feed.handed.popleft()  # the batch this step trained (the pipeline has pulled later ones already)
-            step += 1
-            trained = True
-            steps_left = None if steps_left is None else steps_left - 1
-            epoch, reader_state = fed.epoch, fed.reader_state
-            epoch_rows += fed.global_rows
-            window_rows += fed.global_rows
-            share = fed.rows * info.world_size / fed.global_rows  # this rank's share of the step's rows (x world)
-            stats += torch.stack([out.loss, out.bce, out.pdl * share]).double()
-            window_steps += 1
-            bar.update(1)
-            time_due = False
-            if step % tc.log_every == 0:
-                last_loss, time_due = _log_step(run_dir, cfg, stage, info, stats, window_steps, window_rows,
-                                                window_start, step, epoch, bar, cadence)
-                runlock.refresh(lock)
-                stats.zero_()
-                window_rows, window_steps, window_start = 0, 0, time.perf_counter()
-            if fed.epoch_end:
-                if info.is_main:
-                    log_record(run_dir, {"epoch_end": epoch, "step": step, "rows_trained": epoch_rows,
-                                          "rows_in_split": split_rows})
-                    log.info("epoch %d done: %d rows trained (of %d in the split%s)", epoch, epoch_rows,
-                             split_rows, f", {entity} rows" if entity else "")
-                epoch_rows = 0
-            saver.poll()
-            if cadence.due(step, time_due) and not (validation is not None and fed.epoch_end):
-                save()  # (an epoch's last step saves after its validation)
-            fail_check(step, info.rank, info.world_size, saver.wait)
-        if validation is None or not trained or reader.epoch == epoch:  # or stopped by max_steps mid-epoch
-            continue
-        model.eval()
-        metrics = validation.run(pipeline, epoch)
+        fail_check = faults.die_after_step(stage)  # MKT_FAIL_AT_STEP (mkt_torchrec.faults)
+        rows_per_step = reader.plan.batch_size * info.world_size
+        split_rows = reader.num_rows()  # of the stage's entity
+        est_steps = epochs * max(1, -(-split_rows // rows_per_step))
+        if tc.max_steps:
+            est_steps = min(est_steps, tc.max_steps)
+        bar = progress_bar(est_steps, f"train {stage}", step, info.is_main)
         model.train()
-        improved = best is None or metrics["gauc"] > best["gauc"]
-        best = {"step": step, "epoch": epoch, "gauc": metrics["gauc"], "auc": metrics["auc"]} if improved else best
-        since_best = 0 if improved else since_best + 1
-        stopped = since_best >= tc.patience
-        if info.is_main:
-            log_record(run_dir, {"validation": epoch, "step": step, **metrics, "best_epoch": best["epoch"],
-                                  "early_stop": stopped})
-            log.info("epoch %d validation (%s rows): GAUC %.4f AUC %.4f; best epoch %d%s", epoch, valid_entity,
-                     metrics["gauc"], metrics["auc"], best["epoch"], " - stopping early" if stopped else "")
-        save()  # every validated epoch: a resumed run continues the early stopping from here; `best` points at
-        # the best one
-    bar.close()
-    if window_steps:
-        last_loss, _ = _log_step(run_dir, cfg, stage, info, stats, window_steps, window_rows, window_start, step,
-                                 epoch, bar, cadence)
-    saver.wait()
-    final = checkpoint.latest_checkpoint(run_dir) if info.is_main else None
-    final = all_gather_objects(final, info.world_size)[0]
-    if final is None or not final.endswith(f"step-{step:08d}"):
-        save()
+        pipeline = make_pipeline(model, optimizer, info.device)
+        window_rows, window_start = 0, time.perf_counter()
+        stats = torch.zeros(3, dtype=torch.float64, device=info.device)  # loss, bce, pdl summed since the last log
+        window_steps, last_loss = 0, float("nan")
+        stopped = validating and best is not None and since_best >= tc.patience  # resumed after the early stop
+        faults.fault_point("train", info.rank)
+        while reader.epoch < epochs and not stopped and (steps_left is None or steps_left > 0):
+            feed = Feed(reader, info, reader.epoch + 1, steps_left)  # one epoch: validation runs between epochs
+            trained = False
+            while True:
+                try:
+                    out = pipeline.progress(feed)  # forward, backward and update of one step; no host sync
+                except StopIteration:
+                    break
+                fed = feed.handed.popleft()  # the batch this step trained (the pipeline has pulled later ones already)
+                step += 1
+                trained = True
+                steps_left = None if steps_left is None else steps_left - 1
+                epoch, reader_state = fed.epoch, fed.reader_state
+                epoch_rows += fed.global_rows
+                window_rows += fed.global_rows
+                share = fed.rows * info.world_size / fed.global_rows  # this rank's share of the step's rows (x world)
+                stats += torch.stack([out.loss, out.bce, out.pdl * share]).double()
+                window_steps += 1
+                bar.update(1)
+                time_due = False
+                if step % tc.log_every == 0:
+                    last_loss, time_due = _log_step(run_dir, cfg, stage, info, stats, window_steps, window_rows,
+                                                    window_start, step, epoch, bar, cadence, scalars)
+                    runlock.refresh(lock)
+                    stats.zero_()
+                    window_rows, window_steps, window_start = 0, 0, time.perf_counter()
+                if fed.epoch_end:
+                    if info.is_main:
+                        log_record(run_dir, {"epoch_end": epoch, "step": step, "rows_trained": epoch_rows,
+                                             "rows_in_split": split_rows}, scalars)
+                        log.info("epoch %d done: %d rows trained (of %d in the split%s)", epoch, epoch_rows,
+                                 split_rows, f", {entity} rows" if entity else "")
+                    epoch_rows = 0
+                saver.poll()
+                if cadence.due(step, time_due) and not (validation is not None and fed.epoch_end):
+                    save()  # (an epoch's last step saves after its validation)
+                fail_check(step, info.rank, info.world_size, saver.wait)
+            if validation is None or not trained or reader.epoch == epoch:  # or stopped by max_steps mid-epoch
+                continue
+            model.eval()
+            metrics = validation.run(pipeline, epoch)
+            model.train()
+            improved = best is None or metrics["gauc"] > best["gauc"]
+            best = {"step": step, "epoch": epoch, "gauc": metrics["gauc"], "auc": metrics["auc"]} if improved else best
+            since_best = 0 if improved else since_best + 1
+            stopped = since_best >= tc.patience
+            if info.is_main:
+                log_record(run_dir, {"validation": epoch, "step": step, **metrics, "best_epoch": best["epoch"],
+                                     "early_stop": stopped}, scalars)
+                log.info("epoch %d validation (%s rows): GAUC %.4f AUC %.4f; best epoch %d%s", epoch, valid_entity,
+                         metrics["gauc"], metrics["auc"], best["epoch"], " - stopping early" if stopped else "")
+            save()  # every validated epoch: a resumed run continues the early stopping from here; `best` points at
+            # the best one
+        bar.close()
+        if window_steps:
+            last_loss, _ = _log_step(run_dir, cfg, stage, info, stats, window_steps, window_rows, window_start, step,
+                                     epoch, bar, cadence, scalars)
         saver.wait()
-    dist.barrier()
-    return {"run_dir": run_dir, "stage": stage, "steps": step, "epochs": reader.epoch, "loss": last_loss,
-            "world_size": info.world_size, "best": best}
+        final = checkpoint.latest_checkpoint(run_dir) if info.is_main else None
+        final = all_gather_objects(final, info.world_size)[0]
+        if final is None or not final.endswith(f"step-{step:08d}"):
+            save()
+            saver.wait()
+        dist.barrier()
+        return {"run_dir": run_dir, "stage": stage, "steps": step, "epochs": reader.epoch, "loss": last_loss,
+                "world_size": info.world_size, "best": best}
+    finally:
+        if scalars is not None:
+            scalars.close()
 
 
 def _log_step(run_dir: str, cfg: Config, stage: str, info: DistInfo, stats: torch.Tensor, steps: int, rows: int,
-              start: float, step: int, epoch: int, bar: Any, cadence: "_Cadence") -> Tuple[float, bool]:
+              start: float, step: int, epoch: int, bar: Any, cadence: "_Cadence",
+              scalars: Optional[Scalars]) -> Tuple[float, bool]:
     """All-reduce the window's losses (device tensors) and rank 0's "checkpoint by time" flag; write one metrics
     record (rank 0). The only collective and host sync of a training step, every ``train.log_every`` steps.
     Returns (loss, whether a time-based checkpoint is due)."""
@@ -306,7 +313,7 @@ def _log_step(run_dir: str, cfg: Config, stage: str, info: DistInfo, stats: torc
     record = {"step": step, "epoch": epoch, "loss": loss, "bce": bce, "pdl": pdl, "rows_per_s": rows / seconds,
               "dense_lr": dense_lr(cfg, stage), "embedding_lr": cfg.train.embedding_lr, "time": time.time()}
     if info.is_main:
-        log_record(run_dir, record)
+        log_record(run_dir, record, scalars)
         bar.set_postfix(loss=f"{loss:.4f}", rows_s=f"{record['rows_per_s']:.0f}")
         log.info("step %d epoch %d loss %.4f rows/s %.0f", step, epoch, loss, record["rows_per_s"])
     return loss, values[3] > 0

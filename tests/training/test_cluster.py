@@ -334,6 +334,12 @@ def test_early_stopping_validates_each_epoch_and_serves_the_best(small_dataset, 
         assert r["best_epoch"] == max(range(i + 1), key=lambda j: (gaucs[j], -j))
         assert r["early_stop"] == (i - r["best_epoch"] >= 1)
     assert valid[-1]["early_stop"] or len(valid) == 4
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(os.path.join(run, "tensorboard"))  # the validation curve, in TensorBoard too
+    events.Reload()
+    assert [(e.step, e.value) for e in events.Scalars("validation/gauc")] == \
+        [(r["step"], pytest.approx(r["gauc"], rel=1e-6)) for r in valid]
     best_epoch = valid[-1]["best_epoch"]
     best = checkpoint.latest_checkpoint(run, checkpoint.BEST)
     assert best is not None and checkpoint.read_extra(best)["epoch"] == best_epoch

@@ -27,6 +27,15 @@ def _train(stage, data, run, nproc=2, *extra_args, sets=()):
     assert main(args) == 0
 
 
+def _scalars(run, tag):
+    """(step, value) of a TensorBoard scalar of RUN/tensorboard, as TensorBoard reads it (purged steps dropped)."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(os.path.join(run, "tensorboard"))
+    events.Reload()
+    return [(e.step, e.value) for e in events.Scalars(tag)]
+
+
 def _final_state(run, stage, *sets):
     cfg = small_config(*TRAIN, *sets)
     return load_unsharded(cfg, stage, checkpoint.latest_checkpoint(run)).state_dict()
@@ -42,6 +51,9 @@ def mem_run(small_dataset, tmp_path_factory):
 def test_stage1_then_stage2_then_evaluate(small_dataset, mem_run, tmp_path):
     records = [json.loads(line) for line in open(os.path.join(mem_run, "metrics.jsonl"))]
     assert records and {"step", "loss", "bce", "pdl", "rows_per_s", "dense_lr", "embedding_lr"} <= set(records[0])
+    losses = [(r["step"], r["loss"]) for r in records if "loss" in r]
+    assert [s for s, _ in _scalars(mem_run, "train/loss")] == [s for s, _ in losses]  # and in TensorBoard
+    assert [v for _, v in _scalars(mem_run, "train/loss")] == pytest.approx([v for _, v in losses], rel=1e-6)
     assert json.load(open(os.path.join(mem_run, "plan.json")))["world_size"] == 2
 
     tem_run = str(tmp_path / "tem")
@@ -157,6 +169,8 @@ def test_killed_run_resumes_to_the_same_parameters(small_dataset, tmp_path, monk
     assert extra["step"] == 26 and extra["epoch"] >= 1  # the run crossed an epoch boundary
     assert extra["plan"]["world_size"] == 2 and extra["plan"]["modules"]  # the plan it was saved under
     assert len(extra["readers"]) == 2 and {"epoch", "positions"} <= set(extra["readers"][1])
+    # TensorBoard shows one curve: the resumed run's events replace those after the checkpoint, as in metrics.jsonl
+    assert _scalars(killed, "train/loss") == _scalars(straight, "train/loss")
 
 
 def test_existing_run_dir_needs_resume(small_dataset, mem_run, capsys):
