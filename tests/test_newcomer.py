@@ -70,3 +70,23 @@ def test_a_url_where_a_path_belongs_is_one_line_before_anything_is_made(tmp_path
     assert err == ["mkt run: error: --data s3://bucket/mkt/data: object-store and other URLs are not read yet; "
                    "copy or mount the data to a local path"]
     assert not out.exists() and not os.path.exists(os.path.join(os.getcwd(), "s3:"))
+
+
+def test_the_wheel_holds_the_package_its_components_and_entry_points(tmp_path):
+    """What `pip install .` installs (README "Installing"): the package alone (no top-level helper packages),
+    the `mkt` script, the torchx components under the package's name, and the declared dependencies."""
+    import zipfile
+
+    proc = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w",
+                           str(tmp_path), REPO], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    (wheel,) = tmp_path.glob("mkt_torchrec-*.whl")
+    names = zipfile.ZipFile(wheel).namelist()
+    assert {n.split("/")[0] for n in names if not n.startswith("mkt_torchrec-")} == {"mkt_torchrec"}
+    assert "mkt_torchrec/components.py" in names and "mkt_torchrec/registry.py" in names
+    dist_info = next(n.split("/")[0] for n in names if n.endswith(".dist-info/METADATA"))
+    entry_points = zipfile.ZipFile(wheel).read(f"{dist_info}/entry_points.txt").decode()
+    assert "mkt = mkt_torchrec.cli:main" in entry_points
+    assert "mkt = mkt_torchrec.components" in entry_points and "_builtins = torchx.components" in entry_points
+    metadata = zipfile.ZipFile(wheel).read(f"{dist_info}/METADATA").decode()
+    assert "Requires-Dist: torchrec==1.8.0" in metadata and "License" in metadata
