@@ -238,7 +238,7 @@ class _PlainArm:
         from mkt_torchrec.data.reader import ParquetReader
         from mkt_torchrec.models.mkt import MEM
         from mkt_torchrec.models.train import MEMTrain, pdl_gamma
-        from mkt_torchrec.planning.plan import embedding_optimizer_kwargs
+        from mkt_torchrec.planning.embedding_optimizer import embedding_optimizer_kwargs
         from mkt_torchrec.training.assembly import _DENSE_OPTIMIZERS, _table_values, dense_optimizer
         from mkt_torchrec.training.feed import Feed
 

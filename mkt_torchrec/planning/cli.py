@@ -290,7 +290,7 @@ def _stage_module(cfg: Config, stage: str) -> Any:
     # torch / torchrec are imported here, not at module level, so building `mkt`'s parser stays cheap
     import torch
 
-    from mkt_torchrec.planning.plan import attach_embedding_optimizer
+    from mkt_torchrec.planning.embedding_optimizer import attach_embedding_optimizer
     from mkt_torchrec.training.build import build_train_module
 
     module = build_train_module(cfg, stage, torch.device("meta"))
@@ -299,8 +299,9 @@ def _stage_module(cfg: Config, stage: str) -> Any:
 
 
 def _run_one(args: argparse.Namespace, cfg: Config, measured: Dict[str, float], pooling: Pooling) -> int:
-    from mkt_torchrec.planning.plan import (PlanDoesNotFit, check_topology, describe_plan, plan_module, topology,
-                                            write_plan)
+    from mkt_torchrec.planning.describe import describe_plan
+    from mkt_torchrec.planning.plan import PlanDoesNotFit, check_topology, plan_module, topology
+    from mkt_torchrec.planning.plan_file import write_plan
 
     if os.path.isdir(args.out):
         raise ValueError(f"{args.out}: is a directory; --out takes the plan file's path (e.g. {args.out}/plan.json)")

@@ -1,10 +1,11 @@
-"""Sharding plans: TorchRec's planner for a topology, plan files, and loading a plan file back.
+"""Sharding plans: TorchRec's planner for a topology (plan files: ``plan_file``; what a plan costs: ``describe``; the
+embedding optimizer fused before planning: ``embedding_optimizer``).
 
 The stage module (``build_train_module``) is built on the meta device, so a 128-GPU topology is planned on a
 CPU-only machine in seconds. :func:`make_plan` is what the trainer calls (collectively when given a process
 group: rank 0 plans, every rank gets the same plan); ``mkt plan`` (``mkt_torchrec.planning.cli``) calls
-:func:`plan_module` for the per-rank storage as well and writes the plan with :func:`write_plan`;
-:func:`load_plan` turns the file back into a ``ShardingPlan`` for the trainer.
+:func:`plan_module` for the per-rank storage as well and writes the plan with ``plan_file.write_plan``;
+``plan_file.load_plan`` turns the file back into a ``ShardingPlan`` for the trainer.
 
 Search. The planner enumerates every (sharding type, compute kernel) option of every table and estimates the
 cost of every shard of each option; with 128 ranks that is slow (about 30 s for the industrial stage-2 model,
@@ -61,27 +62,30 @@ the pooling keys; :func:`load_plan` reads none of them.
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import math
-import os
 import time
 import warnings
 from dataclasses import dataclass, field, replace
-from typing import Any, Callable, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple
+from typing import Any, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple
 
 import torch
 import torch.distributed as dist
 from torch import nn
 from torchrec import EmbeddingBagCollection, EmbeddingCollection
-from torchrec import optim as trec_optim
 from torchrec.distributed.collective_utils import invoke_on_rank_and_broadcast_result
 from torchrec.distributed.embedding import EmbeddingCollectionSharder
 from torchrec.distributed.embeddingbag import EmbeddingBagCollectionSharder
 from torchrec.distributed.planner import EmbeddingShardingPlanner, ParameterConstraints
-from torchrec.distributed.planner.proposers import GreedyProposer, GridSearchProposer, UniformProposer
-from torchrec.distributed.planner.storage_reservations import HeuristicalStorageReservation
 from torchrec.distributed.planner import stats as planner_stats
+from torchrec.distributed.planner.proposers import (
+    GreedyProposer,
+    GridSearchProposer,
+    UniformProposer,
+)
+from torchrec.distributed.planner.storage_reservations import (
+    HeuristicalStorageReservation,
+)
 from torchrec.distributed.planner.types import (
     HardwareConfig,
     KernelConfig,
@@ -93,64 +97,37 @@ from torchrec.distributed.planner.types import (
     TopologyFactory,
     TrainerConfig,
 )
-from torchrec.distributed.sharding_plan import (
-    column_wise,
-    construct_module_sharding_plan,
-    data_parallel,
-    grid_shard,
-    placement,
-    row_wise,
-    table_row_wise,
-    table_wise,
-)
 from torchrec.distributed.types import (
-    EnumerableShardingSpec,
     ModuleSharder,
-    ParameterSharding,
     ShardingPlan,
-    ShardMetadata,
 )
 
 from mkt_torchrec.config import COMPUTE_DEVICES, Config, ConfigError
 from mkt_torchrec.planning.cluster import Cluster, parse_cluster
+from mkt_torchrec.planning.embedding_optimizer import optimizer_multiplier
 
 FORMAT = "mkt-plan-v1"
+
+
 GB = 1e9  # sizes in, and out, are GB as vendors publish them (an "80 GB" GPU: hbm_gb=80)
+
+
 DEFAULT_HBM_GB = 80.0  # HBM per rank without train.planner.hbm_gb, --hbm-gb or a cluster
+
+
 REPLICATE_MAX_BYTES = 1 << 20  # tables with at most this many bytes of fp32 weights are replicated (first search)
+
+
 RESERVE_PERCENTAGE = 0.15  # the planner's safety margin per rank (HeuristicalStorageReservation)
+
+
 GRID_SEARCH_BUDGET = 20000  # grid search runs when it has at most BUDGET / world_size proposals
+
+
 _HBM_KERNELS = ["dense", "fused"]
+
+
 _ROW_SPLIT_TYPES = ("row_wise", "table_row_wise", "grid_shard")
-
-# the trainer's embedding optimizers (cfg.train.embedding_optimizer), fused into backward
-EMBEDDING_OPTIMIZERS: Dict[str, type] = {
-    "rowwise_adagrad": trec_optim.RowWiseAdagrad, "adagrad": torch.optim.Adagrad,
-    "sgd": torch.optim.SGD, "adam": torch.optim.Adam,
-}
-# the stage's trainable sparse arch (stage 2 keeps the MEM frozen)
-TRAINABLE_SPARSE_ARCH = {"mem": "model.sparse_arch", "tem": "model.tem.sparse_arch"}
-FROZEN_MODULE = {"tem": "model.mem"}  # stage 2's frozen MEM (absent under no_mem_pretrain)
-EMBEDDING_EPS = 1e-8  # fbgemm's default, passed explicitly so data_parallel tables' optimizer uses the same
-
-
-def embedding_optimizer_kwargs(cfg: Config) -> Dict[str, float]:
-    """Keyword arguments of the embedding optimizer, the same for fused and data_parallel tables."""
-    kwargs = {"lr": cfg.train.embedding_lr}
-    if cfg.train.embedding_optimizer != "sgd":
-        kwargs["eps"] = EMBEDDING_EPS
-    return kwargs
-
-
-def frozen_module(module: nn.Module, stage: str) -> Optional[nn.Module]:
-    """The stage's frozen submodule (stage 2's MEM), or None."""
-    path = FROZEN_MODULE.get(stage)
-    if path is None:
-        return None
-    try:
-        return module.get_submodule(path)
-    except AttributeError:
-        return None
 
 
 class PlanDoesNotFit(ValueError):
@@ -258,47 +235,6 @@ def resolve_hardware(cfg: Config, cluster: Optional[str] = None, hbm_gb: Optiona
     return Hardware(resolved, float(hbm), float(pc.ddr_gb if ddr_gb is None else ddr_gb))
 
 
-def attach_embedding_optimizer(module: nn.Module, cfg: Config, stage: str) -> None:
-    """Fuse ``cfg.train.embedding_optimizer`` into the backward of the stage's trainable tables, as the trainer
-    does, so the planner counts their optimizer state.
-
-    Stage 2's frozen MEM tables get a stateless fused SGD at learning rate 0: without an optimizer class
-    TorchRec's sharder would give them fbgemm's default optimizer, whose state it allocates (and checkpoints).
-    They never receive a gradient anyway (the MEM runs under ``no_grad``), and the trainer leaves them out of its
-    optimizer and of DDP.
-    """
-    from torchrec.optim.apply_optimizer_in_backward import apply_optimizer_in_backward
-
-    arch = module.get_submodule(getattr(module, "trainable_sparse_arch", TRAINABLE_SPARSE_ARCH[stage]))
-    cls = EMBEDDING_OPTIMIZERS[cfg.train.embedding_optimizer]
-    for coll in (arch.ebc, arch.ec):
-        if coll is not None:
-            apply_optimizer_in_backward(cls, coll.parameters(), embedding_optimizer_kwargs(cfg))
-    frozen = frozen_module(module, stage)
-    if frozen is not None:
-        for coll in (frozen.sparse_arch.ebc, frozen.sparse_arch.ec):
-            if coll is not None:
-                params = list(coll.parameters())
-                for p in params:  # it hooks the gradient accumulator, which only trainable tensors have
-                    p.requires_grad_(True)
-                apply_optimizer_in_backward(torch.optim.SGD, params, {"lr": 0.0})
-                for p in params:
-                    p.requires_grad_(False)
-
-
-def _optimizer_multiplier(param: torch.Tensor) -> float:
-    """Optimizer state per byte of weights, as TorchRec's planner counts it."""
-    classes = getattr(param, "_optimizer_classes", None)
-    cls = classes[0] if classes else None
-    if cls is None or cls in (torch.optim.SGD, trec_optim.SGD):
-        return 0.0
-    if cls in (torch.optim.Adam, trec_optim.Adam):
-        return 2.0
-    if cls is trec_optim.RowWiseAdagrad:
-        return 1.0 / param.shape[-1]
-    return 1.0
-
-
 @dataclass
 class TableInfo:
     """One shardable table of the module being planned."""
@@ -317,7 +253,7 @@ class TableInfo:
         return self.rows * self.dim * 4
 
 
-def _shardable_modules(module: nn.Module, sharder_list: Sequence[ModuleSharder[nn.Module]]
+def shardable_modules(module: nn.Module, sharder_list: Sequence[ModuleSharder[nn.Module]]
                        ) -> Iterator[Tuple[str, nn.Module, ModuleSharder[nn.Module]]]:
     """(fqn, submodule, sharder) of every submodule a sharder shards (as DistributedModelParallel finds them)."""
     by_type = {s.module_type: s for s in sharder_list}
@@ -337,19 +273,19 @@ def table_infos(module: nn.Module, compute_device: str,
                 sharder_list: Optional[Sequence[ModuleSharder[nn.Module]]] = None) -> List[TableInfo]:
     """Every shardable table of an unsharded module, with its size (weights + optimizer state)."""
     out = []
-    for fqn, sub, sharder in _shardable_modules(module, sharder_list or sharders()):
+    for fqn, sub, sharder in shardable_modules(module, sharder_list or sharders()):
         types = list(sharder.sharding_types(compute_device))
         for name, param in sharder.shardable_parameters(sub).items():
             rows, dim = int(param.shape[0]), int(param.shape[1])
             classes = getattr(param, "_optimizer_classes", None)
-            mult = _optimizer_multiplier(param)
+            mult = optimizer_multiplier(param)
             out.append(TableInfo(fqn, name, rows, dim, classes[0].__name__ if classes else None,
                                  int(math.ceil(rows * dim * 4 * (1 + mult))), types,
                                  isinstance(sharder, EmbeddingCollectionSharder)))
     return out
 
 
-def _table_shapes(module: nn.Module) -> Dict[Tuple[str, str], Tuple[int, int]]:
+def table_shapes(module: nn.Module) -> Dict[Tuple[str, str], Tuple[int, int]]:
     """(module fqn, table) -> (rows, dim) for unsharded and sharded (DMP) embedding collections."""
     shapes: Dict[Tuple[str, str], Tuple[int, int]] = {}
 
@@ -374,7 +310,7 @@ def _table_shapes(module: nn.Module) -> Dict[Tuple[str, str], Tuple[int, int]]:
 
 def _dense_bytes_estimate(module: nn.Module, sharder_list: Sequence[ModuleSharder[nn.Module]]) -> int:
     """TorchRec's heuristic for the non-embedding part: 6 x its parameter bytes (weights, optimizer, DDP)."""
-    sparse = {id(p) for _, sub, _ in _shardable_modules(module, sharder_list) for p in sub.parameters()}
+    sparse = {id(p) for _, sub, _ in shardable_modules(module, sharder_list) for p in sub.parameters()}
     dense = sum(p.numel() * p.element_size() for p in module.parameters() if id(p) not in sparse)
     buffers = sum(b.numel() * b.element_size() for b in module.buffers())
     return 6 * dense + buffers
@@ -445,7 +381,7 @@ def _table_features(module: nn.Module, sharder_list: Sequence[ModuleSharder[nn.M
     constraint's ``pooling_factors`` in). A name shared by two collections (stage 2's MEM and TEM) gets the union
     of their features, since the planner's constraints are per table name."""
     out: Dict[str, List[str]] = {}
-    for _, sub, _ in _shardable_modules(module, sharder_list):
+    for _, sub, _ in shardable_modules(module, sharder_list):
         configs = sub.embedding_bag_configs() if isinstance(sub, EmbeddingBagCollection) else sub.embedding_configs()
         for c in configs:
             names = out.setdefault(c.name, [])
@@ -615,17 +551,17 @@ def _per_rank_usage(best_plan: Sequence[ShardingOption], topo: Topology, reserve
                 ddr[shard.rank] += shard.storage.ddr
     rows = []
     for r, dev in enumerate(topo.devices):
-        row = {"rank": r, "hbm_gb": _gb(hbm[r]), "hbm_cap_gb": _gb(dev.storage.hbm),
-               "ddr_gb": _gb(ddr[r]), "ddr_cap_gb": _gb(dev.storage.ddr)}
+        row = {"rank": r, "hbm_gb": to_gb(hbm[r]), "hbm_cap_gb": to_gb(dev.storage.hbm),
+               "ddr_gb": to_gb(ddr[r]), "ddr_cap_gb": to_gb(dev.storage.ddr)}
         if reserved is not None:
             left = reserved.devices[r].storage
-            row["hbm_reserved_gb"] = _gb(dev.storage.hbm - left.hbm)
-            row["ddr_reserved_gb"] = _gb(dev.storage.ddr - left.ddr)
+            row["hbm_reserved_gb"] = to_gb(dev.storage.hbm - left.hbm)
+            row["ddr_reserved_gb"] = to_gb(dev.storage.ddr - left.ddr)
         rows.append(row)
     return rows
 
 
-def _gb(n: float) -> float:
+def to_gb(n: float) -> float:
     return round(n / GB, 4)
 
 
@@ -917,290 +853,3 @@ def compare_plans(module: nn.Module, cfg: Config, candidates: Sequence[Candidate
         row["seconds"] = round(time.perf_counter() - start, 3)
         rows.append(row)
     return rows
-
-
-# --------------------------------------------------------------------------------------------------------
-# Plan files
-# --------------------------------------------------------------------------------------------------------
-
-
-def _shards_of(ps: ParameterSharding) -> Optional[List[List[int]]]:
-    if ps.sharding_spec is None:
-        return None
-    shards = getattr(ps.sharding_spec, "shards", None)
-    if shards is None:
-        raise ValueError(f"unsupported sharding spec {type(ps.sharding_spec).__name__}")
-    out = []
-    for md, rank in zip(shards, ps.ranks or []):
-        out.append([int(md.shard_offsets[0]), int(md.shard_offsets[1]), int(md.shard_sizes[0]),
-                    int(md.shard_sizes[1]), int(rank)])
-    return out
-
-
-def _device_of(plan: ShardingPlan) -> Optional[str]:
-    for mplan in plan.plan.values():
-        for ps in mplan.values():  # type: ignore[union-attr]
-            if ps.sharding_spec is not None:
-                for md in getattr(ps.sharding_spec, "shards", []):
-                    return md.placement.device().type
-    return None
-
-
-def plan_to_dict(plan: ShardingPlan, module: nn.Module, meta: Mapping[str, Any]) -> Dict[str, Any]:
-    """The JSON document of a plan file (see the module docstring); ``meta`` needs ``world_size``."""
-    if "world_size" not in meta:
-        raise ValueError("write_plan: meta needs world_size")
-    world_size = int(meta["world_size"])
-    shapes = _table_shapes(module)
-    compute_device = meta.get("compute_device") or _device_of(plan) or "cpu"
-    modules: Dict[str, Dict[str, Any]] = {}
-    for fqn, mplan in plan.plan.items():
-        entries: Dict[str, Any] = {}
-        for name, ps in mplan.items():  # type: ignore[union-attr]
-            shards = _shards_of(ps)
-            if (fqn, name) in shapes:
-                rows, dim = shapes[(fqn, name)]
-            elif shards:
-                rows = max(s[0] + s[2] for s in shards)
-                dim = max(s[1] + s[3] for s in shards)
-            else:
-                raise ValueError(f"write_plan: table {name} of {fqn} is not in the module")
-            entries[name] = {"sharding_type": ps.sharding_type, "compute_kernel": ps.compute_kernel,
-                             "ranks": [int(r) for r in (ps.ranks or [])], "rows": rows, "dim": dim,
-                             "shards": shards}
-        modules[fqn] = entries
-    doc: Dict[str, Any] = {
-        "format": FORMAT, "world_size": world_size, "local_world_size": meta.get("local_world_size"),
-        "compute_device": compute_device, "stage": meta.get("stage"), "modules": modules,
-        "per_rank": meta.get("per_rank") or estimate_usage(plan, module, world_size, compute_device),
-    }
-    for k, v in meta.items():
-        doc.setdefault(k, v)
-    return doc
-
-
-def write_plan(plan: ShardingPlan, module: nn.Module, path: str, meta: Mapping[str, Any]) -> None:
-    """Write ``plan`` (of ``module``, unsharded or sharded) as a plan file, atomically (temp file + rename).
-
-    ``meta`` needs ``world_size`` and should carry ``local_world_size``, ``compute_device`` (else read off the
-    shard placements) and ``stage``; ``per_rank`` (else estimated from the shard sizes); any other keys are
-    stored as they are.
-    """
-    doc = plan_to_dict(plan, module, meta)
-    parent = os.path.dirname(os.path.abspath(path))
-    os.makedirs(parent, exist_ok=True)
-    tmp = f"{path}.tmp.{os.getpid()}"
-    try:
-        with open(tmp, "w", encoding="utf-8") as f:
-            json.dump(doc, f, indent=1)
-            f.write("\n")
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-
-
-def _exact_sharding(entry: Mapping[str, Any], device_type: str, local_size: int) -> ParameterSharding:
-    """A ParameterSharding with exactly the file's shards."""
-    spec = None
-    if entry["shards"] is not None:
-        spec = EnumerableShardingSpec([
-            ShardMetadata(shard_offsets=[ro, co], shard_sizes=[r, c], placement=placement(device_type, rank, local_size))
-            for ro, co, r, c, rank in entry["shards"]])
-    return ParameterSharding(sharding_type=entry["sharding_type"], compute_kernel=entry["compute_kernel"],
-                             ranks=list(entry["ranks"]), sharding_spec=spec)
-
-
-def _stock_generator(entry: Mapping[str, Any], local_size: int) -> Callable[..., ParameterSharding]:
-    st, kernel, ranks = entry["sharding_type"], entry["compute_kernel"], list(entry["ranks"])
-    if st == "data_parallel":
-        return data_parallel()
-    if st == "table_wise":
-        return table_wise(rank=ranks[0], compute_kernel=kernel)
-    if st in ("column_wise", "table_column_wise"):
-        return column_wise(ranks=ranks, compute_kernel=kernel)
-    if st == "row_wise":
-        return row_wise(compute_kernel=kernel)
-    if st == "table_row_wise":
-        return table_row_wise(host_index=ranks[0] // local_size)
-    if st == "grid_shard":
-        return grid_shard(host_indexes=list(dict.fromkeys(r // local_size for r in ranks)))
-    raise ValueError(f"unknown sharding type {st!r}")
-
-
-def _generator(entry: Mapping[str, Any]) -> Callable[..., ParameterSharding]:
-    """A construct_module_sharding_plan generator: TorchRec's stock generator for the sharding type, checked
-    against the file's shards; where the stock layout differs (e.g. uneven row-wise shards) the file's shards
-    are used."""
-
-    def generate(param: nn.Parameter, local_size: int, world_size: int, device_type: str,
-                 sharder: ModuleSharder[nn.Module]) -> ParameterSharding:
-        try:
-            ps: Optional[ParameterSharding] = _stock_generator(entry, local_size)(
-                param, local_size, world_size, device_type, sharder)
-        except (ValueError, AssertionError, IndexError):
-            ps = None
-        if ps is None or list(ps.ranks or []) != list(entry["ranks"]) or _shards_of(ps) != entry["shards"]:
-            ps = _exact_sharding(entry, device_type, local_size)
-        ps.sharding_type = entry["sharding_type"]  # table_column_wise is built with column_wise
-        ps.compute_kernel = entry["compute_kernel"]
-        return ps
-
-    return generate
-
-
-def load_plan(path: str, module: nn.Module, world_size: int, local_world_size: Optional[int],
-              compute_device: str) -> ShardingPlan:
-    """Rebuild the ShardingPlan of a plan file for ``module`` (unsharded, e.g. on the meta device).
-
-    Raises:
-        FileNotFoundError: no such file.
-        ValueError: naming the file and what does not match: format, world size, local world size, compute
-            device, a sharded table of the module missing from the file or one in the file the module does not
-            have, a table's rows / dim, or ranks out of range.
-    """
-    compute_device = resolve_compute_device(compute_device)
-    try:
-        with open(path, encoding="utf-8") as f:
-            doc = json.load(f)
-    except FileNotFoundError:
-        raise FileNotFoundError(f"plan file {path} not found") from None
-    except json.JSONDecodeError as e:
-        raise ValueError(f"plan file {path}: not valid JSON: {e}") from None
-    if not isinstance(doc, dict) or doc.get("format") != FORMAT:
-        got = doc.get("format") if isinstance(doc, dict) else type(doc).__name__
-        raise ValueError(f"plan file {path}: format {got!r}, expected {FORMAT!r}")
-    stage = doc.get("stage")
-    remedy = f"(re-run mkt plan for this topology{' and stage' if stage else ''})"
-    if doc.get("world_size") != world_size:
-        raise ValueError(f"plan file {path} is for world_size {doc.get('world_size')}, but this job has world_size "
-                         f"{world_size} {remedy}")
-    if doc.get("compute_device") != compute_device:
-        raise ValueError(f"plan file {path} is for compute device {doc.get('compute_device')!r}, but this job runs "
-                         f"on {compute_device!r} {remedy}")
-    file_local = doc.get("local_world_size")
-    local = local_world_size or file_local or world_size
-    if file_local is not None and file_local != local:
-        raise ValueError(f"plan file {path} is for local_world_size {file_local}, but this job has {local} ranks "
-                         f"per node {remedy}")
-    file_modules: Dict[str, Dict[str, Any]] = doc.get("modules") or {}
-    shs = sharders()
-    found = {fqn: (sub, sharder) for fqn, sub, sharder in _shardable_modules(module, shs)}
-    for fqn, entries in file_modules.items():
-        if fqn not in found:
-            table = next(iter(entries), "?")
-            raise ValueError(f"plan file {path}: table {table} of module {fqn} is in the plan (stage {stage}) but "
-                             f"the module being trained has no module {fqn} {remedy}")
-    plan: Dict[str, Any] = {}
-    for fqn, (sub, sharder) in found.items():
-        params = sharder.shardable_parameters(sub)
-        entries = file_modules.get(fqn, {})
-        for name, param in params.items():
-            if name not in entries:
-                raise ValueError(f"plan file {path}: sharded table {name} of module {fqn} is not in the plan "
-                                 f"(stage {stage}) {remedy}")
-            e = entries[name]
-            if (e.get("rows"), e.get("dim")) != (int(param.shape[0]), int(param.shape[1])):
-                raise ValueError(f"plan file {path}: table {name} of {fqn} is planned as {e.get('rows')} x "
-                                 f"{e.get('dim')} but the module's is {param.shape[0]} x {param.shape[1]} {remedy}")
-            bad = [r for r in e.get("ranks", []) if not 0 <= r < world_size]
-            if bad or not e.get("ranks"):
-                raise ValueError(f"plan file {path}: table {name} of {fqn} has ranks {e.get('ranks')} outside "
-                                 f"[0, {world_size})")
-        extra = sorted(set(entries) - set(params))
-        if extra:
-            raise ValueError(f"plan file {path}: table {extra[0]} of module {fqn} is in the plan but not in the "
-                             f"module being trained {remedy}")
-        plan[fqn] = construct_module_sharding_plan(
-            sub, {name: _generator(entries[name]) for name in params}, sharder=sharder, local_size=local,
-            world_size=world_size, device_type=compute_device)
-    return ShardingPlan(plan)
-
-
-# --------------------------------------------------------------------------------------------------------
-# Describing a plan
-# --------------------------------------------------------------------------------------------------------
-
-
-def _ranges(ranks: Sequence[int]) -> str:
-    """[0, 1, 2, 3, 8] -> '0-3,8'."""
-    rs = sorted(set(ranks))
-    parts: List[str] = []
-    i = 0
-    while i < len(rs):
-        j = i
-        while j + 1 < len(rs) and rs[j + 1] == rs[j] + 1:
-            j += 1
-        parts.append(str(rs[i]) if i == j else f"{rs[i]}-{rs[j]}")
-        i = j + 1
-    return ",".join(parts)
-
-
-def estimate_usage(plan: ShardingPlan, module: nn.Module, world_size: int, compute_device: Optional[str] = None,
-                   topo: Optional[Topology] = None) -> List[Dict[str, Any]]:
-    """Per-rank table memory computed from the plan's shard sizes: fp32 weights plus the optimizer state the
-    module's parameters carry (known for an unsharded module). On CUDA: HBM for fused / dense kernels, DDR for
-    UVM kernels (a caching kernel also keeps about 20% in HBM); on CPU: DDR."""
-    device = topo.compute_device if topo is not None else (compute_device or _device_of(plan) or "cpu")
-    mults: Dict[Tuple[str, str], float] = {}
-    for fqn, sub, sharder in _shardable_modules(module, sharders()):
-        for name, param in sharder.shardable_parameters(sub).items():
-            mults[(fqn, name)] = _optimizer_multiplier(param)
-    shapes = _table_shapes(module)
-    hbm = [0.0] * world_size
-    ddr = [0.0] * world_size
-    for fqn, mplan in plan.plan.items():
-        for name, ps in mplan.items():  # type: ignore[union-attr]
-            mult = 1 + mults.get((fqn, name), 0.0)
-            shards = _shards_of(ps)
-            if shards is None:  # data_parallel: the whole table on every rank
-                rows, dim = shapes.get((fqn, name), (0, 0))
-                shards = [[0, 0, rows, dim, r] for r in (ps.ranks or [])]
-            for _, _, rows, cols, rank in shards:
-                if not 0 <= rank < world_size:
-                    continue
-                b = rows * cols * 4 * mult
-                if device != "cuda":
-                    ddr[rank] += b
-                elif ps.compute_kernel.startswith("fused_uvm"):
-                    ddr[rank] += b
-                    if ps.compute_kernel == "fused_uvm_caching":
-                        hbm[rank] += 0.2 * b
-                else:
-                    hbm[rank] += b
-    out = []
-    for r in range(world_size):
-        row: Dict[str, Any] = {"rank": r, "hbm_gb": _gb(hbm[r]), "hbm_cap_gb": None,
-                               "ddr_gb": _gb(ddr[r]), "ddr_cap_gb": None}
-        if topo is not None:
-            row["hbm_cap_gb"] = _gb(topo.devices[r].storage.hbm)
-            row["ddr_cap_gb"] = _gb(topo.devices[r].storage.ddr)
-        out.append(row)
-    return out
-
-
-def describe_plan(plan: ShardingPlan, module: nn.Module, topology: Topology,
-                  per_rank: Optional[List[Dict[str, Any]]] = None
-                  ) -> Tuple[List[Dict[str, Any]], List[Dict[str, Any]]]:
-    """Rows for printing: one per table (module, table, rows, dim, sharding type, kernel, ranks, size) and one
-    per rank (HBM / DDR used vs capacity). ``per_rank`` is the planner's estimate (:class:`PlanResult`);
-    without it the usage is :func:`estimate_usage`."""
-    shapes = _table_shapes(module)
-    mults: Dict[Tuple[str, str], float] = {}
-    for fqn, sub, sharder in _shardable_modules(module, sharders()):
-        for name, param in sharder.shardable_parameters(sub).items():
-            mults[(fqn, name)] = _optimizer_multiplier(param)
-    tables = []
-    for fqn, mplan in plan.plan.items():
-        for name, ps in mplan.items():  # type: ignore[union-attr]
-            rows, dim = shapes.get((fqn, name), (0, 0))
-            tables.append({
-                "module": fqn, "table": name, "rows": rows, "dim": dim, "sharding_type": ps.sharding_type,
-                "compute_kernel": ps.compute_kernel, "ranks": _ranges(ps.ranks or []),
-                "shards": len(ps.ranks or []), "gb": _gb(rows * dim * 4 * (1 + mults.get((fqn, name), 0.0))),
-            })
-    tables.sort(key=lambda t: (-t["gb"], t["module"], t["table"]))
-    ranks = per_rank if per_rank is not None else estimate_usage(plan, module, topology.world_size, topo=topology)
-    return tables, list(ranks)

@@ -18,8 +18,10 @@ from torchrec.distributed.types import ShardingEnv
 from torchrec.optim.keyed import CombinedOptimizer, KeyedOptimizerWrapper
 
 from mkt_torchrec.config import Config
-from mkt_torchrec.planning.plan import (FROZEN_MODULE, attach_embedding_optimizer, embedding_optimizer_kwargs,
-                                        frozen_module, load_plan, make_plan, manifest_pooling, sharders)
+from mkt_torchrec.planning.embedding_optimizer import (FROZEN_MODULE, attach_embedding_optimizer,
+                                                       embedding_optimizer_kwargs, frozen_module)
+from mkt_torchrec.planning.plan import make_plan, manifest_pooling, sharders
+from mkt_torchrec.planning.plan_file import load_plan
 from mkt_torchrec.training import device_check
 from mkt_torchrec.training.build import build_train_module, compile_dense, dense_lr
 from mkt_torchrec.training.distributed import DistInfo

@@ -38,7 +38,7 @@ from mkt_torchrec.collective import Collective
 from mkt_torchrec.config import Config
 from mkt_torchrec.data.dataset import open_dataset_shared
 from mkt_torchrec.data.reader import ParquetReader
-from mkt_torchrec.planning.plan import write_plan
+from mkt_torchrec.planning.plan_file import write_plan
 from mkt_torchrec.training import checkpoint, runlock
 from mkt_torchrec.training.assembly import Assembled, assemble, configure_dense_math, state_of, train_state
 from mkt_torchrec.training.build import build_train_module, dense_lr, stage2_uses_mem, stage_entity, stage_transfer

@@ -441,7 +441,7 @@ def _carry(ckpt_in, sharding_type, out) -> str:
 
 def _plan_record(asm, world_size) -> dict:
     """What the trainer records as a checkpoint's plan (RUN/plan.json)."""
-    from mkt_torchrec.planning.plan import plan_to_dict
+    from mkt_torchrec.planning.plan_file import plan_to_dict
 
     return plan_to_dict(asm.plan, asm.model.module, {"world_size": world_size})
 

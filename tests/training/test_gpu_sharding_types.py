@@ -31,8 +31,9 @@ from torchrec.distributed.sharding_plan import (
 )
 from torchrec.distributed.types import ShardingPlan
 
-from mkt_torchrec.planning.plan import (_shardable_modules, attach_embedding_optimizer, plan_to_dict, sharders,
-                                        write_plan)
+from mkt_torchrec.planning.embedding_optimizer import attach_embedding_optimizer
+from mkt_torchrec.planning.plan import shardable_modules, sharders
+from mkt_torchrec.planning.plan_file import plan_to_dict, write_plan
 from mkt_torchrec.training import checkpoint
 from mkt_torchrec.training.build import build_train_module
 from mkt_torchrec.training.distributed import launch
@@ -62,7 +63,7 @@ def _plan(cfg, stage, choice, world=2, local=2, device="cpu", default=None):
     attach_embedding_optimizer(module, cfg, stage)
     default = default or table_wise(rank=0)
     plan = {}
-    for fqn, sub, sharder in _shardable_modules(module, sharders()):
+    for fqn, sub, sharder in shardable_modules(module, sharders()):
         plan[fqn] = construct_module_sharding_plan(
             sub, {name: choice.get((fqn, name), default) for name in sharder.shardable_parameters(sub)},
             sharder=sharder, local_size=local, world_size=world, device_type=device)
