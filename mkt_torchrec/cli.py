@@ -195,7 +195,7 @@ def _run_run(args: argparse.Namespace, cfg: Config) -> int:
     from mkt_torchrec.pipeline import run_all
 
     names = list(registry.names()) if args.runs == ["all"] else (args.runs or list(registry.mkt_names()))
-    summary = run_all(cfg, args.config, args.overrides, args.out, nproc=args.nproc, names=names,
+    summary = run_all(cfg, args.out, nproc=args.nproc, names=names,
                       overwrite=args.overwrite, data_dir=args.data, seeds=args.seeds, baseline=args.baseline)
     print(json.dumps(summary["target"], indent=2))
     print(f"report: {os.path.join(summary['report'], 'report.html')} (and report.md); "
@@ -232,19 +232,17 @@ def _in_world(nproc: int, fn: Callable, *args) -> object:
     return run_rank(fn, *args)
 
 
-def _train_entry(config: str, overrides: list, stage: str, data: str, run_dir: str, resume: bool,
-                 mem_run: Optional[str]) -> dict:
-    from mkt_torchrec.training.trainer import train
+def _train_entry(cfg: Config, stage: str, data: str, run_dir: str, resume: bool, mem_run: Optional[str]) -> dict:
+    from mkt_torchrec.training.recipe import train
 
-    cfg = load_config(config, overrides)
     return train(cfg, stage, data, run_dir, resume=resume, mem_run=mem_run)
 
 
 def _run_train(args: argparse.Namespace, cfg: Config) -> int:
-    summary = _in_world(args.nproc, _train_entry, args.config, args.overrides, args.stage, args.data,
-                        args.run_dir, args.resume, args.mem_run)
+    summary = _in_world(args.nproc, _train_entry, cfg, args.stage, args.data, args.run_dir, args.resume,
+                        args.mem_run)
     spec = registry.of_config(cfg.model.name, cfg.model.ablation)
-    if spec.served and args.stage == spec.final_stage and int(os.environ.get("RANK", "0")) == 0:
+    if spec.serves(args.stage) and int(os.environ.get("RANK", "0")) == 0:
         # a separate single-process step, once every rank has left the process group
         from mkt_torchrec.training.export import export_run
 
@@ -274,24 +272,22 @@ def _add_evaluate(p: argparse.ArgumentParser) -> None:
     p.add_argument("--nproc", type=int, default=0, help="launch N local processes (see mkt train --help)")
 
 
-def _evaluate_entry(config: str, overrides: list, run_dir: str, data: str) -> dict:
+def _evaluate_entry(cfg: Config, run_dir: str, data: str) -> dict:
     from mkt_torchrec.training.scoring import evaluate
 
-    cfg = load_config(config, overrides)
     return evaluate(cfg, run_dir, data)
 
 
-# what evaluate takes from --config / --set; the model, schema and planner come from the run itself
-_EVALUATE_KEYS = ("eval.", "data.batch_size", "data.num_workers", "train.threads")
-
-
 def _run_evaluate(args: argparse.Namespace, cfg: Config) -> int:
-    ignored = [o.split("=", 1)[0] for o in args.overrides if not o.split("=", 1)[0].startswith(_EVALUATE_KEYS)]
+    from mkt_torchrec.config import EVALUATE_KEYS
+
+    ignored = [o.split("=", 1)[0] for o in args.overrides
+               if not any(o.split("=", 1)[0] == k or o.startswith(k + ".") for k in EVALUATE_KEYS)]
     if ignored:
         raise ValueError(f"--set {', '.join(ignored)} does not apply to evaluate: the model, schema and plan come "
                          f"from {os.path.join(args.run_dir, 'run.json')}; evaluate takes only "
-                         f"{', '.join(k.rstrip('.') + ('.*' if k.endswith('.') else '') for k in _EVALUATE_KEYS)}")
-    metrics = _in_world(args.nproc, _evaluate_entry, args.config, args.overrides, args.run_dir, args.data)
+                         f"{', '.join(k + ('.*' if '.' not in k else '') for k in EVALUATE_KEYS)}")
+    metrics = _in_world(args.nproc, _evaluate_entry, cfg, args.run_dir, args.data)
     if metrics:
         print(json.dumps(metrics))
     return 0

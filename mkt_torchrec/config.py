@@ -18,23 +18,18 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-import inspect
 import json
 import os
-import types
-import typing
 from dataclasses import dataclass, field
 from typing import Any, Literal, Mapping, Optional, Sequence
 
 import yaml
 
+from mkt_torchrec.typed import ConfigError, arg_docs, build, check, validate_tree
+
 ENTITIES: tuple[str, str] = ("source", "target")
 GROUPS: tuple[str, ...] = ("user", "shared", "specific")
 COMPUTE_DEVICES: tuple[str, str] = ("cpu", "cuda")
-
-
-class ConfigError(ValueError):
-    """A config file or override is invalid; the message names the dotted key."""
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -58,9 +53,9 @@ class TableConfig:
     id_mapping: Literal["hash", "modulo"] = "hash"
 
     def _validate(self, key: str) -> None:
-        _check(self.rows >= 1, f"{key}.rows", f"expected a positive int, got {self.rows}")
-        _check(self.rows < 1 << 62, f"{key}.rows", f"{self.rows} rows cannot be indexed by int64 table rows")
-        _check(self.dim >= 1, f"{key}.dim", f"expected a positive int, got {self.dim}")
+        check(self.rows >= 1, f"{key}.rows", f"expected a positive int, got {self.rows}")
+        check(self.rows < 1 << 62, f"{key}.rows", f"{self.rows} rows cannot be indexed by int64 table rows")
+        check(self.dim >= 1, f"{key}.dim", f"expected a positive int, got {self.dim}")
 
 
 @dataclass
@@ -146,37 +141,37 @@ class SchemaConfig:
     user_id_feature: str = "user_id"
 
     def _validate(self, key: str) -> None:
-        _check(len(self.features) > 0, f"{key}.features", "at least one feature is required")
+        check(len(self.features) > 0, f"{key}.features", "at least one feature is required")
         used_tables: set[str] = set()
         for name, f in self.features.items():
             k = f"{key}.features.{name}"
             if f.table is None:
                 f.table = name
-            _check(f.table in self.tables, f"{k}.table", f"unknown table {f.table!r}; tables: {sorted(self.tables)}")
+            check(f.table in self.tables, f"{k}.table", f"unknown table {f.table!r}; tables: {sorted(self.tables)}")
             used_tables.add(f.table)
             if f.group == "specific":
-                _check(f.entity is not None, f"{k}.entity", "a specific feature needs entity: source|target")
+                check(f.entity is not None, f"{k}.entity", "a specific feature needs entity: source|target")
             else:
-                _check(f.entity is None, f"{k}.entity", f"only specific features have an entity (group {f.group!r})")
+                check(f.entity is None, f"{k}.entity", f"only specific features have an entity (group {f.group!r})")
         used_columns = {"entity", "label", "true_prob", "activity"} | set(self.features) | set(self.sequences)
         for name, s in self.sequences.items():
             k = f"{key}.sequences.{name}"
-            _check(name not in self.features, k, "a sequence cannot have the same name as a feature")
+            check(name not in self.features, k, "a sequence cannot have the same name as a feature")
             sf = self.features.get(s.shared_feature)
-            _check(sf is not None, f"{k}.shared_feature", f"unknown feature {s.shared_feature!r}")
-            _check(sf.group == "shared", f"{k}.shared_feature", f"{s.shared_feature!r} is not an entity-shared feature")
-            _check(s.max_len >= 1, f"{k}.max_len", f"expected a positive int, got {s.max_len}")
+            check(sf is not None, f"{k}.shared_feature", f"unknown feature {s.shared_feature!r}")
+            check(sf.group == "shared", f"{k}.shared_feature", f"{s.shared_feature!r} is not an entity-shared feature")
+            check(s.max_len >= 1, f"{k}.max_len", f"expected a positive int, got {s.max_len}")
             self._validate_side_features(f"{k}.side_features", name, s, used_columns)
         for name, d in self.dense.items():
             k = f"{key}.dense.{name}"
-            _check(name not in self.features and name not in self.sequences and name not in self.side_keys, k,
+            check(name not in self.features and name not in self.sequences and name not in self.side_keys, k,
                    "name already used")
             if d.group == "specific":
-                _check(d.entity is not None, f"{k}.entity", "a specific feature needs entity: source|target")
+                check(d.entity is not None, f"{k}.entity", "a specific feature needs entity: source|target")
         unused = sorted(set(self.tables) - used_tables)
-        _check(not unused, f"{key}.tables", f"tables used by no feature: {unused}")
+        check(not unused, f"{key}.tables", f"tables used by no feature: {unused}")
         uf = self.features.get(self.user_id_feature)
-        _check(uf is not None and uf.group == "user", f"{key}.user_id_feature",
+        check(uf is not None and uf.group == "user", f"{key}.user_id_feature",
                f"{self.user_id_feature!r} must name a user-group feature")
 
     def _validate_side_features(self, key: str, name: str, seq: SequenceConfig, used_columns: set[str]) -> None:
@@ -185,15 +180,15 @@ class SchemaConfig:
         for feature, column in seq.side_features.items():
             k = f"{key}.{feature}"
             f = self.features.get(feature)
-            _check(f is not None, k, f"unknown feature {feature!r}: a side feature is a single-valued feature of "
+            check(f is not None, k, f"unknown feature {feature!r}: a side feature is a single-valued feature of "
                                      f"schema.features ({sorted(self.features)})")
-            _check(feature != seq.shared_feature, k, f"{feature!r} is the sequence's shared_feature already")
+            check(feature != seq.shared_feature, k, f"{feature!r} is the sequence's shared_feature already")
             side_dim = self.tables[f.table].dim  # type: ignore[index]
-            _check(side_dim == dim, k, f"table {f.table!r} has dim {side_dim}, but the sequence's table "
+            check(side_dim == dim, k, f"table {f.table!r} has dim {side_dim}, but the sequence's table "
                                        f"{self.features[seq.shared_feature].table!r} has dim {dim}: the step "
                                        "embedding is their sum, so the dims must be equal")
-            _check(isinstance(column, str) and column != "", k, f"expected a column name, got {column!r}")
-            _check(column not in used_columns and column not in self.dense, k,
+            check(isinstance(column, str) and column != "", k, f"expected a column name, got {column!r}")
+            check(column not in used_columns and column not in self.dense, k,
                    f"column {column!r} is already used (by a feature, sequence, dense feature, side column or "
                    "a reserved column)")
             used_columns.add(column)
@@ -282,10 +277,10 @@ class DataConfig:
     validation_fraction: float = 0.1
 
     def _validate(self, key: str) -> None:
-        _check(self.batch_size >= 1, f"{key}.batch_size", f"expected a positive int, got {self.batch_size}")
-        _check(self.shuffle_window_rows >= 1, f"{key}.shuffle_window_rows", "expected a positive int")
-        _check(self.num_workers >= 0, f"{key}.num_workers", "expected an int >= 0")
-        _check(0.0 <= self.validation_fraction <= 0.5, f"{key}.validation_fraction",
+        check(self.batch_size >= 1, f"{key}.batch_size", f"expected a positive int, got {self.batch_size}")
+        check(self.shuffle_window_rows >= 1, f"{key}.shuffle_window_rows", "expected a positive int")
+        check(self.num_workers >= 0, f"{key}.num_workers", "expected an int >= 0")
+        check(0.0 <= self.validation_fraction <= 0.5, f"{key}.validation_fraction",
                f"expected a number in [0, 0.5] (0: no validation split), got {self.validation_fraction}")
 
 
@@ -324,13 +319,13 @@ class SynthConfig:
     seed: int = 0
 
     def _validate(self, key: str) -> None:
-        _check(0 <= self.flip_fraction <= 1, f"{key}.flip_fraction", "expected a number in [0, 1]")
+        check(0 <= self.flip_fraction <= 1, f"{key}.flip_fraction", "expected a number in [0, 1]")
         for name in ("users", "source_rows", "source_items", "target_items", "categories", "latent_dim",
                      "rows_per_file", "row_group_rows"):
             v = getattr(self, name)
-            _check(v >= 1, f"{key}.{name}", f"expected a positive int, got {v}")
-        _check(0 < self.target_ratio <= 10, f"{key}.target_ratio", "expected a number in (0, 10]")
-        _check(0 <= self.test_fraction < 1, f"{key}.test_fraction", "expected a number in [0, 1)")
+            check(v >= 1, f"{key}.{name}", f"expected a positive int, got {v}")
+        check(0 < self.target_ratio <= 10, f"{key}.target_ratio", "expected a number in (0, 10]")
+        check(0 <= self.test_fraction < 1, f"{key}.test_fraction", "expected a number in [0, 1)")
 
 
 @dataclass
@@ -353,8 +348,8 @@ class TenrecConfig:
     row_group_rows: int = 100_000
 
     def _validate(self, key: str) -> None:
-        _check(0 <= self.test_fraction < 1, f"{key}.test_fraction", "expected a number in [0, 1)")
-        _check(self.chunk_rows >= 1, f"{key}.chunk_rows", "expected a positive int")
+        check(0 <= self.test_fraction < 1, f"{key}.test_fraction", "expected a number in [0, 1)")
+        check(self.chunk_rows >= 1, f"{key}.chunk_rows", "expected a positive int")
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -486,13 +481,13 @@ class BaselinesConfig:
     def _validate(self, key: str) -> None:
         for name in ("dnn", "shared", "tower", "attention_mlp"):
             layers = getattr(self, name)
-            _check(len(layers) > 0 and all(x >= 1 for x in layers), f"{key}.{name}",
+            check(len(layers) > 0 and all(x >= 1 for x in layers), f"{key}.{name}",
                    f"expected a non-empty list of positive ints, got {layers}")
         for name in ("dnn", "tower"):
             layers = getattr(self, name)
-            _check(layers[-1] == 1, f"{key}.{name}", f"the last size must be 1 (a logit), got {layers}")
+            check(layers[-1] == 1, f"{key}.{name}", f"the last size must be 1 (a logit), got {layers}")
         for name in ("mmoe_experts", "ple_specific_experts", "ple_shared_experts", "fibinet_reduction"):
-            _check(getattr(self, name) >= 1, f"{key}.{name}", f"expected a positive int, got {getattr(self, name)}")
+            check(getattr(self, name) >= 1, f"{key}.{name}", f"expected a positive int, got {getattr(self, name)}")
 
 
 @dataclass
@@ -530,29 +525,29 @@ class ModelConfig:
     def _validate(self, key: str) -> None:
         from mkt_torchrec import registry  # no torch; plugins (MKT_MODELS) register here
 
-        _check(self.name in registry.model_names(), f"{key}.name",
+        check(self.name in registry.model_names(), f"{key}.name",
                f"expected one of {list(registry.model_names())}, got {self.name!r}")
-        _check(self.ablation in registry.ablations(), f"{key}.ablation",
+        check(self.ablation in registry.ablations(), f"{key}.ablation",
                f"expected one of {list(registry.ablations())}, got {self.ablation!r}")
         for name, layers in (("sequence.attention_mlp", self.sequence.attention_mlp), ("hfa.mlp", self.hfa.mlp),
                              ("hfa.align", self.hfa.align), ("cke.expert_layers", self.cke.expert_layers),
                              ("extractor_layers", self.extractor_layers), ("tower", self.tower),
                              ("tem.dnn", self.tem.dnn)):
-            _check(len(layers) > 0 and all(x >= 1 for x in layers), f"{key}.{name}",
+            check(len(layers) > 0 and all(x >= 1 for x in layers), f"{key}.{name}",
                    f"expected a non-empty list of positive ints, got {layers}")
-        _check(self.cke.experts >= 1, f"{key}.cke.experts", "expected a positive int")
-        _check(self.hfa.cross_layers >= 1, f"{key}.hfa.cross_layers", "expected a positive int")
-        _check(self.hfa.score_penalty >= 0, f"{key}.hfa.score_penalty", "expected a number >= 0")
-        _check(self.sequence.heads >= 1, f"{key}.sequence.heads", "expected a positive int")
-        _check(self.extractor_layers[-1] == self.cke.expert_layers[-1], f"{key}.extractor_layers",
+        check(self.cke.experts >= 1, f"{key}.cke.experts", "expected a positive int")
+        check(self.hfa.cross_layers >= 1, f"{key}.hfa.cross_layers", "expected a positive int")
+        check(self.hfa.score_penalty >= 0, f"{key}.hfa.score_penalty", "expected a number >= 0")
+        check(self.sequence.heads >= 1, f"{key}.sequence.heads", "expected a positive int")
+        check(self.extractor_layers[-1] == self.cke.expert_layers[-1], f"{key}.extractor_layers",
                f"the last size ({self.extractor_layers[-1]}) must equal cke.expert_layers' last "
                f"({self.cke.expert_layers[-1]}): PDL compares the two vectors")
-        _check(self.tower[-1] == 1, f"{key}.tower", f"the last size must be 1 (a logit), got {self.tower}")
-        _check(self.tem.dnn[-1] == 1, f"{key}.tem.dnn", f"the last size must be 1 (a logit), got {self.tem.dnn}")
-        _check(0 <= self.tem.cross_layer < len(self.tem.dnn) - 1, f"{key}.tem.cross_layer",
+        check(self.tower[-1] == 1, f"{key}.tower", f"the last size must be 1 (a logit), got {self.tower}")
+        check(self.tem.dnn[-1] == 1, f"{key}.tem.dnn", f"the last size must be 1 (a logit), got {self.tem.dnn}")
+        check(0 <= self.tem.cross_layer < len(self.tem.dnn) - 1, f"{key}.tem.cross_layer",
                f"expected a hidden-layer index in [0, {len(self.tem.dnn) - 2}], got {self.tem.cross_layer}")
-        _check(self.pdl_gamma >= 0, f"{key}.pdl_gamma", "expected a number >= 0")
-        _check(self.name == "mkt" or self.ablation == "none", f"{key}.ablation",
+        check(self.pdl_gamma >= 0, f"{key}.pdl_gamma", "expected a number >= 0")
+        check(self.name == "mkt" or self.ablation == "none", f"{key}.ablation",
                f"the ablations are MKT's; model.name={self.name} takes ablation: none, got {self.ablation!r}")
 
 
@@ -599,10 +594,10 @@ class PlannerConfig:
     def _validate(self, key: str) -> None:
         allowed = ("", "data_parallel", "table_wise", "column_wise", "table_column_wise", "row_wise",
                    "table_row_wise", "grid_shard")
-        _check(self.sharding_type in allowed, f"{key}.sharding_type",
+        check(self.sharding_type in allowed, f"{key}.sharding_type",
                f"expected one of {list(allowed[1:])} or empty, got {self.sharding_type!r}")
         for name, v in self.pooling_factors.items():  # the keys are checked against the schema when planning
-            _check(0 < v < float("inf"), f"{key}.pooling_factors.{name}",
+            check(0 < v < float("inf"), f"{key}.pooling_factors.{name}",
                    f"expected a number > 0 (mean ids per row), got {v}")
 
 
@@ -613,9 +608,17 @@ class TrainConfig:
     Args:
         epochs: passes over the training split (without early stopping).
         patience: early stopping: after each epoch the validation split (``data.validation_fraction``) is scored,
-            and training stops once this many epochs in a row did not beat the best validation GAUC; evaluation
-            and export then use the best epoch's checkpoint. 0: no validation, train ``epochs`` epochs.
+            and training stops once this many epochs in a row did not beat the best epoch by ``stop_on``;
+            evaluation and export then use the best epoch's checkpoint. 0: no validation, train ``epochs`` epochs.
+        stop_on: what makes an epoch the best: ``gauc`` (the highest validation GAUC among the epochs that rank
+            better than chance, AUC >= 0.5, and predict better than the constant base rate, log loss at most the
+            click rate's entropy: GAUC alone picked TEM epochs with pooled AUC below 0.5) or ``logloss`` (the
+            lowest validation log loss, what TorchRec's NE ranks by; on the demo it stopped the MEM after its
+            first epoch, whose GAUC was 0.036 lower than the second's for 0.003 less log loss).
         max_epochs: with ``patience`` > 0, the most epochs to train.
+        init_at_click_rate: a new run starts the bias of each entity's logit at ``logit(click rate)`` of the
+            train split rows it trains on (``mkt_torchrec.models.base_rate``), so its first predictions are the
+            click rate instead of about 0.5; tensors loaded from a stage-1 run or a checkpoint replace it.
         max_steps: stop after this many steps in all (0: no limit).
         embedding_optimizer: fused optimizer of the embedding tables (applied in backward).
         embedding_lr: its learning rate.
@@ -649,7 +652,9 @@ class TrainConfig:
 
     epochs: int = 1
     patience: int = 0
+    stop_on: Literal["gauc", "logloss"] = "gauc"
     max_epochs: int = 20
+    init_at_click_rate: bool = True
     max_steps: int = 0
     embedding_optimizer: Literal["rowwise_adagrad", "adagrad", "sgd", "adam"] = "rowwise_adagrad"
     embedding_lr: float = 0.05
@@ -672,14 +677,14 @@ class TrainConfig:
     def _validate(self, key: str) -> None:
         for name in ("epochs", "threads", "keep_checkpoints", "log_every", "max_epochs"):
             v = getattr(self, name)
-            _check(v >= 1, f"{key}.{name}", f"expected a positive int, got {v}")
+            check(v >= 1, f"{key}.{name}", f"expected a positive int, got {v}")
         for name in ("max_steps", "checkpoint_every", "patience"):
             v = getattr(self, name)
-            _check(v >= 0, f"{key}.{name}", f"expected an int >= 0, got {v}")
-        _check(self.embedding_lr > 0 and self.dense_lr > 0, key, "learning rates must be positive")
-        _check(self.finetune_dense_lr is None or self.finetune_dense_lr > 0, f"{key}.finetune_dense_lr",
+            check(v >= 0, f"{key}.{name}", f"expected an int >= 0, got {v}")
+        check(self.embedding_lr > 0 and self.dense_lr > 0, key, "learning rates must be positive")
+        check(self.finetune_dense_lr is None or self.finetune_dense_lr > 0, f"{key}.finetune_dense_lr",
                f"expected a positive number or null, got {self.finetune_dense_lr}")
-        _check(self.checkpoint_every_minutes >= 0, f"{key}.checkpoint_every_minutes",
+        check(self.checkpoint_every_minutes >= 0, f"{key}.checkpoint_every_minutes",
                f"expected a number >= 0, got {self.checkpoint_every_minutes}")
 
 
@@ -713,14 +718,14 @@ class EvalConfig:
 
     def _validate(self, key: str) -> None:
         b = self.activity_bounds
-        _check(all(x > 0 for x in b) and b == sorted(set(b)), f"{key}.activity_bounds",
+        check(all(x > 0 for x in b) and b == sorted(set(b)), f"{key}.activity_bounds",
                f"expected increasing positive ints, got {b}")
-        _check(self.bootstrap_samples >= 0, f"{key}.bootstrap_samples", "expected an int >= 0")
-        _check(0 < self.confidence < 1, f"{key}.confidence", "expected a number in (0, 1)")
-        _check(self.partitions >= 1, f"{key}.partitions", "expected a positive int")
-        _check(self.calibration_bins >= 1, f"{key}.calibration_bins", "expected a positive int")
-        _check(self.min_gauc_users >= 0, f"{key}.min_gauc_users", "expected an int >= 0")
-        _check(self.plot_sample_rows >= 0, f"{key}.plot_sample_rows", "expected an int >= 0")
+        check(self.bootstrap_samples >= 0, f"{key}.bootstrap_samples", "expected an int >= 0")
+        check(0 < self.confidence < 1, f"{key}.confidence", "expected a number in (0, 1)")
+        check(self.partitions >= 1, f"{key}.partitions", "expected a positive int")
+        check(self.calibration_bins >= 1, f"{key}.calibration_bins", "expected a positive int")
+        check(self.min_gauc_users >= 0, f"{key}.min_gauc_users", "expected an int >= 0")
+        check(self.plot_sample_rows >= 0, f"{key}.plot_sample_rows", "expected an int >= 0")
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -745,6 +750,30 @@ class Config:
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
+    def with_settings(self, settings: Mapping[str, Any]) -> "Config":
+        """A new, validated config with ``{"dotted.key": value}`` set (typed values: nothing is parsed)."""
+        raw = self.to_dict()
+        raw.update(raw.pop("extra"))
+        for key, value in settings.items():
+            node = raw
+            *parents, leaf = key.split(".")
+            for part in parents:
+                node = node.setdefault(part, {})
+            node[leaf] = value
+        return config_from_dict(raw)
+
+    def for_evaluation(self, job: "Config") -> "Config":
+        """This (a run's own) config with the job's :data:`EVALUATE_KEYS`: what ``evaluate`` scores with. The
+        plan is made afresh (evaluation may run at another world size)."""
+        if job.train.planner.plan_file:
+            raise ValueError("train.planner.plan_file does not apply to evaluate: it plans for its own world size")
+        job_raw = job.to_dict()
+        settings: dict[str, Any] = {"train.planner.plan_file": None}
+        for key in EVALUATE_KEYS:
+            section, _, name = key.partition(".")
+            settings[key] = job_raw[section][name] if name else job_raw[section]
+        return self.with_settings(settings)
+
     def schema_digest(self) -> str:
         """A short hash of the schema: datasets record it, readers compare it."""
         schema = dataclasses.asdict(self.schema)
@@ -754,6 +783,9 @@ class Config:
         blob = json.dumps(schema, sort_keys=True).encode()
         return hashlib.sha256(blob).hexdigest()[:16]
 
+
+# what ``mkt evaluate`` takes from its --config / --set: the model, schema and planner come from the run itself
+EVALUATE_KEYS = ("eval", "data.batch_size", "data.num_workers", "train.threads")
 
 _SECTIONS_LATER = ("report",)
 
@@ -818,121 +850,9 @@ def config_from_dict(raw: Mapping[str, Any]) -> Config:
     rest = {k: v for k, v in raw.items() if k not in _SECTIONS_LATER}
     if "schema" not in rest:
         raise ConfigError("schema: missing required section")
-    cfg = _build(Config, {**rest, "extra": extra}, "")
-    _validate_tree(cfg, "")
+    cfg = build(Config, {**rest, "extra": extra}, "")
+    validate_tree(cfg, "")
     return cfg
-
-
-# --------------------------------------------------------------------------------------------------------
-# A small typed builder: dict -> dataclass, with errors that name the dotted key.
-# --------------------------------------------------------------------------------------------------------
-
-
-def _check(ok: bool, key: str, message: str) -> None:
-    if not ok:
-        raise ConfigError(f"{key}: {message}")
-
-
-def _join(prefix: str, name: str) -> str:
-    return f"{prefix}.{name}" if prefix else name
-
-
-def _build(tp: Any, value: Any, key: str) -> Any:
-    origin = typing.get_origin(tp)
-    args = typing.get_args(tp)
-    if tp is Any:
-        return value
-    if origin in (typing.Union, types.UnionType):
-        if value is None and type(None) in args:
-            return None
-        non_none = [a for a in args if a is not type(None)]
-        return _build(non_none[0], value, key)
-    if origin is Literal:
-        _check(value in args, key, f"expected one of {list(args)}, got {value!r}")
-        return value
-    if dataclasses.is_dataclass(tp):
-        if value is None:
-            value = {}
-        _check(isinstance(value, Mapping), key or "config", f"expected a mapping, got {type(value).__name__}")
-        hints = typing.get_type_hints(tp)
-        fields = {f.name: f for f in dataclasses.fields(tp)}
-        unknown = sorted(set(value) - set(fields))
-        _check(not unknown, _join(key, str(unknown[0])) if unknown else key,
-               f"unknown key; expected one of {sorted(fields)}")
-        kwargs = {}
-        for name, f in fields.items():
-            if name in value:
-                kwargs[name] = _build(hints[name], value[name], _join(key, name))
-            elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:  # type: ignore[misc]
-                raise ConfigError(f"{_join(key, name)}: missing required key")
-        return tp(**kwargs)
-    if origin is dict:
-        _check(isinstance(value, Mapping), key, f"expected a mapping, got {type(value).__name__}")
-        return {str(k): _build(args[1], v, _join(key, str(k))) for k, v in value.items()}
-    if origin is list:
-        _check(isinstance(value, list), key, f"expected a list, got {type(value).__name__}")
-        return [_build(args[0], v, f"{key}[{i}]") for i, v in enumerate(value)]
-    if tp is bool:
-        _check(isinstance(value, bool), key, f"expected true/false, got {value!r}")
-        return value
-    if tp is int:
-        _check(isinstance(value, int) and not isinstance(value, bool), key, f"expected an int, got {value!r}")
-        return value
-    if tp is float:
-        if isinstance(value, str):  # YAML 1.1 reads 1e-3 (no dot) as a string
-            try:
-                value = float(value)
-            except ValueError:
-                pass
-        _check(isinstance(value, (int, float)) and not isinstance(value, bool), key,
-               f"expected a number, got {value!r}")
-        return float(value)
-    if tp is str:
-        _check(isinstance(value, str), key, f"expected a string, got {value!r}")
-        return value
-    raise TypeError(f"config type {tp!r} at {key} is not supported")  # a bug in this file, not user input
-
-
-def _validate_tree(obj: Any, key: str) -> None:
-    """Call ``_validate(key)`` on every dataclass in the tree that defines it."""
-    if dataclasses.is_dataclass(obj):
-        if hasattr(obj, "_validate"):
-            obj._validate(key)
-        for f in dataclasses.fields(obj):
-            _validate_tree(getattr(obj, f.name), _join(key, f.name))
-    elif isinstance(obj, dict):
-        for k, v in obj.items():
-            if dataclasses.is_dataclass(v):
-                _validate_tree(v, _join(key, str(k)))
-
-
-# --------------------------------------------------------------------------------------------------------
-# Self-description (``mkt config --show``)
-# --------------------------------------------------------------------------------------------------------
-
-
-def _arg_docs(cls: type) -> dict[str, str]:
-    """Field name -> its line(s) in the class docstring's ``Args:`` section (``a / b: text`` documents both)."""
-    doc = inspect.getdoc(cls) or ""
-    out: dict[str, str] = {}
-    names: list[str] = []
-    in_args = False
-    for line in doc.splitlines():
-        if line.strip() == "Args:":
-            in_args = True
-            continue
-        if not in_args or not line.strip():
-            continue
-        indent = len(line) - len(line.lstrip())
-        head, sep, text = line.strip().partition(":")
-        if indent <= 4 and sep and all(n.strip().isidentifier() for n in head.split("/")):
-            names = [n.strip() for n in head.split("/")]
-            for n in names:
-                out[n] = text.strip()
-        elif names:
-            for n in names:
-                out[n] += " " + line.strip()
-    return out
 
 
 def describe_keys(cfg: Optional[Config] = None) -> list[tuple[str, Any, str]]:
@@ -942,7 +862,7 @@ def describe_keys(cfg: Optional[Config] = None) -> list[tuple[str, Any, str]]:
     rows: list[tuple[str, Any, str]] = []
 
     def walk(obj: Any, prefix: str) -> None:
-        docs = _arg_docs(type(obj))
+        docs = arg_docs(type(obj))
         for f in dataclasses.fields(obj):
             value = getattr(obj, f.name)
             key = f"{prefix}.{f.name}"

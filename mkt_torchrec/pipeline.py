@@ -28,7 +28,6 @@ ctnet
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import shutil
@@ -36,72 +35,62 @@ import time
 from typing import Any, Dict, List, Optional, Sequence
 
 from mkt_torchrec import registry
-from mkt_torchrec.config import Config, load_config
+from mkt_torchrec.config import Config
+from mkt_torchrec.provenance import other_code
+from mkt_torchrec.rundir import RunDir, read_json, write_json
 
 log = logging.getLogger("mkt.run")
 
-def _overrides_of(name: str, seed: int, base_seed: int) -> List[str]:
-    """Config overrides of a named run and seed index: the model (``registry``), and seed ``base + index`` for
-    parameter initialisation and data order (the dataset itself stays the same)."""
-    return [*registry.get(name).overrides(), f"train.seed={base_seed + seed}", f"data.seed={base_seed + seed}"]
-
-
-def _run_dirs(out: str, name: str, seed: int = 0) -> Dict[str, str]:
+def _run_dirs(out: str, name: str, seed: int = 0) -> Dict[str, RunDir]:
     """Run directories a named run needs: {"mem": ..., "tem": ...} (``OUT/runs/NAME/seedK/STAGE``; a run made as
     another, such as no_tem_finetune, is that one's directories)."""
     spec = registry.get(name)
     root = os.path.join(out, "runs", spec.made_as or name, f"seed{seed}")
-    return {stage: os.path.join(root, stage) for stage in spec.stages}
+    return {stage: RunDir(os.path.join(root, stage)) for stage in spec.stages}
 
 
 def final_run_dir(out: str, name: str, seed: int = 0) -> str:
-    return _run_dirs(out, name, seed)[registry.get(name).final_stage]
+    return _run_dirs(out, name, seed)[registry.get(name).final_stage].path
 
 
-def _evaluated(run_dir: str) -> bool:
-    return os.path.isfile(os.path.join(run_dir, "metrics.json"))
-
-
-def _train_and_evaluate(config: str, overrides: List[str], data: str, out: str, names: List[str], seeds: int
-                        ) -> Dict[str, Any]:
+def _train_and_evaluate(cfg: Config, data: str, out: str, names: List[str], seeds: int) -> Dict[str, Any]:
     """Per rank: train and evaluate every named run and seed, in order, in this process group. A stage whose
     run is evaluated already is skipped, an interrupted one resumes from its checkpoint."""
-    from mkt_torchrec.training import checkpoint
     from mkt_torchrec.training.distributed import init_distributed
+    from mkt_torchrec.training.recipe import train
     from mkt_torchrec.training.scoring import evaluate
-    from mkt_torchrec.training.trainer import train
 
     info = init_distributed()  # also when every run is done already: the world is left cleanly either way
-    base_seed = load_config(config, overrides).train.seed
     seconds: Dict[str, float] = {}
     for name in names:
         start = time.perf_counter()
+        spec = registry.get(name)
         for seed in range(seeds):
-            cfg = load_config(config, [*overrides, *_overrides_of(name, seed, base_seed)])
+            run_cfg = spec.config(cfg, seed)
             dirs = _run_dirs(out, name, seed)
-            evaluated = registry.evaluated_stages(registry.get(name).made_as or name)
-            for stage, run_dir in dirs.items():
-                if _evaluated(run_dir) or os.path.isfile(os.path.join(run_dir, "DONE")):
+            evaluated = registry.evaluated_stages(spec.made_as or name)
+            for stage, run in dirs.items():
+                if run.done():
                     continue
-                resume = os.path.exists(os.path.join(run_dir, "checkpoints", checkpoint.LATEST))
-                train(cfg, stage, data, run_dir, resume=resume, mem_run=dirs.get("mem") if stage == "tem" else None)
+                mem_run = dirs["mem"].path if stage == "tem" and "mem" in dirs else None
+                train(run_cfg, stage, data, run.path, resume=run.has_checkpoint(), mem_run=mem_run)
                 if stage in evaluated:  # a final model (the MKT MEM is also no_tem_finetune's)
-                    evaluate(cfg, run_dir, data)
+                    evaluate(run_cfg, run.path, data)
                 elif info.is_main:  # a pre-training stage: finished, not evaluated
-                    open(os.path.join(run_dir, "DONE"), "w").close()
+                    run.mark_done()
         seconds[name] = round(time.perf_counter() - start, 1)
         if info.is_main:
             log.info("run %s done in %.0fs (%d seed%s)", name, seconds[name], seeds, "s" if seeds > 1 else "")
     return seconds
 
 
-def run_all(cfg: Config, config_path: str, overrides: Sequence[str], out: str, nproc: int = 2,
+def run_all(cfg: Config, out: str, nproc: int = 2,
             names: Sequence[str] = ("mkt",), overwrite: bool = False, data_dir: Optional[str] = None,
             seeds: int = 1, baseline: Optional[str] = None) -> Dict[str, Any]:
     """The whole pipeline; returns a summary (also written to OUT/summary.json).
 
     Args:
-        cfg / config_path / overrides: the job's config (each run adds its model and seed overrides).
+        cfg: the job's resolved config (each run sets its model and seed: ``RunSpec.config``).
         out: output directory: ``data/`` (unless ``data_dir``), ``runs/NAME/seedK/STAGE``, ``report/``,
             ``summary.json``.
         nproc: local ranks.
@@ -138,16 +127,16 @@ def run_all(cfg: Config, config_path: str, overrides: Sequence[str], out: str, n
         if not os.path.isfile(os.path.join(data, "manifest.json")):
             log.info("synthesising data into %s", data)
             generate(cfg, data, overwrite=True)
-    _check_reuse(config_path, list(overrides), data, out, names, seeds, synthesised=data_dir is None)
-    seconds = launch(nproc, _train_and_evaluate, config_path, list(overrides), data, out, names, seeds)
+    _check_reuse(cfg, data, out, names, seeds, synthesised=data_dir is None)
+    seconds = launch(nproc, _train_and_evaluate, cfg, data, out, names, seeds)
     from mkt_torchrec.training.export import export_run
 
     for name in names:  # serving exports: single-process steps, after the training world is gone
         for seed in range(seeds):
-            spec, final = registry.get(name), final_run_dir(out, name, seed)
-            if spec.served and spec.made_as is None and \
-                    not os.path.isfile(os.path.join(final, "serving", "serving.json")):
-                export_run(final, data)
+            spec, final = registry.get(name), RunDir(final_run_dir(out, name, seed))
+            if spec.made_as is None and spec.serves(spec.final_stage) and not final.exported():  # (a run made as
+                # another is that one's directories: it exports nothing of its own)
+                export_run(final.path, data)
     runs = {n: [final_run_dir(out, n, k) for k in range(seeds)] for n in names}
     if baseline is None and "no_mem_pretrain" in names:
         baseline = "no_mem_pretrain"
@@ -156,9 +145,7 @@ def run_all(cfg: Config, config_path: str, overrides: Sequence[str], out: str, n
                "seconds_per_run": seconds, "seconds": round(time.perf_counter() - started, 1),
                "target": {n: _over_seeds([_target_metrics(r) for r in d]) for n, d in runs.items()},
                "target_by_seed": {n: [_target_metrics(r) for r in d] for n, d in runs.items()}}
-    with open(os.path.join(out, "summary.json.tmp"), "w", encoding="utf-8") as f:
-        json.dump(summary, f, indent=2)
-    os.replace(os.path.join(out, "summary.json.tmp"), os.path.join(out, "summary.json"))
+    write_json(os.path.join(out, "summary.json"), summary)
     return summary
 
 
@@ -176,39 +163,37 @@ def _differing(a: Dict[str, Any], b: Dict[str, Any]) -> List[str]:
     return sorted(k for k in set(fa) | set(fb) if fa.get(k) != fb.get(k))
 
 
-def _check_reuse(config: str, overrides: List[str], data: str, out: str, names: List[str], seeds: int,
-                 synthesised: bool) -> None:
+def _check_reuse(cfg: Config, data: str, out: str, names: List[str], seeds: int, synthesised: bool) -> None:
     """A rerun reuses OUT's data and runs only if they were made with the settings of this one."""
     from dataclasses import asdict
 
-    from mkt_torchrec.training.rundir import read_run
-
     manifest = os.path.join(data, "manifest.json")
     if synthesised and os.path.isfile(manifest):
-        with open(manifest, encoding="utf-8") as f:
-            made = json.load(f).get("source", {}).get("synth")
-        differ = _differing(made or {}, asdict(load_config(config, overrides).synth))
+        made = read_json(manifest, "a dataset manifest").get("source", {}).get("synth")
+        differ = _differing(made or {}, asdict(cfg.synth))
         if differ:
             raise ValueError(f"{data}: was synthesised with other settings for {['synth.' + k for k in differ]}; "
                              "use another --out, or --overwrite to start over")
-    base_seed = load_config(config, overrides).train.seed
     for name in names:
         for seed in range(seeds):
-            cfg = load_config(config, [*overrides, *_overrides_of(name, seed, base_seed)]).to_dict()
-            for run_dir in _run_dirs(out, name, seed).values():
-                if os.path.isfile(os.path.join(run_dir, "run.json")):
-                    run = read_run(run_dir)
-                    differ = [k for k in _differing(run["config"], cfg) if not k.startswith("eval.")]
-                    if run.get("data") not in (None, os.path.abspath(data)):
-                        differ.append(f"data ({run.get('data')})")
+            wanted = registry.get(name).config(cfg, seed).to_dict()
+            for run in _run_dirs(out, name, seed).values():
+                if run.exists():
+                    record = run.record()
+                    why = other_code(record)
+                    if why:
+                        raise ValueError(f"{run.path}: was made {why}; its results would not be this code's: use "
+                                         "another --out, or --overwrite to train again")
+                    differ = [k for k in _differing(record["config"], wanted) if not k.startswith("eval.")]
+                    if record.get("data") not in (None, os.path.abspath(data)):
+                        differ.append(f"data ({record.get('data')})")
                     if differ:
-                        raise ValueError(f"{run_dir}: was made with other settings for {differ[:8]}"
+                        raise ValueError(f"{run.path}: was made with other settings for {differ[:8]}"
                                          f"{' ...' if len(differ) > 8 else ''}; use another --out, or --overwrite")
 
 
 def _target_metrics(run_dir: str) -> Optional[Dict[str, Any]]:
-    with open(os.path.join(run_dir, "metrics.json"), encoding="utf-8") as f:
-        m = json.load(f).get("target")
+    m = RunDir(run_dir).metrics().get("target")
     return None if m is None else {k: m.get(k) for k in ("auc", "gauc", "logloss", "auc_ci", "gauc_ci", "rows",
                                                         "users")}
 

@@ -25,7 +25,10 @@ from __future__ import annotations
 import importlib
 import os
 from dataclasses import dataclass
-from typing import Dict, List, Mapping, Optional, Tuple
+from typing import TYPE_CHECKING, Any, Dict, Mapping, Optional, Tuple
+
+if TYPE_CHECKING:
+    from mkt_torchrec.config import Config
 
 PLUGINS_ENV = "MKT_MODELS"
 
@@ -83,16 +86,28 @@ class RunSpec:
         """The stage whose run is the final model: evaluated on target rows, exported when served."""
         return list(self.stages)[-1]
 
+    def serves(self, stage: str) -> bool:
+        """Whether a run of this model's ``stage`` is exported for serving (``mkt train`` / ``mkt run`` export it,
+        ``mkt export`` takes it): the final stage of a served model."""
+        return self.served and stage == self.final_stage
+
     @property
     def is_baseline(self) -> bool:
         return self.model != "mkt"
 
-    def overrides(self) -> List[str]:
-        """The config overrides that make a run of this model (of the run it is made as, if any)."""
+    def settings(self) -> Dict[str, Any]:
+        """The config settings that make a run of this model (of the run it is made as, if any)."""
         spec = get(self.made_as) if self.made_as else self
         if spec.is_baseline:
-            return [f"model.name={spec.model}"]
-        return ["model.name=mkt", f"model.ablation={spec.ablation}"]
+            return {"model.name": spec.model}
+        return {"model.name": "mkt", "model.ablation": spec.ablation}
+
+    def config(self, base: "Config", seed: int = 0) -> "Config":
+        """The resolved config of this model's run of seed index ``seed`` from the job's config: the model's
+        :meth:`settings`, and seed ``train.seed + seed`` for parameter initialisation and data order (the dataset
+        itself stays the same)."""
+        seeded = base.train.seed + seed
+        return base.with_settings({**self.settings(), "train.seed": seeded, "data.seed": seeded})
 
 
 _MKT = {"mem": StageSpec(None), "tem": StageSpec("target")}

@@ -4,6 +4,7 @@ import json
 import os
 
 from mkt_torchrec.cli import main
+from mkt_torchrec.config import load_config
 from mkt_torchrec.pipeline import _check_reuse
 
 from tests.conftest import QUICKSTART
@@ -31,7 +32,7 @@ def test_the_demo_transfers_from_posts_and_products_far_beyond_seed_noise(tmp_pa
     assert os.path.isfile(out / "runs" / "mkt" / "seed0" / "tem" / "serving" / "model.pt2")
     # the MEM trained for no_tem_finetune has MKT's settings, so a rerun of mkt alone reuses it (the check a
     # rerun makes first; it refused this directory when no_tem_finetune trained it with its own settings)
-    _check_reuse(QUICKSTART, ["eval.bootstrap_samples=20"], str(out / "data"), str(out), ["mkt"], 1,
+    _check_reuse(load_config(QUICKSTART, ["eval.bootstrap_samples=20"]), str(out / "data"), str(out), ["mkt"], 1,
                  synthesised=True)
 
 

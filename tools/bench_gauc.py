@@ -9,7 +9,7 @@ random subset of users (``--baseline-users``), extrapolated per row. Both give t
 
 Out-of-core mode (``--out-of-core``): writes ``--rows`` prediction rows (8 rank files, users spread over all
 of them, with ``activity`` and ``true_prob``) chunk by chunk, then runs
-``report_metrics.compute_metrics`` - spilling, score buckets, activity groups, ceiling and a user-level
+``streaming.compute_metrics`` - spilling, score buckets, activity groups, ceiling and a user-level
 bootstrap of ``--bootstrap-samples`` - in a child process and reports its time and peak RSS.
 
 Report mode (``--report``): as out of core, for two runs on the same rows (run B: run A's scores plus noise,
@@ -186,7 +186,7 @@ def _compute(args: argparse.Namespace) -> dict:
     """Child process: compute_metrics over an existing predictions directory (written to --metrics-out if set,
     as mkt evaluate writes RUN/metrics.json)."""
     from mkt_torchrec.config import EvalConfig
-    from mkt_torchrec.evaluation.report_metrics import compute_metrics
+    from mkt_torchrec.evaluation.streaming import compute_metrics
 
     cfg = EvalConfig(bootstrap_samples=args.bootstrap_samples)
     t0 = time.perf_counter()

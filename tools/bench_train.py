@@ -237,7 +237,7 @@ class _PlainArm:
                  dense_init: Dict[str, Any], fused_dense: bool = False) -> None:
         from mkt_torchrec.data.reader import ParquetReader
         from mkt_torchrec.models.mkt import MEM
-        from mkt_torchrec.models.train import MEMTrain, pdl_gamma
+        from mkt_torchrec.models.losses import MEMTrain, pdl_gamma
         from mkt_torchrec.planning.embedding_optimizer import embedding_optimizer_kwargs
         from mkt_torchrec.training.assembly import _DENSE_OPTIMIZERS, _table_values, dense_optimizer
         from mkt_torchrec.training.feed import Feed
@@ -250,7 +250,7 @@ class _PlainArm:
         arch = mem.sparse_arch
         mem.sparse_arch = PlainSparse(cfg.schema, arch.features, arch.sequences, sparse_grad)
         if cfg.train.compile:  # --set train.compile=true compiles both arms' dense modules alike
-            from mkt_torchrec.training.build import compile_dense
+            from mkt_torchrec.models.build import compile_dense
 
             compile_dense(mem)
         module = MEMTrain(mem, pdl_gamma(cfg.model)).to(info.device)

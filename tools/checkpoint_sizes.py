@@ -31,7 +31,7 @@ from typing import Any, Dict, List, Optional
 import torch
 
 from mkt_torchrec.config import Config, load_config
-from mkt_torchrec.training.build import build_train_module
+from mkt_torchrec.models.build import build_train_module
 from mkt_torchrec.training.assembly import MEM_IN_STAGE2
 
 _TABLE_STATE = {"rowwise_adagrad": "row", "adagrad": 1, "adam": 2, "sgd": 0}  # float32 values per entry

@@ -276,10 +276,10 @@ class Smoke:
 
         from mkt_torchrec.data.reader import ParquetReader
         from mkt_torchrec.models.serving import load_serving, padded_ids, serving_keys
-        from mkt_torchrec.training.rundir import run_config
+        from mkt_torchrec.rundir import RunDir
 
         run = self.run_dir("resumed", "tem")
-        cfg = run_config(run)
+        cfg = RunDir(run).config()
         reader = ParquetReader(self.data, "test", cfg.schema, cfg.data, rank=0, world_size=self.nproc,
                                training=False, entity="target")
         batch = next(iter(reader))

@@ -127,6 +127,9 @@ class Manifest:
     # split -> sparse key -> mean values per row (single-valued: fraction non-null; sequence or side column: mean
     # length after truncation to max_len). The planner's pooling factors. Empty in a format-1 dataset.
     mean_lengths: dict[str, dict[str, float]] = field(default_factory=dict)
+    # split -> entity -> rows with a click (label > 0.5): the click rates fresh output layers start at. Empty in a
+    # dataset written before they were counted.
+    clicks: dict[str, dict[str, int]] = field(default_factory=dict)
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -138,6 +141,7 @@ class Manifest:
             "rows": self.rows,
             "source": self.source,
             "mean_lengths": self.mean_lengths,
+            "clicks": self.clicks,
         }
 
     @classmethod
@@ -158,6 +162,7 @@ class Manifest:
                 rows={s: dict(v) for s, v in d["rows"].items()},
                 source=dict(d.get("source", {})),
                 mean_lengths={s: {k: float(m) for k, m in v.items()} for s, v in d.get("mean_lengths", {}).items()},
+                clicks={s: {e: int(n) for e, n in v.items()} for s, v in d.get("clicks", {}).items()},
             )
         except (KeyError, TypeError, ValueError) as e:
             raise ValueError(f"{where}: not a valid manifest ({type(e).__name__}: {e})") from None
@@ -298,6 +303,7 @@ class DatasetWriter:
         self._last_arrival: dict[tuple[str, int], int] = {}  # arrival number of the newest buffered row
         self._arrived = 0  # rows passed to write() so far
         self._source: dict[str, Any] = {}
+        self._clicks: dict[str, dict[str, int]] = {}
         self._closed = False
 
     def __enter__(self) -> "DatasetWriter":
@@ -327,6 +333,8 @@ class DatasetWriter:
                              f"entity must be one of {ENTITY_CODES}")
         self._check_aligned(split, table)
         counts = self._rows.setdefault(split, {"source": 0, "target": 0})
+        clicks = self._clicks.setdefault(split, {"source": 0, "target": 0})
+        clicked = table.column("label").to_numpy(zero_copy_only=False) > 0.5
         self._count_values(split, table)
         full = []
         for name, code in ENTITY_CODES.items():
@@ -335,6 +343,7 @@ class DatasetWriter:
             if n == 0:
                 continue
             counts[name] += n
+            clicks[name] += int(clicked[mine].sum())
             key = (split, code)
             self._pending.setdefault(key, []).append(table if n == table.num_rows else table.filter(pa.array(mine)))
             self._pending_rows[key] = self._pending_rows.get(key, 0) + n
@@ -422,6 +431,7 @@ class DatasetWriter:
             rows=self._rows,
             source=self._source,
             mean_lengths=self._mean_lengths(),
+            clicks=self._clicks,
         )
         tmp_manifest = os.path.join(self.tmp_dir, MANIFEST)
         with open(tmp_manifest, "w", encoding="utf-8") as f:
@@ -448,12 +458,9 @@ def _read_manifest(data_dir: str) -> Manifest:
     if not os.path.isfile(path):
         hint = " (an interrupted write leaves only a .tmp-* directory)" if os.path.isdir(data_dir) else ""
         raise FileNotFoundError(f"{data_dir}: not a dataset, {MANIFEST} is missing{hint}")
-    try:
-        with open(path, encoding="utf-8") as f:
-            raw = json.load(f)
-    except (OSError, json.JSONDecodeError) as e:
-        raise ValueError(f"{path}: unreadable manifest: {e}") from None
-    return Manifest.from_json(raw, path)
+    from mkt_torchrec.rundir import read_json
+
+    return Manifest.from_json(read_json(path, "a dataset manifest"), path)
 
 
 def _files_in_order(manifest: Manifest) -> list[FileInfo]:

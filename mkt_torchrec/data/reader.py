@@ -358,7 +358,6 @@ def _slot_stream(plan: _Plan, epoch: int, windows: list[Window], pos: dict[str, 
     """Yield (batch, position after it) for one slot's ``windows``, from ``pos`` to their end."""
     source = _RowSource(plan, epoch, decoder.columns)
     parts: list[tuple[_Window, int, int]] = []
-    after: list[int] = []  # raw offset (within its window) after each row of the pending batch's last part
     have = 0
     wi, offset = pos["window"], pos["offset"]
     while wi < len(windows):

@@ -62,6 +62,7 @@ __all__ = [
     "group_auc",
     "per_user_auc",
     "partition_by_user",
+    "sortable32",
 ]
 
 
@@ -198,7 +199,7 @@ def _as_float32_exact(s: np.ndarray) -> Optional[np.ndarray]:
     return None
 
 
-def _sortable32(s32: np.ndarray) -> np.ndarray:
+def sortable32(s32: np.ndarray) -> np.ndarray:
     """(N,) finite float32 -> (N,) int64 in [0, 2**32) with the same order; -0.0 and +0.0 map to one key."""
     b = (s32 + np.float32(0.0)).view(np.int32).astype(np.int64)  # -0.0 + 0.0 == +0.0
     np.bitwise_xor(b, 0x7FFFFFFF, out=b, where=b < 0)  # negative floats: reverse the magnitude order
@@ -206,7 +207,7 @@ def _sortable32(s32: np.ndarray) -> np.ndarray:
 
 
 def _unsortable32(k: np.ndarray) -> np.ndarray:
-    """Inverse of :func:`_sortable32` -> float32."""
+    """Inverse of :func:`sortable32` -> float32."""
     b = k - _SIGN32
     np.bitwise_xor(b, 0x7FFFFFFF, out=b, where=b < 0)
     return b.astype(np.int32).view(np.float32)
@@ -318,7 +319,7 @@ def auc_stats(labels: Any, scores: Any, weights: Optional[Any] = None) -> AUCSta
         return AUCStats(s, np.zeros(0, dt), np.zeros(0, dt))
     s32 = _as_float32_exact(s) if weights is None else None
     if s32 is not None:  # fast path: sort packed (score, label) keys
-        key = _sortable32(s32) << 1
+        key = sortable32(s32) << 1
         key |= y
         key.sort()
         score_key = key >> 1
@@ -602,7 +603,7 @@ def _group_stats_nonempty(u: np.ndarray, y: np.ndarray, s: np.ndarray) -> GroupA
         key = np.zeros(n, dtype=np.int64)
         np.cumsum(user_changed, out=key[1:])  # dense user rank, in user order
         key <<= 33
-        key |= _sortable32(s32[order]) << 1
+        key |= sortable32(s32[order]) << 1
         key |= y[order]
         del order
         key.sort()  # rows stay in their user's block; within it they are now sorted by score

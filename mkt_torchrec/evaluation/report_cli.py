@@ -8,7 +8,8 @@ are one model each, with one seed (display name ``--name``, else the directory n
 gives a model several runs, one per seed, shown as mean ± std (the two forms do not mix). The baseline is
 ``--baseline`` (a model name or a run directory), else the first model trained with ablation
 ``no_mem_pretrain``, else the first model. Families come from each run's run.json unless ``--family`` sets
-them. Prints where the report is and the overall table.
+them. Prints where the report is and the overall table (AUC, GAUC, log loss, their differences to the baseline
+with the intervals the report shows, and the flags).
 """
 
 from __future__ import annotations
@@ -71,13 +72,14 @@ def run(args: argparse.Namespace, cfg: Any) -> int:
                 raise ValueError(f"--model {name!r} given twice; list all its runs in one --model")
             runs[name] = [d for d in dirs.split(",") if d]
     families: Dict[str, str] = dict(_pairs(args.families, "--family"))
-    from mkt_torchrec.evaluation.report import text_table, write_report
+    from mkt_torchrec.evaluation.report import write_report
+    from mkt_torchrec.evaluation.report_tables import text_table
 
     summary = write_report(runs, args.out, baseline=args.baseline, entity=args.entity,
                            names=None if models else args.names, eval_cfg=eval_cfg, families=families or None)
     overall = next(t for t in summary["tables"] if t["key"] == "overall")
-    keep = [overall["columns"].index(c) for c in ("Model", "Seeds", "AUC", "Δ AUC vs baseline", "GAUC (users)",
-                                                  "Δ GAUC vs baseline")]
+    keep = [i for i, c in enumerate(overall["columns"])  # the metrics, their differences and intervals, flags
+            if c in ("Model", "Seeds", "AUC", "GAUC (users)", "LogLoss", "Flags") or c.startswith("Δ ")]
     print(text_table([overall["columns"][i] for i in keep], [[row[i] for i in keep] for row in overall["rows"]]))
     print()
     print(f"report: {os.path.join(args.out, 'report.html')} (also report.md, report.json, "

@@ -3,7 +3,7 @@
 MEM (paper 3.2): embeddings -> sequence encoder -> HFA per entity -> CKE (shared MMoE) and SKE / TKE ->
 entity towers. TEM (paper 3.3): its own embeddings -> knowledge from the frozen MEM through gates -> DNN.
 :class:`MKTTarget` is the stage-2 model (frozen MEM + TEM); its ``serving`` counterpart is in
-``mkt_torchrec.models.serving``. Losses live in ``mkt_torchrec.models.train``.
+``mkt_torchrec.models.serving``. Losses live in ``mkt_torchrec.models.losses``.
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ from torch import nn
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 from mkt_torchrec.config import ENTITIES, ModelConfig, SchemaConfig
+from mkt_torchrec.models.base_rate import last_linear
 from mkt_torchrec.modules.hfa import HFA, PadAlign
 from mkt_torchrec.modules.layers import MMoE, GLUGate, mlp
 from mkt_torchrec.modules.sparse import FeatureGroups, GroupArch, SparseArch, SparseFeatures
@@ -114,6 +115,10 @@ class MEM(nn.Module):
         g_ind = self.extractors[entity](torch.cat([context, spec], dim=-1))  # (N, d_CKE)
         logits = self.towers[entity](torch.cat([g_com, g_ind], dim=-1)).squeeze(-1)  # (N,)
         return EntityOutput(q=hfa.q, g_com=g_com, g_ind=g_ind, logits=logits, scores=hfa.scores)
+
+    def output_biases(self) -> Dict[str, torch.Tensor]:
+        """The bias added to each entity's logit (``mkt_torchrec.models.base_rate``)."""
+        return {e: last_linear(self.towers[e]).bias for e in ENTITIES}
 
     def dense_forward(self, sparse: SparseFeatures, dense: torch.Tensor, entity: torch.Tensor) -> MEMOutput:
         """Each entity's path runs on every row and each row keeps its own entity's result (``torch.where``).
@@ -222,6 +227,11 @@ class TEM(nn.Module):
                 "shared": GLUGate(int(kd.shared), ga.shared_dim), "cross": GLUGate(int(kd.cross), dnn[cut - 1]),
             })
 
+    def output_biases(self) -> Dict[str, torch.Tensor]:
+        """The bias of the target logit (``mkt_torchrec.models.base_rate``); none when the TEM is a correction
+        added to the MEM's target logit (``model.tem.mem_logit``: it starts at 0, as the MEM's own model)."""
+        return {} if self.mem_logit else {"target": last_linear(self.top).bias}
+
     def dense_forward(self, sparse: SparseFeatures, dense: torch.Tensor,
                       knowledge: Optional[Knowledge] = None) -> torch.Tensor:
         g = self.group_arch(sparse, dense)
@@ -277,6 +287,10 @@ class MKTTarget(nn.Module):
         if mem is not None:
             mem.requires_grad_(False)
             mem.eval()
+
+    def output_biases(self) -> Dict[str, torch.Tensor]:
+        """The TEM's (the frozen MEM's biases are the MEM run's)."""
+        return self.tem.output_biases()
 
     def train(self, mode: bool = True) -> "MKTTarget":
         super().train(mode)

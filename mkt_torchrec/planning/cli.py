@@ -291,7 +291,7 @@ def _stage_module(cfg: Config, stage: str) -> Any:
     import torch
 
     from mkt_torchrec.planning.embedding_optimizer import attach_embedding_optimizer
-    from mkt_torchrec.training.build import build_train_module
+    from mkt_torchrec.models.build import build_train_module
 
     module = build_train_module(cfg, stage, torch.device("meta"))
     attach_embedding_optimizer(module, cfg, stage)  # as the trainer does: the planner counts its state

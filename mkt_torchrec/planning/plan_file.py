@@ -35,6 +35,7 @@ from mkt_torchrec.planning.plan import (
     sharders,
     table_shapes,
 )
+from mkt_torchrec.rundir import read_json
 
 
 def plan_to_dict(plan: ShardingPlan, module: nn.Module, meta: Mapping[str, Any]) -> Dict[str, Any]:
@@ -70,8 +71,9 @@ def plan_to_dict(plan: ShardingPlan, module: nn.Module, meta: Mapping[str, Any])
     return doc
 
 
-def write_plan(plan: ShardingPlan, module: nn.Module, path: str, meta: Mapping[str, Any]) -> None:
-    """Write ``plan`` (of ``module``, unsharded or sharded) as a plan file, atomically (temp file + rename).
+def write_plan(plan: ShardingPlan, module: nn.Module, path: str, meta: Mapping[str, Any]) -> Dict[str, Any]:
+    """Write ``plan`` (of ``module``, unsharded or sharded) as a plan file, atomically (temp file + rename);
+    returns the document written.
 
     ``meta`` needs ``world_size`` and should carry ``local_world_size``, ``compute_device`` (else read off the
     shard placements) and ``stage``; ``per_rank`` (else estimated from the shard sizes); any other keys are
@@ -91,6 +93,7 @@ def write_plan(plan: ShardingPlan, module: nn.Module, path: str, meta: Mapping[s
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
+    return doc
 
 
 def _exact_sharding(entry: Mapping[str, Any], device_type: str, local_size: int) -> ParameterSharding:
@@ -153,15 +156,9 @@ def load_plan(path: str, module: nn.Module, world_size: int, local_world_size: O
             have, a table's rows / dim, or ranks out of range.
     """
     compute_device = resolve_compute_device(compute_device)
-    try:
-        with open(path, encoding="utf-8") as f:
-            doc = json.load(f)
-    except FileNotFoundError:
-        raise FileNotFoundError(f"plan file {path} not found") from None
-    except json.JSONDecodeError as e:
-        raise ValueError(f"plan file {path}: not valid JSON: {e}") from None
-    if not isinstance(doc, dict) or doc.get("format") != FORMAT:
-        got = doc.get("format") if isinstance(doc, dict) else type(doc).__name__
+    doc = read_json(path, "a plan file")
+    if doc.get("format") != FORMAT:
+        got = doc.get("format")
         raise ValueError(f"plan file {path}: format {got!r}, expected {FORMAT!r}")
     stage = doc.get("stage")
     remedy = f"(re-run mkt plan for this topology{' and stage' if stage else ''})"

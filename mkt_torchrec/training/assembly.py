@@ -23,7 +23,7 @@ from mkt_torchrec.planning.embedding_optimizer import (FROZEN_MODULE, attach_emb
 from mkt_torchrec.planning.plan import make_plan, manifest_pooling, sharders
 from mkt_torchrec.planning.plan_file import load_plan
 from mkt_torchrec.training import device_check
-from mkt_torchrec.training.build import build_train_module, compile_dense, dense_lr
+from mkt_torchrec.models.build import build_train_module, compile_dense, dense_lr
 from mkt_torchrec.training.distributed import DistInfo
 
 log = logging.getLogger("mkt.train")

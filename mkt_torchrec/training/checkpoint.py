@@ -36,7 +36,8 @@ from torch.distributed.checkpoint import FileSystemReader
 from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.metadata import Metadata
 
-LATEST = "latest"
+from mkt_torchrec.rundir import LATEST, read_json
+
 BEST = "best"  # the checkpoint with the best validation metric (early stopping); kept by pruning
 EXTRA = "extra.json"
 
@@ -143,15 +144,7 @@ def final_checkpoint(run_dir: str) -> Optional[str]:
 
 def read_extra(ckpt: str) -> Dict[str, Any]:
     """A checkpoint's extra.json (step, epoch, reader positions, plan); a ValueError names a broken one."""
-    path = os.path.join(ckpt, EXTRA)
-    try:
-        with open(path, encoding="utf-8") as f:
-            extra = json.load(f)
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise ValueError(f"{path}: unreadable ({type(e).__name__}: {e})") from None
-    if not isinstance(extra, dict) or not all(k in extra for k in ("step", "epoch", "readers")):
-        raise ValueError(f"{path}: not a checkpoint record (needs 'step', 'epoch' and 'readers')")
-    return extra
+    return read_json(os.path.join(ckpt, EXTRA), "a checkpoint record", ("step", "epoch", "readers"))
 
 
 def save(run_dir: str, step: int, state: Dict[str, Any], extra: Dict[str, Any], is_main: bool,

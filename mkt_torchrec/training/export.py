@@ -33,7 +33,7 @@ from mkt_torchrec.config import Config, SchemaConfig
 from mkt_torchrec.fsutil import replace_dir
 from mkt_torchrec.models.serving import SERVING_FILE, ServingModel, export_serving, padded_ids, serving_keys
 from mkt_torchrec.training import checkpoint
-from mkt_torchrec.training.build import build_train_module
+from mkt_torchrec.models.build import build_train_module
 
 EXAMPLE_ROWS = 8
 _CKPT_PREFIX = "model.model."  # train_state's "model." + the loss wrapper's ``.model``
@@ -64,11 +64,10 @@ def serving_from_run(run_dir: str) -> Tuple[Config, ServingModel]:
     from mkt_torchrec import registry
     from mkt_torchrec.models import baselines
     from mkt_torchrec.training.mem_transfer import load_run_checkpoint
-    from mkt_torchrec.training.rundir import read_run, run_config# heavy to import
+    from mkt_torchrec.rundir import RunDir
 
-    run = read_run(run_dir)
-    cfg = run_config(run_dir)
-    stage = run["stage"]
+    run = RunDir(run_dir)
+    cfg, stage = run.config(), run.stage()
     spec = registry.of_config(cfg.model.name, cfg.model.ablation)
     if stage != spec.final_stage:
         raise ValueError(f"{run_dir}: a stage {stage!r} run of {spec.name} is pre-training; export its stage "

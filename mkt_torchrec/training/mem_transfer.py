@@ -9,13 +9,15 @@ import os
 from dataclasses import asdict
 from typing import Any, Dict, List, Optional
 
+import torch
+from torch import nn
 from torchrec.distributed.model_parallel import DistributedModelParallel
 
 from mkt_torchrec.config import Config
 from mkt_torchrec.training import checkpoint
 from mkt_torchrec.training.assembly import MEM_IN_STAGE1, MEM_IN_STAGE2, train_state
 from mkt_torchrec.training.resume import global_size
-from mkt_torchrec.training.rundir import read_run, run_config
+from mkt_torchrec.rundir import RunDir
 
 log = logging.getLogger("mkt.train")
 
@@ -78,7 +80,7 @@ def _mem_structure(cfg: Config) -> Dict[str, Any]:
 
 def check_mem_run(cfg: Config, mem_run: str) -> None:
     """Refuse a stage-1 run whose MEM is not the one this config's stage 2 builds, naming what differs."""
-    mine, theirs = _mem_structure(cfg), _mem_structure(run_config(mem_run))
+    mine, theirs = _mem_structure(cfg), _mem_structure(RunDir(mem_run).config())
     differ = sorted(k for k in mine if mine[k] != theirs[k])
     if differ:
         raise ValueError(f"{mem_run}: its MEM was trained with other settings for {differ} than this config "
@@ -90,7 +92,7 @@ def load_mem_into_stage2(model: DistributedModelParallel, mem_run: str, resumed:
     """DCP-load the stage-1 MEM into stage 2's frozen MEM: the MEM checkpoint that the stage-2 checkpoint
     ``resumed`` records (refused if it changed since), else the MEM run's best-validated, else latest checkpoint.
     Returns its :func:`mem_record`, which every stage-2 checkpoint records."""
-    if read_run(mem_run)["stage"] != "mem":
+    if RunDir(mem_run).stage() != "mem":
         raise ValueError(f"{mem_run}: is not a stage 'mem' run")
     record = checkpoint.read_extra(resumed).get(MEM_RECORD) if resumed else None
     if record is not None:
@@ -131,8 +133,9 @@ def check_pretraining_run(cfg: Config, mem_run: Optional[str]) -> None:
     if not mem_run:
         raise ValueError(f"model.name={cfg.model.name} stage tem fine-tunes a pre-trained model: pass --mem-run "
                          "with its stage-mem run")
-    theirs = run_config(mem_run)
-    if read_run(mem_run)["stage"] != "mem":
+    run = RunDir(mem_run)
+    theirs = run.config()
+    if run.stage() != "mem":
         raise ValueError(f"{mem_run}: is not a stage 'mem' run")
     differ = [k for k in ("name", "baselines") if getattr(theirs.model, k) != getattr(cfg.model, k)]
     differ += ["schema"] if theirs.schema != cfg.schema else []
@@ -150,3 +153,15 @@ def transfer_from_pretraining(model: DistributedModelParallel, mem_run: str, pre
              if any(k[len("model."):].startswith(p) for p in prefixes)}
     checkpoint.load(ckpt, state)
     return ckpt
+
+
+def load_unsharded(cfg: Config, stage: str, ckpt: str) -> nn.Module:
+    """The stage module with real (unsharded) tables, loaded from a checkpoint in one process without
+    collectives (stage 2's frozen MEM from the MEM checkpoint it records: :func:`load_run_checkpoint`)."""
+    from mkt_torchrec.models.build import build_train_module
+
+    module = build_train_module(cfg, stage, device=torch.device("cpu"))
+    state = train_state(module, None)
+    load_run_checkpoint(ckpt, state, no_dist=True)
+    module.load_state_dict({k[len("model."):]: v for k, v in state.items()})
+    return module

@@ -5,6 +5,7 @@
 from __future__ import annotations
 
 import logging
+import math
 import os
 import shutil
 from dataclasses import replace
@@ -19,15 +20,15 @@ import torch.distributed as dist
 from mkt_torchrec import faults, logs
 from mkt_torchrec.collective import Collective
 from mkt_torchrec.config import Config
+from mkt_torchrec.rundir import RunDir
 from mkt_torchrec.data.dataset import open_dataset_shared
 from mkt_torchrec.data.reader import ParquetReader
 from mkt_torchrec.training import checkpoint, runlock
 from mkt_torchrec.training.assembly import assemble, configure_dense_math, train_state
-from mkt_torchrec.training.build import stage_entity
+from mkt_torchrec.models.build import stage_entity
 from mkt_torchrec.training.distributed import DistInfo, init_distributed
 from mkt_torchrec.training.feed import Feed, make_pipeline
 from mkt_torchrec.training.mem_transfer import load_run_checkpoint
-from mkt_torchrec.training.rundir import read_run, run_config, write_json
 
 log = logging.getLogger("mkt.train")
 
@@ -154,7 +155,9 @@ class Validation:
     ``data.validation_fraction`` of the train split in time order), scored after each epoch through the training
     pipeline, with the exact distributed metrics (no bootstrap). Predictions go to ``RUN/validation/``."""
 
-    def __init__(self, cfg: Config, data_dir: str, run_dir: str, info: DistInfo, manifest: Any, entity: str) -> None:
+    def __init__(self, cfg: Config, data_dir: str, run: RunDir, info: DistInfo, manifest: Any, entity: str) -> None:
+        from mkt_torchrec.models.losses import hfa_feature_names
+
         if cfg.data.validation_fraction <= 0:
             raise ValueError("train.patience > 0 needs a validation split: set data.validation_fraction > 0 (or "
                              "train.patience=0 to train train.epochs epochs without early stopping)")
@@ -165,20 +168,41 @@ class Validation:
                              f"{cfg.data.validation_fraction}) has no {entity} rows to stop early on")
         self.info, self.entity = info, entity
         self.eval_cfg = replace(cfg.eval, bootstrap_samples=0)
-        self.pred_dir = os.path.join(run_dir, "validation")
+        self.pred_dir = run.validation
+        self.hfa_features = hfa_feature_names(cfg.schema)
 
     def run(self, pipeline: Any, epoch: int) -> Dict[str, float]:
-        """Score the validation split (collective) -> {"gauc", "auc", "rows", "users"} of the entity."""
+        """Score the validation split (collective) -> {"gauc", "auc", "logloss", "base_logloss" (the constant
+        click-rate predictor's), "click_rate", "mean_score", "rows", "users"} of the entity, and "hfa_scores"
+        ({entity: {feature: mean score}}) for a model with HFA."""
         from mkt_torchrec.evaluation.distributed_metrics import (
             compute_metrics_distributed,
         )
 
         self.reader.set_epoch(0)
-        score_split(pipeline, self.reader, self.info, self.pred_dir, f"validate {epoch}")
+        hfa = score_split(pipeline, self.reader, self.info, self.pred_dir, f"validate {epoch}", self.hfa_features)
         metrics = (compute_metrics_distributed(self.pred_dir, self.eval_cfg, self.info.device) or {})[self.entity]
         gauc = metrics.get("gauc")
-        return {"gauc": float("nan") if gauc is None else float(gauc), "auc": float(metrics.get("auc") or "nan"),
-                "rows": int(metrics.get("rows", 0)), "users": int(metrics.get("users", 0))}
+        calibration = metrics.get("calibration") or {}
+        rate = calibration.get("click_rate")
+        return {"gauc": _number(gauc), "auc": _number(metrics.get("auc")), "logloss": _number(metrics.get("logloss")),
+                "base_logloss": base_rate_logloss(rate), "click_rate": _number(rate),
+                "mean_score": _number(calibration.get("mean_score")),
+                "rows": int(metrics.get("rows", 0)), "users": int(metrics.get("users", 0)),
+                **({"hfa_scores": hfa} if hfa is not None else {})}
+
+
+def _number(v: Any) -> float:
+    return float("nan") if v is None else float(v)
+
+
+def base_rate_logloss(rate: Optional[float]) -> float:
+    """Log loss of the constant predictor at click rate ``rate``: the entropy ``-(p ln p + (1-p) ln(1-p))``, the
+    most a useful model may lose (NaN without rows; 0 when every label is the same)."""
+    if rate is None:
+        return float("nan")
+    p = min(max(float(rate), 0.0), 1.0)
+    return -sum(q * math.log(q) for q in (p, 1.0 - p) if q > 0)
 
 
 def evaluate(cfg: Config, run_dir: str, data_dir: str) -> Dict[str, Any]:
@@ -189,34 +213,28 @@ def evaluate(cfg: Config, run_dir: str, data_dir: str) -> Dict[str, Any]:
     its predictions, then every rank computes the exact statistics of its share of users and rank 0 merges small
     sums (:mod:`mkt_torchrec.evaluation.distributed_metrics`): no rank works while the others wait.
     """
-    run = read_run(run_dir)
-    evaluation = cfg
-    if evaluation.train.planner.plan_file:
-        raise ValueError("train.planner.plan_file does not apply to evaluate: it plans for its own world size")
-    cfg = run_config(run_dir)
-    cfg.eval, cfg.train.threads = evaluation.eval, evaluation.train.threads
-    cfg.data.batch_size, cfg.data.num_workers = evaluation.data.batch_size, evaluation.data.num_workers
-    cfg.train.planner.plan_file = None  # evaluation may run at another world size: plan afresh
+    run = RunDir(run_dir)
+    stage = run.stage()
+    cfg = run.config().for_evaluation(cfg)  # ``EVALUATE_KEYS`` from the job, the rest the run's own
     info = init_distributed()
     torch.set_num_threads(cfg.train.threads)
     configure_dense_math(cfg)
-    stage = run["stage"]
     ckpt = checkpoint.final_checkpoint(run_dir)
     if ckpt is None:
         raise FileNotFoundError(f"{run_dir}: no complete checkpoint to evaluate")
     manifest = open_dataset_shared(data_dir, cfg.schema)
-    lock = Collective(info.device).on_root(lambda: runlock.acquire(run_dir, "mkt evaluate"))
+    lock = Collective(info.device).on_root(lambda: run.lock("mkt evaluate"))
     try:
-        return _evaluate_locked(cfg, run_dir, data_dir, info, manifest, stage, ckpt)
+        return _evaluate_locked(cfg, run, data_dir, info, manifest, stage, ckpt)
     finally:
         runlock.release(lock if info.is_main else None)
 
 
-def _evaluate_locked(cfg: Config, run_dir: str, data_dir: str, info: DistInfo, manifest: Any, stage: str,
+def _evaluate_locked(cfg: Config, run: RunDir, data_dir: str, info: DistInfo, manifest: Any, stage: str,
                      ckpt: str) -> Dict[str, Any]:
     """:func:`evaluate` once the run directory is locked."""
     from mkt_torchrec.evaluation.distributed_metrics import compute_metrics_distributed
-    from mkt_torchrec.models.train import hfa_feature_names
+    from mkt_torchrec.models.losses import hfa_feature_names
 
     asm = assemble(cfg, stage, info, manifest=manifest)
     model = asm.model
@@ -230,12 +248,11 @@ def _evaluate_locked(cfg: Config, run_dir: str, data_dir: str, info: DistInfo, m
         raise ValueError(f"{data_dir}: the test split has no {'target ' if entity else ''}rows to evaluate")
     faults.fault_point("evaluate", info.rank)
     pipeline = make_pipeline(model, asm.optimizer, info.device)
-    pred_dir = os.path.join(run_dir, "predictions")
-    hfa_scores = score_split(pipeline, reader, info, pred_dir, "evaluate", hfa_feature_names(cfg.schema))
-    metrics = compute_metrics_distributed(pred_dir, cfg.eval, info.device) or {}
+    hfa_scores = score_split(pipeline, reader, info, run.predictions, "evaluate", hfa_feature_names(cfg.schema))
+    metrics = compute_metrics_distributed(run.predictions, cfg.eval, info.device) or {}
     if info.is_main:
         extra = checkpoint.read_extra(ckpt)
-        metrics["run_dir"] = run_dir
+        metrics["run_dir"] = run.path
         metrics["checkpoint"] = os.path.basename(ckpt)
         metrics["checkpoint_epoch"] = int(extra["epoch"])  # the epoch early stopping chose, when it ran
         metrics["validation"] = extra.get("best")
@@ -244,6 +261,6 @@ def _evaluate_locked(cfg: Config, run_dir: str, data_dir: str, info: DistInfo, m
         metrics["world_size"] = info.world_size
         if hfa_scores is not None:  # MKT's MEM with HFA: {entity: {specific feature: mean score on its rows}}
             metrics["hfa_scores"] = hfa_scores
-        write_json(os.path.join(run_dir, "metrics.json"), metrics)
+        run.write_metrics(metrics)
     dist.barrier()
     return metrics

@@ -13,11 +13,11 @@ import pytest
 import torch
 
 from mkt_torchrec.config import EvalConfig
-from mkt_torchrec.evaluation import analysis
-from mkt_torchrec.evaluation.report_metrics import SpillLimits, compute_metrics
+from mkt_torchrec.evaluation import bootstrap
+from mkt_torchrec.evaluation.streaming import SpillLimits, compute_metrics
 from mkt_torchrec.training.distributed import launch
 
-from tests.evaluation.test_report_metrics import make_predictions, write_parts
+from tests.evaluation.test_streaming import make_predictions, write_parts
 
 # Tiny buckets and ranges: several user buckets and score ranges per rank, the saturated 1.0 scores in a
 # single-score range of their own (streamed in pieces of batch_rows).
@@ -29,21 +29,21 @@ def _worker(scenarios: list, spill_dir: str) -> dict:
     import torch
     import torch.distributed as dist
 
-    from mkt_torchrec.evaluation import analysis as worker_analysis
+    from mkt_torchrec.evaluation import bootstrap as worker_bootstrap
     from mkt_torchrec.evaluation.distributed_metrics import compute_metrics_distributed
     from mkt_torchrec.training.distributed import init_distributed, shutdown
 
     torch.set_num_threads(1)
     info = init_distributed()
     out: dict = {}
-    default_budget = worker_analysis.EXACT_AUC_BUDGET
+    default_budget = worker_bootstrap.EXACT_AUC_BUDGET
     for name, pred_dir, cfg, limits, budget in scenarios:
-        worker_analysis.EXACT_AUC_BUDGET = default_budget if budget is None else budget
+        worker_bootstrap.EXACT_AUC_BUDGET = default_budget if budget is None else budget
         try:
             got = compute_metrics_distributed(pred_dir, cfg, info.device, spill_dir=spill_dir, limits=limits)
         except (ValueError, FileNotFoundError) as e:
             got = f"{type(e).__name__}: {e}"
-        worker_analysis.EXACT_AUC_BUDGET = default_budget
+        worker_bootstrap.EXACT_AUC_BUDGET = default_budget
         views: list = [None] * info.world_size
         dist.all_gather_object(views, got)
         out[name] = views
@@ -92,12 +92,12 @@ def inputs(tmp_path_factory):
     for name, pred_dir, cfg, _, budget in scenarios:
         if name in ("nan", "missing"):
             continue
-        saved = analysis.EXACT_AUC_BUDGET
-        analysis.EXACT_AUC_BUDGET = saved if budget is None else budget
+        saved = bootstrap.EXACT_AUC_BUDGET
+        bootstrap.EXACT_AUC_BUDGET = saved if budget is None else budget
         try:
             want[name] = compute_metrics(pred_dir, cfg)
         finally:
-            analysis.EXACT_AUC_BUDGET = saved
+            bootstrap.EXACT_AUC_BUDGET = saved
     return root, scenarios, want
 
 

@@ -253,7 +253,7 @@ def _tricky_float32(rng, n):
 def test_sortable32_roundtrip_and_order():
     rng = np.random.default_rng(4)
     s = np.concatenate([_tricky_float32(rng, 100), rng.normal(scale=1e3, size=1000).astype(np.float32)])
-    k = metrics._sortable32(s)
+    k = metrics.sortable32(s)
     assert k.min() >= 0 and k.max() < 2**32
     np.testing.assert_array_equal(metrics._unsortable32(k), s + np.float32(0.0))
     o = np.argsort(k, kind="stable")

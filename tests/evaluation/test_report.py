@@ -1,6 +1,8 @@
 """mkt report: evaluated run directories in (predictions written directly, metrics.json by compute_metrics), a
-self-contained comparison report out: the paper's Table 2 layout over seeds, the too-few-users rule, the pooled
-paired interval and bounded memory."""
+self-contained comparison report out: the paper's Table 2 layout over seeds (AUC, GAUC, log loss, calibration and
+their differences side by side), the seed-level interval shown with two or more seeds, the labelled user-level
+interval with one, the flags, the too-few-users rule, the pooled paired interval and bounded memory.
+(Seed-level intervals on simulated seeds, planted nulls and effects: test_seed_intervals.py.)"""
 
 from __future__ import annotations
 
@@ -16,11 +18,13 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+import scipy.stats
 
 from mkt_torchrec.config import EvalConfig
-from mkt_torchrec.evaluation import analysis
-from mkt_torchrec.evaluation.report import Run, _pairs, family_of, load_models, scan_predictions, write_report
-from mkt_torchrec.evaluation.report_metrics import SpillLimits, compute_metrics
+from mkt_torchrec.evaluation import bootstrap
+from mkt_torchrec.evaluation.report import write_report
+from mkt_torchrec.evaluation.report_runs import Run, family_of, load_models, pair_runs, scan_predictions
+from mkt_torchrec.evaluation.streaming import SpillLimits, compute_metrics
 
 SAMPLES = 30  # bootstrap resamples: enough for intervals, fast
 CFG = EvalConfig(bootstrap_samples=SAMPLES, min_gauc_users=50, plot_sample_rows=500)
@@ -44,9 +48,11 @@ test_rows.__test__ = False  # a helper, not a test
 
 
 def make_run(root, name: str, *, noise: float, seed: int = 0, model_name: str = "mkt", ablation: str = "none",
-             stage: str = "tem", rows: pd.DataFrame = TEST_SPLIT, old_metrics: bool = False) -> str:
+             stage: str = "tem", rows: pd.DataFrame = TEST_SPLIT, old_metrics: bool = False,
+             sign: float = 1.0) -> str:
     """A run directory as mkt train + mkt evaluate leave it: predictions (two rank files), metrics.json
-    (compute_metrics plus evaluate's keys), run.json and metrics.jsonl. Scores are the true logit plus noise."""
+    (compute_metrics plus evaluate's keys), run.json and metrics.jsonl. Scores are the true logit (times
+    ``sign``: -1 ranks worse than chance) plus noise."""
     run_dir = os.path.join(str(root), name)
     pred = os.path.join(run_dir, "predictions")
     os.makedirs(pred)
@@ -56,7 +62,7 @@ def make_run(root, name: str, *, noise: float, seed: int = 0, model_name: str = 
         entities["source"] = test_rows(200, seed=1)
     frames = []
     for entity, df in entities.items():
-        noisy = df.logit + rng.normal(0, noise, len(df))
+        noisy = sign * df.logit + rng.normal(0, noise, len(df))
         frames.append(df.assign(entity=entity, score=(1 / (1 + np.exp(-noisy))).astype(np.float32)))
     preds = pd.concat(frames, ignore_index=True)[["user_id", "entity", "label", "score", "activity", "true_prob"]]
     half = len(preds) // 2
@@ -140,6 +146,7 @@ def test_table2_layout_over_two_seeds(grouped, tmp_path):
     assert not [p for p in os.listdir(tmp_path) if p.startswith(".report-")]  # the staging directory is gone
     html = open(os.path.join(out, "report.html"), encoding="utf-8").read()
     assert html.count("data:image/png;base64,") == 4
+    assert 'class="num pos"' in html  # MKT's seed-level intervals exclude 0: coloured
     assert not re.search(r"""(src|href)\s*=\s*["']?(https?:|//|[^"'#d])""", html)  # nothing fetched from outside
     assert "http" not in html and "<link" not in html and "<script" not in html
 
@@ -164,13 +171,36 @@ def test_table2_layout_over_two_seeds(grouped, tmp_path):
         d = statistics.fmean(m["auc"] for m in ms) - statistics.fmean(m["auc"] for m in base)
         ref = statistics.fmean(m["auc"] for m in base)
         assert _cell(t, row, "Δ AUC vs baseline") == f"{d:+.4f} ({100 * d / ref:+.2f}%)"
+        # Two seeds: the interval shown is the seed-level Student-t one of the per-seed differences.
         model = next(m for m in s["models"] if m["name"] == row[1])
-        lo, hi = model["paired"]["auc_diff_ci"]
-        assert _cell(t, row, "Δ AUC paired 95% CI") == f"[{lo:+.4f}, {hi:+.4f}]" + (" *" if lo > 0 or hi < 0 else "")
+        assert model["interval"] == "seed_level" and model["interval_label"] is None
+        for metric, label in (("auc", "AUC"), ("gauc", "GAUC"), ("logloss", "LogLoss")):
+            diffs = [a[metric] - b[metric] for a, b in zip(ms, base)]
+            half = scipy.stats.t.ppf(0.975, 1) * statistics.stdev(diffs) / np.sqrt(2)
+            lo, hi = statistics.fmean(diffs) - half, statistics.fmean(diffs) + half
+            assert model["seed_level"][metric]["ci"] == pytest.approx([lo, hi], abs=1e-12)
+            star = " *" if lo > 0 or hi < 0 else ""
+            assert model["significant"][metric] == bool(star)
+            assert _cell(t, row, f"Δ {label} 95% CI") == f"[{lo:+.4f}, {hi:+.4f}]{star}"
+        d = statistics.fmean(m["logloss"] for m in ms) - statistics.fmean(m["logloss"] for m in base)
+        ref = statistics.fmean(m["logloss"] for m in base)
+        assert _cell(t, row, "Δ LogLoss vs baseline") == f"{d:+.4f} ({100 * d / ref:+.2f}%)"
+    # Log loss and calibration beside AUC and GAUC, mean ± std over the seeds.
+    for row in t["rows"]:
+        ms = [_metrics(d)["target"] for d in grouped[row[1]]]
+        assert _cell(t, row, "LogLoss") == _mean_std([m["logloss"] for m in ms])
+        assert _cell(t, row, "ECE") == _mean_std([m["calibration"]["ece"] for m in ms])
+        cal = [m["calibration"] for m in ms]
+        mean_score, click_rate = (statistics.fmean(c[k] for c in cal) for k in ("mean_score", "click_rate"))
+        assert _cell(t, row, "Mean score / click rate") == f"{mean_score:.4f} / {click_rate:.4f}"
     mkt = next(m for m in s["models"] if m["name"] == "MKT")
-    assert mkt["family"] == "mkt" and mkt["seeds"] == [0, 1] and mkt["paired"]["pairs"] == 2
-    assert mkt["paired"]["paired_by"] == "seed" and mkt["paired"]["left_out"] == []
-    assert mkt["paired"]["auc_diff_ci"][0] > 0 and mkt["paired"]["gauc_diff_ci"][0] > 0  # 0.4 vs 1.5 noise
+    assert mkt["family"] == "mkt" and mkt["seeds"] == [0, 1] and mkt["user_level"]["pairs"] == 2
+    assert mkt["seed_level"]["pairs"] == 2 and mkt["seed_level"]["seeds"] == [0, 1]
+    assert mkt["seed_level"]["paired_by"] == "seed" and mkt["seed_level"]["left_out"] == []
+    assert mkt["user_level"]["paired_by"] == "seed" and mkt["user_level"]["left_out"] == []
+    assert mkt["user_level"]["auc_diff_ci"][0] > 0 and mkt["user_level"]["gauc_diff_ci"][0] > 0  # 0.4 vs 1.5 noise
+    assert set(mkt["seed_level"]["groups"]) == {"0-10", "10-30", ">30"}
+    assert "Student-t interval over seeds" in md and "test-user sampling only (1 seed)" in md
     assert s["families"] == {"single_domain": "Single-domain", "pretrain_finetune": "Pre-training & fine-tuning",
                              "mkt": "MKT and ablations"}
 
@@ -194,14 +224,14 @@ def test_pooled_paired_interval_matches_an_in_memory_reference(grouped, tmp_path
     """The streaming pooled interval equals the one computed from rows in memory: per pair (same seed) the
     replicate differences under the same user resamples, averaged over the pairs, then percentiles."""
     s = write_report(grouped, str(tmp_path / "r"), baseline="MLP", eval_cfg=CFG)
-    mkt = next(m for m in s["models"] if m["name"] == "MKT")["paired"]
+    mkt = next(m for m in s["models"] if m["name"] == "MKT")["user_level"]
 
     def in_memory(run_dir):
         df = pq.read_table(os.path.join(run_dir, "predictions")).to_pandas()
         df = df[df["entity"] == "target"]
-        st = analysis.user_stats_from_rows(df["user_id"], df["label"], df["score"])
+        st = bootstrap.user_stats_from_rows(df["user_id"], df["label"], df["score"])
         m = _metrics(run_dir)["target"]
-        return m, analysis.replicates(st, SAMPLES, CFG.seed)
+        return m, bootstrap.replicates(st, SAMPLES, CFG.seed)
 
     diffs = {"auc": [], "gauc": []}
     points = {"auc": [], "gauc": []}
@@ -212,7 +242,7 @@ def test_pooled_paired_interval_matches_an_in_memory_reference(grouped, tmp_path
             points[k].append(m[k] - b[k])
     for k in diffs:
         assert mkt[f"{k}_diff"] == pytest.approx(statistics.fmean(points[k]), abs=1e-12)
-        want = analysis.percentile_ci(np.mean(diffs[k], axis=0), CFG.confidence)
+        want = bootstrap.percentile_ci(np.mean(diffs[k], axis=0), CFG.confidence)
         assert mkt[f"{k}_diff_ci"] == pytest.approx(want, abs=1e-12)
         assert mkt[f"{k}_diff_ci"][0] <= mkt[f"{k}_diff"] <= mkt[f"{k}_diff_ci"][1]
     assert mkt["samples"] == SAMPLES and mkt["rows"] == len(TEST_SPLIT)
@@ -223,21 +253,63 @@ def test_pairs_by_seed_and_leaves_out_runs_on_other_rows(grouped, tmp_path, no_f
     # MKT lists seed 1 first: pairing goes by seed, not position; its seed-1 run is on other rows.
     runs = {"MLP": grouped["MLP"], "MKT": [other, grouped["MKT"][0]]}
     s = write_report(runs, str(tmp_path / "r"), eval_cfg=CFG)
-    p = next(m for m in s["models"] if m["name"] == "MKT")["paired"]
-    assert p["paired_by"] == "seed" and p["pairs"] == 1
-    assert p["runs"] == [[grouped["MKT"][0], grouped["MLP"][0]]]
-    assert [x["run"] for x in p["left_out"]] == [other]
-    assert "not on the same rows" in p["left_out"][0]["reason"]
+    model = next(m for m in s["models"] if m["name"] == "MKT")
+    for p in (model["user_level"], model["seed_level"]):
+        assert p["paired_by"] == "seed" and p["pairs"] == 1
+        assert p["runs"] == [[grouped["MKT"][0], grouped["MLP"][0]]]
+        assert [x["run"] for x in p["left_out"]] == [other]
+        assert "not on the same rows" in p["left_out"][0]["reason"]
+    # One usable pair of two seeds: the user-level interval, labelled, never significant.
+    assert model["interval"] == "user_level" and model["significant"] == {}
+    cols = s["tables"][0]["columns"]
+    row = next(r for r in s["tables"][0]["rows"] if r[1] == "MKT")
+    assert row[cols.index("Δ AUC 95% CI")].endswith("] (test-user sampling only, 1 seed)")
     # Only runs on other rows: no interval, the reason in the cell.
     s = write_report({"MLP": grouped["MLP"][:1], "X": [other]}, str(tmp_path / "r2"), eval_cfg=CFG)
     row = next(r for r in s["tables"][0]["rows"] if r[1] == "X")
-    assert row[6] == row[8] == "n/a (not the same rows)"
+    assert {row[cols.index(f"Δ {k} 95% CI")] for k in ("AUC", "GAUC", "LogLoss")} == {"n/a (not the same rows)"}
     # Without seeds in run.json: by position.
     mlp, mkt = load_models(runs)
     for r in mlp.runs + mkt.runs:
         r.seed = None
-    pairs, how = _pairs(mkt, mlp)
+    pairs, how = pair_runs(mkt, mlp)
     assert how == "position" and [(a.run_dir, b.run_dir) for a, b in pairs] == list(zip(runs["MKT"], runs["MLP"]))
+
+
+def test_flags_below_chance_and_worse_than_base_rate(grouped, tmp_path, no_figures):
+    """A model whose seed-1 run has inverted scores (AUC < 0.5, and a log loss far above the base rate's), and
+    a very noisy one (overconfident: log loss above the base rate's on every seed): flagged in the row, under
+    the table, in the header and in report.json."""
+    inverted = [grouped["MKT"][0], make_run(tmp_path, "inv-s1", noise=0.4, seed=1, sign=-1.0)]
+    noisy = [make_run(tmp_path, f"noisy-s{s}", noise=4.0, seed=s) for s in (0, 1)]
+    out = str(tmp_path / "r")
+    s = write_report({"MLP": grouped["MLP"], "Inverted": inverted, "Noisy": noisy}, out, baseline="MLP",
+                     eval_cfg=CFG)
+    models = {m["name"]: m for m in s["models"]}
+    inv = {f["code"]: f for f in models["Inverted"]["flags"]}
+    assert set(inv) == {"auc_below_chance", "logloss_above_base_rate"}
+    assert inv["auc_below_chance"]["seeds"] == [1] and not inv["auc_below_chance"]["all_runs"]
+    assert inv["auc_below_chance"]["values"] == [_metrics(inverted[1])["target"]["auc"]]
+    m = _metrics(noisy[0])["target"]
+    p = m["calibration"]["click_rate"]
+    assert m["logloss"] > -(p * np.log(p) + (1 - p) * np.log(1 - p))
+    assert [(f["code"], f["all_runs"]) for f in models["Noisy"]["flags"]] == [("logloss_above_base_rate", True)]
+    runs = {r["run_dir"]: r for r in s["runs"]}
+    assert [f["code"] for f in runs[inverted[1]]["flags"]] == ["auc_below_chance", "logloss_above_base_rate"]
+    assert runs[inverted[0]]["flags"] == []
+    t = s["tables"][0]
+    rows = {r[1]: r for r in t["rows"]}
+    flags = t["columns"].index("Flags")
+    assert rows["Inverted"][flags] == ("⚠ below chance (AUC < 0.5) (seed 1); "
+                                       "⚠ worse than base rate (log loss) (seed 1)")
+    assert rows["Noisy"][flags] == "⚠ worse than base rate (log loss)"
+    md = open(os.path.join(out, "report.md"), encoding="utf-8").read()
+    assert "**Flagged:**" in md and "- Noisy: ⚠ worse than base rate (log loss)" in md
+    assert "Flagged here: " in md.split("## Table 1:")[1].split("## Table 2:")[0]
+    html = open(os.path.join(out, "report.html"), encoding="utf-8").read()
+    assert "⚠ below chance (AUC &lt; 0.5) (seed 1)" in html
+    # Noisy's Δ log loss is worse than the baseline's; side by side with the AUC and GAUC differences.
+    assert rows["Noisy"][t["columns"].index("Δ LogLoss vs baseline")].startswith("+")
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -260,17 +332,20 @@ def test_gauc_resting_on_too_few_users_is_not_shown(grouped, tmp_path, no_figure
     mkt_rows = [r for r in groups["rows"] if r[1] == "MKT"]
     assert mkt_rows[0][cols.index("GAUC improv.")] == "n/a (too few users)"
     assert re.fullmatch(r"\d\.\d{4} ± \d\.\d{4} \(\d+ users\)", mkt_rows[2][cols.index("GAUC (users)")])
-    assert re.fullmatch(r"[+-]\d+\.\d{2}%", mkt_rows[2][cols.index("GAUC improv.")])
+    assert re.fullmatch(r"[+-]\d+\.\d{2}%( \*)?", mkt_rows[2][cols.index("GAUC improv.")])  # *: seed-level
     # The same rule in the overall table, its paired interval and the per-run table.
     s = write_report(grouped, str(tmp_path / "r2"), baseline="MLP",
                      eval_cfg=EvalConfig(bootstrap_samples=5, min_gauc_users=10_000))
     t = s["tables"][0]
+    cols = t["columns"]
     for r in t["rows"]:
         n = min(_metrics(d)["target"]["users_evaluated"] for d in grouped[r[1]])
         assert r[4] == f"too few users ({n})"
         if r[1] != "MLP":
-            assert r[7] == r[8] == "n/a (too few users)"
-            assert r[5] != "n/a (too few users)"  # the AUC needs no users
+            assert r[cols.index("Δ GAUC vs baseline")] == r[cols.index("Δ GAUC 95% CI")] == "n/a (too few users)"
+            assert r[cols.index("Δ AUC vs baseline")] != "n/a (too few users)"  # the AUC needs no users
+            assert r[cols.index("Δ AUC 95% CI")] != "n/a (too few users)"
+    assert not any(m["significant"].get("gauc") for m in s["models"])
     per_run = next(x for x in s["tables"] if x["key"] == "per_run")
     assert all(r[4].startswith("too few users (") for r in per_run["rows"])
 
@@ -296,6 +371,10 @@ def test_families_override_and_errors(grouped, tmp_path, no_figures):
                      families={"MLP": "joint"})
     assert [(r[0], r[1]) for r in s["tables"][0]["rows"]][0] == ("Joint training", "MLP")
     assert s["baseline"] == "MKT"  # no no_mem_pretrain model: the first one
+    # No bootstrap, nothing streamed for pairing: the seed-level intervals still come from metrics.json.
+    others = [m for m in s["models"] if not m["is_baseline"]]
+    assert [m["interval"] for m in others] == ["seed_level"] * 2
+    assert all(m["seed_level"]["pairs"] == 2 and m["user_level"] == {"error": "n/a (no bootstrap)"} for m in others)
     with pytest.raises(ValueError, match="unknown families"):
         write_report(grouped, str(tmp_path / "x"), families={"MLP": "deep"})
     with pytest.raises(ValueError, match="not in the report"):
@@ -316,11 +395,20 @@ def test_list_of_runs_is_one_model_each(runs, tmp_path, no_figures):
     assert rows["no_mem_pretrain"][0] == "Single-domain" and rows["mkt"][0] == "MKT and ablations"
     assert rows["mkt"][2] == "1" and " ± " not in rows["mkt"][3]
     assert rows["mkt"][3] == f"{_metrics(runs[0])['target']['auc']:.4f}"
-    assert rows["mkt"][6].endswith(" *")  # clearly better, with a single pair
+    # Clearly better, but with a single seed: the user-level interval, labelled, neither * nor coloured.
+    cols = s["tables"][0]["columns"]
+    mkt_model = next(m for m in s["models"] if m["name"] == "mkt")
+    lo, hi = mkt_model["user_level"]["auc_diff_ci"]
+    assert lo > 0 and mkt_model["interval"] == "user_level"
+    assert mkt_model["interval_label"] == "test-user sampling only (1 seed): does not include training variance"
+    assert rows["mkt"][cols.index("Δ AUC 95% CI")] == f"[{lo:+.4f}, {hi:+.4f}] (test-user sampling only, 1 seed)"
+    assert rows["mkt"][cols.index("Δ LogLoss 95% CI")] == "n/a (1 seed)"
+    html = open(tmp_path / "r" / "report.html", encoding="utf-8").read()
+    assert 'class="num pos"' not in html and 'class="num neg"' not in html
     # The default baseline is the no_mem_pretrain run although it is not the first; default names.
     s = write_report(runs, str(tmp_path / "r2"), eval_cfg=EvalConfig(bootstrap_samples=0))
     assert s["baseline"] == "finetune (w/o MEM pretrain)"
-    assert s["tables"][0]["rows"][1][6] == "n/a (no bootstrap)"
+    assert s["tables"][0]["rows"][1][s["tables"][0]["columns"].index("Δ AUC 95% CI")] == "n/a (no bootstrap)"
     entities = next(t for t in s["tables"] if t["key"] == "entities")  # only the MEM run, both entities
     mem = _metrics(runs[2])
     assert [r[0] for r in entities["rows"]] == ["mem"]
@@ -417,7 +505,7 @@ def test_report_memory_does_not_grow_with_the_rows(tmp_path, monkeypatch, no_fig
     (measured 1.12x: 2.37 MB for 20,000 rows, 2.66 MB for 200,000), far below the predictions themselves. The
     peak is set by the spill limits, the plot sample and O(users). Beyond EXACT_AUC_BUDGET the AUC replicates are
     linearised, as here; below it at most EXACT_AUC_BUDGET / samples rows are held in score order."""
-    monkeypatch.setattr(analysis, "EXACT_AUC_BUDGET", 0)
+    monkeypatch.setattr(bootstrap, "EXACT_AUC_BUDGET", 0)
     _report_peak_bytes(tmp_path, (20, 21), "warm")  # imports and caches first: tracemalloc would count them
     rows_small, small = _report_peak_bytes(tmp_path, (20, 21), "small")
     rows_large, large = _report_peak_bytes(tmp_path, (200, 201), "large")

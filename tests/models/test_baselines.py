@@ -281,7 +281,7 @@ def test_every_baseline_trains_sharded_through_the_train_pipeline_without_host_s
 def test_serving_export_scores_target_rows_like_the_trained_model(pipelined, small_dataset, name, stage):
     from mkt_torchrec.training import checkpoint
     from mkt_torchrec.training.export import export_run, serving_from_run
-    from mkt_torchrec.training.trainer import load_unsharded
+    from mkt_torchrec.training.mem_transfer import load_unsharded
 
     run = os.path.join(pipelined[1], name)
     cfg = _cfg(name)

@@ -8,7 +8,7 @@ from mkt_torchrec.config import HFAConfig
 from mkt_torchrec.data.reader import ParquetReader
 from mkt_torchrec.models.mkt import MEM, TEM, MKTTarget, knowledge_dims
 from mkt_torchrec.models.serving import export_serving, load_serving, padded_ids, serving_keys
-from mkt_torchrec.models.train import MEMTrain, TEMTrain, pdl_gamma
+from mkt_torchrec.models.losses import MEMTrain, TEMTrain, pdl_gamma
 from mkt_torchrec.modules.hfa import HFA
 
 from tests.conftest import small_config
@@ -308,7 +308,7 @@ def test_every_ablation_trains_and_its_serving_export_equals_training(ablation, 
 def test_mem_step_output_carries_its_hfa_scores_source_then_target(ablation, cfg, batches):
     """StepOutput.hfa: the MEM's scores of every row as a source row, then as a target row (in
     hfa_feature_names' order), detached; no columns under no_hfa; None for the stage-2 model."""
-    from mkt_torchrec.models.train import hfa_feature_names
+    from mkt_torchrec.models.losses import hfa_feature_names
 
     model_cfg, mem = _mem_with(cfg, ablation)
     b = batches[0]

@@ -15,7 +15,7 @@ from mkt_torchrec.cli import main
 from mkt_torchrec.config import load_config
 from mkt_torchrec.planning.embedding_optimizer import attach_embedding_optimizer
 from mkt_torchrec.planning.plan import make_plan, plan_module, topology
-from mkt_torchrec.training.build import build_train_module
+from mkt_torchrec.models.build import build_train_module
 
 from tests.conftest import QUICKSTART, REPO
 

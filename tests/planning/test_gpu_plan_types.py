@@ -20,7 +20,7 @@ from mkt_torchrec.config import load_config
 from mkt_torchrec.planning.embedding_optimizer import FROZEN_MODULE, attach_embedding_optimizer
 from mkt_torchrec.planning.plan import ShardingRules, _fast_constraints, plan_module, table_infos
 from mkt_torchrec.planning.plan_file import load_plan, plan_to_dict, write_plan
-from mkt_torchrec.training.build import build_train_module
+from mkt_torchrec.models.build import build_train_module
 
 from tests.conftest import REPO
 

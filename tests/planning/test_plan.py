@@ -18,7 +18,7 @@ from mkt_torchrec.planning.describe import describe_plan
 from mkt_torchrec.planning.embedding_optimizer import attach_embedding_optimizer
 from mkt_torchrec.planning.plan import FORMAT, PlanDoesNotFit, make_plan, plan_module, sharders, table_infos, topology
 from mkt_torchrec.planning.plan_file import load_plan, write_plan
-from mkt_torchrec.training.build import build_train_module
+from mkt_torchrec.models.build import build_train_module
 
 from tests.conftest import QUICKSTART, REPO
 

@@ -298,7 +298,7 @@ def test_every_mkt_ablation_trains_through_the_pipeline(small_dataset, tmp_path,
 def _syncs_of_training(steps: int) -> list:
     """Host syncs our code made (on device tensors) during ``train`` of ``steps`` steps, log steps excluded."""
     from mkt_torchrec.training import device_check
-    from mkt_torchrec.training.trainer import train
+    from mkt_torchrec.training.recipe import train
 
     torch.set_num_threads(1)
     cfg = small_config(*TRAIN, f"train.max_steps={steps}", "train.log_every=1000", "data.num_workers=0")
@@ -329,10 +329,13 @@ def test_early_stopping_validates_each_epoch_and_serves_the_best(small_dataset, 
     _train("mem", small_dataset, run, 2, sets=sets)
     valid = [r for r in _records(run) if "validation" in r]
     assert [r["validation"] for r in valid] == list(range(len(valid))) and 2 <= len(valid) <= 4
-    gaucs = [r["gauc"] for r in valid]
+    gaucs = [r["gauc"] for r in valid]  # train.stop_on: gauc, among the eligible epochs, by default
     for i, r in enumerate(valid):  # the best so far, and the stop exactly when patience ran out
-        assert r["best_epoch"] == max(range(i + 1), key=lambda j: (gaucs[j], -j))
+        assert r["eligible"] == (r["auc"] >= 0.5 and r["logloss"] <= r["base_logloss"])
+        eligible = [j for j in range(i + 1) if valid[j]["eligible"]]
+        assert r["best_epoch"] == max(eligible, key=lambda j: (gaucs[j], -j))
         assert r["early_stop"] == (i - r["best_epoch"] >= 1)
+        assert r["base_logloss"] > 0 and 0 < r["click_rate"] < 1
     assert valid[-1]["early_stop"] or len(valid) == 4
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
@@ -340,6 +343,15 @@ def test_early_stopping_validates_each_epoch_and_serves_the_best(small_dataset, 
     events.Reload()
     assert [(e.step, e.value) for e in events.Scalars("validation/gauc")] == \
         [(r["step"], pytest.approx(r["gauc"], rel=1e-6)) for r in valid]
+    # HFA's mean score of each target-specific feature on the validation rows: in each record and in TensorBoard
+    from mkt_torchrec.models.losses import hfa_feature_names
+    from mkt_torchrec.rundir import RunDir
+
+    features = hfa_feature_names(RunDir(run).config().schema)["target"]
+    assert features and all(set(r["hfa_scores"]) == {"target"} for r in valid)
+    for name in features:
+        assert [(e.step, e.value) for e in events.Scalars(f"validation/hfa/target/{name}")] == \
+            [(r["step"], pytest.approx(r["hfa_scores"]["target"][name], rel=1e-6)) for r in valid]
     best_epoch = valid[-1]["best_epoch"]
     best = checkpoint.latest_checkpoint(run, checkpoint.BEST)
     assert best is not None and checkpoint.read_extra(best)["epoch"] == best_epoch
@@ -348,7 +360,7 @@ def test_early_stopping_validates_each_epoch_and_serves_the_best(small_dataset, 
                         "--nproc", "2")
     assert code == 0, err[-3000:]
     metrics = json.load(open(os.path.join(run, "metrics.json")))
-    assert metrics["checkpoint_epoch"] == best_epoch and metrics["validation"]["gauc"] == max(gaucs)
+    assert metrics["checkpoint_epoch"] == best_epoch and metrics["validation"]["gauc"] == max(gaucs[j] for j in range(len(valid)) if valid[j]["eligible"])
     steps = checkpoint.read_extra(checkpoint.latest_checkpoint(run))["step"]
     _train("mem", small_dataset, run, 2, "--resume", sets=sets)
     assert checkpoint.read_extra(checkpoint.latest_checkpoint(run))["step"] == steps

@@ -12,8 +12,8 @@ from mkt_torchrec.data.reader import ParquetReader
 from mkt_torchrec.models.serving import load_serving, padded_ids, serving_keys
 from mkt_torchrec.training import checkpoint, export
 from mkt_torchrec.training.export import export_run, serving_from_run
-from mkt_torchrec.training.rundir import run_config
-from mkt_torchrec.training.trainer import load_unsharded
+from mkt_torchrec.rundir import RunDir
+from mkt_torchrec.training.mem_transfer import load_unsharded
 
 from tests.conftest import QUICKSTART, SMALL
 
@@ -43,7 +43,7 @@ def _test_batch(cfg, data):
 
 def _reference(run, stage, batch):
     """Click probabilities of the run's final model, rebuilt whole with the trainer's load_unsharded."""
-    cfg = run_config(run)
+    cfg = RunDir(run).config()
     model = load_unsharded(cfg, stage, checkpoint.latest_checkpoint(run)).model.eval()
     with torch.no_grad():
         if stage == "mem":
@@ -63,7 +63,7 @@ def test_export_equals_the_stage2_forward_and_replaces_the_trainers_export(runs,
     assert path == os.path.join(run, "serving", "model.pt2") and os.path.isfile(path)
     assert json.load(open(os.path.join(run, "serving", "serving.json")))["file"] == "model.pt2"
     assert not [n for n in os.listdir(run) if n.startswith(".serving")]  # no temporary directory is left
-    cfg = run_config(run)
+    cfg = RunDir(run).config()
     batch = _test_batch(cfg, small_dataset)
     torch.testing.assert_close(_served(path, cfg, batch), _reference(run, "tem", batch), rtol=0, atol=1e-6)
 
@@ -72,7 +72,7 @@ def test_export_without_data_uses_a_synthetic_example(runs, small_dataset, tmp_p
     run = runs["tem"]
     path = export_run(run, out_dir=str(tmp_path / "serving"))
     assert path == str(tmp_path / "serving" / "model.pt2")
-    cfg = run_config(run)
+    cfg = RunDir(run).config()
     batch = _test_batch(cfg, small_dataset)
     ref = _reference(run, "tem", batch)
     torch.testing.assert_close(_served(path, cfg, batch), ref, rtol=0, atol=1e-6)
@@ -121,7 +121,7 @@ def test_mem_run_is_exported_only_under_no_tem_finetune(runs, small_dataset, tmp
     run = str(tmp_path / "mem_only")
     _train("mem", small_dataset, run, sets=("model.ablation=no_tem_finetune",))
     path = export_run(run)
-    cfg = run_config(run)
+    cfg = RunDir(run).config()
     batch = _test_batch(cfg, small_dataset)
     torch.testing.assert_close(_served(path, cfg, batch), _reference(run, "mem", batch), rtol=0, atol=1e-6)
 

@@ -35,7 +35,7 @@ from mkt_torchrec.planning.embedding_optimizer import attach_embedding_optimizer
 from mkt_torchrec.planning.plan import shardable_modules, sharders
 from mkt_torchrec.planning.plan_file import plan_to_dict, write_plan
 from mkt_torchrec.training import checkpoint
-from mkt_torchrec.training.build import build_train_module
+from mkt_torchrec.models.build import build_train_module
 from mkt_torchrec.training.distributed import launch
 
 from tests.conftest import small_config

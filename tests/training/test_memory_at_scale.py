@@ -25,10 +25,10 @@ import torch.distributed as dist
 from mkt_torchrec.cli import main
 from mkt_torchrec.data.reader import ParquetReader
 from mkt_torchrec.training import assembly, checkpoint, mem_transfer, scoring
-from mkt_torchrec.training.build import build_train_module
+from mkt_torchrec.models.build import build_train_module
 from mkt_torchrec.training.assembly import train_state
-from mkt_torchrec.training.rundir import run_config
-from mkt_torchrec.training.trainer import load_unsharded
+from mkt_torchrec.rundir import RunDir
+from mkt_torchrec.training.mem_transfer import load_unsharded
 
 from tests.conftest import QUICKSTART, SMALL, set_flags, small_config
 
@@ -197,7 +197,7 @@ def test_a_stage2_checkpoint_holds_no_mem_and_records_the_mem_checkpoint(runs):
     assert checkpoint.read_extra(tem_ckpt)[mem_transfer.MEM_RECORD] == {
         "path": os.path.abspath(mem_ckpt), "step": 3, "digest": f"sha256:{digest}"}
     # what the MEM checkpoint holds of the MEM is everything stage 2's MEM has
-    mem_state = load_unsharded(run_config(runs["tem"]), "tem", tem_ckpt).state_dict()
+    mem_state = load_unsharded(RunDir(runs["tem"]).config(), "tem", tem_ckpt).state_dict()
     frozen = {k[len("model.mem."):] for k in mem_state if k.startswith("model.mem.")}
     assert frozen and {"model.model." + k for k in frozen} <= _keys(mem_ckpt)
 
@@ -205,7 +205,7 @@ def test_a_stage2_checkpoint_holds_no_mem_and_records_the_mem_checkpoint(runs):
 def _reference_scores(tem_run, mem_run, cfg, data):
     """Stage 2's click probabilities on the target test rows, its model put together by hand: the MEM's tensors
     read from the MEM run's checkpoint, everything else from the stage-2 checkpoint (no trainer loader)."""
-    module = build_train_module(run_config(tem_run), "tem", device=torch.device("cpu"))
+    module = build_train_module(RunDir(tem_run).config(), "tem", device=torch.device("cpu"))
     state = train_state(module, None)
     mem = {"model.model." + k[len(MEM_KEYS):]: v for k, v in state.items() if k.startswith(MEM_KEYS)}
     checkpoint.load(checkpoint.final_checkpoint(mem_run), mem, no_dist=True)
@@ -248,7 +248,7 @@ def test_stage2_resumes_with_the_recorded_mem_and_refuses_a_changed_one(runs, sm
     tem = str(tmp_path / "tem")
     assert _train("tem", small_dataset, tem, "--mem-run", mem, sets=("train.max_steps=2",)) == 0
     assert _train("tem", small_dataset, tem, "--mem-run", mem, "--resume", sets=("train.max_steps=4",)) == 0
-    cfg = run_config(tem)
+    cfg = RunDir(tem).config()
     a = load_unsharded(cfg, "tem", checkpoint.latest_checkpoint(runs["tem"])).state_dict()
     b = load_unsharded(cfg, "tem", checkpoint.latest_checkpoint(tem)).state_dict()
     assert a.keys() == b.keys()
@@ -287,7 +287,7 @@ def test_checkpoint_sizes_tool_counts_the_bytes_the_checkpoints_hold(runs, tmp_p
                    for k, m in md.items() if k.startswith(prefix))
 
     config = tmp_path / "run.yaml"
-    config.write_text(yaml.safe_dump(run_config(runs["tem"]).to_dict()))
+    config.write_text(yaml.safe_dump(RunDir(runs["tem"]).config().to_dict()))
     proc = subprocess.run([sys.executable, os.path.join(REPO, "tools", "checkpoint_sizes.py"), "--config",
                            str(config)], capture_output=True, text=True, check=True)
     sizes = json.loads(proc.stdout.strip().splitlines()[-1])

@@ -1,5 +1,6 @@
 """The distributed trainer with real processes: 2 ranks, gloo, CPU (torch elastic launch)."""
 
+import importlib.metadata
 import json
 import os
 from dataclasses import replace
@@ -10,7 +11,8 @@ import torch
 from mkt_torchrec.cli import main
 from mkt_torchrec.faults import FAIL_AT_STEP_ENV
 from mkt_torchrec.training import checkpoint
-from mkt_torchrec.training.trainer import load_unsharded
+from mkt_torchrec.provenance import source_digest
+from mkt_torchrec.training.mem_transfer import load_unsharded
 
 from tests.conftest import QUICKSTART, SMALL, set_flags, small_config
 
@@ -55,6 +57,10 @@ def test_stage1_then_stage2_then_evaluate(small_dataset, mem_run, tmp_path):
     assert [s for s, _ in _scalars(mem_run, "train/loss")] == [s for s, _ in losses]  # and in TensorBoard
     assert [v for _, v in _scalars(mem_run, "train/loss")] == pytest.approx([v for _, v in losses], rel=1e-6)
     assert json.load(open(os.path.join(mem_run, "plan.json")))["world_size"] == 2
+    made = json.load(open(os.path.join(mem_run, "run.json")))  # what made the run: code, libraries, machine
+    assert made["code"]["source"] == source_digest() and made["code"]["version"]
+    assert {"python", "torch", "torchrec", "fbgemm_gpu", "cpu"} <= set(made["environment"])
+    assert made["environment"]["torchrec"] == importlib.metadata.version("torchrec")
 
     tem_run = str(tmp_path / "tem")
     _train("tem", small_dataset, tem_run, 2, "--mem-run", mem_run)
@@ -293,7 +299,7 @@ def test_a_run_directory_serves_one_job_at_a_time(small_dataset, tmp_path, capsy
     ("mmoe", "mem", False)])
 def test_finetune_dense_lr_applies_to_stages_that_start_from_stage_1_only(model, stage, fine_tuning):
     """Models trained from scratch on target rows (single-domain ones, the TEM alone) keep train.dense_lr."""
-    from mkt_torchrec.training.build import dense_lr
+    from mkt_torchrec.models.build import dense_lr
 
     name = ("model.ablation=no_mem_pretrain",) if model == "no_mem_pretrain" else (f"model.name={model}",)
     cfg = small_config(*name, "train.dense_lr=0.002", "train.finetune_dense_lr=0.0005")
@@ -376,7 +382,7 @@ def test_train_compile_compiles_the_dense_leaf_modules_and_trains_the_same_value
     backward through the compiled modules gives the eager loss and gradients (to float tolerance). Dynamo's
     graphs and AOT autograd, without inductor's C++ code generation (over a minute here for these modules)."""
     from mkt_torchrec.data.reader import ParquetReader
-    from mkt_torchrec.training.build import build_train_module, compile_dense
+    from mkt_torchrec.models.build import build_train_module, compile_dense
 
     cfg = small_config("data.batch_size=64")
     torch.manual_seed(0)

@@ -32,9 +32,10 @@ from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 from mkt_torchrec.config import Config, SchemaConfig
 from mkt_torchrec.data.batch import Batch
+from mkt_torchrec.models.base_rate import last_linear
 from mkt_torchrec.models.mkt import ENTITY_CODE
 from mkt_torchrec.models.serving import ServingModel, serving_keys
-from mkt_torchrec.models.train import StepOutput, _bce, precision_context
+from mkt_torchrec.models.losses import StepOutput, _bce, precision_context
 from mkt_torchrec.modules.layers import mlp
 from mkt_torchrec.modules.sparse import PaddedLookup, SequenceInputs, SparseArch, SparseFeatures
 from mkt_torchrec.registry import StageSpec
@@ -171,6 +172,10 @@ class EntityTowers(nn.Module):
     def __init__(self, in_dim: int, layers: List[int]) -> None:
         super().__init__()
         self.towers = nn.ModuleDict({e: mlp(in_dim, layers, linear_last=True) for e in ENTITY_CODE})
+
+    def output_biases(self) -> Dict[str, torch.Tensor]:
+        """The bias added to each entity's logit (``mkt_torchrec.models.base_rate``)."""
+        return {e: last_linear(self.towers[e]).bias for e in ENTITY_CODE}
 
     def forward(self, inputs: Dict[str, torch.Tensor], entity: torch.Tensor) -> torch.Tensor:
         """inputs: entity -> (B, in_dim); entity (B,) -> (B,) logits."""

@@ -21,13 +21,15 @@ Our reading:
 
 from __future__ import annotations
 
-from typing import List, Optional
+from typing import Dict, List, Optional
 
 import torch
 from torch import nn
 
 from mkt_torchrec.config import Config, SchemaConfig
+from mkt_torchrec.models.base_rate import last_linear
 from mkt_torchrec.models.baselines.common import BaselineModel, DiceMLP, make_model, view_features, view_fields
+from mkt_torchrec.models.mkt import ENTITY_CODE
 from mkt_torchrec.modules.sequence import valid_mask
 from mkt_torchrec.modules.sparse import SequenceInputs, SparseFeatures
 
@@ -91,6 +93,10 @@ class DINArch(nn.Module):
         dim_of = {s: schema.tables[schema.table_of(s)].dim for s in self.sequences}
         self.attention = nn.ModuleDict({s: ActivationUnit(dim_of[s], attention_hidden) for s in self.sequences})
         self.dnn = DiceMLP(self.fields.out_dim + sum(dim_of.values()), dnn)
+
+    def output_biases(self) -> Dict[str, torch.Tensor]:
+        """One logit for both entities (``mkt_torchrec.models.base_rate``)."""
+        return dict.fromkeys(ENTITY_CODE, last_linear(self.dnn).bias)
 
     def forward(self, sparse: SparseFeatures, dense: torch.Tensor, entity: torch.Tensor) -> torch.Tensor:
         """sparse: pooled (B, D) / padded (B, L, D); dense (B, F_dense); entity (B,) unused -> logits (B,)."""

@@ -20,13 +20,15 @@ Our reading:
 
 from __future__ import annotations
 
-from typing import List, Optional
+from typing import Dict, List, Optional
 
 import torch
 from torch import nn
 
 from mkt_torchrec.config import Config, SchemaConfig
+from mkt_torchrec.models.base_rate import last_linear
 from mkt_torchrec.models.baselines.common import BaselineModel, make_model, view_fields
+from mkt_torchrec.models.mkt import ENTITY_CODE
 from mkt_torchrec.modules.layers import mlp
 from mkt_torchrec.modules.sparse import SparseFeatures
 
@@ -123,6 +125,10 @@ class FiBiNetArch(nn.Module):
         self.bilinear_e = Bilinear(count, dim, bilinear)
         self.bilinear_v = Bilinear(count, dim, bilinear)
         self.dnn = mlp(2 * (count * (count - 1) // 2) * dim, dnn, linear_last=True)
+
+    def output_biases(self) -> Dict[str, torch.Tensor]:
+        """One logit for both entities (``mkt_torchrec.models.base_rate``)."""
+        return dict.fromkeys(ENTITY_CODE, last_linear(self.dnn).bias)
 
     def forward(self, sparse: SparseFeatures, dense: torch.Tensor, entity: torch.Tensor) -> torch.Tensor:
         """sparse: pooled (B, D) / padded (B, L, D); dense (B, F_dense); entity (B,) unused -> logits (B,)."""

@@ -15,13 +15,15 @@ Our reading:
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Dict, Optional
 
 import torch
 from torch import nn
 
 from mkt_torchrec.config import Config, SchemaConfig
+from mkt_torchrec.models.base_rate import last_linear
 from mkt_torchrec.models.baselines.common import BaselineModel, make_model, view_fields
+from mkt_torchrec.models.mkt import ENTITY_CODE
 from mkt_torchrec.modules.layers import mlp
 from mkt_torchrec.modules.sparse import SparseFeatures
 
@@ -47,6 +49,10 @@ class MLPArch(nn.Module):
         super().__init__()
         self.fields = view_fields(schema, view)
         self.dnn = mlp(self.fields.out_dim, dnn, linear_last=True)
+
+    def output_biases(self) -> Dict[str, torch.Tensor]:
+        """One logit for both entities (``mkt_torchrec.models.base_rate``)."""
+        return dict.fromkeys(ENTITY_CODE, last_linear(self.dnn).bias)
 
     def forward(self, sparse: SparseFeatures, dense: torch.Tensor, entity: torch.Tensor) -> torch.Tensor:
         """sparse: pooled (B, D) / padded (B, L, D); dense (B, F_dense); entity (B,) unused -> logits (B,)."""

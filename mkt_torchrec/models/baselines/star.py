@@ -23,7 +23,7 @@ Our reading:
 
 from __future__ import annotations
 
-from typing import List, Optional
+from typing import Dict, List, Optional
 
 import torch
 from torch import nn
@@ -143,6 +143,10 @@ class STARArch(nn.Module):
         dim = common_dim(schema)
         self.domain_embedding = nn.Parameter(torch.randn(len(ENTITY_CODE), dim) * 0.1)  # (2, D)
         self.auxiliary = mlp(dim + d_in, tower, linear_last=True)
+
+    def output_biases(self) -> Dict[str, torch.Tensor]:
+        """Each entity's own bias of the star network's last layer (``mkt_torchrec.models.base_rate``)."""
+        return {e: self.star.domain_bias[-1][code] for e, code in ENTITY_CODE.items()}
 
     def forward(self, sparse: SparseFeatures, dense: torch.Tensor, entity: torch.Tensor) -> torch.Tensor:
         """sparse: pooled (B, D) / padded (B, L, D); dense (B, F_dense); entity (B,) -> logits (B,)."""

@@ -1,5 +1,5 @@
-"""Tests for mkt_torchrec.evaluation.analysis: user-level bootstrap replicates against resampled rows scored
-by brute force, the linearised AUC against the exact one, intervals, and paired comparisons of two runs."""
+"""Tests for mkt_torchrec.evaluation.bootstrap and .paired: user-level bootstrap replicates against resampled
+rows scored by brute force, the linearised AUC against the exact one, intervals, and paired comparisons of two runs."""
 
 from __future__ import annotations
 
@@ -9,16 +9,16 @@ import pytest
 from sklearn.metrics import roc_auc_score
 
 from mkt_torchrec.config import EvalConfig
-from mkt_torchrec.evaluation import analysis
-from mkt_torchrec.evaluation.analysis import (
-    paired_comparison,
+from mkt_torchrec.evaluation import bootstrap, exact
+from mkt_torchrec.evaluation.bootstrap import (
     percentile_ci,
     poisson_weights,
     replicates,
     user_stats_from_rows,
 )
-from mkt_torchrec.evaluation.report_metrics import compute_metrics
-from tests.evaluation.test_report_metrics import make_predictions, pair_auc, write_parts
+from mkt_torchrec.evaluation.paired import paired_comparison
+from mkt_torchrec.evaluation.streaming import compute_metrics
+from tests.evaluation.test_streaming import make_predictions, pair_auc, write_parts
 
 
 def rows(n_users: int, seed: int, noise: float = 1.0):
@@ -104,7 +104,7 @@ def runs(tmp_path_factory):
 @pytest.mark.parametrize("linear", [False, True])
 def test_paired_identical_runs(runs, monkeypatch, linear):
     if linear:
-        monkeypatch.setattr(analysis, "EXACT_AUC_BUDGET", 0)
+        monkeypatch.setattr(bootstrap, "EXACT_AUC_BUDGET", 0)
     a, _, _ = runs
     r = paired_comparison(a, a, "target", EvalConfig(bootstrap_samples=50))
     assert r["auc_a"] == r["auc_b"] and r["gauc_a"] == r["gauc_b"]
@@ -159,12 +159,12 @@ def test_exact_sums_by_group_add_up_exactly():
     rng = np.random.default_rng(3)
     v = np.concatenate([rng.random(5000) * 10.0 ** rng.integers(-30, 3, 5000), [0.0, 5e-324, 1e300]])
     g = rng.integers(0, 7, v.shape[0])
-    sums = analysis.exact_sums_by(v, g, 7)
+    sums = exact.exact_sums_by(v, g, 7)
     for k in range(7):
-        assert sums[k] == analysis.exact_sum(v[g == k])  # exact: equal Fractions, not just close
-    halves = [analysis.exact_sums_by(v[s], g[s], 7) for s in (slice(0, 2000), slice(2000, None))]
+        assert sums[k] == exact.exact_sum(v[g == k])  # exact: equal Fractions, not just close
+    halves = [exact.exact_sums_by(v[s], g[s], 7) for s in (slice(0, 2000), slice(2000, None))]
     assert [a + b for a, b in zip(*halves)] == sums
     with pytest.raises(ValueError, match=r"\[0, 7\)"):
-        analysis.exact_sums_by(v, g + 1, 7)
+        exact.exact_sums_by(v, g + 1, 7)
     with pytest.raises(ValueError, match=">= 0"):
-        analysis.exact_sums_by([-1.0], [0], 1)
+        exact.exact_sums_by([-1.0], [0], 1)

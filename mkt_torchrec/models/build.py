@@ -17,7 +17,7 @@ from mkt_torchrec import registry
 from mkt_torchrec.config import Config
 from mkt_torchrec.models import baselines
 from mkt_torchrec.models.mkt import MEM, TEM, MKTTarget, knowledge_dims
-from mkt_torchrec.models.train import MEMTrain, TEMTrain, pdl_gamma
+from mkt_torchrec.models.losses import MEMTrain, TEMTrain, pdl_gamma
 
 Stage = Literal["mem", "tem"]
 STAGES = ("mem", "tem")

@@ -1,4 +1,4 @@
-"""Tests for mkt_torchrec.evaluation.report_metrics: compute_metrics against a pandas + scikit-learn brute force,
+"""Tests for mkt_torchrec.evaluation.streaming: compute_metrics against a pandas + scikit-learn brute force,
 the out-of-core path against the in-memory one, and input validation."""
 
 from __future__ import annotations
@@ -14,8 +14,9 @@ import pytest
 from sklearn.metrics import log_loss, roc_auc_score
 
 from mkt_torchrec.config import EvalConfig
-from mkt_torchrec.evaluation import analysis, report_metrics
-from mkt_torchrec.evaluation.report_metrics import SpillLimits, compute_metrics
+from mkt_torchrec.evaluation import bootstrap, metrics, score_buckets
+from mkt_torchrec.evaluation.predictions import iter_entity_rows
+from mkt_torchrec.evaluation.streaming import SpillLimits, compute_metrics
 
 # Everything spills into eval_cfg.partitions user partitions; score buckets and batches are tiny.
 TINY = SpillLimits(threshold_rows=0, partition_rows=10**6, bucket_rows=150, batch_rows=500)
@@ -168,16 +169,16 @@ def test_matches_brute_force(pred_dir, predictions):
 @pytest.mark.parametrize("exact", [True, False])
 def test_out_of_core_is_identical_to_in_memory(predictions, tmp_path, monkeypatch, exact):
     if not exact:  # the linearised AUC bootstrap and its placement sums take the same two paths
-        monkeypatch.setattr(analysis, "EXACT_AUC_BUDGET", 0)
+        monkeypatch.setattr(bootstrap, "EXACT_AUC_BUDGET", 0)
     cfg = EvalConfig(bootstrap_samples=30, partitions=4)
     # Score ranges are cut at quantiles of the first user partition; make its users score lower than the
     # rest, so that the last range overflows and is split again.
-    first = report_metrics.partition_by_user(predictions["user_id"].to_numpy(), 4) == 0
+    first = metrics.partition_by_user(predictions["user_id"].to_numpy(), 4) == 0
     drifted = predictions.assign(score=np.where(first, np.round(predictions["score"] * 0.3, 2),
                                                 predictions["score"]).astype(np.float32))
     pred_dir = write_parts(drifted, tmp_path / "predictions")
     calls = {"split": 0, "tie": 0}
-    split, tie = report_metrics._ScoreStore._split, report_metrics._OrderedAUC.tie_block
+    split, tie = score_buckets.ScoreStore._split, score_buckets.OrderedAUC.tie_block
 
     def count(name, fn):
         def wrapped(*a, **k):
@@ -185,8 +186,8 @@ def test_out_of_core_is_identical_to_in_memory(predictions, tmp_path, monkeypatc
             return fn(*a, **k)
         return wrapped
 
-    monkeypatch.setattr(report_metrics._ScoreStore, "_split", count("split", split))
-    monkeypatch.setattr(report_metrics._OrderedAUC, "tie_block", count("tie", tie))
+    monkeypatch.setattr(score_buckets.ScoreStore, "_split", count("split", split))
+    monkeypatch.setattr(score_buckets.OrderedAUC, "tie_block", count("tie", tie))
     spill = tmp_path / "spill"
     spill.mkdir()
     in_memory = compute_metrics(pred_dir, cfg)
@@ -278,7 +279,7 @@ def test_float64_scores(tmp_path):
 
 
 def test_iter_entity_rows(pred_dir, predictions):
-    u, y = zip(*report_metrics.iter_entity_rows(pred_dir, "source", batch_rows=333))
+    u, y = zip(*iter_entity_rows(pred_dir, "source", batch_rows=333))
     src = predictions[predictions["entity"] == "source"]
     np.testing.assert_array_equal(np.concatenate(u), src["user_id"].to_numpy())
     np.testing.assert_array_equal(np.concatenate(y), src["label"].to_numpy())

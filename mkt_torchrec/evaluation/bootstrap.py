@@ -1,4 +1,4 @@
-"""User-level bootstrap confidence intervals for AUC and GAUC, and paired comparisons of two runs.
+"""User-level bootstrap confidence intervals for AUC and GAUC: resample counts, exact per-resample sums, replicates.
 
 The resampling unit is the **user**: impressions of one user are correlated, so resampling rows would make
 the intervals too narrow. In resample ``b`` user ``u`` is drawn ``c_bu`` times and every row of ``u`` counts
@@ -17,7 +17,8 @@ arithmetic, so the replicates are bit-identical however the work is split:
 * **GAUC** (exact). A user's ``AUC_u`` does not change when its rows are repeated, so
   ``GAUC(c) = sum_u c_u n_u AUC_u / sum_u c_u n_u`` over users with both labels. The terms ``n_u AUC_u``
   are the float64 values the point GAUC adds up; their weighted sums are exact (integer limbs,
-  :func:`exact_sum`), and the ratio is rounded once. ``O(U)`` time per resample, ``O(U)`` memory.
+  :func:`~mkt_torchrec.evaluation.exact.exact_sum`), and the ratio is rounded once. ``O(U)`` time per
+  resample, ``O(U)`` memory.
 * **AUC**, exact mode (:class:`ScoreOrder` given). The resampled AUC is the weighted AUC with row weight
   ``c_u``: per run of equal scores, the weighted positives and negatives are integers, so the Mann-Whitney
   numerator (ties one half) is an exact integer and the AUC one correctly rounded division
@@ -44,6 +45,8 @@ The per-resample sums over a set of users (:class:`BootstrapSums`) and over rows
 Resamples where a metric is undefined (no user with both labels for GAUC, a single class for AUC) are
 dropped before taking percentiles; with fewer than two defined replicates the interval is ``None``.
 
+Paired comparisons of two runs, built on these replicates, are in :mod:`~mkt_torchrec.evaluation.paired`.
+
 Example:
     >>> st = user_stats_from_rows([1, 1, 2, 2, 3, 3], [1, 0, 1, 0, 0, 1], [.9, .2, .6, .4, .3, .8])
     >>> bootstrap_cis(st, samples=50, confidence=0.9, seed=0)["gauc_ci"]
@@ -56,10 +59,11 @@ import itertools
 import math
 from dataclasses import dataclass
 from fractions import Fraction
-from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
+from mkt_torchrec.evaluation.exact import exact_weighted_sums, mw_concat
 from mkt_torchrec.evaluation.metrics import GroupAUCStats, group_auc_stats, per_user_auc
 
 __all__ = [
@@ -71,9 +75,8 @@ __all__ = [
     "AUCPieces",
     "WeightedAUCScan",
     "exact_auc_feasible",
-    "exact_sum",
-    "exact_sums_by",
     "gauc_terms",
+    "mix64",
     "poisson_weights",
     "user_bootstrap_sums",
     "replicates_from_sums",
@@ -81,10 +84,6 @@ __all__ = [
     "percentile_ci",
     "bootstrap_cis",
     "paired_replicates",
-    "RunReplicates",
-    "run_replicates",
-    "pooled_paired_difference",
-    "paired_comparison",
     "user_stats_from_rows",
 ]
 
@@ -92,12 +91,6 @@ __all__ = [
 # distinct scores at 200 resamples); beyond it the linearised AUC is used. (It also keeps the exact weighted
 # Mann-Whitney sums inside int64: at most 7 * rows weighted rows, 2 * 7**2 * rows**2 < 2**63.)
 EXACT_AUC_BUDGET = 100_000_000
-# Weighted exact sums: at most 2**16 users per block, so that a block's sums of (limb < 2**24) x
-# (count <= 7) stay below 2**43, exact in float64 whatever order the matrix product adds them in; and about
-# 2**22 (user, resample) counts per block (32 MB as float64).
-_SUM_BLOCK_USERS = 1 << 16
-_SUM_BLOCK_COUNTS = 1 << 22
-_LIMB_BITS = 24
 _MASK64 = (1 << 64) - 1
 _GOLDEN = 0x9E3779B97F4A7C15
 _USER_SALT = 0xD1B54A32D192ED03
@@ -122,7 +115,7 @@ def _poisson_table() -> np.ndarray:
 _POISSON_TABLE = _poisson_table()
 
 
-def _mix64(x: np.ndarray) -> np.ndarray:
+def mix64(x: np.ndarray) -> np.ndarray:
     """The splitmix64 finaliser, in place on a uint64 array (returned)."""
     with np.errstate(over="ignore"):
         x ^= x >> np.uint64(30)
@@ -134,7 +127,7 @@ def _mix64(x: np.ndarray) -> np.ndarray:
 
 
 def _mix64_int(x: int) -> int:
-    """:func:`_mix64` of one Python int."""
+    """:func:`mix64` of one Python int."""
     x &= _MASK64
     x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
     x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & _MASK64
@@ -167,137 +160,17 @@ def poisson_weights(user_ids: Any, samples: int, seed: int, first: int = 0) -> n
     if ids.ndim != 1 or (ids.shape[0] and ids.dtype.kind not in "iu"):
         raise ValueError(f"poisson_weights: user_ids must be a 1-D integer array, got {ids.dtype} {ids.shape}")
     hu = ids.astype(np.int64, copy=False).view(np.uint64) + np.uint64(_USER_SALT)
-    _mix64(hu)
+    mix64(hu)
     out = np.empty((samples, ids.shape[0]), dtype=np.uint8)
     h = np.empty_like(hu)
     base = _mix64_int(int(seed))
     for j in range(first // 4, -(-(first + samples) // 4)):
         np.bitwise_xor(hu, np.uint64(_mix64_int(base + (j + 1) * _GOLDEN)), out=h)
-        _mix64(h)
+        mix64(h)
         for q in range(4):  # the four 16-bit quarters, lowest first: resamples 4j .. 4j + 3
             if first <= 4 * j + q < first + samples:
                 np.take(_POISSON_TABLE, (h >> np.uint64(16 * q)).astype(np.uint16), out=out[4 * j + q - first])
     return out
-
-
-# --------------------------------------------------------------------------------------------------------
-# Exact sums of float64 values
-# --------------------------------------------------------------------------------------------------------
-
-
-def _limb_layout(v: np.ndarray) -> Tuple[int, int]:
-    """Non-negative finite float64 values -> ``(e, L)``: every value is ``sum_j limb_j 2**(e + 24 j)`` with
-    integer limbs ``0 <= limb_j < 2**24``, ``j < L`` (``L == 0`` when all values are 0)."""
-    nz = v[v > 0]
-    if nz.shape[0] == 0:
-        return 0, 0
-    m, ex = np.frexp(nz)  # nz = m 2**ex, 0.5 <= m < 1
-    mant = np.ldexp(m, 53).astype(np.int64)  # nz = mant 2**(ex - 53) (subnormals: a multiple of 2**-1074)
-    _, low = np.frexp((mant & -mant).astype(np.float64))  # lowest set bit of mant: 2**(low - 1)
-    lo = max(int((ex - 54 + low).min()), -1074)
-    return lo, -(-(int(ex.max()) - lo) // _LIMB_BITS)
-
-
-def _limbs(v: np.ndarray, e: int, n_limbs: int) -> np.ndarray:
-    """(n,) values -> (L, n) float64 integer limbs (exact: scaling by powers of two, floor, subtraction of the
-    leading bits)."""
-    out = np.empty((n_limbs, v.shape[0]))
-    r = v.astype(np.float64, copy=True)
-    for j in range(n_limbs - 1, -1, -1):
-        shift = e + _LIMB_BITS * j
-        np.floor(np.ldexp(r, -shift), out=out[j])
-        r -= np.ldexp(out[j], shift)
-    return out
-
-
-def _dyadic(total: int, e: int) -> Fraction:
-    return Fraction(total << e) if e >= 0 else Fraction(total, 1 << -e)
-
-
-def _check_summable(v: np.ndarray, what: str) -> None:
-    if v.shape[0] and not (np.isfinite(v).all() and (v >= 0).all()):
-        raise ValueError(f"{what}: values must be finite and >= 0")
-
-
-def exact_sum(values: Any) -> Fraction:
-    """The exact sum of non-negative finite float64 values, as a :class:`~fractions.Fraction`.
-
-    The result does not depend on the order of the values nor on how they are split (sums of parts add up
-    exactly), unlike a floating-point sum. Round it once with ``float()`` (correctly rounded).
-
-    Raises:
-        ValueError: a negative or non-finite value.
-
-    Example:
-        >>> float(exact_sum([0.1] * 10)), sum([0.1] * 10)
-        (1.0, 0.9999999999999999)
-    """
-    v = np.asarray(values, dtype=np.float64).ravel()
-    _check_summable(v, "exact_sum")
-    e, n_limbs = _limb_layout(v)
-    if n_limbs == 0:
-        return Fraction(0)
-    total = 0
-    for s in range(0, v.shape[0], 1 << 20):  # int64 limb sums of 2**20 values stay below 2**44
-        sums = _limbs(v[s:s + (1 << 20)], e, n_limbs).astype(np.int64).sum(axis=1)
-        total += sum(int(x) << (_LIMB_BITS * j) for j, x in enumerate(sums))
-    return _dyadic(total, e)
-
-
-def exact_sums_by(values: Any, index: Any, n: int) -> List[Fraction]:
-    """Exact sums of non-negative finite float64 values by group: ``out[g] = sum(values[index == g])``.
-
-    Like :func:`exact_sum` (one limb layout for all groups, integer limb sums per group), so sums of parts
-    add up exactly.
-
-    Args:
-        values: (N,) non-negative finite values.
-        index: (N,) int group of each value, in ``[0, n)``.
-        n: number of groups.
-
-    Returns:
-        ``n`` Fractions.
-
-    Example:
-        >>> [float(x) for x in exact_sums_by([0.1, 0.2, 0.3], [1, 0, 1], 3)]
-        [0.2, 0.4, 0.0]
-    """
-    v = np.asarray(values, dtype=np.float64).ravel()
-    g = np.asarray(index, dtype=np.int64).ravel()
-    if v.shape != g.shape:
-        raise ValueError(f"exact_sums_by: {v.shape[0]} values but {g.shape[0]} group indices")
-    _check_summable(v, "exact_sums_by")
-    if g.shape[0] and (g.min() < 0 or g.max() >= n):
-        raise ValueError(f"exact_sums_by: group indices must be in [0, {n})")
-    e, n_limbs = _limb_layout(v)
-    totals = [0] * n
-    for s in range(0, v.shape[0], 1 << 20):  # float64 bincounts of 2**20 limbs < 2**24 stay below 2**44: exact
-        limbs = _limbs(v[s:s + (1 << 20)], e, n_limbs)
-        for j in range(n_limbs):
-            sums = np.bincount(g[s:s + (1 << 20)], weights=limbs[j], minlength=n).astype(np.int64)
-            for k in np.flatnonzero(sums):
-                totals[k] += int(sums[k]) << (_LIMB_BITS * j)
-    return [_dyadic(t, e) for t in totals]
-
-
-def _weighted_sums(user_ids: np.ndarray, columns: Sequence[np.ndarray], samples: int,
-                   seed: int) -> List[List[Fraction]]:
-    """Exact ``sum_u c_bu v_u`` for each column ``v`` (non-negative finite float64, (U,)) and resample ``b``.
-
-    Users are taken in blocks: the block's limbs times its (B, block) counts in one float64 matrix product
-    (exact: every partial sum is an integer below 2**43), added up in int64."""
-    for c in columns:
-        _check_summable(c, "bootstrap sums")
-    layouts = [_limb_layout(c) for c in columns]
-    acc = [np.zeros((n_limbs, samples), dtype=np.int64) for _, n_limbs in layouts]
-    block = max(1, min(_SUM_BLOCK_USERS, _SUM_BLOCK_COUNTS // max(samples, 1)))
-    for s in range(0, user_ids.shape[0], block):
-        w = poisson_weights(user_ids[s:s + block], samples, seed).T.astype(np.float64)  # (block, B)
-        for c, (e, n_limbs), a in zip(columns, layouts, acc):
-            if n_limbs:
-                a += (_limbs(c[s:s + block], e, n_limbs) @ w).astype(np.int64)
-    return [[_dyadic(sum(int(a[j, b]) << (_LIMB_BITS * j) for j in range(a.shape[0])), e) for b in range(samples)]
-            for a, (e, _) in zip(acc, layouts)]
 
 
 def exact_auc_feasible(rows: int, samples: int) -> bool:
@@ -433,17 +306,11 @@ def user_bootstrap_sums(user_ids: np.ndarray, impressions: np.ndarray, positives
     if placement2 is not None:
         cols += [np.asarray(placement2, dtype=np.float64), positives.astype(np.float64),
                  (impressions - positives).astype(np.float64)]
-    sums = _weighted_sums(ids, cols, samples, seed)
+    sums = exact_weighted_sums(cols, lambda a, b: poisson_weights(ids[a:b], samples, seed), ids.shape[0],
+                               samples)
     if placement2 is None:
         return BootstrapSums(sums[0], _ints(sums[1]))
     return BootstrapSums(sums[0], _ints(sums[1]), *[_ints(s) for s in sums[2:]])
-
-
-def _mw_concat(lower: Tuple[int, int, int], upper: Tuple[int, int, int]) -> Tuple[int, int, int]:
-    """Mann-Whitney statistics ``(twice the numerator, positives, negatives)`` of rows ``lower`` followed by
-    rows ``upper`` of strictly higher scores (each upper positive is above every lower negative); exact ints.
-    Rows sharing one score are ``(pos * neg, pos, neg)`` (tied pairs count one half)."""
-    return lower[0] + upper[0] + 2 * upper[1] * lower[2], lower[1] + upper[1], lower[2] + upper[2]
 
 
 @dataclass(frozen=True)
@@ -463,7 +330,7 @@ class AUCPieces:
 
     def then(self, upper: "AUCPieces") -> "AUCPieces":
         """The pieces of this range followed by a range of strictly higher scores."""
-        both = [_mw_concat(lo, up) for lo, up in zip(zip(self.num2, self.pos, self.neg),
+        both = [mw_concat(lo, up) for lo, up in zip(zip(self.num2, self.pos, self.neg),
                                                      zip(upper.num2, upper.pos, upper.neg))]
         return AUCPieces([t[0] for t in both], [t[1] for t in both], [t[2] for t in both])
 
@@ -538,7 +405,7 @@ class WeightedAUCScan:
         """Rows that all share one score, higher than all rows fed before, given their :meth:`tie_counts`."""
         for b in range(self.samples):
             neg, pos = int(counts[0, b]), int(counts[1, b])
-            self.num2[b], self.pos[b], self.neg[b] = _mw_concat((self.num2[b], int(self.pos[b]), int(self.neg[b])),
+            self.num2[b], self.pos[b], self.neg[b] = mw_concat((self.num2[b], int(self.pos[b]), int(self.neg[b])),
                                                                 (pos * neg, pos, neg))
 
     def pieces(self) -> AUCPieces:
@@ -643,198 +510,6 @@ def paired_replicates(a: UserStats, b: UserStats, samples: int, seed: int) -> Tu
     if not np.array_equal(a.user_ids, b.user_ids):
         raise ValueError("paired bootstrap: the two runs are not over the same users")
     return replicates(a, samples, seed), replicates(b, samples, seed)
-
-
-@dataclass(frozen=True)
-class RunReplicates:
-    """One run's AUC and GAUC on one entity's rows, with their bootstrap replicates.
-
-    Attributes:
-        rows: the entity's rows.
-        auc: point AUC (None: a single class).
-        gauc: point GAUC (None: no user with both labels).
-        users_evaluated: users with both labels (the users the GAUC rests on).
-        replicates: :class:`Replicates` of ``samples`` user resamples (:func:`poisson_weights` of the eval seed).
-    """
-
-    rows: int
-    auc: Optional[float]
-    gauc: Optional[float]
-    users_evaluated: int
-    replicates: Replicates
-
-
-def run_replicates(pred_dir: str, entity: str, eval_cfg: Any, spill_dir: Optional[str] = None,
-                   limits: Any = None) -> RunReplicates:
-    """:class:`RunReplicates` of one run's predictions: what a paired comparison needs of it, ``O(samples)``.
-
-    Memory: the statistics are computed like
-    :func:`~mkt_torchrec.evaluation.report_metrics.compute_metrics` does them (spilled by user to ``spill_dir``
-    beyond ``limits.threshold_rows`` rows, one user partition and one score bucket in memory at a time), plus
-    ``O(users)`` per-user arrays and, while the exact AUC bootstrap is used, the rows in score order (at most
-    :data:`EXACT_AUC_BUDGET` / ``samples`` rows).
-
-    Args:
-        pred_dir: the run's ``part-*.parquet`` predictions.
-        entity: ``"source"`` or ``"target"``.
-        eval_cfg: :class:`~mkt_torchrec.config.EvalConfig` (bootstrap samples and seed, partitions).
-        spill_dir: where temporary spill files go (default: the system temp dir).
-        limits: :class:`~mkt_torchrec.evaluation.report_metrics.SpillLimits` (default: its defaults).
-
-    Raises:
-        ValueError: unknown entity, or no rows of it.
-    """
-    # report_metrics imports this module for the bootstrap, so it is imported here, at call time.
-    from mkt_torchrec.evaluation import report_metrics
-
-    if entity not in report_metrics.ENTITIES:
-        raise ValueError(f"entity must be one of {report_metrics.ENTITIES}, got {entity!r}")
-    kw = {} if limits is None else {"limits": limits}
-    stats = report_metrics.entity_statistics(pred_dir, eval_cfg, spill_dir, entities=(entity,), **kw)
-    if entity not in stats:
-        raise ValueError(f"{pred_dir}: no {entity!r} rows")
-    st = stats.pop(entity)
-    reps = replicates(st.user_stats, int(eval_cfg.bootstrap_samples), int(eval_cfg.seed))
-    return RunReplicates(st.rows, st.auc, st.gauc, st.users_evaluated, reps)
-
-
-def pooled_paired_difference(pairs: Sequence[Tuple[RunReplicates, RunReplicates]],
-                             confidence: float) -> Dict[str, Any]:
-    """Paired bootstrap of ``metric(A) - metric(B)``, pooled over pairs of runs (e.g. one pair per seed).
-
-    Pair ``i`` is ``(A_i, B_i)``: two runs scored on the same rows. Every run's replicates use the same user
-    resamples (weights hashed from ``(seed, resample, user id)``), so for resample ``b`` the pooled
-    difference is ``D_b = (1/k) sum_i (M(A_i, b) - M(B_i, b))`` over the ``k`` pairs; the estimate is
-    ``D = (1/k) sum_i (M(A_i) - M(B_i))`` and the interval the percentile interval of the ``D_b``
-    (:func:`percentile_ci`; resamples where some pair's metric is undefined are dropped). The interval is the
-    test-set (user) sampling uncertainty of the mean paired difference; it does not include the spread between
-    seeds.
-
-    Args:
-        pairs: ``k >= 1`` pairs ``(A_i, B_i)`` of :class:`RunReplicates`, all with the same resamples.
-        confidence: two-sided level in (0, 1).
-
-    Returns:
-        ``{"pairs": k, "rows", "users_evaluated", "auc_diff", "auc_diff_ci", "gauc_diff", "gauc_diff_ci",
-        "samples", "confidence"}``: ``rows`` and ``users_evaluated`` the smallest over the runs, differences
-        None where a metric is undefined, intervals None without (two defined) replicates.
-
-    Example:
-        >>> a = user_stats_from_rows([1, 1, 2, 2], [1, 0, 1, 0], [.9, .2, .6, .4])
-        >>> b = user_stats_from_rows([1, 1, 2, 2], [1, 0, 1, 0], [.1, .2, .6, .4])
-        >>> ra = RunReplicates(4, 1.0, 1.0, 2, replicates(a, 20, 0))
-        >>> rb = RunReplicates(4, 0.75, 0.5, 2, replicates(b, 20, 0))
-        >>> pooled_paired_difference([(ra, rb)], 0.9)["gauc_diff"]
-        0.5
-    """
-    if not pairs:
-        raise ValueError("pooled_paired_difference needs at least one pair of runs")
-    samples = {r.replicates.auc.shape[0] for pair in pairs for r in pair}
-    if len(samples) != 1:
-        raise ValueError(f"the runs' replicates differ in number of resamples: {sorted(samples)}")
-    out: Dict[str, Any] = {"pairs": len(pairs), "rows": min(r.rows for pair in pairs for r in pair),
-                           "users_evaluated": min(r.users_evaluated for pair in pairs for r in pair)}
-    for name in ("auc", "gauc"):
-        points = [(getattr(a, name), getattr(b, name)) for a, b in pairs]
-        out[f"{name}_diff"] = (None if any(x is None or y is None for x, y in points)
-                               else sum(x - y for x, y in points) / len(points))
-        reps = np.mean([getattr(a.replicates, name) - getattr(b.replicates, name) for a, b in pairs], axis=0)
-        out[f"{name}_diff_ci"] = percentile_ci(reps, confidence) if reps.shape[0] else None
-    out["samples"] = samples.pop()
-    out["confidence"] = float(confidence)
-    return out
-
-
-def paired_comparison(pred_dir_a: str, pred_dir_b: str, entity: str, eval_cfg: Any,
-                      spill_dir: Optional[str] = None, limits: Any = None) -> Dict[str, Any]:
-    """Compare two runs scored on the same rows: AUC/GAUC of both, ``b - a`` and a paired bootstrap CI.
-
-    Both prediction directories must hold the same rows of ``entity`` in the same order once their part files
-    are sorted by name (the same test split read by the same number of ranks): equal row counts and equal
-    ``(user_id, label)`` sequences, checked by streaming both in lockstep. The differences are
-    ``metric(b) - metric(a)`` and their interval uses the same resampled users for both runs, so it reflects
-    the difference's own spread (much narrower than the two separate intervals when the runs are correlated):
-    :func:`pooled_paired_difference` of the single pair.
-
-    Memory: the row check streams; each run's statistics are :func:`run_replicates`'.
-
-    Args:
-        pred_dir_a: predictions of run A (``part-*.parquet``).
-        pred_dir_b: predictions of run B.
-        entity: ``"source"`` or ``"target"``.
-        eval_cfg: :class:`~mkt_torchrec.config.EvalConfig` (bootstrap samples, confidence, seed, partitions).
-        spill_dir: where temporary spill files go (default: the system temp dir).
-        limits: :class:`~mkt_torchrec.evaluation.report_metrics.SpillLimits`, or None for the defaults.
-
-    Returns:
-        ``{"entity", "rows", "auc_a", "auc_b", "auc_diff", "auc_diff_ci", "gauc_a", "gauc_b", "gauc_diff",
-        "gauc_diff_ci", "samples", "confidence"}``; metrics undefined on these rows are None, intervals are
-        None with 0 samples.
-
-    Raises:
-        ValueError: unknown entity, no rows of the entity, or the two runs are not on the same rows (the
-            message says where they differ).
-    """
-    from mkt_torchrec.evaluation import report_metrics
-
-    if entity not in report_metrics.ENTITIES:
-        raise ValueError(f"paired_comparison: entity must be one of {report_metrics.ENTITIES}, got {entity!r}")
-    rows = _check_same_rows(pred_dir_a, pred_dir_b, entity)
-    if rows == 0:
-        raise ValueError(f"paired_comparison: {pred_dir_a} and {pred_dir_b} have no {entity!r} rows")
-    a, b = (run_replicates(d, entity, eval_cfg, spill_dir, limits) for d in (pred_dir_a, pred_dir_b))
-    pooled = pooled_paired_difference([(b, a)], float(eval_cfg.confidence))
-    out: Dict[str, Any] = {"entity": entity, "rows": rows}
-    for name in ("auc", "gauc"):
-        out[f"{name}_a"], out[f"{name}_b"] = getattr(a, name), getattr(b, name)
-        out[f"{name}_diff"] = pooled[f"{name}_diff"]
-        out[f"{name}_diff_ci"] = pooled[f"{name}_diff_ci"] if pooled["samples"] > 0 else None
-    out["samples"] = pooled["samples"]
-    out["confidence"] = float(eval_cfg.confidence)
-    return out
-
-
-def _check_same_rows(pred_dir_a: str, pred_dir_b: str, entity: str, chunk: int = 1 << 20) -> int:
-    """Stream both runs' ``(user_id, label)`` of ``entity`` in lockstep; return the row count or raise."""
-    from mkt_torchrec.evaluation import report_metrics
-
-    streams = [_fixed_chunks(report_metrics.iter_entity_rows(d, entity), chunk) for d in (pred_dir_a, pred_dir_b)]
-    seen = 0
-    for ca, cb in itertools.zip_longest(*streams):
-        if ca is None or cb is None or ca[0].shape[0] != cb[0].shape[0]:
-            rest = [sum(c[0].shape[0] for c in s) for s in streams]
-            na = seen + (0 if ca is None else ca[0].shape[0]) + rest[0]
-            nb = seen + (0 if cb is None else cb[0].shape[0]) + rest[1]
-            raise ValueError(
-                f"paired_comparison: the runs are not on the same rows: {pred_dir_a} has {na} {entity!r} rows, "
-                f"{pred_dir_b} has {nb}; score both runs on the same test split with the same number of ranks"
-            )
-        bad = (ca[0] != cb[0]) | (ca[1] != cb[1])
-        if bad.any():
-            i = int(np.flatnonzero(bad)[0])
-            raise ValueError(
-                f"paired_comparison: the runs are not on the same rows: {entity!r} row {seen + i} (after sorting "
-                f"part files) is (user {ca[0][i]}, label {ca[1][i]}) in {pred_dir_a} but (user {cb[0][i]}, "
-                f"label {cb[1][i]}) in {pred_dir_b}; {int(bad.sum())} row(s) of this chunk differ"
-            )
-        seen += ca[0].shape[0]
-    return seen
-
-
-def _fixed_chunks(stream: Iterator[Tuple[np.ndarray, ...]], size: int) -> Iterator[Tuple[np.ndarray, ...]]:
-    """Re-cut a stream of column tuples into chunks of exactly ``size`` rows (the last one may be shorter)."""
-    buf: List[Tuple[np.ndarray, ...]] = []
-    held = 0
-    for cols in stream:
-        buf.append(cols)
-        held += cols[0].shape[0]
-        while held >= size:
-            joined = tuple(np.concatenate(c) for c in zip(*buf))
-            yield tuple(c[:size] for c in joined)
-            buf = [tuple(c[size:] for c in joined)]
-            held -= size
-    if held:
-        yield tuple(np.concatenate(c) for c in zip(*buf))
 
 
 def user_stats_from_rows(user_ids: Any, labels: Any, scores: Any, exact_auc: bool = True) -> UserStats:
