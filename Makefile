@@ -10,7 +10,7 @@ STAMP  := $(VENV)/.mkt-installed
 # the same command so torchrec's `fbgemm-gpu` requirement resolves to fbgemm-gpu-cpu (see README).
 CPU_STACK := torch==2.13.0 fbgemm-gpu-cpu==1.8.0 ./third_party/fbgemm_gpu_cpu_alias torchrec==1.8.0 torchx==0.7.0
 
-.PHONY: install test demo bench clean
+.PHONY: install test demo experiment bench clean
 
 install: $(STAMP)
 
@@ -34,6 +34,13 @@ DEMO_RUNS ?= mkt no_tem_finetune no_mem_pretrain finetune mlp din
 demo: install
 	$(VENV)/bin/mkt run --config configs/quickstart.yaml --out out/quickstart --seeds 3 --baseline mkt \
 		--runs $(DEMO_RUNS)
+
+# The power experiment (README "How sure are these numbers?"): MKT against Finetune and against its own MEM over 10
+# seeds, then how many seeds and test users an interval of +-0.005 GAUC needs (tools/power.py).
+experiment: install
+	$(VENV)/bin/mkt run --config configs/quickstart.yaml --out out/experiment --seeds 10 --baseline finetune \
+		--runs mkt no_tem_finetune finetune
+	$(PY) tools/power.py out/experiment/report/report.json --model mkt --half-width 0.005
 
 bench: install
 	$(PY) tools/bench_data.py

@@ -611,10 +611,13 @@ class TrainConfig:
             and training stops once this many epochs in a row did not beat the best epoch by ``stop_on``;
             evaluation and export then use the best epoch's checkpoint. 0: no validation, train ``epochs`` epochs.
         stop_on: what makes an epoch the best: ``gauc`` (the highest validation GAUC among the epochs that rank
-            better than chance, AUC >= 0.5, and predict better than the constant base rate, log loss at most the
-            click rate's entropy: GAUC alone picked TEM epochs with pooled AUC below 0.5) or ``logloss`` (the
-            lowest validation log loss, what TorchRec's NE ranks by; on the demo it stopped the MEM after its
-            first epoch, whose GAUC was 0.036 lower than the second's for 0.003 less log loss).
+            better than chance, AUC >= 0.5, predict better than the constant base rate, log loss at most the
+            click rate's entropy, and whose log loss is within ``logloss_slack`` of the lowest so far: GAUC alone
+            picked TEM epochs with pooled AUC below 0.5, and on the demo epochs whose log loss had risen 9% past
+            the base rate's) or ``logloss`` (the lowest validation log loss, what TorchRec's NE ranks by; on the
+            demo it stopped the MEM after its first epoch, 0.036 GAUC below the second for 0.6% less log loss).
+        logloss_slack: with ``stop_on: gauc``, how much higher (relative) than the lowest validation log loss so
+            far an epoch's may be and still be the best (0.01: 1%).
         max_epochs: with ``patience`` > 0, the most epochs to train.
         init_at_click_rate: a new run starts the bias of each entity's logit at ``logit(click rate)`` of the
             train split rows it trains on (``mkt_torchrec.models.base_rate``), so its first predictions are the
@@ -653,6 +656,7 @@ class TrainConfig:
     epochs: int = 1
     patience: int = 0
     stop_on: Literal["gauc", "logloss"] = "gauc"
+    logloss_slack: float = 0.01
     max_epochs: int = 20
     init_at_click_rate: bool = True
     max_steps: int = 0
@@ -684,6 +688,7 @@ class TrainConfig:
         check(self.embedding_lr > 0 and self.dense_lr > 0, key, "learning rates must be positive")
         check(self.finetune_dense_lr is None or self.finetune_dense_lr > 0, f"{key}.finetune_dense_lr",
                f"expected a positive number or null, got {self.finetune_dense_lr}")
+        check(self.logloss_slack >= 0, f"{key}.logloss_slack", f"expected a number >= 0, got {self.logloss_slack}")
         check(self.checkpoint_every_minutes >= 0, f"{key}.checkpoint_every_minutes",
                f"expected a number >= 0, got {self.checkpoint_every_minutes}")
 

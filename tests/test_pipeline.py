@@ -22,7 +22,8 @@ def test_the_demo_transfers_from_posts_and_products_far_beyond_seed_noise(tmp_pa
                  "--set", "eval.bootstrap_samples=20"]) == 0  # the intervals only; the point estimates are the demo's
     summary = json.load(open(out / "summary.json"))
     gauc = {name: summary["target"][name]["gauc"] for name in runs}
-    # seed 0 on two machines: mkt 0.691 / 0.696, no_tem_finetune 0.683 / 0.690, mlp 0.617
+    # seeds 0 / 1 / 2 today, this machine: mkt 0.685 / 0.690 / 0.693, no_tem_finetune 0.677 / 0.680 / 0.682, mlp
+    # 0.625 / 0.625 / 0.619
     assert gauc["mkt"] > gauc["mlp"] + 0.03, gauc
     assert gauc["no_tem_finetune"] > gauc["mlp"] + 0.03, gauc
     report = out / "report"

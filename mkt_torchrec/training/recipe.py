@@ -76,17 +76,19 @@ class TrainingProgress:
     epoch_rows: int = 0  # all ranks' rows of the epoch so far
     best: Optional[Dict[str, Any]] = None  # early stopping: the best validation so far ({step, epoch, gauc, auc})
     since_best: int = 0  # epochs validated since the best
+    lowest_logloss: Optional[float] = None  # the lowest validation log loss so far (``train.logloss_slack``)
     reader_state: Any = None  # this rank's reader position after the last trained step
 
     def record(self, readers: List[Any]) -> Dict[str, Any]:
         """The checkpoint's record of it (``readers``: every rank's reader position)."""
         return {"step": self.step, "epoch": self.epoch, "epoch_rows": self.epoch_rows, "readers": readers,
-                "best": self.best, "since_best": self.since_best}
+                "best": self.best, "since_best": self.since_best, "lowest_logloss": self.lowest_logloss}
 
     @classmethod
     def restored(cls, extra: Dict[str, Any]) -> "TrainingProgress":
         return cls(step=int(extra["step"]), epoch=int(extra["epoch"]), epoch_rows=int(extra.get("epoch_rows", 0)),
-                   best=extra.get("best"), since_best=int(extra.get("since_best", 0)))
+                   best=extra.get("best"), since_best=int(extra.get("since_best", 0)),
+                   lowest_logloss=extra.get("lowest_logloss"))
 
 
 class _Cadence:
@@ -385,7 +387,9 @@ class StageRecipe:
         model.eval()
         metrics = self.validation.run(self.pipeline, p.epoch)
         model.train()
-        eligible = is_eligible(metrics, self.cfg.train.stop_on)
+        if math.isfinite(metrics["logloss"]):
+            p.lowest_logloss = min(metrics["logloss"], p.lowest_logloss or math.inf)
+        eligible = is_eligible(metrics, self.cfg.train.stop_on, p.lowest_logloss, self.cfg.train.logloss_slack)
         improved = eligible and is_better(metrics, p.best, self.cfg.train.stop_on)
         if improved:
             p.best = {"step": p.step, "epoch": p.epoch,
@@ -436,12 +440,16 @@ class StageRecipe:
             runlock.release(self.lock)
 
 
-def is_eligible(metrics: Dict[str, Any], stop_on: str) -> bool:
+def is_eligible(metrics: Dict[str, Any], stop_on: str, lowest_logloss: Optional[float] = None,
+                slack: float = 0.01) -> bool:
     """Whether a validated epoch may be the best: any epoch by log loss; by GAUC, one that ranks better than
-    chance (AUC >= 0.5) and predicts better than the constant base rate (log loss <= the click rate's entropy)."""
+    chance (AUC >= 0.5), predicts better than the constant base rate (log loss <= the click rate's entropy) and
+    whose log loss is at most ``1 + slack`` times the lowest of the epochs so far (``lowest_logloss``, this one
+    included): GAUC may not be bought with calibration."""
     if stop_on == "logloss":
         return math.isfinite(metrics["logloss"])
-    return metrics["auc"] >= 0.5 and metrics["logloss"] <= metrics["base_logloss"]
+    guarded = lowest_logloss is None or metrics["logloss"] <= (1 + slack) * lowest_logloss
+    return metrics["auc"] >= 0.5 and metrics["logloss"] <= metrics["base_logloss"] and guarded
 
 
 def is_better(metrics: Dict[str, Any], best: Optional[Dict[str, Any]], stop_on: str) -> bool:

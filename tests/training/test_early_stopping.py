@@ -16,10 +16,11 @@ def _epoch(gauc, auc, logloss, rate=0.2):
     return {"gauc": gauc, "auc": auc, "logloss": logloss, "base_logloss": base_rate_logloss(rate)}
 
 
-def _best_epoch(epochs, stop_on):
-    best, best_i = None, None
+def _best_epoch(epochs, stop_on, slack=0.01):
+    best, best_i, lowest = None, None, None
     for i, m in enumerate(epochs):
-        if is_eligible(m, stop_on) and is_better(m, best, stop_on):
+        lowest = min(m["logloss"], lowest if lowest is not None else math.inf)
+        if is_eligible(m, stop_on, lowest, slack) and is_better(m, best, stop_on):
             best, best_i = m, i
     return best_i
 
@@ -38,10 +39,21 @@ def test_gauc_never_picks_an_epoch_below_chance_or_worse_than_the_base_rate():
               _epoch(0.667, 0.494, base - 0.01),  # below chance
               _epoch(0.670, 0.72, base + 0.01),  # worse than predicting the click rate
               _epoch(0.664, 0.71, base - 0.03)]
-    assert [is_eligible(e, "gauc") for e in epochs] == [True, False, False, True]
+    assert [is_eligible(e, "gauc") for e in epochs] == [True, False, False, True]  # (no log loss guard yet)
     assert _best_epoch(epochs, "gauc") == 3
     assert _best_epoch(epochs, "logloss") == 3
     assert _best_epoch(epochs[:3], "logloss") == 0
+
+
+def test_gauc_may_not_be_bought_with_log_loss():
+    """The demo's TEM alone: validation GAUC still rising while log loss climbs 9% above its lowest (and just
+    under the base rate's): that epoch is not the best by GAUC; within train.logloss_slack it would be."""
+    base = base_rate_logloss(0.1931)
+    epochs = [_epoch(0.686, 0.689, 0.4525, 0.1931), _epoch(0.718, 0.723, 0.4439, 0.1931),
+              _epoch(0.7285, 0.716, 0.4892, 0.1931)]
+    assert all(e["logloss"] < base for e in epochs)
+    assert _best_epoch(epochs, "gauc") == 1
+    assert _best_epoch(epochs, "gauc", slack=0.2) == 2
 
 
 def test_a_tie_keeps_the_earlier_epoch():
