@@ -160,9 +160,6 @@ class RunDir:
     def write_metrics(self, metrics: Dict[str, Any]) -> None:
         write_json(self.file(self.METRICS), metrics)
 
-    def write_plan_record(self, doc: Dict[str, Any]) -> None:
-        write_json(self.file(self.PLAN), doc)
-
     # ---------------------------------------------------------------------------------------------- history
     def history(self) -> List[Dict[str, Any]]:
         """RUN/metrics.jsonl's records ([] if none); a line that is not a JSON object is skipped (a run killed

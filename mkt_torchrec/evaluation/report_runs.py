@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import glob
 import hashlib
-import json
 import os
 from dataclasses import dataclass
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
@@ -23,6 +22,7 @@ from mkt_torchrec.evaluation.paired import RunReplicates, check_same_rows, poole
 from mkt_torchrec.evaluation.predictions import iter_entity_columns
 from mkt_torchrec.evaluation.seed_intervals import seed_paired_difference
 from mkt_torchrec.evaluation.streaming import SpillLimits
+from mkt_torchrec.rundir import RunDir, read_json
 
 __all__ = ["FAMILIES", "Run", "Model", "Scan", "Pairing", "RunsArg", "load_models", "family_of", "default_name",
            "pick_baseline", "scan_predictions", "pair_runs", "usable_pairs", "paired_difference", "seed_difference"]
@@ -128,16 +128,16 @@ def _load_run(run_dir: str, name: Optional[str]) -> Run:
         raise FileNotFoundError(f"{run_dir}: metrics.json is missing; run mkt evaluate first")
     if not glob.glob(os.path.join(run_dir, "predictions", "part-*.parquet")):
         raise FileNotFoundError(f"{run_dir}: no predictions (predictions/part-*.parquet); run mkt evaluate first")
-    metrics = _read_json(metrics_path)
-    run_json = os.path.join(run_dir, "run.json")
-    info = _read_json(run_json) if os.path.isfile(run_json) else {}
+    run = RunDir(run_dir)
+    metrics = run.metrics()
+    info = read_json(run.file(RunDir.RUN), "a run record") if run.exists() else {}
     config = info.get("config") or {}
     model_cfg = config.get("model") or {}
     stage = metrics.get("stage") or info.get("stage") or "?"
     ablation = metrics.get("ablation") or model_cfg.get("ablation") or "none"
     seed = (config.get("train") or {}).get("seed")
     return Run(name if name is not None else default_name(run_dir, ablation), run_dir, stage, ablation, info, metrics,
-               _read_history(run_dir), str(model_cfg.get("name") or "mkt"), seed if isinstance(seed, int) else None)
+               run.history(), str(model_cfg.get("name") or "mkt"), seed if isinstance(seed, int) else None)
 
 
 def family_of(run: Run) -> str:
@@ -327,25 +327,3 @@ def _rows_differ(base: Run, run: Run, entity: str) -> str:
     except ValueError as e:
         return str(e).replace("paired_comparison: ", "")
     return "the (user_id, label) sequences differ"
-
-
-def _read_history(run_dir: str) -> List[Dict[str, Any]]:
-    path = os.path.join(run_dir, "metrics.jsonl")
-    if not os.path.isfile(path):
-        return []
-    rows = []
-    with open(path, encoding="utf-8") as f:
-        for line in f:
-            try:
-                rows.append(json.loads(line))
-            except json.JSONDecodeError:  # a run killed mid-write leaves a partial last line
-                continue
-    return rows
-
-
-def _read_json(path: str) -> Dict[str, Any]:
-    try:
-        with open(path, encoding="utf-8") as f:
-            return json.load(f)
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{path}: not valid JSON ({e})") from e

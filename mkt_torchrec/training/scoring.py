@@ -5,7 +5,6 @@
 from __future__ import annotations
 
 import logging
-import math
 import os
 import shutil
 from dataclasses import replace
@@ -20,6 +19,7 @@ import torch.distributed as dist
 from mkt_torchrec import faults, logs
 from mkt_torchrec.collective import Collective
 from mkt_torchrec.config import Config
+from mkt_torchrec.evaluation.report_flags import base_rate_logloss
 from mkt_torchrec.rundir import RunDir
 from mkt_torchrec.data.dataset import open_dataset_shared
 from mkt_torchrec.data.reader import ParquetReader
@@ -186,7 +186,7 @@ class Validation:
         calibration = metrics.get("calibration") or {}
         rate = calibration.get("click_rate")
         return {"gauc": _number(gauc), "auc": _number(metrics.get("auc")), "logloss": _number(metrics.get("logloss")),
-                "base_logloss": base_rate_logloss(rate), "click_rate": _number(rate),
+                "base_logloss": _number(base_rate_logloss(rate)), "click_rate": _number(rate),
                 "mean_score": _number(calibration.get("mean_score")),
                 "rows": int(metrics.get("rows", 0)), "users": int(metrics.get("users", 0)),
                 **({"hfa_scores": hfa} if hfa is not None else {})}
@@ -194,15 +194,6 @@ class Validation:
 
 def _number(v: Any) -> float:
     return float("nan") if v is None else float(v)
-
-
-def base_rate_logloss(rate: Optional[float]) -> float:
-    """Log loss of the constant predictor at click rate ``rate``: the entropy ``-(p ln p + (1-p) ln(1-p))``, the
-    most a useful model may lose (NaN without rows; 0 when every label is the same)."""
-    if rate is None:
-        return float("nan")
-    p = min(max(float(rate), 0.0), 1.0)
-    return -sum(q * math.log(q) for q in (p, 1.0 - p) if q > 0)
 
 
 def evaluate(cfg: Config, run_dir: str, data_dir: str) -> Dict[str, Any]:
