@@ -16,6 +16,7 @@ import time
 from typing import Callable, Optional, Sequence
 
 from mkt_torchrec import registry
+from mkt_torchrec.storage import display as storage_display
 from mkt_torchrec.config import Config, ConfigError, load_config
 
 Handler = Callable[[argparse.Namespace, Config], int]
@@ -39,10 +40,13 @@ def _add_synth(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", required=True, help="directory to create: the dataset (--layout parquet), or the two "
                    "Tenrec CSVs (--layout tenrec)")
     p.add_argument("--seed", type=int, default=None, help="overrides synth.seed")
-    p.add_argument("--layout", choices=["parquet", "tenrec"], default="parquet",
+    p.add_argument("--layout", choices=["parquet", "tenrec", "logs"], default="parquet",
                    help="parquet (default): a dataset to train on. tenrec: the same data as Tenrec's QK-video.csv "
                    "(products) and QK-article.csv (posts), plus a true_prob column, to check `mkt tenrec` and "
-                   "configs/tenrec.yaml on data with known structure and ceiling; prints the commands to run next")
+                   "configs/tenrec.yaml on data with known structure and ceiling; prints the commands to run next. "
+                   "logs: the same data as a marketplace's raw impression logs (Spark-style Parquet, dt= day "
+                   "partitions, their own column names, string ids, no sequences) for `mkt build` with "
+                   "configs/logs.yaml")
     p.add_argument("--overwrite", action="store_true", help="replace --out if it exists (once the new one is complete)")
 
 
@@ -54,6 +58,12 @@ def _run_synth(args: argparse.Namespace, cfg: Config) -> int:
     total = int(cfg.synth.source_rows * (1 + cfg.synth.target_ratio))
     if args.layout == "tenrec":
         return _synth_tenrec(args, cfg, total)
+    if args.layout == "logs":
+        from mkt_torchrec.data.synth_logs import write_logs
+
+        with _progress(total, "synth") as bar:
+            print(json.dumps(write_logs(cfg, args.out, overwrite=args.overwrite, progress=bar.update)))
+        return 0
     with _progress(total, "synth") as bar:
         manifest = generate(cfg, args.out, overwrite=args.overwrite, progress=bar.update)
     print(json.dumps({"out": args.out, "rows": manifest.rows}))
@@ -104,13 +114,36 @@ def _run_tenrec(args: argparse.Namespace, cfg: Config) -> int:
 
 
 # --------------------------------------------------------------------------------------------------------
+# mkt build: impression logs -> a dataset (README "Your own data")
+# --------------------------------------------------------------------------------------------------------
+
+
+def _add_build(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--out", required=True, help="dataset to create: a directory or a URI (s3://bucket/ds, ...)")
+    p.add_argument("--engine", choices=["duckdb", "spark"], default=None,
+                   help="duckdb: one machine, spills to disk (default: source.engine); spark: a cluster (master "
+                   "from source.spark_master, else $SPARK_MASTER, else local[*])")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace --out if it holds a dataset (never what mkt build did not write)")
+
+
+def _run_build(args: argparse.Namespace, cfg: Config) -> int:
+    from mkt_torchrec.build.run import build_dataset
+
+    with _progress(None, "build: rows read") as bar:
+        manifest = build_dataset(cfg, args.out, engine=args.engine, overwrite=args.overwrite, progress=bar.update)
+    print(json.dumps({"out": storage_display(args.out), "rows": manifest.rows}))
+    return 0
+
+
+# --------------------------------------------------------------------------------------------------------
 # mkt rewrite: an older dataset into this release's layout
 # --------------------------------------------------------------------------------------------------------
 
 
 def _add_rewrite(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--data", required=True, help="dataset to read (left untouched)")
-    p.add_argument("--out", required=True, help="dataset directory to create")
+    p.add_argument("--data", required=True, help="dataset to read (left untouched): a directory or a URI (s3://...)")
+    p.add_argument("--out", required=True, help="dataset to create: a directory or a URI (s3://bucket/ds, ...)")
     p.add_argument("--overwrite", action="store_true", help="replace --out if it exists (once the new one is complete)")
 
 
@@ -128,7 +161,7 @@ def _run_rewrite(args: argparse.Namespace, cfg: Config) -> int:
 
 
 def _add_inspect(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--data", required=True, help="dataset directory")
+    p.add_argument("--data", required=True, help="dataset: a directory or a URI (s3://bucket/ds, gs://..., ...)")
     p.add_argument("--split", default="train", help="split to read (default: train)")
 
 
@@ -211,7 +244,8 @@ def _run_run(args: argparse.Namespace, cfg: Config) -> int:
 def _add_train(p: argparse.ArgumentParser) -> None:
     p.add_argument("--stage", required=True, choices=["mem", "tem"],
                    help="mem: pre-train the multi-entity model on mixed rows; tem: fine-tune the target model")
-    p.add_argument("--data", required=True, help="dataset directory (from mkt synth / mkt tenrec)")
+    p.add_argument("--data", required=True, help="dataset (from mkt synth / tenrec / build): a directory or a URI "
+                   "(s3://bucket/ds; credentials from the environment, e.g. AWS_*)")
     p.add_argument("--run-dir", required=True, help="run directory: checkpoints, plan, metrics log, serving export")
     p.add_argument("--mem-run", default=None, help="stage tem: the stage-1 run directory whose MEM to plug in")
     p.add_argument("--nproc", type=int, default=0,
@@ -268,7 +302,7 @@ def _run_export(args: argparse.Namespace, cfg: Config) -> int:
 
 def _add_evaluate(p: argparse.ArgumentParser) -> None:
     p.add_argument("--run-dir", required=True, help="a run directory of mkt train")
-    p.add_argument("--data", required=True, help="dataset directory; its test split is scored")
+    p.add_argument("--data", required=True, help="dataset (a directory or a URI); its test split is scored")
     p.add_argument("--nproc", type=int, default=0, help="launch N local processes (see mkt train --help)")
 
 
@@ -337,6 +371,8 @@ def _run_config(args: argparse.Namespace, cfg: Optional[Config]) -> int:
 _COMMANDS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], None], Handler]] = {
     "synth": ("write a synthetic dataset with planted cross-entity structure (--layout tenrec: as Tenrec's CSVs)",
               _add_synth, _run_synth),
+    "build": ("turn impression logs (source: in the config; local or object storage) into a dataset", _add_build,
+              _run_build),
     "tenrec": ("convert Tenrec's QK-video / QK-article CSVs into a dataset", _add_tenrec, _run_tenrec),
     "rewrite": ("rewrite a dataset of an older release into this one's layout (entity-pure row groups)",
                 _add_rewrite, _run_rewrite),
@@ -354,18 +390,28 @@ _COMMANDS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], None], Handl
 }
 
 
+# Options that name a dataset, which may be a URI (s3://bucket/ds, ...: mkt_torchrec.storage), by command. Not yet
+# `run --data`: the pipeline records and compares its dataset as a local absolute path.
+_URI_OPTIONS = {"data": ("train", "evaluate", "inspect", "rewrite", "export", "plan"), "out": ("rewrite", "build")}
+
+
 def _local_paths_only(args: argparse.Namespace) -> None:
     """A URL (``s3://bucket/...``) given where a local path is expected would become ``CWD/s3:/bucket/...``; say so
-    before anything is created.
+    before anything is created. Dataset options (``_URI_OPTIONS``) take URIs as they are.
 
     Raises:
         ValueError: an option holds a URL.
     """
     for name, value in sorted(vars(args).items()):
+        if args.command in _URI_OPTIONS.get(name, ()):
+            continue
         for v in value if isinstance(value, list) else [value]:
             if isinstance(v, str) and re.match(r"^[A-Za-z][A-Za-z0-9+.-]*://", v):
-                raise ValueError(f"--{name.replace('_', '-')} {v}: object-store and other URLs are not read yet; "
-                                 "copy or mount the data to a local path")
+                # shown as storage.display shows it: a password in the URL is not echoed
+                from mkt_torchrec.storage import display
+
+                raise ValueError(f"--{name.replace('_', '-')} {display(v)}: object-store and other URLs are not read "
+                                 "yet; copy or mount the data to a local path")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -1,6 +1,6 @@
 """Typed configuration: YAML is read here, once, and validated into dataclasses.
 
-A config file has one section per component (``schema``, ``data``, ``synth``, ``tenrec``, ``model``,
+A config file has one section per component (``schema``, ``data``, ``synth``, ``tenrec``, ``source``, ``model``,
 ``train``, ``eval``). Every section is a dataclass below; unknown keys, wrong types and values out of range
 fail at load time with a :class:`ConfigError` that names the dotted key, e.g.
 ``schema.tables.item_id.rows: expected a positive int, got -3``.
@@ -25,7 +25,8 @@ from typing import Any, Literal, Mapping, Optional, Sequence
 
 import yaml
 
-from mkt_torchrec.typed import ConfigError, arg_docs, build, check, validate_tree
+from mkt_torchrec.build.source import SourceConfig
+from mkt_torchrec.typed import ConfigError, arg_docs, build, check, entry_type, validate_tree
 
 ENTITIES: tuple[str, str] = ("source", "target")
 GROUPS: tuple[str, ...] = ("user", "shared", "specific")
@@ -746,6 +747,7 @@ class Config:
     data: DataConfig = field(default_factory=DataConfig)
     synth: SynthConfig = field(default_factory=SynthConfig)
     tenrec: TenrecConfig = field(default_factory=TenrecConfig)
+    source: SourceConfig = field(default_factory=SourceConfig)  # mkt build: the logs and their mapping
     model: ModelConfig = field(default_factory=ModelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
@@ -876,14 +878,18 @@ def describe_keys(cfg: Optional[Config] = None) -> list[tuple[str, Any, str]]:
             elif isinstance(value, dict) and value and all(dataclasses.is_dataclass(v) for v in value.values()):
                 for name, entry in value.items():  # schema.tables.<name>, schema.features.<name>, ...
                     walk(entry, f"{key}.{name}")
+            elif isinstance(value, (dict, list)) and not value and entry_type(type(obj), f.name) is not None:
+                rows.append((key, value, docs.get(f.name, "")))  # empty: describe one entry's keys too
+                walk(entry_type(type(obj), f.name)(), f"{key}.NAME" if isinstance(value, dict) else f"{key}[]")
             else:
                 rows.append((key, value, docs.get(f.name, "")))
 
-    names = ("schema", "data", "synth", "tenrec", "model", "train", "eval") if cfg is not None else \
-        ("data", "synth", "tenrec", "model", "train", "eval")
+    names = ("schema", "data", "synth", "tenrec", "source", "model", "train", "eval") if cfg is not None else \
+        ("data", "synth", "tenrec", "source", "model", "train", "eval")
     for name in names:
         section = getattr(cfg, name) if cfg is not None else {
-            "data": DataConfig, "synth": SynthConfig, "tenrec": TenrecConfig, "model": ModelConfig,
+            "data": DataConfig, "synth": SynthConfig, "tenrec": TenrecConfig, "source": SourceConfig, "model": ModelConfig,
             "train": TrainConfig, "eval": EvalConfig}[name]()
         walk(section, name)
     return rows
+

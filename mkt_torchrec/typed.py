@@ -123,3 +123,10 @@ def arg_docs(cls: type) -> dict[str, str]:
             for n in names:
                 out[n] += " " + line.strip()
     return out
+
+
+def entry_type(cls: type, name: str) -> Any:
+    """The dataclass a ``list[...]`` / ``dict[str, ...]`` field of ``cls`` holds, or None (``mkt config`` lists
+    the keys of one entry of an empty one)."""
+    args = typing.get_args(typing.get_type_hints(cls)[name])
+    return args[-1] if args and dataclasses.is_dataclass(args[-1]) else None

@@ -24,8 +24,13 @@ The cut is made from the manifest alone, to the row (a row group may be shared b
 a validation split without being rewritten. :meth:`Manifest.split_units` gives a split's row ranges and
 :meth:`Manifest.split_rows` their count; :func:`validation_rows` says how many rows of an entity ``valid`` takes.
 
-:class:`DatasetWriter` writes into ``DIR.tmp-<pid>`` and renames it to ``DIR`` only when every file and the
-manifest are complete, so an interrupted run never leaves a dataset that looks finished.
+:class:`DatasetWriter` publishes a dataset only when every file and the manifest are complete, so an interrupted
+run never leaves a dataset that looks finished. ``DIR`` is a local path or a URI (``s3://``, ``gs://``, ...;
+:mod:`mkt_torchrec.storage`): locally the writer fills ``DIR.tmp-<pid>`` and renames it to ``DIR``; on an object
+store, which cannot rename, it writes files named with the attempt's token under ``DIR`` and ``manifest.json``
+last, so a reader that finds a manifest finds every file it names. Another writer (the Spark engine of
+``mkt build``, whose executors write the files) publishes a manifest it assembled with :func:`stage_dataset`
+and :func:`publish_manifest`.
 :func:`open_dataset` reads the manifest and checks every file's footer against the config's schema;
 :func:`open_dataset_shared` does the same for all ranks of a process group, reading each footer once in total.
 """
@@ -34,8 +39,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import shutil
 from dataclasses import dataclass, field
 from fractions import Fraction
 from typing import Any, NamedTuple, Optional, Union
@@ -45,8 +48,8 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from mkt_torchrec import storage
 from mkt_torchrec.config import SchemaConfig
-from mkt_torchrec.fsutil import check_replaceable, replace_dir
 from mkt_torchrec.data.schema import ENTITY_CODES, arrow_schema, check_columns
 
 FORMAT_VERSION = 2  # 2: entity-pure row groups, FileInfo.row_group_entity, Manifest.mean_lengths
@@ -261,7 +264,7 @@ class DatasetWriter:
     entity) buffer.
 
     Args:
-        out_dir: the dataset directory to create.
+        out_dir: the dataset directory to create: a local path or a URI (``s3://bucket/ds``).
         schema: the feature schema (decides the columns, and the ``max_len`` of each sequence that
             ``Manifest.mean_lengths`` truncates to).
         optional: optional columns to write (``true_prob``, ``activity``).
@@ -280,10 +283,8 @@ class DatasetWriter:
     def __init__(self, out_dir: str, schema: SchemaConfig, optional: tuple[str, ...] = (),
                  rows_per_file: int = 1_000_000, row_group_rows: int = 100_000, overwrite: bool = False,
                  schema_digest: str = "") -> None:
-        self.out_dir = os.path.abspath(out_dir)
-        if os.path.exists(self.out_dir) and not overwrite:
-            raise FileExistsError(f"{out_dir}: already exists (pass --overwrite to replace it)")
-        check_replaceable(self.out_dir, (MANIFEST,), "a dataset")
+        self.out_dir = storage.absolute(out_dir)
+        self._staged = stage_dataset(out_dir, overwrite)
         self.schema = arrow_schema(schema, optional)
         self.optional = list(optional)
         self.rows_per_file = rows_per_file
@@ -291,10 +292,7 @@ class DatasetWriter:
         self.schema_digest = schema_digest
         self._max_len = {k: schema.max_len_of(k) for k in schema.sparse_keys}
         self._aligned = {c: schema.sequence_of(c) for c in schema.side_keys}  # side column -> its sequence
-        self.tmp_dir = f"{self.out_dir}.tmp-{os.getpid()}"
-        shutil.rmtree(self.tmp_dir, ignore_errors=True)
-        os.makedirs(self.tmp_dir)
-        self._writers: dict[str, Optional[pq.ParquetWriter]] = {}
+        self._writers: dict[str, tuple[pq.ParquetWriter, pa.NativeFile]] = {}  # split -> open file
         self._files: dict[str, list[FileInfo]] = {}
         self._rows: dict[str, dict[str, int]] = {}
         self._values: dict[str, dict[str, int]] = {}  # split -> sparse key -> values (after truncation)
@@ -392,19 +390,26 @@ class DatasetWriter:
 
     def _write_row_group(self, split: str, entity: int, rg: pa.Table) -> None:
         files = self._files.setdefault(split, [])
-        writer = self._writers.get(split)
-        if writer is None or files[-1].rows >= self.rows_per_file:
-            if writer is not None:
-                writer.close()
-            rel = os.path.join(split, f"part-{len(files):05d}.parquet")
-            os.makedirs(os.path.join(self.tmp_dir, split), exist_ok=True)
-            writer = pq.ParquetWriter(os.path.join(self.tmp_dir, rel), self.schema, compression="zstd")
-            self._writers[split] = writer
-            files.append(FileInfo(path=rel, rows=0, row_groups=[], row_group_entity=[]))
+        if split not in self._writers or files[-1].rows >= self.rows_per_file:
+            self._close_file(split)
+            rel = f"{split}/part-{len(files):05d}.parquet"
+            sink = self._staged.open_output(rel)
+            self._writers[split] = (pq.ParquetWriter(sink, self.schema, compression="zstd"), sink)
+            files.append(FileInfo(path=self._staged.name(rel), rows=0, row_groups=[], row_group_entity=[]))
+        writer = self._writers[split][0]
         writer.write_table(rg, row_group_size=rg.num_rows)
         files[-1].rows += rg.num_rows
         files[-1].row_groups.append(rg.num_rows)
         files[-1].row_group_entity.append(entity)  # type: ignore[union-attr]
+
+    def _close_file(self, split: str) -> None:
+        """Finish ``split``'s open file (its footer; on an object store the upload completes on ``close``)."""
+        writer, sink = self._writers.pop(split, (None, None))
+        if writer is not None:
+            try:
+                writer.close()
+            finally:
+                sink.close()
 
     def _mean_lengths(self) -> dict[str, dict[str, float]]:
         out = {}
@@ -414,14 +419,13 @@ class DatasetWriter:
         return out
 
     def close(self) -> Manifest:
-        """Flush, write the manifest, and rename the temporary directory into place."""
+        """Flush, then publish the files and the manifest (:func:`publish_manifest`)."""
         if self._closed:
             raise RuntimeError("DatasetWriter already closed")
         for key in sorted(self._pending, key=self._last_arrival.__getitem__):
             self._flush(key, final=True)
-        for w in self._writers.values():
-            if w is not None:
-                w.close()
+        for split in list(self._writers):
+            self._close_file(split)
         manifest = Manifest(
             format_version=FORMAT_VERSION,
             schema_digest=self.schema_digest,
@@ -433,34 +437,94 @@ class DatasetWriter:
             mean_lengths=self._mean_lengths(),
             clicks=self._clicks,
         )
-        tmp_manifest = os.path.join(self.tmp_dir, MANIFEST)
-        with open(tmp_manifest, "w", encoding="utf-8") as f:
-            json.dump(manifest.to_json(), f, indent=2)
-        replace_dir(self.tmp_dir, self.out_dir)
+        publish_manifest(self._staged, manifest)
         self._closed = True
         return manifest
 
     def abort(self) -> None:
-        """Drop everything written so far."""
-        for w in self._writers.values():
+        """Drop everything written so far (a dataset already at ``out_dir`` stays as it was)."""
+        for split in list(self._writers):
             try:
-                if w is not None:
-                    w.close()
+                self._close_file(split)
             except Exception:  # noqa: BLE001 - best effort while already failing
                 pass
-        shutil.rmtree(self.tmp_dir, ignore_errors=True)
+        self._staged.abort()
         self._closed = True
+
+
+def _manifest_files(data: bytes) -> list[str]:
+    """The files a manifest's bytes reference (none if they do not parse: such files are left alone)."""
+    try:
+        return [f["path"] for fs in json.loads(data)["splits"].values() for f in fs]
+    except (ValueError, KeyError, TypeError):
+        return []
+
+
+def stage_dataset(out_dir: str, overwrite: bool = False) -> storage.StagedDirectory:
+    """Where a writer puts a new dataset's files until :func:`publish_manifest` makes it the dataset at ``out_dir``.
+
+    Write each file with ``staged.open_output(rel)`` (any process: the object pickles) and record
+    ``staged.name(rel)`` as its :attr:`FileInfo.path`; call ``staged.abort()`` to drop the attempt.
+
+    Args:
+        out_dir: the dataset directory (a local path or a URI).
+        overwrite: replace an existing dataset there (never a directory that is not one).
+
+    Raises:
+        FileExistsError: ``out_dir`` exists and ``overwrite`` is false, or it is not a dataset.
+        OSError: its store cannot be reached (one line).
+    """
+    return storage.StagedDirectory(out_dir, MANIFEST, "a dataset", overwrite=overwrite, references=_manifest_files)
+
+
+def publish_manifest(staged: storage.StagedDirectory, manifest: Manifest) -> None:
+    """Write ``manifest`` last and make the staged files the dataset (the old version's files go).
+
+    The manifest is checked as a reader will parse it first (row groups add up, each has an entity), so a bad
+    manifest assembled elsewhere fails here, not in every later reader.
+
+    Example:
+        >>> staged = stage_dataset("s3://bucket/ds")                           # doctest: +SKIP
+        >>> ...   # executors write staged.open_output("train/part-00000.parquet"), the driver gathers FileInfo
+        >>> publish_manifest(staged, manifest)                                 # doctest: +SKIP
+    """
+    doc = manifest.to_json()
+    Manifest.from_json(doc, storage.display(storage.join(staged.final, MANIFEST)))
+    staged.publish(json.dumps(doc, indent=2).encode("utf-8"))
 
 
 def _read_manifest(data_dir: str) -> Manifest:
     """Read and parse ``DIR/manifest.json`` (no file checks)."""
-    path = os.path.join(data_dir, MANIFEST)
-    if not os.path.isfile(path):
-        hint = " (an interrupted write leaves only a .tmp-* directory)" if os.path.isdir(data_dir) else ""
-        raise FileNotFoundError(f"{data_dir}: not a dataset, {MANIFEST} is missing{hint}")
-    from mkt_torchrec.rundir import read_json
+    path = storage.join(data_dir, MANIFEST)
+    if not storage.is_file(path):
+        storage.check_reachable(data_dir)  # a missing bucket would read as a missing manifest
+        raise FileNotFoundError(f"{storage.display(data_dir)}: not a dataset, {MANIFEST} is missing"
+                                f"{_missing_manifest_hint(data_dir)}")
+    if not storage.is_uri(path):
+        from mkt_torchrec.rundir import read_json
 
-    return Manifest.from_json(read_json(path, "a dataset manifest"), path)
+        return Manifest.from_json(read_json(path, "a dataset manifest"), path)
+    where = storage.display(path)
+    try:
+        doc = json.loads(storage.read_bytes(path))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ValueError(f"{where}: unreadable ({type(e).__name__}: {e})") from None
+    if not isinstance(doc, dict):
+        raise ValueError(f"{where}: not a dataset manifest")  # noqa: TRY004 - a bad file, as read_json says
+    return Manifest.from_json(doc, where)
+
+
+def _missing_manifest_hint(data_dir: str) -> str:
+    """Why a directory without a manifest may be there: an interrupted write, or logs that are not a dataset."""
+    if not storage.exists(data_dir):
+        return ""
+    held = storage.some_files(data_dir)
+    if held and all(storage.is_attempt_file(p) for p in held):
+        return " (an interrupted write leaves its files but no manifest: write it again with --overwrite)"
+    if any(p.endswith(".parquet") for p in held):
+        return (" and it holds Parquet files: logs such as a Spark job's output are not a dataset; `mkt build` "
+                "turns them into one")
+    return " (an interrupted write leaves only a .tmp-* directory)"
 
 
 def _files_in_order(manifest: Manifest) -> list[FileInfo]:
@@ -470,9 +534,10 @@ def _files_in_order(manifest: Manifest) -> list[FileInfo]:
 
 def _check_file(data_dir: str, fi: FileInfo, expected: pa.Schema) -> None:
     """Read one file's footer and check its columns; raise ``ValueError`` naming the file and column."""
-    fpath = os.path.join(data_dir, fi.path)
+    fpath = storage.display(storage.join(data_dir, fi.path))
     try:
-        file_schema = pq.read_schema(fpath)
+        fs, path = storage.filesystem(storage.join(data_dir, fi.path))
+        file_schema = pq.read_schema(path, filesystem=fs)
     except (OSError, pa.ArrowException) as e:
         raise ValueError(f"{fpath}: unreadable Parquet file: {e}") from None
     check_columns(file_schema, expected, fpath)
@@ -484,8 +549,12 @@ def open_dataset(data_dir: str, schema: SchemaConfig, check_files: bool = True) 
     Every call reads every file's footer; in a process group use :func:`open_dataset_shared`, which reads
     each footer once in total.
 
+    Args:
+        data_dir: the dataset directory: a local path or a URI (``s3://bucket/ds``).
+
     Raises:
         FileNotFoundError / ValueError: naming the directory, file and column at fault.
+        OSError: the store cannot be reached, refuses the credentials, or lacks the bucket (one line).
     """
     manifest = _read_manifest(data_dir)
     if check_files:
@@ -587,7 +656,7 @@ def rewrite_dataset(src: str, dst: str, schema: SchemaConfig, overwrite: bool = 
     Example:
         >>> rewrite_dataset("data/old", "data/new", cfg.schema)   # doctest: +SKIP
     """
-    if os.path.abspath(src) == os.path.abspath(dst):
+    if storage.absolute(src) == storage.absolute(dst):
         raise ValueError(f"{dst}: rewrite needs a new directory, not the dataset it reads")
     old = open_dataset(src, schema)
     files = _files_in_order(old)
@@ -597,9 +666,10 @@ def rewrite_dataset(src: str, dst: str, schema: SchemaConfig, overwrite: bool = 
                        overwrite=overwrite, schema_digest=old.schema_digest) as writer:
         for split, split_files in old.splits.items():
             for fi in split_files:
-                pf = pq.ParquetFile(os.path.join(src, fi.path))
+                fs, path = storage.filesystem(storage.join(src, fi.path))
+                pf = pq.ParquetFile(path, filesystem=fs)
                 for rg in range(pf.num_row_groups):
                     writer.write(split, pf.read_row_group(rg))
-        writer.set_source({**old.source, "rewritten_from": {"path": os.path.abspath(src),
+        writer.set_source({**old.source, "rewritten_from": {"path": storage.absolute(src),
                                                             "format_version": old.format_version}})
         return writer.close()

@@ -41,7 +41,6 @@ Example:
 from __future__ import annotations
 
 import logging
-import os
 from dataclasses import dataclass, replace
 from typing import Any, Callable, Iterator, Optional, Sequence, Union
 
@@ -52,6 +51,7 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
+from mkt_torchrec import storage
 from mkt_torchrec.config import DataConfig, SchemaConfig
 from mkt_torchrec.data.batch import Batch
 from mkt_torchrec.data.dataset import (TRAIN_SPLIT, VALID_SPLIT, Manifest, RowRange, check_entity_readable,
@@ -319,10 +319,11 @@ class _RowSource:
         """The rows of unit ``u`` (a slice of its row group)."""
         fi, rg, start, stop = self.units[u]
         if self._cached is None or self._cached[0] != (fi, rg):
-            path = os.path.join(self.plan.data_dir, self.files[fi].path)
+            path = storage.join(self.plan.data_dir, self.files[fi].path)
             try:
-                if fi not in self._open:
-                    self._open[fi] = pq.ParquetFile(path)
+                if fi not in self._open:  # a local file or an object (mkt_torchrec.storage); footer read once
+                    fs, fs_path = storage.filesystem(path)
+                    self._open[fi] = pq.ParquetFile(fs_path, filesystem=fs)
                 table = self._open[fi].read_row_group(rg, columns=self.columns)
             except (OSError, pa.ArrowException) as e:
                 raise ValueError(f"{path}: row group {rg}: unreadable: {e}") from None
@@ -347,7 +348,7 @@ class _RowSource:
         def locate(i: int) -> tuple[str, int]:
             u = int(np.searchsorted(self.starts, a + i, side="right")) - 1
             fi, rg, start, _ = self.units[u]
-            path = os.path.join(self.plan.data_dir, self.files[fi].path)
+            path = storage.join(self.plan.data_dir, self.files[fi].path)
             return f"{path}: row group {rg}", int(start + a + i - self.starts[u])
 
         return table, locate
@@ -456,7 +457,7 @@ class ParquetReader:
     """Iterates one epoch of :class:`Batch` objects of a dataset split for one rank.
 
     Args:
-        data_dir: dataset directory (with ``manifest.json``).
+        data_dir: dataset directory (with ``manifest.json``): a local path or a URI (``s3://bucket/ds``).
         split: ``train``, ``valid`` or ``test``. ``valid`` is the last ``data.validation_fraction`` of each
             entity's rows of the train files and ``train`` the rest (:mod:`mkt_torchrec.data.dataset`); ``valid``
             needs ``data.validation_fraction > 0``.
@@ -517,7 +518,7 @@ class ParquetReader:
     def _warn_if_windows_are_small(self) -> None:
         """Log once per dataset and window size if a shuffled window holds less than one row group."""
         largest = max((u.stop - u.start for u in _units(self.plan, 0)), default=0)
-        key = (os.path.abspath(self.plan.data_dir), self.plan.window_rows)
+        key = (storage.absolute(self.plan.data_dir), self.plan.window_rows)
         if self.plan.shuffle and largest > self.plan.window_rows and key not in _warned_windows:
             _warned_windows.add(key)
             logger.warning("%s: row groups of up to %d rows are larger than data.shuffle_window_rows=%d, so "

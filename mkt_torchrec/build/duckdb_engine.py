@@ -1,0 +1,106 @@
+"""``mkt build``'s embedded engine: DuckDB on one machine, larger-than-memory input spilled to disk.
+
+The prepared batches of every log file (:mod:`mkt_torchrec.build.inputs`) are appended to a table ``ev`` of an
+on-disk DuckDB database in a scratch directory (``source.temp_dir``, else a temporary directory removed
+afterwards), so the logs are never held in memory whole: DuckDB keeps at most ``source.memory_limit`` and
+spills the rest of its windows, join and sort there. The transformation (:mod:`mkt_torchrec.build.plan`) then
+streams out in record batches, in ``(split, time, file, row)`` order, into a
+:class:`~mkt_torchrec.data.dataset.DatasetWriter`, which publishes the dataset only once it is complete.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from typing import Any, Callable, Optional
+
+import pyarrow as pa
+
+from mkt_torchrec.build.hashing import render
+from mkt_torchrec.build.inputs import LogInputs
+from mkt_torchrec.build.plan import BuildPlan, split_names
+from mkt_torchrec.data.dataset import DatasetWriter, Manifest
+
+OUT_BATCH_ROWS = 1 << 16
+
+
+def _connect(source: Any, scratch: str):
+    import duckdb
+
+    con = duckdb.connect(os.path.join(scratch, "build.duckdb"))
+    try:
+        con.execute(f"SET memory_limit = '{source.memory_limit}'")
+    except duckdb.Error as e:
+        raise ValueError(f"source.memory_limit: {source.memory_limit!r} is not a size DuckDB reads (e.g. 4GB): "
+                         f"{' '.join(str(e).split())[:200]}") from None
+    con.execute(f"SET temp_directory = '{os.path.join(scratch, 'spill')}'")
+    con.execute(f"SET threads = {source.threads or os.cpu_count() or 1}")
+    return con
+
+
+def load(con: Any, inputs: LogInputs, progress: Optional[Callable[[int], None]]) -> int:
+    """Append every file's prepared batches to ``ev``; returns the rows loaded."""
+    schema = inputs.prepared_schema()
+    con.register("__empty", schema.empty_table())
+    con.execute("CREATE TABLE ev AS SELECT * FROM __empty")
+    con.unregister("__empty")
+    rows = 0
+    for index in range(len(inputs.files)):
+        for batch in inputs.read(index):
+            con.register("__batch", pa.Table.from_batches([batch]))
+            con.execute("INSERT INTO ev SELECT * FROM __batch")
+            con.unregister("__batch")
+            rows += batch.num_rows
+            if progress is not None:
+                progress(batch.num_rows)
+    return rows
+
+
+def build(plan: BuildPlan, inputs: LogInputs, out: str, writer_args: dict[str, Any], source_record: dict[str, Any],
+          check: Callable[[list[tuple[Any, int]]], int], progress: Optional[Callable[[int], None]] = None
+          ) -> Manifest:
+    """Run the build with DuckDB and write the dataset to ``out`` (see the module docstring).
+
+    Args:
+        plan: the SQL.
+        inputs: the logs.
+        out: the dataset directory or URI.
+        writer_args: :class:`DatasetWriter`'s keyword arguments (schema, optional, sizes, overwrite, digest).
+        source_record: the manifest's ``source`` record.
+        check: given the unknown entity values with counts, raises or returns the rows dropped.
+        progress: called with rows as they are read.
+    """
+    scratch_root = plan.source.temp_dir
+    if scratch_root:
+        os.makedirs(scratch_root, exist_ok=True)
+    scratch = tempfile.mkdtemp(prefix="mkt-build-", dir=scratch_root)
+    con = None
+    try:
+        con = _connect(plan.source, scratch)
+        rows = load(con, inputs, progress)
+        dropped = check(con.execute(plan.unknown_entities_sql()).fetchall()) if plan.source.entity.column else 0
+        names = split_names()
+        stream = con.sql(render(plan.dataset_sql(order="split"), "duckdb")).to_arrow_reader(OUT_BATCH_ROWS)
+        columns = None
+        writer = DatasetWriter(out, **writer_args)
+        try:
+            for batch in stream:
+                table = pa.Table.from_batches([batch])
+                if columns is None:
+                    columns = [c for c in table.column_names if not c.startswith("__")]
+                codes = table.column("__split").to_numpy()
+                start = 0
+                while start < len(codes):  # rows arrive in split order: cut the batch where the split changes
+                    stop = start + int((codes[start:] != codes[start]).argmax() or len(codes) - start)
+                    writer.write(names[int(codes[start])], table.slice(start, stop - start).select(columns))
+                    start = stop
+            writer.set_source({**source_record, "rows_read": rows, "rows_dropped": dropped})
+            return writer.close()
+        except BaseException:
+            writer.abort()
+            raise
+    finally:
+        if con is not None:
+            con.close()
+        shutil.rmtree(scratch, ignore_errors=True)

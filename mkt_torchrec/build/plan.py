@@ -1,0 +1,218 @@
+"""The transformation of ``mkt build`` as one SQL text, the single definition both engines run.
+
+The text is written in DuckDB's dialect over the prepared rows of :mod:`mkt_torchrec.build.inputs` (a table or
+view ``ev``) and handed to Spark through sqlglot (:func:`mkt_torchrec.build.hashing.render`), so there is no
+second copy to drift. It does four things:
+
+1. **Encode** (``enc``): hash text ids (``mkt_hash``), keep the entities' ids apart where ``by_entity`` says
+   (``ENTITY|value`` hashed, or ``2 * x + e``), null an entity-specific feature on the other entity's rows, and
+   drop rows whose entity is outside ``source.entity.values`` (the build counts them first).
+2. **Sequences built from the events.** For a sequence of entity ``E`` (shared feature ``F``), the user's
+   positive rows of ``E`` with a value of ``F`` (a row without one is no step) are numbered ``k = 1, 2, ...`` in
+   time order and each carries the list of its own and
+   the ``max_len - 1`` earlier ones' ``F`` (a bounded window, so cost is rows x max_len). Each row counts the
+   user's positive rows of ``E`` strictly before its time (a running sum minus the row's ties) and takes the list
+   of the last of them by an equi-join on ``(user, k)``. So a row never sees itself, nor any row of the same
+   time, and a step's side features are the liked row's own encoded values (a missing one: ``MISSING_RAW``
+   through the feature's encoding, or bucket 0). ``activity`` counts both entities' earlier positive rows.
+3. **Split**: by time cut-offs, by each user's last fraction of rows, or by each entity's (``source.split``;
+   a fraction's cut ``floor((1 - f) * n + 1e-9)``: the fraction as the decimal written, in IEEE doubles that
+   both engines compute alike).
+4. **Order**: rows in ``(split, time, file, row)`` order, a total order that does not depend on the engine.
+
+Why SQL and not a hand-written converter: the windows, the join and the sort are what an engine spills and
+distributes well; the hand-written converter (``mkt tenrec``) had to keep per-user state in memory.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+
+from mkt_torchrec.build.source import SourceConfig, entity_code
+
+MISSING_RAW = 2 ** 61 - 1  # a missing side value (mkt_torchrec.data.tenrec's convention): above every real id
+MISSING_BUCKET = 0
+SPLIT_CODES = {"train": 0, "valid": 1, "test": 2}
+
+
+def q(name: str) -> str:
+    """A quoted SQL identifier."""
+    return '"' + name.replace('"', '""') + '"'
+
+
+def time_cut(value: str, time_type: pa.DataType, key: str) -> float | int:
+    """A split cut-off as the prepared ``__t`` counts time (microseconds for times, the number otherwise).
+
+    Raises:
+        ValueError: naming ``key`` when the value cannot be read as the time column's kind.
+    """
+    if pa.types.is_integer(time_type) or pa.types.is_floating(time_type) or pa.types.is_decimal(time_type):
+        try:
+            number = float(value)
+        except ValueError:
+            raise ValueError(f"{key}: {value!r} is not a number (the time column is {time_type})") from None
+        return number if pa.types.is_floating(time_type) or pa.types.is_decimal(time_type) else int(number)
+    text = str(value).strip().replace(" ", "T").removesuffix("Z")
+    try:
+        us = np.datetime64(text, "us").astype(np.int64)
+    except ValueError:
+        raise ValueError(f"{key}: {value!r} is not an ISO-8601 date or time (e.g. 2026-11-07)") from None
+    return int(us)
+
+
+class BuildPlan:
+    """The SQL of one build.
+
+    Args:
+        schema: the feature schema.
+        source: the mapping.
+        kinds: feature -> ``int`` / ``text`` (:meth:`LogInputs.feature_kind`).
+        time_type: the time column's Arrow type (cut-offs are read as it is).
+    """
+
+    def __init__(self, schema: Any, source: SourceConfig, kinds: dict[str, str], time_type: pa.DataType) -> None:
+        self.schema = schema
+        self.source = source
+        self.kinds = kinds
+        self.time_type = time_type
+        self.user = schema.user_id_feature
+        self.optional = (["true_prob"] if source.true_prob else []) + ["activity"]  # the synthetic datasets' order
+
+    # ----------------------------------------------------------------------------------------------------
+    def _encoded(self, name: str) -> str:
+        m = self.source.features[name]
+        col = q(f"f_{name}")
+        if self.kinds[name] == "text":
+            text = f"(CASE WHEN __entity = 0 THEN 'source|' ELSE 'target|' END || {col})" if m.by_entity else col
+            expr = f"mkt_hash({text})"
+        elif m.by_entity and m.transform not in ("bucket", "log_bucket"):
+            expr = f"(2 * {col} + __entity)"
+        else:
+            expr = col
+        f = self.schema.features[name]
+        if f.group == "specific":
+            expr = f"CASE WHEN __entity = {entity_code(f.entity)} THEN {expr} END"
+        return f"CAST({expr} AS BIGINT) AS {q(name)}"
+
+    def _missing(self, name: str, entity: int) -> int:
+        """The encoded value a step takes when the liked row's ``name`` is null."""
+        m = self.source.features[name]
+        if m.transform in ("bucket", "log_bucket"):
+            return MISSING_BUCKET
+        if self.kinds[name] == "int" and m.by_entity:
+            return 2 * MISSING_RAW + entity
+        return MISSING_RAW
+
+    def encode_sql(self) -> str:
+        cols = ["__file", "__row", "__t", "CAST(__label AS TINYINT) AS label", "CAST(__entity AS TINYINT) AS entity"]
+        cols += [self._encoded(n) for n in self.schema.features]
+        cols += [f"CAST({q('d_' + n)} AS FLOAT) AS {q(n)}" for n in self.schema.dense]
+        if self.source.true_prob:
+            cols.append("CAST(__true_prob AS FLOAT) AS true_prob")
+        return f"SELECT {', '.join(cols)} FROM ev WHERE __entity IS NOT NULL"
+
+    def unknown_entities_sql(self) -> str:
+        """The values outside ``source.entity.values`` with their counts, most frequent first (at most 5)."""
+        return ("SELECT __entity_raw AS value, COUNT(*) AS n FROM ev WHERE __entity IS NULL GROUP BY __entity_raw "
+                "ORDER BY n DESC, value LIMIT 5")
+
+    def _split_expr(self) -> str:
+        s = self.source.split
+        u = q(self.user)
+        if s.by == "time":
+            test = time_cut(s.test_from, self.time_type, "source.split.test_from")  # type: ignore[arg-type]
+            expr = f"CASE WHEN __t >= {test!r} THEN 2"
+            if s.valid_from is not None:
+                valid = time_cut(s.valid_from, self.time_type, "source.split.valid_from")
+                if valid > test:
+                    raise ValueError(f"source.split.valid_from ({s.valid_from}) is after test_from ({s.test_from})")
+                expr += f" WHEN __t >= {valid!r} THEN 1"
+            return expr + " ELSE 0 END"
+        part = u if s.by == "user_fraction" else "entity"
+        keep = float(1.0 - s.test_fraction)
+        return (f"CASE WHEN ROW_NUMBER() OVER (PARTITION BY {part} ORDER BY __t, __file, __row) - 1 >= "
+                f"FLOOR(CAST({keep!r} AS DOUBLE) * COUNT(*) OVER (PARTITION BY {part}) + CAST(1e-9 AS DOUBLE)) "
+                "THEN 2 ELSE 0 END")
+
+    def _step(self, sequence: str) -> str:
+        """Whether a row is a step of an event sequence: a positive row of its entity with a shared value."""
+        seq = self.schema.sequences[sequence]
+        return f"entity = {entity_code(seq.entity)} AND label = 1 AND {q(seq.shared_feature)} IS NOT NULL"
+
+    def event_sequences(self) -> list[str]:
+        """The schema's sequences built from the events (those without a list column)."""
+        return [n for n in self.schema.sequences if self.source.sequences.get(n) is None
+                or self.source.sequences[n].column is None]
+
+    def dataset_sql(self, order: str = "split") -> str:
+        """The whole transformation: one row per impression, with ``__split`` (0 train, 1 valid, 2 test).
+
+        Args:
+            order: ``split`` (``__split, time, file, row``: the DuckDB writer's stream) or ``entity``
+                (``__split, entity, time, file, row``: Spark's range-partitioned files, one entity each).
+        """
+        u = q(self.user)
+        seqs = self.event_sequences()
+        ctes = [f"enc AS ({self.encode_sql()})"]
+        flags = []
+        for i, name in enumerate(seqs):
+            flags.append(f"CASE WHEN {self._step(name)} THEN 1 ELSE 0 END AS __p{i}")
+        flags.append("CAST(label AS INTEGER) AS __pa")
+        ctes.append(f"flagged AS (SELECT enc.*, {', '.join(flags)} FROM enc)")
+        counts = []
+        for key in [f"__p{i}" for i in range(len(seqs))] + ["__pa"]:
+            counts.append(f"SUM({key}) OVER (PARTITION BY {u} ORDER BY __t RANGE BETWEEN UNBOUNDED PRECEDING AND "
+                          f"CURRENT ROW) - SUM({key}) OVER (PARTITION BY {u}, __t) AS {key}_n")
+        ctes.append(f"counted AS (SELECT flagged.*, {', '.join(counts)}, {self._split_expr()} AS __split "
+                    "FROM flagged)")
+        joins, outs = [], []
+        for i, name in enumerate(seqs):
+            seq = self.schema.sequences[name]
+            e = entity_code(seq.entity)
+            steps = [(seq.shared_feature, name)] + list(seq.side_features.items())
+            values = ", ".join(f"COALESCE({q(feat)}, {self._missing(feat, e)}) AS __v{j}"
+                               for j, (feat, _) in enumerate(steps))
+            ctes.append(f"pos{i} AS (SELECT {u} AS __u, {values}, ROW_NUMBER() OVER (PARTITION BY {u} ORDER BY "
+                        f"__t, __file, __row) AS __k FROM enc WHERE {self._step(name)})")
+            window = (f"OVER (PARTITION BY __u ORDER BY __k ROWS BETWEEN {seq.max_len - 1} PRECEDING AND "
+                      "CURRENT ROW)")
+            lists = ", ".join(f"LIST(__v{j}) {window} AS __l{j}" for j in range(len(steps)))
+            ctes.append(f"hist{i} AS (SELECT __u, __k, {lists} FROM pos{i})")
+            joins.append(f"LEFT JOIN hist{i} AS h{i} ON h{i}.__u = c.{u} AND h{i}.__k = c.__p{i}_n")
+            for j, (_, column) in enumerate(steps):
+                outs.append((column, f"COALESCE(h{i}.__l{j}, CAST([] AS BIGINT[])) AS {q(column)}"))
+        outs_by_name = dict(outs)
+        cols = ["c.__split AS __split", "c.entity AS entity", "c.label AS label"]
+        cols += [f"c.{q(n)} AS {q(n)}" for n in self.schema.features]
+        for name in self.schema.sequences:
+            cols.append(outs_by_name[name])
+        for column in self.schema.side_keys:
+            cols.append(outs_by_name[column])
+        cols += [f"c.{q(n)} AS {q(n)}" for n in self.schema.dense]
+        cols.append("CAST(c.__pa_n AS INTEGER) AS activity")
+        if self.source.true_prob:
+            cols.append("c.true_prob AS true_prob")
+        keys = "__split, entity, " if order == "entity" else "__split, "
+        cols += ["c.__t AS __t", "c.__file AS __file", "c.__row AS __row"]
+        return (f"WITH {', '.join(ctes)} SELECT {', '.join(cols)} FROM counted AS c {' '.join(joins)} "
+                f"ORDER BY {keys}__t, __file, __row")
+
+    def stats_sql(self) -> str:
+        """Per (split, entity): rows and clicks (what a manifest records besides the files)."""
+        return ("SELECT __split, entity, COUNT(*) AS n, SUM(label) AS clicks FROM ds GROUP BY __split, entity "
+                "ORDER BY __split, entity")
+
+
+def output_columns(plan: BuildPlan) -> list[str]:
+    """The dataset's columns, in the writer's order (without the ``__`` helper columns)."""
+    names = ["entity", "label", *plan.schema.features, *plan.schema.sequences, *plan.schema.side_keys,
+             *plan.schema.dense, *plan.optional]
+    return names
+
+
+def split_names() -> dict[int, str]:
+    return {v: k for k, v in SPLIT_CODES.items()}
+

@@ -1,0 +1,100 @@
+"""``mkt build``: impression logs (local or object storage) -> a training dataset, with DuckDB or Spark.
+
+:func:`build_dataset` checks the mapping against the schema, lists the input files, reads the mapped columns'
+types from the first file of each input (footers and CSV headers only), makes the SQL (:mod:`.plan`) and runs
+it with the engine. Both engines read the logs through :class:`~mkt_torchrec.build.inputs.LogInputs` and run
+the same SQL text, so they write the same rows in the same order per split and entity (a test holds them to it).
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any, Callable, Optional
+
+import pyarrow as pa
+
+from mkt_torchrec import storage
+from mkt_torchrec.build.inputs import LogInputs, list_files
+from mkt_torchrec.build.plan import BuildPlan
+from mkt_torchrec.build.source import check_source
+from mkt_torchrec.config import Config
+from mkt_torchrec.data.dataset import Manifest
+
+ENGINES = ("duckdb", "spark")
+
+
+def prepare(cfg: Config) -> tuple[BuildPlan, LogInputs]:
+    """The plan and the inputs of ``cfg.source`` (reads only file listings, footers and CSV headers).
+
+    Raises:
+        ConfigError / ValueError: naming the key, file or column at fault.
+    """
+    source = cfg.source
+    check_source(source, cfg.schema)
+    files = list_files(source)
+    inputs = LogInputs(source, cfg.schema, files)
+    types = inputs.column_types()
+    inputs.prepare(types)
+    time_type = pa.int64() if source.time.from_position else types[source.time.column]
+    plan = BuildPlan(cfg.schema, source, inputs.kinds, time_type)
+    plan.dataset_sql()  # cut-offs and the sequences' features are checked here, before anything runs
+    return plan, inputs
+
+
+def _unknown_entities(source: Any, found: list[tuple[Any, int]]) -> int:
+    """Refuse rows whose entity value is unmapped (``unknown: error``), or count them as dropped."""
+    total = sum(int(n) for _, n in found)
+    if not total:
+        return 0
+    shown = ", ".join(f"{v!r} x{n}" for v, n in found)
+    col = source.entity.column
+    if source.entity.unknown == "error":
+        raise ValueError(f"source.entity: {total} rows have a {col!r} value outside source.entity.values "
+                         f"{sorted(source.entity.values)} (most frequent: {shown}); map them, or set "
+                         "source.entity.unknown: drop")
+    print(f"mkt build: dropped {total} rows whose {col!r} is outside source.entity.values (most frequent: {shown})")
+    return total
+
+
+def build_dataset(cfg: Config, out: str, engine: Optional[str] = None, overwrite: bool = False,
+                  progress: Optional[Callable[[int], None]] = None,
+                  describe: Optional[Callable[[dict[str, Any]], dict[str, Any]]] = None) -> Manifest:
+    """Build the dataset of ``cfg.source`` into ``out`` (a directory or URI), published only when complete.
+
+    Args:
+        cfg: the config (``schema`` and ``source``).
+        out: the dataset to create.
+        engine: ``duckdb`` / ``spark``; None: ``cfg.source.engine``.
+        overwrite: replace ``out`` if it holds a dataset (never what ``mkt build`` did not write).
+        progress: called with the rows read, as they are read (DuckDB).
+        describe: makes the manifest's ``source`` record (how the dataset was made) from the build's (kind,
+            engine, inputs, files, split; with ``time.from_position`` also ``input_rows``, each input's rows, and
+            ``users``, the distinct users), before the build runs: a preset's own description of its inputs. The
+            engine adds ``rows_read`` and ``rows_dropped`` to it.
+    """
+    engine = engine or cfg.source.engine
+    if engine not in ENGINES:
+        raise ValueError(f"--engine {engine!r}: expected one of {list(ENGINES)}")
+    plan, inputs = prepare(cfg)
+    source = cfg.source
+    writer_args = dict(schema=cfg.schema, optional=tuple(plan.optional), rows_per_file=source.rows_per_file,
+                       row_group_rows=source.row_group_rows, overwrite=overwrite, schema_digest=cfg.schema_digest())
+    record: dict[str, Any] = {"kind": "build", "engine": engine,
+                              "inputs": [storage.display(i.path) for i in source.inputs],
+                              "files": len(inputs.files), "split": source.split.by}
+    if source.time.from_position:
+        record.update(input_rows=inputs.input_rows, users=inputs.users)
+    if describe is not None:
+        record = describe(record)
+
+    def check(found: list[tuple[Any, int]]) -> int:
+        return _unknown_entities(source, found)
+
+    if engine == "duckdb":
+        from mkt_torchrec.build import duckdb_engine
+
+        return duckdb_engine.build(plan, inputs, out, writer_args, record, check, progress)
+    from mkt_torchrec.build import spark_engine
+
+    master = source.spark_master or os.environ.get("SPARK_MASTER") or "local[*]"
+    return spark_engine.build(plan, inputs, out, writer_args, record, check, master)
