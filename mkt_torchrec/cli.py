@@ -392,7 +392,8 @@ _COMMANDS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], None], Handl
 
 # Options that name a dataset, which may be a URI (s3://bucket/ds, ...: mkt_torchrec.storage), by command. Not yet
 # `run --data`: the pipeline records and compares its dataset as a local absolute path.
-_URI_OPTIONS = {"data": ("train", "evaluate", "inspect", "rewrite", "export", "plan"), "out": ("rewrite", "build")}
+_URI_OPTIONS = {"data": ("train", "evaluate", "inspect", "rewrite", "export", "plan", "run"),
+                "out": ("rewrite", "build")}
 
 
 def _local_paths_only(args: argparse.Namespace) -> None:
@@ -410,8 +411,9 @@ def _local_paths_only(args: argparse.Namespace) -> None:
                 # shown as storage.display shows it: a password in the URL is not echoed
                 from mkt_torchrec.storage import display
 
-                raise ValueError(f"--{name.replace('_', '-')} {display(v)}: object-store and other URLs are not read "
-                                 "yet; copy or mount the data to a local path")
+                raise ValueError(f"--{name.replace('_', '-')} {display(v)}: run directories, checkpoints, exports and "
+                                 "reports go to a local or shared POSIX path (a mounted volume), not a URL; datasets "
+                                 "(--data, mkt build --out) may be on object storage")
 
 
 def build_parser() -> argparse.ArgumentParser:

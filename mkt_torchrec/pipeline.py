@@ -35,6 +35,7 @@ import time
 from typing import Any, Dict, List, Optional, Sequence
 
 from mkt_torchrec import registry
+from mkt_torchrec import storage
 from mkt_torchrec.config import Config
 from mkt_torchrec.provenance import other_code
 from mkt_torchrec.rundir import RunDir, read_json, write_json
@@ -120,7 +121,7 @@ def run_all(cfg: Config, out: str, nproc: int = 2,
     if data_dir is not None:
         from mkt_torchrec.data.dataset import open_dataset
 
-        data = os.path.abspath(data_dir)
+        data = storage.absolute(data_dir)
         open_dataset(data, cfg.schema)  # a bad --data fails here, before any process starts
     else:
         data = os.path.join(out, "data")
@@ -185,7 +186,7 @@ def _check_reuse(cfg: Config, data: str, out: str, names: List[str], seeds: int,
                         raise ValueError(f"{run.path}: was made {why}; its results would not be this code's: use "
                                          "another --out, or --overwrite to train again")
                     differ = [k for k in _differing(record["config"], wanted) if not k.startswith("eval.")]
-                    if record.get("data") not in (None, os.path.abspath(data)):
+                    if record.get("data") not in (None, storage.absolute(data)):
                         differ.append(f"data ({record.get('data')})")
                     if differ:
                         raise ValueError(f"{run.path}: was made with other settings for {differ[:8]}"

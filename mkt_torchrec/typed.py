@@ -9,6 +9,7 @@ string) must read as a float; the few types the config uses are handled here in 
 from __future__ import annotations
 
 import dataclasses
+import datetime
 import inspect
 import types
 import typing
@@ -81,6 +82,8 @@ def build(tp: Any, value: Any, key: str) -> Any:
                f"expected a number, got {value!r}")
         return float(value)
     if tp is str:
+        if isinstance(value, datetime.date):  # YAML reads an unquoted 2026-11-01 as a date: keep its ISO text
+            value = value.isoformat()
         check(isinstance(value, str), key, f"expected a string, got {value!r}")
         return value
     raise TypeError(f"config type {tp!r} at {key} is not supported")  # a bug in this file, not user input

@@ -89,8 +89,11 @@ def validation_rows(rows: int, fraction: float) -> int:
     return max(1, min(rows - 1, nearest))
 
 
-def physical_split(split: str) -> str:
-    """The split of the files a read split comes from (``valid`` is cut from ``train``)."""
+def physical_split(split: str, manifest: Optional["Manifest"] = None) -> str:
+    """The split of the files a read split comes from (``valid`` is cut from ``train``, unless the manifest has
+    valid files of its own)."""
+    if manifest is not None and manifest.has_valid_files:
+        return split
     return TRAIN_SPLIT if split == VALID_SPLIT else split
 
 
@@ -175,6 +178,12 @@ class Manifest:
         """Every row group holds one entity and the manifest says which (format 2 and later)."""
         return self.format_version >= 2
 
+    @property
+    def has_valid_files(self) -> bool:
+        """The files hold a ``valid`` split of their own (``mkt build`` with ``source.split.valid_from``): it is read
+        whole, ``train`` is every train row and ``data.validation_fraction`` cuts nothing."""
+        return VALID_SPLIT in self.splits
+
     def read_splits(self) -> list[str]:
         """The splits a reader can read: the files' splits, and ``valid`` if there is a ``train`` split."""
         return sorted(set(self.splits) | ({VALID_SPLIT} if TRAIN_SPLIT in self.splits else set()))
@@ -196,9 +205,11 @@ class Manifest:
                 entities; :func:`rewrite_dataset` makes them pure).
         """
         code = _entity_code(entity)
-        files = self.splits.get(physical_split(split), [])
+        if self.has_valid_files:
+            validation_fraction = 0.0
+        files = self.splits.get(physical_split(split, self), [])
         carve = split in (TRAIN_SPLIT, VALID_SPLIT) and validation_fraction > 0
-        if split == VALID_SPLIT and not carve:
+        if split == VALID_SPLIT and not carve and not self.has_valid_files:
             return []
         if not self.entity_pure and (carve or code is not None):
             what = (f"validation_fraction={validation_fraction} cannot cut each entity's last rows" if carve
@@ -232,8 +243,10 @@ class Manifest:
         ``split_rows("train", "target", validation_fraction=cfg.data.validation_fraction)``.
         """
         code = _entity_code(entity)
+        if self.has_valid_files:
+            validation_fraction = 0.0
         carve = split in (TRAIN_SPLIT, VALID_SPLIT) and validation_fraction > 0
-        if carve or split == VALID_SPLIT or (code is not None and self.entity_pure):
+        if carve or (split == VALID_SPLIT and not self.has_valid_files) or (code is not None and self.entity_pure):
             return sum(r.stop - r.start for r in self.split_units(split, code, validation_fraction))
         if code is None:
             return sum(f.rows for f in self.splits.get(split, []))
@@ -625,10 +638,11 @@ def check_split_readable(manifest: Manifest, data_dir: str, split: str, validati
     """Raise a one-line ``ValueError`` if the read split ``split`` does not exist or cannot be cut."""
     if split not in manifest.read_splits():
         raise ValueError(f"{data_dir}: no split {split!r}; splits: {manifest.read_splits()}")
-    if split == VALID_SPLIT and validation_fraction <= 0:
+    if split == VALID_SPLIT and validation_fraction <= 0 and not manifest.has_valid_files:
         raise ValueError(f"{data_dir}: split {VALID_SPLIT!r} is empty with data.validation_fraction=0 (it is the "
                          f"last fraction of each entity's {TRAIN_SPLIT} rows); set data.validation_fraction > 0")
-    if split in (TRAIN_SPLIT, VALID_SPLIT) and validation_fraction > 0 and not manifest.entity_pure:
+    if split in (TRAIN_SPLIT, VALID_SPLIT) and validation_fraction > 0 and not manifest.entity_pure \
+            and not manifest.has_valid_files:
         raise ValueError(f"{data_dir}: format {manifest.format_version} dataset has row groups of mixed entities, "
                          f"so data.validation_fraction={validation_fraction} cannot cut each entity's last "
                          f"{TRAIN_SPLIT} rows; set data.validation_fraction=0 to read the {TRAIN_SPLIT} split "

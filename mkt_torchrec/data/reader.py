@@ -306,7 +306,7 @@ class _RowSource:
 
     def __init__(self, plan: _Plan, epoch: int, columns: list[str]) -> None:
         self.plan = plan
-        self.files = plan.manifest.splits.get(physical_split(plan.split), [])
+        self.files = plan.manifest.splits.get(physical_split(plan.split, plan.manifest), [])
         self.units = _units(plan, epoch)
         sizes = [u.stop - u.start for u in self.units]
         self.starts = np.concatenate([[0], np.cumsum(sizes, dtype=np.int64)])
@@ -494,7 +494,8 @@ class ParquetReader:
         if entity not in (None, "source", "target"):
             raise ValueError(f"entity must be 'source', 'target' or None, got {entity!r}")
         self.manifest = manifest if manifest is not None else open_dataset(data_dir, schema)
-        fraction = data.validation_fraction if split in (TRAIN_SPLIT, VALID_SPLIT) else 0.0
+        cut = split in (TRAIN_SPLIT, VALID_SPLIT) and not self.manifest.has_valid_files  # else read as written
+        fraction = data.validation_fraction if cut else 0.0
         check_split_readable(self.manifest, data_dir, split, fraction)
         if entity is not None:
             check_entity_readable(self.manifest, data_dir, entity)

@@ -32,6 +32,7 @@ import torch
 import torch.distributed as dist
 
 from mkt_torchrec import faults
+from mkt_torchrec import storage
 from mkt_torchrec.collective import Collective
 from mkt_torchrec.config import Config
 from mkt_torchrec.data.dataset import open_dataset_shared
@@ -231,7 +232,7 @@ class StageRecipe:
             if previous is not None and isinstance(previous.get("code"), dict):  # the code that made the run;
                 made = {**made, "code": previous["code"], "resumed_with": made["code"]}  # a resume's, beside it
             run.write_record({**made,
-                "stage": stage, "config": cfg.to_dict(), "data": os.path.abspath(self.data_dir),
+                "stage": stage, "config": cfg.to_dict(), "data": storage.absolute(self.data_dir),
                 "mem_run": os.path.abspath(self.mem_run) if self.mem_run else None,
                 "world_size": self.info.world_size,
                 "created": (previous or {}).get("created", time.strftime("%Y-%m-%dT%H:%M:%S")),

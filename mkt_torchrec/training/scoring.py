@@ -158,14 +158,15 @@ class Validation:
     def __init__(self, cfg: Config, data_dir: str, run: RunDir, info: DistInfo, manifest: Any, entity: str) -> None:
         from mkt_torchrec.models.losses import hfa_feature_names
 
-        if cfg.data.validation_fraction <= 0:
+        if cfg.data.validation_fraction <= 0 and not manifest.has_valid_files:
             raise ValueError("train.patience > 0 needs a validation split: set data.validation_fraction > 0 (or "
                              "train.patience=0 to train train.epochs epochs without early stopping)")
         self.reader = ParquetReader(data_dir, "valid", cfg.schema, cfg.data, rank=info.rank,
                                     world_size=info.world_size, training=False, entity=entity, manifest=manifest)
         if self.reader.num_rows() == 0:
-            raise ValueError(f"{data_dir}: the validation split (data.validation_fraction="
-                             f"{cfg.data.validation_fraction}) has no {entity} rows to stop early on")
+            what = ("its valid files" if manifest.has_valid_files
+                    else f"data.validation_fraction={cfg.data.validation_fraction}")
+            raise ValueError(f"{data_dir}: the validation split ({what}) has no {entity} rows to stop early on")
         self.info, self.entity = info, entity
         self.eval_cfg = replace(cfg.eval, bootstrap_samples=0)
         self.pred_dir = run.validation

@@ -247,3 +247,20 @@ def test_bad_csv_values_name_the_data_row_and_line(tmp_path, rows, features, mat
         build_dataset(cfg, str(tmp_path / "ds"))
     assert "\n" not in str(e.value)
     assert not os.path.exists(tmp_path / "ds")
+
+
+def test_a_valid_split_by_time_is_read_as_written_and_validation_fraction_cuts_nothing(logs, tmp_path):
+    from mkt_torchrec.data.reader import ParquetReader
+
+    (tmp_path / "logs").symlink_to(logs / "logs")
+    cfg = _config(tmp_path)
+    manifest = build_dataset(cfg, str(tmp_path / "ds"))
+    assert manifest.has_valid_files
+    for fraction in (0.0, 0.3):
+        cfg.data.validation_fraction = fraction
+        for split in ("train", "valid", "test"):
+            for entity in ("source", "target"):
+                reader = ParquetReader(str(tmp_path / "ds"), split, cfg.schema, cfg.data, training=False,
+                                       entity=entity)
+                assert reader.num_rows() == manifest.rows[split][entity] > 0
+                assert sum(b.labels.numel() for b in reader) == manifest.rows[split][entity]
