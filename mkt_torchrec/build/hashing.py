@@ -11,10 +11,13 @@ and with ``by_entity: true`` the hashed text is ``"source|" + s`` or ``"target|"
 Why MD5's first 60 bits: every engine has MD5 built in (DuckDB, Spark SQL, Hive, Flink, Presto, BigQuery, Redis
 scripts, every language's standard library), so the id an online server computes is the one training saw, with
 no library to pin; 60 bits keep ids non-negative (``id_mapping: modulo`` needs that) and below the converters'
-reserved ``MISSING_RAW`` (2**61 - 1); two of a billion distinct values collide with probability ~4e-10. The id is
+reserved ``MISSING_RAW`` (2**61 - 1); among a million distinct values of one feature the chance that any two share
+an id is about 4e-7 (a billion: about 0.35, against the table's own hashing into far fewer rows). The id is
 a raw id: the reader still maps it to a table row per table (:func:`mkt_torchrec.data.schema.map_ids`).
 
-In SQL the hash is written ``mkt_hash(text)``; :func:`render` replaces it with each engine's own expression.
+The ids are computed where the logs are read (:func:`mkt_torchrec.build.inputs.hash_strings`, each distinct
+value once per batch, with a bounded cache), on the one machine or on every Spark executor alike, so both engines
+see the same ids by construction; the SQL (:mod:`mkt_torchrec.build.plan`) only moves them.
 """
 
 from __future__ import annotations
@@ -22,16 +25,11 @@ from __future__ import annotations
 import hashlib
 
 import sqlglot
-from sqlglot import exp
 
 HASH_BITS = 60
 ENTITY_PREFIXES = ("source|", "target|")
 
-# mkt_hash(x) in each engine's SQL: the first 15 hex digits of md5(x) as a BIGINT
-_ENGINE_SQL = {
-    "duckdb": "CAST(('0x' || SUBSTR(MD5(__x), 1, 15)) AS BIGINT)",
-    "spark": "CAST(CONV(SUBSTR(MD5(__x), 1, 15), 16, 10) AS BIGINT)",
-}
+DIALECTS = {"duckdb": "duckdb", "spark": "spark"}
 
 
 def hash_id(value: str) -> int:
@@ -40,22 +38,11 @@ def hash_id(value: str) -> int:
 
 
 def render(sql: str, engine: str) -> str:
-    """``sql`` (DuckDB's dialect, with ``mkt_hash(...)``) as the engine's SQL: one text, transpiled by sqlglot.
+    """``sql`` (DuckDB's dialect) in the engine's dialect: one text, transpiled by sqlglot.
 
     Raises:
         ValueError: an unknown engine.
     """
-    if engine not in _ENGINE_SQL:
-        raise ValueError(f"unknown engine {engine!r}; expected one of {sorted(_ENGINE_SQL)}")
-    dialect = "spark" if engine == "spark" else "duckdb"
-    template = sqlglot.parse_one(_ENGINE_SQL[engine], read=dialect)
-
-    def substitute(node: exp.Expression) -> exp.Expression:
-        if isinstance(node, exp.Anonymous) and node.name.lower() == "mkt_hash":
-            (arg,) = node.expressions
-            return template.copy().transform(
-                lambda n: arg.copy() if isinstance(n, exp.Column) and n.name == "__x" else n)
-        return node
-
-    tree = sqlglot.parse_one(sql, read="duckdb").transform(substitute)
-    return tree.sql(dialect=dialect)
+    if engine not in DIALECTS:
+        raise ValueError(f"unknown engine {engine!r}; expected one of {sorted(DIALECTS)}")
+    return sqlglot.transpile(sql, read="duckdb", write=DIALECTS[engine])[0]

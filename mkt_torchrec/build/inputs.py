@@ -14,7 +14,8 @@ A prepared batch has::
                                time.from_position: (row * scale of the input) * inputs + input, see _position)
     __label  int8     1 for a value of label.positive, 0 for label.negative
     __entity int8     0 source, 1 target; null for a value outside entity.values (__entity_raw holds it)
-    f_NAME   int64 or string   a feature before hashing (strings: the text hashed in SQL) or after bucketing
+    f_NAME   int64    a feature's id: strings hashed (:func:`hash_strings`, ``by_entity`` prefixes included),
+                      integers as they are (``by_entity``'s ``2 * x + e`` is SQL's), numbers bucketed
     d_NAME   float32  a dense feature
     __true_prob float32 (when mapped)
 
@@ -43,6 +44,7 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from mkt_torchrec import storage
+from mkt_torchrec.build.hashing import ENTITY_PREFIXES, hash_id
 from mkt_torchrec.build.source import SourceConfig, entity_code
 
 LOG_BUCKET_OFFSET = 128  # log buckets lie in [1, 255] (0 is MISSING_BUCKET)
@@ -132,10 +134,15 @@ class LogInputs:
         self.time_kind = "int"
         self.kinds: dict[str, str] = {}
         self.types: dict[str, pa.DataType] = {}
+        self._hash_cache: dict[str, dict[str, int]] = {}  # column -> text -> id (bounded: see hash_strings)
         self.offsets: list[int] = []  # time.from_position: each file's first row within its input
         self.scale: list[int] = []  # time.from_position: each input's time per row
         self.input_rows: list[int] = []  # time.from_position: each input's rows
         self.users: Optional[int] = None  # time.from_position: distinct users of all inputs
+
+    def __getstate__(self) -> dict[str, Any]:
+        """Pickled for Spark's executors without the hash caches (each process fills its own)."""
+        return {**self.__dict__, "_hash_cache": {}}
 
     # ----------------------------------------------------------------------------------------------------
     # Types
@@ -260,11 +267,11 @@ class LogInputs:
 
     def prepared_schema(self) -> pa.Schema:
         fields = [pa.field("__file", pa.int32()), pa.field("__row", pa.int64()),
-                  pa.field("__t", pa.float64() if self.time_kind == "float" else pa.int64()),
+                  pa.field("__t", pa.int64()),
                   pa.field("__label", pa.int8()), pa.field("__entity", pa.int8())]
         if self.source.entity.column is not None:
             fields.append(pa.field("__entity_raw", pa.string()))
-        fields += [pa.field(f"f_{n}", pa.int64() if k == "int" else pa.string()) for n, k in self.kinds.items()]
+        fields += [pa.field(f"f_{n}", pa.int64()) for n in self.kinds]
         fields += [pa.field(f"d_{n}", pa.float32()) for n in self.source.dense]
         if self.source.true_prob:
             fields.append(pa.field("__true_prob", pa.float32()))
@@ -365,10 +372,10 @@ class LogInputs:
         for name in [user, *(k for k in self.kinds if k != user)]:  # the user first: its errors come first
             kind, m = self.kinds[name], s.features[name]
             if self.applies(self.schema.features[name], f.input):
-                out[f"f_{name}"] = self._feature(cols[m.column], m, kind, m.column, fail)
+                out[f"f_{name}"] = self._feature(cols[m.column], m, kind, m.column, fail, out["__entity"])
                 self._check_feature(name, out[f"f_{name}"], m, fail)
             else:  # a feature of the other entity: null on this input's rows
-                out[f"f_{name}"] = pa.nulls(n, pa.int64() if kind == "int" else pa.string())
+                out[f"f_{name}"] = pa.nulls(n, pa.int64())
         for name, m in s.dense.items():
             if not self.applies(self.schema.dense[name], f.input):
                 out[f"d_{name}"] = pa.nulls(n, pa.float32())
@@ -455,7 +462,7 @@ class LogInputs:
             bad = np.flatnonzero(np.isnan(x))
             if bad.size:
                 fail(name, int(bad[0]), "null or unparsable time")
-            return pa.array(x)
+            return pa.array(float_order_key(x))
         if pa.types.is_string(t) or pa.types.is_large_string(t):
             col = self._parse_times(col, name, fail)
             t = col.type
@@ -548,11 +555,15 @@ class LogInputs:
             raise ValueError(f"column {name!r}: type {col.type} is not numeric")
         return pc.cast(col, pa.float64()).to_numpy(zero_copy_only=False)
 
-    def _feature(self, col: pa.Array, m: Any, kind: str, name: str, fail) -> pa.Array:
+    def _feature(self, col: pa.Array, m: Any, kind: str, name: str, fail, entity: Optional[pa.Array] = None
+                 ) -> pa.Array:
         if kind == "text":
-            if pa.types.is_boolean(col.type):
-                return pc.if_else(col, "true", "false")
-            return pc.cast(col, pa.string())
+            text = pc.if_else(col, "true", "false") if pa.types.is_boolean(col.type) else pc.cast(col, pa.string())
+            if m.by_entity:
+                if entity is None:  # the counting pass reads users only, which are never by_entity
+                    raise ValueError(f"{name}: by_entity needs each row's entity")
+                text = pc.binary_join_element_wise(pc.take(_ENTITY_PREFIXES, entity), text, "")
+            return hash_strings(text, self._hash_cache.setdefault(name, {}))
         if m.transform in ("bucket", "log_bucket"):
             x = self._numbers(col, name, fail)
             missing = np.isnan(x)
@@ -616,6 +627,42 @@ def _csv_error(where: str, message: str, done: int) -> str:
         line = int(row.group(1))
         return f"{where}: data row {line - 1} (line {line}): {text.replace(row.group(0), '')}"
     return f"{where}: after data row {done}: CSV parse error: {text}"
+
+
+_ENTITY_PREFIXES = pa.array(list(ENTITY_PREFIXES), pa.string())
+HASH_CACHE_ENTRIES = 1 << 20  # distinct values remembered per column before the cache starts over
+
+
+def hash_strings(values: pa.Array, cache: dict[str, int]) -> pa.Array:
+    """:func:`~mkt_torchrec.build.hashing.hash_id` of every string (null stays null), as int64.
+
+    Each batch's distinct values are hashed once (dictionary encoding), and ids are remembered in ``cache`` (at
+    most :data:`HASH_CACHE_ENTRIES`, then it starts over, so memory stays bounded) since ids and users repeat
+    across batches: MD5 then runs about once per distinct value rather than once per row.
+    """
+    encoded = values.dictionary_encode()
+    if isinstance(encoded, pa.ChunkedArray):
+        encoded = encoded.combine_chunks()
+    if len(cache) > HASH_CACHE_ENTRIES:
+        cache.clear()
+    words = encoded.dictionary.to_pylist()
+    ids = np.empty(len(words), np.int64)
+    for i, w in enumerate(words):
+        got = cache.get(w)
+        if got is None:
+            got = cache[w] = hash_id(w)
+        ids[i] = got
+    return pc.take(pa.array(ids, pa.int64()), encoded.indices)
+
+
+def float_order_key(x: np.ndarray) -> np.ndarray:
+    """int64 keys with the order and the ties of the floats ``x`` (no NaN): the IEEE bits, the negatives' flipped.
+
+    Why: the SQL takes "strictly earlier" as a range frame ``1 PRECEDING`` on an integer time, exact for every
+    time column once float times are keys like these (``-0.0`` counts as ``0.0``).
+    """
+    bits = (np.asarray(x, np.float64) + 0.0).view(np.int64)
+    return np.where(bits < 0, bits ^ np.int64(0x7FFFFFFFFFFFFFFF), bits)
 
 
 def _uri(input_uri: str, fs_path: str) -> str:

@@ -4,14 +4,15 @@ The text is written in DuckDB's dialect over the prepared rows of :mod:`mkt_torc
 view ``ev``) and handed to Spark through sqlglot (:func:`mkt_torchrec.build.hashing.render`), so there is no
 second copy to drift. It does four things:
 
-1. **Encode** (``enc``): hash text ids (``mkt_hash``), keep the entities' ids apart where ``by_entity`` says
-   (``ENTITY|value`` hashed, or ``2 * x + e``), null an entity-specific feature on the other entity's rows, and
+1. **Encode** (``enc``): keep the entities' integer ids apart where ``by_entity`` says (``2 * x + e``; text ids
+   arrive hashed, ``ENTITY|value`` included), null an entity-specific feature on the other entity's rows, and
    drop rows whose entity is outside ``source.entity.values`` (the build counts them first).
 2. **Sequences built from the events.** For a sequence of entity ``E`` (shared feature ``F``), the user's
    positive rows of ``E`` with a value of ``F`` (a row without one is no step) are numbered ``k = 1, 2, ...`` in
    time order and each carries the list of its own and
    the ``max_len - 1`` earlier ones' ``F`` (a bounded window, so cost is rows x max_len). Each row counts the
-   user's positive rows of ``E`` strictly before its time (a running sum minus the row's ties) and takes the list
+   user's positive rows of ``E`` strictly before its time (a range frame ending ``1 PRECEDING`` on the integer
+   time, so ties never count each other) and takes the list
    of the last of them by an equi-join on ``(user, k)``. So a row never sees itself, nor any row of the same
    time, and a step's side features are the liked row's own encoded values (a missing one: ``MISSING_RAW``
    through the feature's encoding, or bucket 0). ``activity`` counts both entities' earlier positive rows.
@@ -43,8 +44,8 @@ def q(name: str) -> str:
     return '"' + name.replace('"', '""') + '"'
 
 
-def time_cut(value: str, time_type: pa.DataType, key: str) -> float | int:
-    """A split cut-off as the prepared ``__t`` counts time (microseconds for times, the number otherwise).
+def time_cut(value: str, time_type: pa.DataType, key: str) -> int:
+    """A split cut-off as the prepared ``__t`` counts time (microseconds for times, the integer, or a float's key).
 
     Raises:
         ValueError: naming ``key`` when the value cannot be read as the time column's kind.
@@ -54,7 +55,11 @@ def time_cut(value: str, time_type: pa.DataType, key: str) -> float | int:
             number = float(value)
         except ValueError:
             raise ValueError(f"{key}: {value!r} is not a number (the time column is {time_type})") from None
-        return number if pa.types.is_floating(time_type) or pa.types.is_decimal(time_type) else int(number)
+        if pa.types.is_floating(time_type) or pa.types.is_decimal(time_type):
+            from mkt_torchrec.build.inputs import float_order_key
+
+            return int(float_order_key(np.array([number]))[0])
+        return int(number)
     text = str(value).strip().replace(" ", "T").removesuffix("Z")
     try:
         us = np.datetime64(text, "us").astype(np.int64)
@@ -86,8 +91,7 @@ class BuildPlan:
         m = self.source.features[name]
         col = q(f"f_{name}")
         if self.kinds[name] == "text":
-            text = f"(CASE WHEN __entity = 0 THEN 'source|' ELSE 'target|' END || {col})" if m.by_entity else col
-            expr = f"mkt_hash({text})"
+            expr = col  # hashed by the input layer (by_entity included)
         elif m.by_entity and m.transform not in ("bucket", "log_bucket"):
             expr = f"(2 * {col} + __entity)"
         else:
@@ -133,9 +137,8 @@ class BuildPlan:
             return expr + " ELSE 0 END"
         part = u if s.by == "user_fraction" else "entity"
         keep = float(1.0 - s.test_fraction)
-        return (f"CASE WHEN ROW_NUMBER() OVER (PARTITION BY {part} ORDER BY __t, __file, __row) - 1 >= "
-                f"FLOOR(CAST({keep!r} AS DOUBLE) * COUNT(*) OVER (PARTITION BY {part}) + CAST(1e-9 AS DOUBLE)) "
-                "THEN 2 ELSE 0 END")
+        return (f"CASE WHEN COUNT(*) OVER {_earlier(part)} >= FLOOR(CAST({keep!r} AS DOUBLE) * COUNT(*) OVER "
+                f"{_all(part)} + CAST(1e-9 AS DOUBLE)) THEN 2 ELSE 0 END")
 
     def _step(self, sequence: str) -> str:
         """Whether a row is a step of an event sequence: a positive row of its entity with a shared value."""
@@ -162,10 +165,8 @@ class BuildPlan:
             flags.append(f"CASE WHEN {self._step(name)} THEN 1 ELSE 0 END AS __p{i}")
         flags.append("CAST(label AS INTEGER) AS __pa")
         ctes.append(f"flagged AS (SELECT enc.*, {', '.join(flags)} FROM enc)")
-        counts = []
-        for key in [f"__p{i}" for i in range(len(seqs))] + ["__pa"]:
-            counts.append(f"SUM({key}) OVER (PARTITION BY {u} ORDER BY __t RANGE BETWEEN UNBOUNDED PRECEDING AND "
-                          f"CURRENT ROW) - SUM({key}) OVER (PARTITION BY {u}, __t) AS {key}_n")
+        counts = [f"COALESCE(SUM({key}) OVER {_earlier(u)}, 0) AS {key}_n"
+                  for key in [f"__p{i}" for i in range(len(seqs))] + ["__pa"]]
         ctes.append(f"counted AS (SELECT flagged.*, {', '.join(counts)}, {self._split_expr()} AS __split "
                     "FROM flagged)")
         joins, outs = [], []
@@ -211,6 +212,18 @@ def output_columns(plan: BuildPlan) -> list[str]:
     names = ["entity", "label", *plan.schema.features, *plan.schema.sequences, *plan.schema.side_keys,
              *plan.schema.dense, *plan.optional]
     return names
+
+
+def _earlier(part: str) -> str:
+    """The window of a row's strictly earlier rows of its partition: a range frame ending ``1 PRECEDING`` on the
+    integer time, so rows of one time never count each other. Every count shares it (and :func:`_all`'s
+    partition and order), so an engine sorts the rows once for all of them."""
+    return f"(PARTITION BY {part} ORDER BY __t RANGE BETWEEN UNBOUNDED PRECEDING AND 1 PRECEDING)"
+
+
+def _all(part: str) -> str:
+    """Every row of the partition, with :func:`_earlier`'s partition and order (one sort serves both)."""
+    return f"(PARTITION BY {part} ORDER BY __t RANGE BETWEEN UNBOUNDED PRECEDING AND UNBOUNDED FOLLOWING)"
 
 
 def split_names() -> dict[int, str]:

@@ -34,7 +34,8 @@ from mkt_torchrec import storage
 from mkt_torchrec.build.hashing import render
 from mkt_torchrec.build.inputs import LogInputs
 from mkt_torchrec.build.plan import BuildPlan, split_names
-from mkt_torchrec.data.dataset import FORMAT_VERSION, FileInfo, Manifest, publish_manifest, stage_dataset
+from mkt_torchrec.data.dataset import (FORMAT_VERSION, FileInfo, Manifest, parquet_writer, publish_manifest,
+                                       stage_dataset)
 from mkt_torchrec.data.schema import arrow_schema
 
 ERROR_MARK = "mkt-build-error: "  # marks our one-line error inside Spark's wrapped exceptions
@@ -117,7 +118,7 @@ def _dataset_sink(staged: Any, schema: pa.Schema, max_len: dict[str, Any], row_g
                         stream = staged.open_output(rel)
                         current = {"key": (split, entity), "rel": staged.name(rel), "part": part,
                                    "location": staged.location(rel), "stream": stream,
-                                   "writer": pq.ParquetWriter(stream, schema, compression="zstd"),
+                                   "writer": parquet_writer(stream, schema),
                                    "pending": [], "rows": 0, "clicks": 0, "values": dict.fromkeys(max_len, 0)}
                     rows = table.slice(start, stop - start).select(schema.names).cast(schema)
                     _count(current, rows, max_len)

@@ -140,7 +140,7 @@ def reference(root: str, split_by: str = "time", test_fraction: float = 0.2) -> 
             split = "test" if day >= "2026-11-04" else "valid" if day >= "2026-11-03" else "train"
         else:
             mine = [p for p in out if p["_u"] == o["_u"]]
-            rank = mine.index(o)
-            split = "test" if rank >= math.floor((1 - test_fraction) * len(mine)) else "train"
+            earlier = sum(p["_t"] < o["_t"] for p in mine)  # rows at one time share a split
+            split = "test" if earlier >= math.floor((1 - test_fraction) * len(mine) + 1e-9) else "train"
         by_split.setdefault(split, {}).setdefault(o["entity"], []).append(o)
     return by_split
