@@ -85,8 +85,11 @@ def _inputs(work: str, rows: int) -> dict[str, str]:
 
 def _child(kind: str, args: dict) -> dict:
     code = _CHILD.format(repo=REPO, kind=kind, args=args)
-    out = subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True)
-    return json.loads(out.stdout.strip().splitlines()[-1])
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    if out.returncode != 0:
+        raise SystemExit(f"{kind} failed (rc {out.returncode}): {out.stderr.strip().splitlines()[-1:]}")
+    last = [line for line in out.stdout.splitlines() if line.startswith("{")][-1]
+    return json.loads(last)
 
 
 def main() -> None:

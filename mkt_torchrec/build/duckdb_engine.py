@@ -37,6 +37,7 @@ def _connect(source: Any, scratch: str):
         raise ValueError(f"source.memory_limit: {source.memory_limit!r} is not a size DuckDB reads (e.g. 4GB): "
                          f"{' '.join(str(e).split())[:200]}") from None
     con.execute(f"SET temp_directory = '{os.path.join(scratch, 'spill')}'")
+    con.execute("SET enable_progress_bar = false")  # its bar would go to stdout, which belongs to the command
     con.execute(f"SET threads = {source.threads or os.cpu_count() or 1}")
     return con
 
@@ -132,15 +133,15 @@ def build(plan: BuildPlan, inputs: LogInputs, out: str, writer_args: dict[str, A
     scratch = tempfile.mkdtemp(prefix="mkt-build-", dir=scratch_root)
     con = None
     try:
-        con = _connect(plan.source, scratch)
-        rows = load(con, inputs, progress)
-        dropped = check(con.execute(plan.unknown_entities_sql()).fetchall()) if plan.source.entity.column else 0
-        names = split_names()
-        stream = con.sql(render(plan.dataset_sql(order="split"), "duckdb")).to_arrow_reader(OUT_BATCH_ROWS)
-        columns = None
-        writer = DatasetWriter(out, **writer_args)
-        background = _BackgroundWriter(writer)
+        writer = DatasetWriter(out, **writer_args)  # an output it may not replace is refused before any work
         try:
+            con = _connect(plan.source, scratch)
+            rows = load(con, inputs, progress)
+            dropped = check(con.execute(plan.unknown_entities_sql()).fetchall()) if plan.source.entity.column else 0
+            names = split_names()
+            stream = con.sql(render(plan.dataset_sql(order="split"), "duckdb")).to_arrow_reader(OUT_BATCH_ROWS)
+            columns = None
+            background = _BackgroundWriter(writer)
             try:
                 for batch in stream:
                     table = pa.Table.from_batches([batch])

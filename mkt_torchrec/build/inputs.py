@@ -215,7 +215,23 @@ class LogInputs:
                 if self.applies(self.schema.dense[n], input_index)]
         if s.true_prob:
             out.append((s.true_prob, "source.true_prob"))
+        for name, column, _ in self.list_columns():
+            out.append((column, f"source.sequences.{name}"))
         return list(dict.fromkeys(out))
+
+    def list_columns(self) -> list[tuple[str, str, str]]:
+        """(sequence, logs column, the feature its steps are values of) of every sequence and side column read
+        from a list column (``source.sequences.NAME.column``), in schema order: its prepared column is
+        ``s_<dataset column>``."""
+        out = []
+        for name, seq in self.schema.sequences.items():
+            m = self.source.sequences.get(name)
+            if m is None or m.column is None:
+                continue
+            out.append((name, m.column, seq.shared_feature))
+            for feature, side in seq.side_features.items():
+                out.append((side, m.side_columns[side], feature))
+        return out
 
     def applies(self, spec: Any, input_index: int) -> bool:
         """Whether a feature (its schema entry) can hold values on an input's rows: not when it is specific to
@@ -275,6 +291,7 @@ class LogInputs:
         fields += [pa.field(f"d_{n}", pa.float32()) for n in self.source.dense]
         if self.source.true_prob:
             fields.append(pa.field("__true_prob", pa.float32()))
+        fields += [pa.field(f"s_{column}", pa.list_(pa.int64())) for column, _, _ in self.list_columns()]
         return pa.schema(fields)
 
     def read(self, index: int) -> Iterator[pa.RecordBatch]:
@@ -392,7 +409,60 @@ class LogInputs:
                 fail(s.true_prob, i, "missing value" if np.isnan(p[i]) else
                      f"value {p[i]:g} is not a probability in [0, 1]")
             out["__true_prob"] = pa.array(p.astype(np.float32))
+        for column, logs_column, feature in self.list_columns():
+            out[f"s_{column}"] = self._list_ids(cols[logs_column], column, feature, fail)
+            seq = self.schema.sequence_of(column)
+            if seq != column:  # a side column: one value per step of its sequence
+                have = pc.list_value_length(out[f"s_{column}"]).to_numpy(zero_copy_only=False)
+                want = pc.list_value_length(out[f"s_{seq}"]).to_numpy(zero_copy_only=False)
+                bad = np.flatnonzero(have != want)
+                if bad.size:
+                    i = int(bad[0])
+                    fail(logs_column, i, f"{have[i]} values for {column!r} but {want[i]} steps in its sequence "
+                                         f"{seq!r} ({self.source.sequences[seq].column!r}): one per step")
         return pa.RecordBatch.from_pydict(out, schema=self.prepared_schema())
+
+    def _list_ids(self, col: pa.Array, column: str, feature: str, fail: Callable[[str, int, str], None]
+                  ) -> pa.Array:
+        """A list column (or a delimited string column) of a sequence or side column: each step encoded as its
+        feature is on the rows of the sequence's entity (a null list is empty; a null step is ``MISSING_RAW``
+        through the encoding, or bucket 0)."""
+        from mkt_torchrec.build.plan import MISSING_BUCKET, MISSING_RAW
+
+        seq_name = self.schema.sequence_of(column)
+        entity = entity_code(self.schema.sequences[seq_name].entity)
+        m = self.source.features[feature]
+        delimiter = self.source.sequences[seq_name].delimiter
+        if pa.types.is_string(col.type) or pa.types.is_large_string(col.type):
+            if delimiter is None:
+                raise ValueError(f"source.sequences.{seq_name}: {column!r} comes from a string column: give its "
+                                 "delimiter (or a list column)")
+            col = pc.split_pattern(pc.if_else(pc.equal(col, ""), pa.scalar(None, col.type), col), delimiter)
+        elif not (pa.types.is_list(col.type) or pa.types.is_large_list(col.type)):
+            raise ValueError(f"source.sequences.{seq_name}: column for {column!r} is {col.type}, not a list or a "
+                             "delimited string")
+        col = pc.fill_null(col, pa.scalar([], col.type))
+        offsets = pc.list_value_length(col).to_numpy(zero_copy_only=False)
+        values = pc.list_flatten(col)
+        codes = pa.array(np.full(len(values), entity, np.int8))
+        kind = self.kinds[feature] if pa.types.is_integer(values.type) or self.kinds[feature] == "int" else "text"
+        if kind == "int" and not (pa.types.is_integer(values.type) or m.transform in ("bucket", "log_bucket")):
+            values = pc.cast(values, pa.string())  # integer ids written as text ("12|7|3"): whole numbers checked
+        starts = np.zeros(len(offsets) + 1, np.int64)
+        np.cumsum(offsets, out=starts[1:])
+
+        def step_fail(_: str, i: int, what: str) -> None:  # i: a step of the flattened lists -> its row
+            row = int(np.searchsorted(starts, i, side="right")) - 1
+            fail(self.source.sequences[seq_name].side_columns.get(column, self.source.sequences[seq_name].column),
+                 row, f"step {i - int(starts[row]) + 1}: {what}")
+
+        ids = self._feature(values, m, kind, column, step_fail, codes)
+        if kind == "int" and m.by_entity and m.transform not in ("bucket", "log_bucket"):
+            ids = pc.add(pc.multiply(ids, 2), entity)
+        missing = MISSING_BUCKET if m.transform in ("bucket", "log_bucket") else (
+            2 * MISSING_RAW + entity if kind == "int" and m.by_entity else MISSING_RAW)
+        ids = pc.fill_null(ids, missing)
+        return pa.ListArray.from_arrays(pa.array(starts.astype(np.int32)), ids)
 
     def _check_feature(self, name: str, values: pa.Array, m: Any, fail: Callable[[str, int, str], None]) -> None:
         """A null user id or ``required`` value, or a negative id for a ``modulo`` table, is an error."""

@@ -112,6 +112,9 @@ class BuildPlan:
 
     def encode_sql(self) -> str:
         cols = ["__file", "__row", "__t", "CAST(__label AS TINYINT) AS label", "CAST(__entity AS TINYINT) AS entity"]
+        for name in self.schema.sequences:
+            if name not in self.event_sequences():
+                cols += [q(f"s_{c}") for c in [name, *self.schema.sequences[name].side_features.values()]]
         cols += [self._encoded(n) for n in self.schema.features]
         cols += [f"CAST({q('d_' + n)} AS FLOAT) AS {q(n)}" for n in self.schema.dense]
         if self.source.true_prob:
@@ -185,6 +188,10 @@ class BuildPlan:
             joins.append(f"LEFT JOIN hist{i} AS h{i} ON h{i}.__u = c.{u} AND h{i}.__k = c.__p{i}_n")
             for j, (_, column) in enumerate(steps):
                 outs.append((column, f"COALESCE(h{i}.__l{j}, CAST([] AS BIGINT[])) AS {q(column)}"))
+        for name in self.schema.sequences:  # sequences (and their side columns) read from list columns
+            if name not in seqs:
+                for column in [name, *self.schema.sequences[name].side_features.values()]:
+                    outs.append((column, f"COALESCE(c.{q('s_' + column)}, CAST([] AS BIGINT[])) AS {q(column)}"))
         outs_by_name = dict(outs)
         cols = ["c.__split AS __split", "c.entity AS entity", "c.label AS label"]
         cols += [f"c.{q(n)} AS {q(n)}" for n in self.schema.features]
@@ -200,18 +207,6 @@ class BuildPlan:
         cols += ["c.__t AS __t", "c.__file AS __file", "c.__row AS __row"]
         return (f"WITH {', '.join(ctes)} SELECT {', '.join(cols)} FROM counted AS c {' '.join(joins)} "
                 f"ORDER BY {keys}__t, __file, __row")
-
-    def stats_sql(self) -> str:
-        """Per (split, entity): rows and clicks (what a manifest records besides the files)."""
-        return ("SELECT __split, entity, COUNT(*) AS n, SUM(label) AS clicks FROM ds GROUP BY __split, entity "
-                "ORDER BY __split, entity")
-
-
-def output_columns(plan: BuildPlan) -> list[str]:
-    """The dataset's columns, in the writer's order (without the ``__`` helper columns)."""
-    names = ["entity", "label", *plan.schema.features, *plan.schema.sequences, *plan.schema.side_keys,
-             *plan.schema.dense, *plan.optional]
-    return names
 
 
 def _earlier(part: str) -> str:

@@ -255,6 +255,9 @@ def tenrec_source(cfg: Config, video_csv: str, article_csv: str, true_prob: bool
                           test_fraction=tc.test_fraction),
         true_prob=TRUE_PROB if true_prob else None,
         engine="duckdb",
+        memory_limit=cfg.source.memory_limit,  # the engine's settings are the config's source: section's
+        temp_dir=cfg.source.temp_dir,
+        threads=cfg.source.threads,
         rows_per_file=tc.rows_per_file,
         row_group_rows=tc.row_group_rows,
         batch_rows=tc.chunk_rows,

@@ -266,3 +266,51 @@ def test_a_valid_split_by_time_is_read_as_written_and_validation_fraction_cuts_n
                                        entity=entity)
                 assert reader.num_rows() == manifest.rows[split][entity] > 0
                 assert sum(b.labels.numel() for b in reader) == manifest.rows[split][entity]
+
+
+def test_the_readme_shows_configs_logs_yaml_whole():
+    from tests.conftest import REPO
+
+    readme = open(os.path.join(REPO, "README.md"), encoding="utf-8").read()
+    section = readme[readme.index("## Your own data"):readme.index("## Training on a cluster")]
+    shown = section[section.index("```yaml\n") + 8:section.index("```", section.index("```yaml\n") + 8)]
+    text = open(os.path.join(REPO, "configs", "logs.yaml"), encoding="utf-8").read()
+    assert shown == text[text.index("schema:"):text.index("\ndata:")].rstrip() + "\n"
+
+
+def test_sequences_from_list_and_delimited_columns_are_encoded_as_their_features(tmp_path):
+    """A sequence the logs already carry: a list<string> column and a delimited string column, each step hashed
+    as the feature it is a value of (by_entity with the sequence's entity); a null list is empty, a null step is
+    MISSING_RAW."""
+    from tests.build.logs import MISSING_RAW
+
+    _one_file_logs(tmp_path, hist_posts=pa.array([["x", "y"], None, [], ["z", None]], pa.list_(pa.string())),
+                   hist_post_cats=pa.array([["c1", "c2"], None, [], ["c3", "c4"]], pa.list_(pa.string())),
+                   hist_products=["x|w", None, "w", ""], hist_product_cats=["c1|c2", None, "c9", ""])
+    sequences = {"hist_target_items": {"column": "hist_posts",
+                                       "side_columns": {"hist_target_categories": "hist_post_cats"}},
+                 "hist_source_items": {"column": "hist_products", "delimiter": "|",
+                                       "side_columns": {"hist_source_categories": "hist_product_cats"}}}
+    cfg = _config(tmp_path, sequences=sequences, split={"by": "time", "test_from": "2026-12-01"})
+    build_dataset(cfg, str(tmp_path / "ds"))
+    built = {(r["user_id"], r["item_id"]): r for e in dataset_rows(str(tmp_path / "ds"))["train"].values() for r in e}
+    posts = [[hash_id("target|x"), hash_id("target|y")], [], [], [hash_id("target|z"), MISSING_RAW]]
+    products = [[hash_id("source|x"), hash_id("source|w")], [], [hash_id("source|w")], []]  # "": no step
+    cats = [[hash_id("c1"), hash_id("c2")], [], [hash_id("c9")], []]
+    logs = pq.read_table(tmp_path / "logs" / "part-0.parquet").to_pylist()
+    assert len(built) == len(logs) == 4
+    for i, r in enumerate(logs):
+        prefix = "source|" if r["item_type"] == "product" else "target|"
+        row = built[(hash_id(r["uid"]), hash_id(prefix + r["item"]))]
+        assert row["hist_target_items"] == posts[i] and len(row["hist_target_categories"]) == len(posts[i])
+        assert row["hist_source_items"] == products[i] and row["hist_source_categories"] == cats[i]
+
+
+def test_a_bad_step_names_its_column_row_and_step(tmp_path):
+    _one_file_logs(tmp_path, hist_posts=pa.array([["x"], ["y"], [], []], pa.list_(pa.string())),
+                   hist_post_cats=pa.array([["c1"], ["c2", "c3"], [], []], pa.list_(pa.string())))
+    cfg = _config(tmp_path, sequences={"hist_target_items": {
+        "column": "hist_posts", "side_columns": {"hist_target_categories": "hist_post_cats"}}})
+    with pytest.raises(ValueError, match=r"part-0.parquet: column 'hist_post_cats', row 2: 2 values for "
+                                         r"'hist_target_categories' but 1 steps in its sequence"):
+        build_dataset(cfg, str(tmp_path / "ds"))

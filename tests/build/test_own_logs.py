@@ -9,7 +9,6 @@ import shutil
 
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
-import pytest
 
 from mkt_torchrec import storage
 from mkt_torchrec.cli import main
