@@ -42,3 +42,18 @@ def check_replaceable(path: str, markers: tuple, what: str) -> None:
             return
     raise FileExistsError(f"{path}: exists and is not {what} (it has no {' or '.join(markers)}); refusing to "
                           "replace it: choose another path or remove it yourself")
+
+
+def claim_output(out_dir: str, overwrite: bool, markers: tuple, what: str) -> str:
+    """The absolute ``out_dir`` a tool may write (its parent created): absent, or with ``overwrite`` what the tool
+    wrote there before (:func:`check_replaceable`).
+
+    Raises:
+        FileExistsError: ``out_dir`` exists and ``overwrite`` is false, or it is not ``what``.
+    """
+    out_dir = os.path.abspath(out_dir)
+    if os.path.lexists(out_dir) and not overwrite:
+        raise FileExistsError(f"{out_dir}: already exists (pass --overwrite to replace it)")
+    check_replaceable(out_dir, markers, what)
+    os.makedirs(os.path.dirname(out_dir), exist_ok=True)
+    return out_dir

@@ -30,6 +30,7 @@ numpy does it once for both.
 
 from __future__ import annotations
 
+import fnmatch
 import posixpath
 import re
 import urllib.parse
@@ -81,18 +82,24 @@ def list_files(source: SourceConfig) -> list[LogFile]:
     for i, inp in enumerate(source.inputs):
         fs, path = storage.filesystem(inp.path)
         where = f"source.inputs[{i}] {storage.display(inp.path)}"
+        parts = path.split("/")
+        wild = next((k for k, part in enumerate(parts) if any(c in part for c in "*?[")), None)
+        pattern = None
+        if wild is not None:  # a glob: list below its fixed head, keep the paths it matches
+            pattern, path = "/".join(parts), "/".join(parts[:wild]) or "/"
         try:
             info = fs.get_file_info(path)
         except OSError as e:
             raise ValueError(f"{where}: unreadable: {' '.join(str(e).split())}") from None
-        if info.type == pafs.FileType.File:
+        if info.type == pafs.FileType.File and pattern is None:
             found = [path]
             root = posixpath.dirname(path)
         elif info.type == pafs.FileType.Directory:
             selector = pafs.FileSelector(path, recursive=True)
             found = sorted(f.path for f in fs.get_file_info(selector) if f.type == pafs.FileType.File
                            and not posixpath.basename(f.path).startswith(("_", "."))
-                           and not f.path.endswith(".crc"))  # Spark's _SUCCESS, .crc and hidden files
+                           and not f.path.endswith(".crc")  # Spark's _SUCCESS, .crc and hidden files
+                           and (pattern is None or fnmatch.fnmatchcase(f.path, pattern)))
             root = path
         else:
             raise ValueError(f"{where}: no such file or directory")
@@ -163,16 +170,7 @@ class LogInputs:
         return schema
 
     def _csv_header(self, f: LogFile) -> list[str]:
-        fs, path = storage.filesystem(f.uri)
-        with fs.open_input_stream(path) as stream:
-            line = stream.read(1 << 20).split(b"\n", 1)[0]
-        if not line.strip():
-            raise ValueError(f"{storage.display(f.uri)}: empty file (expected a CSV header line)")
-        try:
-            text = line.decode("utf-8").lstrip("\ufeff").rstrip("\r")
-        except UnicodeDecodeError:
-            raise ValueError(f"{storage.display(f.uri)}: the header line is not UTF-8 text") from None
-        return [c.strip().strip('"') for c in text.split(self.source.inputs[f.input].csv_delimiter)]
+        return read_csv_header(f.uri, self.source.inputs[f.input].csv_delimiter)
 
     def column_types(self) -> dict[str, pa.DataType]:
         """The type of every mapped column, from the first file of each input (its footer or CSV header).
@@ -723,6 +721,24 @@ def hash_strings(values: pa.Array, cache: dict[str, int]) -> pa.Array:
             got = cache[w] = hash_id(w)
         ids[i] = got
     return pc.take(pa.array(ids, pa.int64()), encoded.indices)
+
+
+def read_csv_header(location: str, delimiter: str = ",") -> list[str]:
+    """The column names of a CSV file's header line (a local path or a URI).
+
+    Raises:
+        ValueError: an empty file or a header that is not UTF-8, naming the file.
+    """
+    fs, path = storage.filesystem(location)
+    with fs.open_input_stream(path) as stream:
+        line = stream.read(1 << 20).split(b"\n", 1)[0]
+    if not line.strip():
+        raise ValueError(f"{storage.display(location)}: empty file (expected a CSV header line)")
+    try:
+        text = line.decode("utf-8").lstrip("\ufeff").rstrip("\r")
+    except UnicodeDecodeError:
+        raise ValueError(f"{storage.display(location)}: the header line is not UTF-8 text") from None
+    return [c.strip().strip('"') for c in text.split(delimiter)]
 
 
 def float_order_key(x: np.ndarray) -> np.ndarray:

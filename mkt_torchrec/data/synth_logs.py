@@ -100,7 +100,7 @@ import pyarrow.parquet as pq
 from mkt_torchrec.config import Config
 from mkt_torchrec.data.synth import _World, generate
 from mkt_torchrec.data.synth_tenrec import TRUE_PROB, _read_rows
-from mkt_torchrec.fsutil import check_replaceable, replace_dir
+from mkt_torchrec.fsutil import claim_output, replace_dir
 
 SUCCESS, MARKER = "_SUCCESS", "_mkt_synth_logs.json"
 ENTITY_NAMES = ("product", "post")  # item_type of entity code 0 (source) / 1 (target)
@@ -141,12 +141,8 @@ def write_logs(cfg: Config, out_dir: str, overwrite: bool = False,
             cannot fill.
     """
     first_day = _check_args(days, start, files_per_day, row_group_rows)
-    out_dir = os.path.abspath(out_dir)
-    if os.path.lexists(out_dir) and not overwrite:
-        raise FileExistsError(f"{out_dir}: already exists (pass --overwrite to replace it)")
-    check_replaceable(out_dir, (MARKER,), "a directory of synthetic logs")
+    out_dir = claim_output(out_dir, overwrite, (MARKER,), "a directory of synthetic logs")
     parent = os.path.dirname(out_dir)
-    os.makedirs(parent, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix=".synth-logs-", dir=parent) as tmp:
         manifest = generate(cfg, os.path.join(tmp, "synth"), progress=progress)
         rows = _read_rows(os.path.join(tmp, "synth"), manifest)

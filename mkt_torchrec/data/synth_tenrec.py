@@ -62,7 +62,7 @@ from mkt_torchrec.config import Config
 from mkt_torchrec.data.dataset import Manifest
 from mkt_torchrec.data.synth import TARGET_ID_OFFSET, _World, generate
 from mkt_torchrec.data.tenrec import ARTICLE_COLUMNS, VIDEO_COLUMNS, _merge_positions
-from mkt_torchrec.fsutil import check_replaceable, replace_dir
+from mkt_torchrec.fsutil import claim_output, replace_dir
 
 VIDEO_FILE, ARTICLE_FILE = "QK-video.csv", "QK-article.csv"
 TRUE_PROB = "true_prob"
@@ -94,12 +94,8 @@ def write_tenrec_csvs(cfg: Config, out_dir: str, overwrite: bool = False,
         FileExistsError: ``out_dir`` exists and ``overwrite`` is false, or it holds other files.
         ValueError: a schema the generator cannot fill.
     """
-    out_dir = os.path.abspath(out_dir)
-    if os.path.lexists(out_dir) and not overwrite:
-        raise FileExistsError(f"{out_dir}: already exists (pass --overwrite to replace it)")
-    check_replaceable(out_dir, (VIDEO_FILE, ARTICLE_FILE), "a directory of Tenrec-layout CSVs")
+    out_dir = claim_output(out_dir, overwrite, (VIDEO_FILE, ARTICLE_FILE), "a directory of Tenrec-layout CSVs")
     parent = os.path.dirname(out_dir)
-    os.makedirs(parent, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix=".synth-tenrec-", dir=parent) as tmp:
         manifest = generate(cfg, os.path.join(tmp, "synth"), progress=progress)
         rows = _read_rows(os.path.join(tmp, "synth"), manifest)

@@ -75,7 +75,7 @@ from typing import Any, Callable, Optional
 
 import numpy as np
 
-from mkt_torchrec.build.inputs import LOG_BUCKET_OFFSET
+from mkt_torchrec.build.inputs import LOG_BUCKET_OFFSET, read_csv_header
 from mkt_torchrec.build.plan import MISSING_BUCKET, MISSING_RAW
 from mkt_torchrec.build.run import build_dataset
 from mkt_torchrec.build.source import ColumnMap, InputConfig, LabelConfig, SourceConfig, SplitConfig, TimeConfig
@@ -152,15 +152,7 @@ _SPEC = {"video": VIDEO_FEATURES, "article": ARTICLE_FEATURES}
 def _read_header(path: str) -> list[str]:
     if not os.path.isfile(path):
         raise ValueError(f"{path}: file not found")
-    with open(path, "rb") as f:
-        line = f.readline(1 << 20)
-    if not line.strip():
-        raise ValueError(f"{path}: empty file (expected a CSV header line)")
-    try:
-        text = line.decode("utf-8").lstrip("\ufeff").rstrip("\r\n")
-    except UnicodeDecodeError:
-        raise ValueError(f"{path}: the header line is not UTF-8 text") from None
-    return [c.strip().strip('"') for c in text.split(",")]
+    return read_csv_header(path)
 
 
 def _check_header(path: str, kind: str, expected: tuple[str, ...]) -> list[str]:

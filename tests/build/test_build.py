@@ -314,3 +314,10 @@ def test_a_bad_step_names_its_column_row_and_step(tmp_path):
     with pytest.raises(ValueError, match=r"part-0.parquet: column 'hist_post_cats', row 2: 2 values for "
                                          r"'hist_target_categories' but 1 steps in its sequence"):
         build_dataset(cfg, str(tmp_path / "ds"))
+
+
+def test_a_glob_input_reads_the_files_it_matches(logs, tmp_path):
+    (tmp_path / "logs").symlink_to(logs / "logs")
+    cfg = _config(tmp_path, inputs=[{"path": str(tmp_path / "logs" / "dt=2026-11-0[12]" / "part-00000-*.parquet")}])
+    manifest = build_dataset(cfg, str(tmp_path / "ds"))
+    assert manifest.source["files"] == 2
