@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
 import sys
 from typing import Any, Callable, Iterator
 
@@ -42,8 +43,19 @@ ERROR_MARK = "mkt-build-error: "  # marks our one-line error inside Spark's wrap
 
 
 def session(master: str, conf: dict[str, str]) -> Any:
-    """A SparkSession on ``master`` with ``conf`` (UTC session time zone: times are microseconds since 1970)."""
-    from pyspark.sql import SparkSession
+    """A SparkSession on ``master`` with ``conf`` (UTC session time zone: times are microseconds since 1970).
+
+    Raises:
+        ValueError: pyspark is not installed, or no Java runs it (one line saying what to install).
+    """
+    try:
+        from pyspark.sql import SparkSession
+    except ImportError:
+        raise ValueError("--engine spark needs pyspark 4 (pip install 'mkt_torchrec[spark]', or `make install`)"
+                         ) from None
+    if not os.environ.get("JAVA_HOME") and shutil.which("java") is None:
+        raise ValueError("--engine spark needs Java 17 or 21 on PATH or in JAVA_HOME (Debian: apt-get install "
+                         "openjdk-17-jre-headless; `make install` does it where it can)")
 
     builder = SparkSession.builder.master(master).appName("mkt build")
     local = master.startswith("local")
@@ -228,8 +240,8 @@ def build(plan: BuildPlan, inputs: LogInputs, out: str, writer_args: dict[str, A
     schema = writer_args["schema"]
     out_schema = arrow_schema(schema, writer_args["optional"])
     max_len = {k: schema.max_len_of(k) for k in schema.sparse_keys}
-    staged = stage_dataset(out, overwrite=writer_args["overwrite"])
     spark = session(master, plan.source.spark_conf)
+    staged = stage_dataset(out, overwrite=writer_args["overwrite"])
     try:
         spark.dataSource.register(_data_source(inputs))
         spark.read.format("mkt_logs").load().createOrReplaceTempView("ev")

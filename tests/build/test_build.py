@@ -138,6 +138,10 @@ def _one_file_logs(tmp_path, **columns):
     ({}, {"partitions": {"column": "dt", "first": "2027-01-01"}}, r"not under a dt=... directory"),
     ({}, {"split": {"by": "time", "test_from": "next week"}}, r"source.split.test_from: 'next week' is not an ISO"),
     ({"price": ["1", "cheap", None, "20"]}, {}, r"column 'price', row 2: 'cheap' is not a number"),
+    ({}, {"features": {"price_bucket": {"column": "price", "transform": "hash"}}},
+     r"source.features.price_bucket: cannot hash the float column 'price'"),
+    ({"event_time": [1.5, 2.5, None, 4.0]}, {"split": {"by": "time", "test_from": "3.5"}},
+     r"column 'event_time', row 3: null or unparsable time"),
 ])
 def test_bad_logs_are_one_line_errors_and_write_nothing(tmp_path, columns, source, match):
     _one_file_logs(tmp_path, **columns)
@@ -321,3 +325,15 @@ def test_a_glob_input_reads_the_files_it_matches(logs, tmp_path):
     cfg = _config(tmp_path, inputs=[{"path": str(tmp_path / "logs" / "dt=2026-11-0[12]" / "part-00000-*.parquet")}])
     manifest = build_dataset(cfg, str(tmp_path / "ds"))
     assert manifest.source["files"] == 2
+
+
+def test_float_times_order_and_split_as_numbers(tmp_path):
+    """Negative, zero and fractional times: rows come out in numeric order, ties share no history, and the cut-off
+    is read as a number."""
+    _one_file_logs(tmp_path, event_time=[3.25, -2.5, 0.0, -1.0], uid=["a", "a", "a", "a"],
+                   item_type=["product"] * 4, clicked=pa.array([1, 1, 1, 1], pa.int32()))
+    cfg = _config(tmp_path, split={"by": "time", "test_from": "-0.5"})
+    build_dataset(cfg, str(tmp_path / "ds"))
+    got = dataset_rows(str(tmp_path / "ds"))
+    assert [r["activity"] for r in got["train"][0]] == [0, 1] and [r["activity"] for r in got["test"][0]] == [2, 3]
+    assert [r["item_id"] for r in got["train"][0]] == [hash_id("source|y"), hash_id("source|z")]

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import os
 import shutil
 
+import pyarrow as pa
 import pytest
 
 from mkt_torchrec.build.run import build_dataset
@@ -26,3 +28,24 @@ def test_spark_and_duckdb_write_the_same_rows(tmp_path, capsys):
     assert dataset_rows(str(tmp_path / "spark")) == dataset_rows(str(tmp_path / "duck"))
     assert max(n for f in spark.splits["train"] for n in f.row_groups) <= 97
     assert spark.source["engine"] == "spark" and spark.source["rows_read"] == 1500
+
+
+def test_bad_logs_on_spark_are_the_same_one_line_error_and_publish_nothing(tmp_path):
+    from tests.build.test_build import _one_file_logs
+
+    _one_file_logs(tmp_path, clicked=pa.array([1, 0, 7, 0], pa.int32()))
+    cfg = _config(tmp_path)
+    with pytest.raises(ValueError, match=r"part-0.parquet: column 'clicked', row 3: label 7 is neither positive") as e:
+        build_dataset(cfg, str(tmp_path / "ds"), engine="spark")
+    assert "\n" not in str(e.value) and "Traceback" not in str(e.value)
+    assert not [p for p in os.listdir(tmp_path) if p.startswith("ds")]
+
+
+def test_without_java_the_spark_engine_says_what_to_install(tmp_path, monkeypatch):
+    write_logs(str(tmp_path / "logs"), rows=50)
+    cfg = _config(tmp_path)
+    monkeypatch.delenv("JAVA_HOME", raising=False)
+    monkeypatch.setenv("PATH", str(tmp_path / "empty"))
+    with pytest.raises(ValueError, match=r"--engine spark needs Java 17 or 21"):
+        build_dataset(cfg, str(tmp_path / "ds"), engine="spark")
+    assert not [p for p in os.listdir(tmp_path) if p.startswith("ds")]
