@@ -10,21 +10,25 @@ streams out in record batches, in ``(split, time, file, row)`` order, into a
 
 from __future__ import annotations
 
+import logging
 import os
 import queue
 import shutil
 import tempfile
 import threading
+import time
 from typing import Any, Callable, Optional
 
 import pyarrow as pa
 
+from mkt_torchrec import storage
 from mkt_torchrec.build.hashing import render
 from mkt_torchrec.build.inputs import LogInputs
 from mkt_torchrec.build.plan import BuildPlan, split_names
 from mkt_torchrec.data.dataset import DatasetWriter, Manifest
 
 OUT_BATCH_ROWS = 1 << 16
+logger = logging.getLogger("mkt.build")
 
 
 def _connect(source: Any, scratch: str):
@@ -136,7 +140,11 @@ def build(plan: BuildPlan, inputs: LogInputs, out: str, writer_args: dict[str, A
         writer = DatasetWriter(out, **writer_args)  # an output it may not replace is refused before any work
         try:
             con = _connect(plan.source, scratch)
+            started = time.perf_counter()
             rows = load(con, inputs, progress)
+            logger.info("build: %d rows of %d files loaded in %.1f s; building sequences and splits (DuckDB, "
+                        "memory_limit %s)", rows, len(inputs.files), time.perf_counter() - started,
+                        plan.source.memory_limit)
             dropped = check(con.execute(plan.unknown_entities_sql()).fetchall()) if plan.source.entity.column else 0
             names = split_names()
             stream = con.sql(render(plan.dataset_sql(order="split"), "duckdb")).to_arrow_reader(OUT_BATCH_ROWS)
@@ -156,7 +164,9 @@ def build(plan: BuildPlan, inputs: LogInputs, out: str, writer_args: dict[str, A
             finally:
                 background.finish()
             writer.set_source({**source_record, "rows_read": rows, "rows_dropped": dropped})
-            return writer.close()
+            manifest = writer.close()
+            logger.info("build: %s written in %.1f s", storage.display(writer.out_dir), time.perf_counter() - started)
+            return manifest
         except BaseException:
             writer.abort()
             raise
