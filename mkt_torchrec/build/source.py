@@ -304,7 +304,8 @@ def check_source(source: SourceConfig, schema: Any, key: str = "source") -> None
     Raises:
         ConfigError: naming the dotted key.
     """
-    check(len(source.inputs) > 0, f"{key}.inputs", "no inputs: say where the logs are (see `mkt config`)")
+    check(len(source.inputs) > 0, f"{key}.inputs", "no inputs: say where the logs are (configs/logs.yaml is an "
+          "example; `mkt config` lists every source.* key)")
     check(source.time.column != "" or source.time.from_position, f"{key}.time.column",
           "expected the logs' event-time column (or time.from_position for rows in time order)")
     check(source.label.column != "", f"{key}.label.column", "expected the logs' label column")
