@@ -390,10 +390,10 @@ _COMMANDS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], None], Handl
 }
 
 
-# Options that name a dataset, which may be a URI (s3://bucket/ds, ...: mkt_torchrec.storage), by command. Not yet
-# `run --data`: the pipeline records and compares its dataset as a local absolute path.
+# Options that may be a URI (s3://bucket/ds, ...: mkt_torchrec.storage), by command: datasets and reports. Run
+# directories (checkpoints, the lock) are local or shared POSIX paths.
 _URI_OPTIONS = {"data": ("train", "evaluate", "inspect", "rewrite", "export", "plan", "run"),
-                "out": ("rewrite", "build")}
+                "out": ("rewrite", "build", "report")}
 
 
 def _local_paths_only(args: argparse.Namespace) -> None:
@@ -411,9 +411,9 @@ def _local_paths_only(args: argparse.Namespace) -> None:
                 # shown as storage.display shows it: a password in the URL is not echoed
                 from mkt_torchrec.storage import display
 
-                raise ValueError(f"--{name.replace('_', '-')} {display(v)}: run directories, checkpoints, exports and "
-                                 "reports go to a local or shared POSIX path (a mounted volume), not a URL; datasets "
-                                 "(--data, mkt build --out) may be on object storage")
+                raise ValueError(f"--{name.replace('_', '-')} {display(v)}: run directories, checkpoints and exports "
+                                 "go to a local or shared POSIX path (a mounted volume), not a URL; datasets (--data, "
+                                 "mkt build --out) and reports (mkt report --out) may be on object storage")
 
 
 def build_parser() -> argparse.ArgumentParser:

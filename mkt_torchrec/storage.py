@@ -313,7 +313,8 @@ def remove_tree(location: str) -> None:
             fs.delete_dir(path)
 
 
-def _remove_files(location: str, rel_paths: Iterable[str]) -> None:
+def remove_files(location: str, rel_paths: Iterable[str]) -> None:
+    """Delete the files ``rel_paths`` under ``location`` (a missing one is fine)."""
     fs, path = filesystem(location)
     with _remote_errors(location, "deleting"):
         for rel in rel_paths:
@@ -415,7 +416,7 @@ class StagedDirectory:
             write_bytes_atomic(marker, data)
             new = set(self.references(data)) if self.references else set()
             orphans = {p for p in listdir(self.final, recursive=True) if is_attempt_file(p)}  # interrupted attempts'
-            _remove_files(self.final, sorted((old | orphans) - new))
+            remove_files(self.final, sorted((old | orphans) - new))
         self._done = True
 
     def abort(self) -> None:
@@ -425,4 +426,4 @@ class StagedDirectory:
             shutil.rmtree(self.root, ignore_errors=True)
             return
         mine = [p for p in listdir(self.final, recursive=True) if is_attempt_file(p, self.token)]
-        _remove_files(self.final, mine)
+        remove_files(self.final, mine)

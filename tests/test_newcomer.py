@@ -67,9 +67,9 @@ def test_a_url_where_a_path_belongs_is_one_line_before_anything_is_made(tmp_path
     out = tmp_path / "out"
     assert main(["run", "--config", QUICKSTART, "--out", "s3://bucket/runs", "--data", str(out)]) == 1
     err = capsys.readouterr().err.strip().splitlines()
-    assert err == ["mkt run: error: --out s3://bucket/runs: run directories, checkpoints, exports and reports go to "
-                   "a local or shared POSIX path (a mounted volume), not a URL; datasets (--data, mkt build --out) "
-                   "may be on object storage"]
+    assert err == ["mkt run: error: --out s3://bucket/runs: run directories, checkpoints and exports go to a local "
+                   "or shared POSIX path (a mounted volume), not a URL; datasets (--data, mkt build --out) and reports "
+                   "(mkt report --out) may be on object storage"]
     assert not out.exists() and not os.path.exists(os.path.join(os.getcwd(), "s3:"))
 
 

@@ -110,6 +110,7 @@ from typing import Any, Dict, Mapping, Optional, Sequence
 
 import numpy as np
 
+from mkt_torchrec import storage
 from mkt_torchrec.evaluation.paired import RunReplicates
 from mkt_torchrec.evaluation.predictions import ENTITIES
 from mkt_torchrec.evaluation.report_figures import PLOT_FILES, draw_figures
@@ -200,9 +201,13 @@ def write_report(runs: RunsArg, out_dir: str, baseline: Optional[str] = None, en
                           entity_table(models), per_run_table(summary)) if t is not None]
     summary["tables"] = [{"key": t.key, "title": t.title, "columns": t.columns, "rows": t.rows} for t in tables]
 
-    parent = os.path.dirname(os.path.abspath(out_dir))
-    os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=".report-", dir=parent)
+    local = storage.is_local(out_dir)
+    if local:
+        parent = os.path.dirname(os.path.abspath(out_dir))
+        os.makedirs(parent, exist_ok=True)
+    else:
+        storage.check_reachable(out_dir)
+    tmp = tempfile.mkdtemp(prefix=".report-", dir=parent if local else None)
     os.chmod(tmp, 0o755)  # mkdtemp's 0700 would otherwise become the report directory's mode
     try:
         samples = {m.name: scans[id(m.runs[0])].sample for m in models}
@@ -212,7 +217,7 @@ def write_report(runs: RunsArg, out_dir: str, baseline: Optional[str] = None, en
         _write_text(os.path.join(tmp, "report.md"), render_markdown(summary, tables, figures))
         _write_text(os.path.join(tmp, "report.html"), render_html(summary, tables, figures, tmp))
         files = sorted(os.listdir(tmp))
-        _publish(tmp, out_dir)
+        _publish(tmp, out_dir) if local else _upload(tmp, out_dir)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return {**summary, "out_dir": out_dir, "files": files}
@@ -243,6 +248,23 @@ def _publish(tmp: str, out_dir: str) -> None:
             os.remove(os.path.join(out_dir, stale))
     for name in sorted(new, key=lambda n: (n == "report.html", n)):
         os.replace(os.path.join(tmp, name), os.path.join(out_dir, name))
+
+
+def _upload(tmp: str, out_dir: str) -> None:
+    """Publish the finished report to an object store (``s3://...``): file by file, each one object write, report.html
+    last, dropping plots of an earlier report that this one has not drawn (as :func:`_publish` does locally). A
+    prefix holding files other than a report's is refused."""
+    new = set(os.listdir(tmp))
+    ours = set(PLOT_FILES) | {"report.html", "report.md", "report.json"}
+    present = set(storage.listdir(out_dir)) if storage.exists(out_dir) else set()
+    foreign = sorted(present - ours)
+    if foreign:
+        raise FileExistsError(f"{storage.display(out_dir)}: holds files that are not a report's ({foreign[:3]}); "
+                              "refusing to write a report there: choose another --out")
+    for name in sorted(new, key=lambda n: (n == "report.html", n)):
+        with open(os.path.join(tmp, name), "rb") as f:
+            storage.write_bytes_atomic(storage.join(out_dir, name), f.read())
+    storage.remove_files(out_dir, sorted((set(PLOT_FILES) & present) - new))
 
 
 def _json_default(o: Any) -> Any:

@@ -1,5 +1,6 @@
 """README "Your own data", end to end on a real S3 server (moto, on localhost): Spark-style logs in a bucket ->
-`mkt build` with DuckDB and with Spark (the same rows) -> `mkt run --data s3://...` trains MKT and a baseline."""
+`mkt build` with DuckDB and with Spark (the same rows) -> `mkt run --data s3://...` trains MKT and a baseline ->
+`mkt report --out s3://...`."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ import shutil
 
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
+import pytest
 
 from mkt_torchrec import storage
 from mkt_torchrec.cli import main
@@ -62,3 +64,30 @@ def test_spark_style_logs_on_s3_build_with_both_engines_and_train_from_s3(s3_buc
     record = json.load(open(os.path.join(summary["runs"]["mkt"][0], "run.json")))
     assert record["data"] == f"{s3_bucket}/ds" and "testing" not in json.dumps(record)  # no credentials recorded
     assert (out / "report" / "report.md").is_file()
+    # the report itself may go to the bucket too (mkt report --out s3://...), published report.html last
+    runs = summary["runs"]
+    assert main(["report", "--model", f"Finetune={runs['finetune'][0]}", "--model", f"MKT={runs['mkt'][0]}",
+                 "--out", f"{s3_bucket}/report", "--config", LOGS, "--set", "eval.bootstrap_samples=10"]) == 0
+    published = set(storage.listdir(f"{s3_bucket}/report"))
+    assert {"report.html", "report.md", "report.json"} <= published
+    assert "MKT" in storage.read_bytes(f"{s3_bucket}/report/report.md").decode()
+
+
+def test_a_report_on_s3_replaces_only_a_report_and_drops_its_stale_plots(s3_bucket, tmp_path):
+    from mkt_torchrec.evaluation.report import _upload
+    from mkt_torchrec.evaluation.report_figures import PLOT_FILES
+
+    first, second = tmp_path / "first", tmp_path / "second"
+    for d, names in ((first, ["report.html", "report.md", "report.json", PLOT_FILES[0]]),
+                     (second, ["report.html", "report.md", "report.json"])):
+        d.mkdir()
+        for name in names:
+            (d / name).write_text(f"{d.name} {name}")
+    _upload(str(first), f"{s3_bucket}/r")
+    _upload(str(second), f"{s3_bucket}/r")
+    assert set(storage.listdir(f"{s3_bucket}/r")) == {"report.html", "report.md", "report.json"}
+    assert storage.read_bytes(f"{s3_bucket}/r/report.html") == b"second report.html"
+    storage.write_bytes_atomic(f"{s3_bucket}/other/thesis.txt", b"precious")
+    with pytest.raises(FileExistsError, match="thesis.txt"):
+        _upload(str(second), f"{s3_bucket}/other")
+    assert set(storage.listdir(f"{s3_bucket}/other")) == {"thesis.txt"}
