@@ -50,7 +50,6 @@ from mkt_torchrec.build.source import SourceConfig, entity_code
 
 LOG_BUCKET_OFFSET = 128  # log buckets lie in [1, 255] (0 is MISSING_BUCKET)
 _CSV_BLOCK = 1 << 22  # bytes pyarrow parses at a time; a CSV line must fit in one
-_EPOCH_US = np.datetime64(0, "us")
 
 
 @dataclass(frozen=True)
