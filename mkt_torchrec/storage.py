@@ -23,6 +23,7 @@ uniquely named files under the final prefix and the marker file (``manifest.json
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import re
 import shutil
@@ -144,6 +145,12 @@ def filesystem(location: str) -> tuple[pafs.FileSystem, str]:
     _refuse_secrets(location)
     scheme = _scheme(location)
     if scheme in _NATIVE:
+        parts = urlsplit(location)
+        if scheme in ("s3", "gs", "gcs") and not parts.query:  # bucketed: one client per bucket and settings
+            settings = tuple(os.environ.get(v) for v in ENVIRONMENT.get(_ALIASES.get(scheme, scheme), ()))
+            with _remote_errors(location, "opening the store"):
+                fs = _bucket_filesystem(scheme, parts.netloc, settings)
+            return fs, f"{parts.netloc}{parts.path}".rstrip("/") or parts.netloc
         with _remote_errors(location, "opening the store"):
             return pafs.FileSystem.from_uri(location)
     try:
@@ -155,6 +162,16 @@ def filesystem(location: str) -> tuple[pafs.FileSystem, str]:
         raise ValueError(f"{display(location)}: no filesystem for scheme {scheme!r} (pyarrow has "
                          f"{', '.join(_NATIVE)}; fsspec: {e})") from None
     return PyFileSystem(FSSpecHandler(fs)), path
+
+
+@functools.lru_cache(maxsize=64)
+def _bucket_filesystem(scheme: str, bucket: str, settings: tuple) -> "pafs.FileSystem":
+    """pyarrow's filesystem of a bucket, made once per bucket and environment (``settings``: the values of the
+    store's variables, so a changed environment gets a new client). Why: ``FileSystem.from_uri`` resolves an S3
+    bucket's region with a request each time, and a reader opens a file per row group window."""
+    import pyarrow.fs as pafs
+
+    return pafs.FileSystem.from_uri(f"{scheme}://{bucket}")[0]
 
 
 def is_local(location: str) -> bool:
