@@ -26,7 +26,7 @@ java:
 $(STAMP): pyproject.toml third_party/fbgemm_gpu_cpu_alias/pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV) || python3 -m venv $(VENV)
 	$(PIP) install --quiet --disable-pip-version-check $(CPU_STACK) pyarrow pandas numpy pyyaml tqdm \
-		scikit-learn matplotlib jinja2 pytest kubernetes tensorboard fsspec 'moto[server]' duckdb sqlglot pyspark
+		scikit-learn matplotlib jinja2 pytest kubernetes tensorboard fsspec s3fs 'moto[server]' duckdb sqlglot pyspark
 	$(PIP) install --quiet --disable-pip-version-check --no-build-isolation --no-deps -e .
 	$(PIP) check
 	@if $(PIP) list 2>/dev/null | grep -qiE '^nvidia-|^triton '; then \

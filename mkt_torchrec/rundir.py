@@ -41,7 +41,7 @@ def write_json(path: str, obj: Any) -> None:
 
 
 def read_json(path: str, what: str = "a JSON file", keys: Sequence[str] = ()) -> Dict[str, Any]:
-    """A JSON object from ``path``, or one error naming the file.
+    """A JSON object from ``path`` (a local file, or an object at a URI), or one error naming the file.
 
     Args:
         what: what the file should be, for the error ("a run record", ...).
@@ -51,13 +51,19 @@ def read_json(path: str, what: str = "a JSON file", keys: Sequence[str] = ()) ->
         FileNotFoundError: no such file.
         ValueError: unreadable, not JSON, not an object, or without one of ``keys``.
     """
+    from mkt_torchrec import storage
+
     try:
-        with open(path, encoding="utf-8") as f:
-            doc = json.load(f)
+        if storage.is_uri(path):  # an object (a checkpoint's record on a store): its text, the same errors
+            doc = json.loads(storage.read_bytes(path).decode("utf-8"))
+            path = storage.display(path)
+        else:
+            with open(path, encoding="utf-8") as f:
+                doc = json.load(f)
     except FileNotFoundError:
-        raise FileNotFoundError(f"{path}: not found") from None
+        raise FileNotFoundError(f"{storage.display(path)}: not found") from None
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise ValueError(f"{path}: unreadable ({type(e).__name__}: {e})") from None
+        raise ValueError(f"{storage.display(path)}: unreadable ({type(e).__name__}: {e})") from None
     missing = [k for k in keys if k not in doc] if isinstance(doc, dict) else list(keys)
     if not isinstance(doc, dict) or missing:
         needs = f" (needs {', '.join(repr(k) for k in keys)})" if keys else ""

@@ -17,6 +17,13 @@ Only tensors go into DCP. Loading reads DCP's ``.metadata`` with an unpickler th
 (module, name) pairs (DCP's tensor metadata classes, torch dtypes and sizes) and refuses every entry that is not
 a tensor stored in the checkpoint's own files (a bytes entry would make DCP call
 ``torch.load(weights_only=False)`` on a file of the checkpoint's choosing); ``extra.json`` is JSON.
+
+``run_dir`` may be an object-store URI (``s3://bucket/runs/x``). Pointers, ``extra.json``, listing and pruning go
+through :mod:`mkt_torchrec.storage`; DCP writes and reads through fsspec (``FsspecWriter`` / :class:`SafeFsspecReader`,
+s3fs for ``s3://``), whose client reads endpoint and credentials from the same ``AWS_*`` variables as pyarrow's
+(botocore honours ``AWS_ENDPOINT_URL``). The order is the local one: DCP's ``.metadata`` last of the checkpoint's
+files (written as ``.metadata.tmp``, then copied into place), then ``extra.json``, then the pointers, each one object
+write (an upload is invisible until it completes).
 """
 
 from __future__ import annotations
@@ -33,9 +40,11 @@ import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint import FileSystemReader
+from torch.distributed.checkpoint._fsspec_filesystem import FsspecReader, FsspecWriter
 from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.metadata import Metadata
 
+from mkt_torchrec import storage
 from mkt_torchrec.rundir import LATEST, read_json
 
 BEST = "best"  # the checkpoint with the best validation metric (early stopping); kept by pruning
@@ -85,8 +94,9 @@ def _check_storage(metadata: Metadata) -> None:
                                    f"(offset {info.offset}), outside the checkpoint's own files")
 
 
-class SafeFileSystemReader(FileSystemReader):
-    """DCP's FileSystemReader that reads ``.metadata`` with an exact allow-list and accepts tensors only.
+class _SafeMetadata:
+    """The ``read_metadata`` of :class:`SafeFileSystemReader` and :class:`SafeFsspecReader`: ``.metadata`` read
+    with an exact allow-list, tensors only. A reader class says where the file is and how to read its bytes.
 
     Raises (from :meth:`read_metadata`):
         UnsafeCheckpoint (a ValueError): the metadata names anything but DCP's tensor metadata classes, holds a
@@ -94,11 +104,20 @@ class SafeFileSystemReader(FileSystemReader):
         ValueError: the metadata is missing, truncated or not DCP metadata.
     """
 
+    path: Any
+    load_id: str
+
+    def _metadata_path(self) -> str:
+        raise NotImplementedError
+
+    def _metadata_bytes(self, path: str) -> bytes:
+        raise NotImplementedError
+
     def read_metadata(self) -> Metadata:
-        path = os.path.join(str(self.path), ".metadata")
+        where = self._metadata_path()
+        path = storage.display(where)  # what errors name (a URI's secrets masked; a local path as it is)
         try:
-            with open(path, "rb") as f:
-                metadata = _MetadataUnpickler(io.BytesIO(f.read())).load()
+            metadata = _MetadataUnpickler(io.BytesIO(self._metadata_bytes(where))).load()
         except UnsafeCheckpoint as e:
             raise UnsafeCheckpoint(f"{path}: refused: {e}") from None
         except FileNotFoundError:
@@ -119,21 +138,65 @@ class SafeFileSystemReader(FileSystemReader):
         return metadata
 
 
+class SafeFileSystemReader(_SafeMetadata, FileSystemReader):
+    """DCP's FileSystemReader (a local checkpoint directory) that reads ``.metadata`` with an exact allow-list and
+    accepts tensors only; raises as :class:`_SafeMetadata` says."""
+
+    def _metadata_path(self) -> str:
+        return os.path.join(str(self.path), ".metadata")
+
+    def _metadata_bytes(self, path: str) -> bytes:
+        with open(path, "rb") as f:
+            return f.read()
+
+
+class SafeFsspecReader(_SafeMetadata, FsspecReader):
+    """DCP's FsspecReader (a checkpoint on an object store, ``s3://...``) with the same vetting of ``.metadata`` as
+    :class:`SafeFileSystemReader`; raises as :class:`_SafeMetadata` says."""
+
+    def _metadata_path(self) -> str:
+        return str(self.fs.concat_path(self.path, ".metadata"))
+
+    def _metadata_bytes(self, path: str) -> bytes:
+        with self.fs.create_stream(path, "rb") as f:
+            return f.read()
+
+
+def _reader(ckpt: str) -> _SafeMetadata:
+    """The vetting DCP reader of a checkpoint: local directory or object-store URI."""
+    return SafeFsspecReader(ckpt) if storage.is_uri(ckpt) else SafeFileSystemReader(ckpt)
+
+
+def _write_target(ckpt: str) -> Dict[str, Any]:
+    """The arguments that tell DCP where to write ``ckpt``: a local directory by its path (DCP's FileSystemWriter,
+    as always); a URI through an explicit ``FsspecWriter`` after checking the bucket exists (s3fs would otherwise
+    create a missing bucket). No fsync there: an upload is durable once it completes, and DCP's fallback for a
+    stream without a file descriptor is a machine-wide ``os.sync()``."""
+    if not storage.is_uri(ckpt):
+        return {"checkpoint_id": ckpt}
+    storage.check_reachable(ckpt)
+    return {"storage_writer": FsspecWriter(ckpt, sync_files=False)}
+
+
 def checkpoint_dir(run_dir: str, step: int) -> str:
-    return os.path.join(run_dir, "checkpoints", f"step-{step:08d}")
+    return storage.join(run_dir, "checkpoints", f"step-{step:08d}")
 
 
 def latest_checkpoint(run_dir: str, pointer: str = LATEST) -> Optional[str]:
-    """Path of the newest complete checkpoint of a run (``pointer=BEST``: the best-validated one), or None."""
-    path = os.path.join(run_dir, "checkpoints", pointer)
-    if not os.path.isfile(path):
+    """Path (or URI) of the newest complete checkpoint of a run (``pointer=BEST``: the best-validated one), or
+    None."""
+    path = storage.join(run_dir, "checkpoints", pointer)
+    if not storage.is_file(path):
         return None
-    with open(path, encoding="utf-8") as f:
-        name = f.read().strip()
-    ckpt = os.path.join(run_dir, "checkpoints", name)
-    if not os.path.isfile(os.path.join(ckpt, EXTRA)):
-        raise ValueError(f"{path} names {name!r}, which is incomplete or missing")
+    name = _read_text(path).strip()
+    ckpt = storage.join(run_dir, "checkpoints", name)
+    if not storage.is_file(storage.join(ckpt, EXTRA)):
+        raise ValueError(f"{storage.display(path)} names {name!r}, which is incomplete or missing")
     return ckpt
+
+
+def _read_text(location: str) -> str:
+    return storage.read_bytes(location).decode("utf-8")
 
 
 def final_checkpoint(run_dir: str) -> Optional[str]:
@@ -144,18 +207,18 @@ def final_checkpoint(run_dir: str) -> Optional[str]:
 
 def read_extra(ckpt: str) -> Dict[str, Any]:
     """A checkpoint's extra.json (step, epoch, reader positions, plan); a ValueError names a broken one."""
-    return read_json(os.path.join(ckpt, EXTRA), "a checkpoint record", ("step", "epoch", "readers"))
+    return read_json(storage.join(ckpt, EXTRA), "a checkpoint record", ("step", "epoch", "readers"))
 
 
 def save(run_dir: str, step: int, state: Dict[str, Any], extra: Dict[str, Any], is_main: bool,
          keep: int) -> str:
     """Collective: every rank calls it. Writes the checkpoint, then (rank 0) publishes it as latest."""
     ckpt = checkpoint_dir(run_dir, step)
-    if is_main and os.path.exists(ckpt):
-        shutil.rmtree(ckpt)  # a leftover of an interrupted save of the same step
+    if is_main and storage.exists(ckpt):
+        storage.remove_tree(ckpt)  # a leftover of an interrupted save of the same step
     dist.barrier()
     try:
-        dcp.save(state, checkpoint_id=ckpt)
+        dcp.save(state, **_write_target(ckpt))
     except Exception as e:  # noqa: BLE001 - reported in one line, naming the checkpoint
         raise _write_failed(ckpt, e) from None
     if is_main:
@@ -229,10 +292,10 @@ class AsyncCheckpointer:
     def save(self, step: int, state: Dict[str, Any], extra: Dict[str, Any]) -> str:
         self.wait()
         ckpt = checkpoint_dir(self.run_dir, step)
-        if self.is_main and os.path.exists(ckpt):
-            shutil.rmtree(ckpt)  # a leftover of an interrupted save of the same step
+        if self.is_main and storage.exists(ckpt):
+            storage.remove_tree(ckpt)  # a leftover of an interrupted save of the same step
         dist.barrier(group=self.group)
-        future = dcp.async_save(state, checkpoint_id=ckpt, process_group=self.group, async_stager=_HostStager())
+        future = dcp.async_save(state, **_write_target(ckpt), process_group=self.group, async_stager=_HostStager())
         self._pending = (future, ckpt, extra)
         return ckpt
 
@@ -257,36 +320,36 @@ class AsyncCheckpointer:
 
 
 def _publish(run_dir: str, ckpt: str, extra: Dict[str, Any], keep: int) -> None:
-    tmp = os.path.join(ckpt, EXTRA + ".tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(extra, f, indent=2)
-    os.replace(tmp, os.path.join(ckpt, EXTRA))
+    """extra.json, then the pointers: each one atomic write (a temporary file renamed locally, one object write on
+    a store), so a pointer never names a checkpoint without its record."""
+    storage.write_bytes_atomic(storage.join(ckpt, EXTRA), json.dumps(extra, indent=2).encode("utf-8"))
     pointers = [LATEST] + ([BEST] if (extra.get("best") or {}).get("step") == extra.get("step") else [])
     for name in pointers:
-        path = os.path.join(run_dir, "checkpoints", name)
-        with open(path + ".tmp", "w", encoding="utf-8") as f:
-            f.write(os.path.basename(ckpt))
-        os.replace(path + ".tmp", path)
+        storage.write_bytes_atomic(storage.join(run_dir, "checkpoints", name), ckpt.rsplit("/", 1)[-1].encode("utf-8"))
     _prune(run_dir, keep)
 
 
 def _prune(run_dir: str, keep: int) -> None:
-    root = os.path.join(run_dir, "checkpoints")
-    names = sorted(n for n in os.listdir(root) if n.startswith("step-") and os.path.isdir(os.path.join(root, n)))
-    complete = [n for n in names if os.path.isfile(os.path.join(root, n, EXTRA))]
-    best = os.path.join(root, BEST)
-    kept_best = open(best, encoding="utf-8").read().strip() if os.path.isfile(best) else None
-    for n in complete[:-keep]:
-        if n != kept_best:
-            shutil.rmtree(os.path.join(root, n), ignore_errors=True)
-    for n in names:
-        if n not in complete and n < (complete[-1] if complete else ""):
-            shutil.rmtree(os.path.join(root, n), ignore_errors=True)  # an abandoned partial save
+    """Delete all but the ``keep`` newest complete checkpoints (``best`` is kept) and abandoned partial saves older
+    than the newest complete one; best effort, as a failed delete loses nothing."""
+    root = storage.join(run_dir, "checkpoints")
+    names = sorted(n for n in storage.listdir(root)
+                   if n.startswith("step-") and not storage.is_file(storage.join(root, n)))  # directories (prefixes)
+    complete = [n for n in names if storage.is_file(storage.join(root, n, EXTRA))]
+    best = storage.join(root, BEST)
+    kept_best = _read_text(best).strip() if storage.is_file(best) else None
+    doomed = [n for n in complete[:-keep] if n != kept_best]
+    doomed += [n for n in names if n not in complete and n < (complete[-1] if complete else "")]  # partial saves
+    for n in doomed:
+        try:
+            storage.remove_tree(storage.join(root, n))
+        except OSError:
+            pass
 
 
 def global_sizes(ckpt: str) -> Dict[str, tuple]:
     """Key -> global shape of every tensor in a checkpoint (from its metadata)."""
-    md = SafeFileSystemReader(ckpt).read_metadata().state_dict_metadata
+    md = _reader(ckpt).read_metadata().state_dict_metadata
     return {k: tuple(m.size) for k, m in md.items() if hasattr(m, "size")}
 
 
@@ -297,7 +360,7 @@ def load(ckpt: str, state: Dict[str, Any], no_dist: bool = False, optional_prefi
     lazy: a parameter that never had a gradient has none); every other missing key is an error. Returns the
     skipped keys.
     """
-    reader = SafeFileSystemReader(ckpt)
+    reader = _reader(ckpt)
     # read (and vet) the metadata here first: inside dcp.load its errors come back wrapped in pages of trace
     present = set(reader.read_metadata().state_dict_metadata)
     absent: set = set()
@@ -307,7 +370,7 @@ def load(ckpt: str, state: Dict[str, Any], no_dist: bool = False, optional_prefi
     try:
         dcp.load(state, storage_reader=reader, no_dist=no_dist)
     except CheckpointException as e:
-        raise ValueError(f"{ckpt}: unreadable checkpoint data ({_last_line(e)})") from None
+        raise ValueError(f"{storage.display(ckpt)}: unreadable checkpoint data ({_last_line(e)})") from None
     return absent
 
 
@@ -319,11 +382,13 @@ def _last_line(e: BaseException) -> str:
 
 def _write_failed(ckpt: str, e: BaseException) -> OSError:
     """A one-line error for a failed checkpoint write, saying so when the disk is (nearly) full: torch's own
-    message for a short write is ``unexpected pos ... vs ...``."""
-    try:
-        free = shutil.disk_usage(os.path.dirname(ckpt) or ".").free
-    except OSError:
-        free = None
+    message for a short write is ``unexpected pos ... vs ...``. An object store has no disk to ask about."""
+    free = None
+    if not storage.is_uri(ckpt):
+        try:
+            free = shutil.disk_usage(os.path.dirname(ckpt) or ".").free
+        except OSError:
+            free = None
     hint = f"; only {free / 2**20:.0f} MiB free there: the disk is probably full" if free is not None and \
         free < 1 << 30 else ""
-    return OSError(f"{ckpt}: writing the checkpoint failed ({_last_line(e)}){hint}")
+    return OSError(f"{storage.display(ckpt)}: writing the checkpoint failed ({_last_line(e)}){hint}")
