@@ -424,7 +424,7 @@ class LogInputs:
         """A list column (or a delimited string column) of a sequence or side column: each step encoded as its
         feature is on the rows of the sequence's entity (a null list is empty; a null step is ``MISSING_RAW``
         through the encoding, or bucket 0)."""
-        from mkt_torchrec.build.plan import MISSING_BUCKET, MISSING_RAW
+        from mkt_torchrec.build.plan import missing_step
 
         seq_name = self.schema.sequence_of(column)
         entity = entity_code(self.schema.sequences[seq_name].entity)
@@ -456,9 +456,7 @@ class LogInputs:
         ids = self._feature(values, m, kind, column, step_fail, codes)
         if kind == "int" and m.by_entity and m.transform not in ("bucket", "log_bucket"):
             ids = pc.add(pc.multiply(ids, 2), entity)
-        missing = MISSING_BUCKET if m.transform in ("bucket", "log_bucket") else (
-            2 * MISSING_RAW + entity if kind == "int" and m.by_entity else MISSING_RAW)
-        ids = pc.fill_null(ids, missing)
+        ids = pc.fill_null(ids, missing_step(m, kind, entity))
         return pa.ListArray.from_arrays(pa.array(starts.astype(np.int32)), ids)
 
     def _check_feature(self, name: str, values: pa.Array, m: Any, fail: Callable[[str, int, str], None]) -> None:

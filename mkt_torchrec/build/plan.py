@@ -39,6 +39,14 @@ MISSING_BUCKET = 0
 SPLIT_CODES = {"train": 0, "valid": 1, "test": 2}
 
 
+def missing_step(mapping: Any, kind: str, entity: int) -> int:
+    """The value of a sequence step whose feature is null: bucket 0 for a bucketed feature, else ``MISSING_RAW``
+    through the feature's encoding (``2 * x + e`` for an integer ``by_entity`` feature of entity ``e``)."""
+    if mapping.transform in ("bucket", "log_bucket"):
+        return MISSING_BUCKET
+    return 2 * MISSING_RAW + entity if kind == "int" and mapping.by_entity else MISSING_RAW
+
+
 def q(name: str) -> str:
     """A quoted SQL identifier."""
     return '"' + name.replace('"', '""') + '"'
@@ -103,12 +111,7 @@ class BuildPlan:
 
     def _missing(self, name: str, entity: int) -> int:
         """The encoded value a step takes when the liked row's ``name`` is null."""
-        m = self.source.features[name]
-        if m.transform in ("bucket", "log_bucket"):
-            return MISSING_BUCKET
-        if self.kinds[name] == "int" and m.by_entity:
-            return 2 * MISSING_RAW + entity
-        return MISSING_RAW
+        return missing_step(self.source.features[name], self.kinds[name], entity)
 
     def encode_sql(self) -> str:
         cols = ["__file", "__row", "__t", "CAST(__label AS TINYINT) AS label", "CAST(__entity AS TINYINT) AS entity"]

@@ -35,8 +35,8 @@ from mkt_torchrec import storage
 from mkt_torchrec.build.hashing import render
 from mkt_torchrec.build.inputs import LogInputs
 from mkt_torchrec.build.plan import BuildPlan, split_names
-from mkt_torchrec.data.dataset import (FORMAT_VERSION, FileInfo, Manifest, parquet_writer, publish_manifest,
-                                       stage_dataset)
+from mkt_torchrec.data.dataset import (FORMAT_VERSION, FileInfo, Manifest, add_value_counts, parquet_writer,
+                                       publish_manifest, stage_dataset)
 from mkt_torchrec.data.schema import arrow_schema
 
 ERROR_MARK = "mkt-build-error: "  # marks our one-line error inside Spark's wrapped exceptions
@@ -162,12 +162,7 @@ def _dataset_sink(staged: Any, schema: pa.Schema, max_len: dict[str, Any], row_g
 def _count(current: dict[str, Any], rows: pa.Table, max_len: dict[str, Any]) -> None:
     current["rows"] += rows.num_rows
     current["clicks"] += int(pc.sum(rows.column("label")).as_py() or 0)
-    for key, limit in max_len.items():
-        col = rows.column(key)
-        if limit is None:
-            current["values"][key] += len(col) - col.null_count
-        else:
-            current["values"][key] += int(np.minimum(pc.list_value_length(col).to_numpy(), limit).sum())
+    add_value_counts(current["values"], rows, max_len)
 
 
 def _flush(current: dict[str, Any], row_group_rows: int, final: bool) -> None:

@@ -378,14 +378,7 @@ class DatasetWriter:
 
     def _count_values(self, split: str, table: pa.Table) -> None:
         """Add the values per sparse key of ``table`` (sequences truncated to ``max_len``) to ``split``'s sums."""
-        sums = self._values.setdefault(split, dict.fromkeys(self._max_len, 0))
-        for key, max_len in self._max_len.items():
-            col = table.column(key)
-            if max_len is None:
-                sums[key] += len(col) - col.null_count
-            else:
-                lengths = pc.list_value_length(col).to_numpy()
-                sums[key] += int(np.minimum(lengths, max_len).sum())
+        add_value_counts(self._values.setdefault(split, dict.fromkeys(self._max_len, 0)), table, self._max_len)
 
     def _flush(self, key: tuple[str, int], final: bool) -> None:
         """Write the full row groups buffered for ``key`` (and the rest too if ``final``)."""
@@ -463,6 +456,17 @@ class DatasetWriter:
                 pass
         self._staged.abort()
         self._closed = True
+
+
+def add_value_counts(sums: dict[str, int], table: pa.Table, max_len: dict[str, Optional[int]]) -> None:
+    """Add ``table``'s values per sparse key to ``sums`` (a single-valued key: its non-null rows; a sequence or side
+    column: its lengths cut at ``max_len``): what ``Manifest.mean_lengths`` divides by the rows."""
+    for key, limit in max_len.items():
+        col = table.column(key)
+        if limit is None:
+            sums[key] += len(col) - col.null_count
+        else:
+            sums[key] += int(np.minimum(pc.list_value_length(col).to_numpy(), limit).sum())
 
 
 def parquet_writer(sink: Any, schema: pa.Schema) -> pq.ParquetWriter:
