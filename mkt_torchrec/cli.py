@@ -16,7 +16,7 @@ import time
 from typing import Callable, Optional, Sequence
 
 from mkt_torchrec import registry
-from mkt_torchrec.storage import display as storage_display
+from mkt_torchrec.storage import display as storage_display, join as storage_join
 from mkt_torchrec.config import Config, ConfigError, load_config
 
 Handler = Callable[[argparse.Namespace, Config], int]
@@ -211,7 +211,7 @@ def read_back(cfg: Config, data_dir: str, split: str) -> dict:
 
 def _add_run(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", required=True, help="output directory: data/ (unless --data), runs/, report/, "
-                   "summary.json")
+                   "summary.json; a path or a URI (s3://bucket/exp: needs --data; see README 'Object storage')")
     p.add_argument("--data", default=None, help="an existing dataset (e.g. from mkt tenrec) instead of synthesising "
                    "one from the config's synth section")
     p.add_argument("--nproc", type=int, default=2, help="local ranks for training and evaluation (default 2)")
@@ -231,7 +231,7 @@ def _run_run(args: argparse.Namespace, cfg: Config) -> int:
     summary = run_all(cfg, args.out, nproc=args.nproc, names=names,
                       overwrite=args.overwrite, data_dir=args.data, seeds=args.seeds, baseline=args.baseline)
     print(json.dumps(summary["target"], indent=2))
-    print(f"report: {os.path.join(summary['report'], 'report.html')} (and report.md); "
+    print(f"report: {storage_display(storage_join(summary['report'], 'report.html'))} (and report.md); "
           f"took {summary['seconds']:.0f}s")
     return 0
 
@@ -246,7 +246,8 @@ def _add_train(p: argparse.ArgumentParser) -> None:
                    help="mem: pre-train the multi-entity model on mixed rows; tem: fine-tune the target model")
     p.add_argument("--data", required=True, help="dataset (from mkt synth / tenrec / build): a directory or a URI "
                    "(s3://bucket/ds; credentials from the environment, e.g. AWS_*)")
-    p.add_argument("--run-dir", required=True, help="run directory: checkpoints, plan, metrics log, serving export")
+    p.add_argument("--run-dir", required=True, help="run directory: checkpoints, plan, metrics log, serving export; "
+                   "a path or an s3:// URI (one node's ranks; see README 'Object storage')")
     p.add_argument("--mem-run", default=None, help="stage tem: the stage-1 run directory whose MEM to plug in")
     p.add_argument("--nproc", type=int, default=0,
                    help="launch N local processes (torch elastic); 0 (default): join the world the environment "
@@ -393,7 +394,8 @@ _COMMANDS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], None], Handl
 # Options that may be a URI (s3://bucket/ds, ...: mkt_torchrec.storage), by command: datasets and reports. Run
 # directories (checkpoints, the lock) are local or shared POSIX paths.
 _URI_OPTIONS = {"data": ("train", "evaluate", "inspect", "rewrite", "export", "plan", "run"),
-                "out": ("rewrite", "build", "report")}
+                "out": ("rewrite", "build", "report", "run"), "run_dir": ("train", "evaluate", "export"),
+                "mem_run": ("train",), "runs": ("report",), "models": ("report",)}
 
 
 def _local_paths_only(args: argparse.Namespace) -> None:
@@ -411,9 +413,10 @@ def _local_paths_only(args: argparse.Namespace) -> None:
                 # shown as storage.display shows it: a password in the URL is not echoed
                 from mkt_torchrec.storage import display
 
-                raise ValueError(f"--{name.replace('_', '-')} {display(v)}: run directories, checkpoints and exports "
-                                 "go to a local or shared POSIX path (a mounted volume), not a URL; datasets (--data, "
-                                 "mkt build --out) and reports (mkt report --out) may be on object storage")
+                raise ValueError(f"--{name.replace('_', '-')} {display(v)}: this option takes a local or shared POSIX "
+                                 "path (a mounted volume), not a URL; datasets (--data, mkt build --out), run "
+                                 "directories (--run-dir, mkt run --out) and reports (mkt report --out) may be on "
+                                 "object storage")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -25,6 +25,7 @@ from typing import Any, Literal, Mapping, Optional, Sequence
 
 import yaml
 
+from mkt_torchrec.baseline_config import BaselinesConfig, KeepConfig, PGTLConfig
 from mkt_torchrec.build.source import SourceConfig
 from mkt_torchrec.typed import ConfigError, arg_docs, build, check, entry_type, validate_tree
 
@@ -249,6 +250,31 @@ class SchemaConfig:
 
 
 @dataclass
+class RelatedItemsConfig:
+    """Related source items of each target row's item, one more KeyedJaggedTensor key (PGTL's prior; see
+    ``mkt_torchrec.data.relations``), computed from the train split only.
+
+    Args:
+        key: the batch's key holding them ('': none; ``model.name=pgtl`` sets ``related_items`` when empty).
+        item_feature: the entity-shared feature naming the item (its table is where the key is looked up).
+        relations: tried in order per target item, the first that finds one wins: a single-valued feature's name
+            (the source items with the target item's value of it: the item feature itself is "the same id",
+            ``category`` "the same category") or ``co_click`` (source items clicked by the users who clicked it).
+        max_related: the most related source items per target item (K).
+    """
+
+    key: str = ""
+    item_feature: str = "item_id"
+    relations: list[str] = field(default_factory=lambda: ["item_id", "category", "co_click"])
+    max_related: int = 8
+
+    def _validate(self, key: str) -> None:
+        check(self.max_related >= 1, f"{key}.max_related", f"expected a positive int, got {self.max_related}")
+        check(len(self.relations) > 0 and len(set(self.relations)) == len(self.relations), f"{key}.relations",
+               f"expected a non-empty list of distinct relations, got {self.relations}")
+
+
+@dataclass
 class DataConfig:
     """How the reader batches and shuffles.
 
@@ -268,6 +294,7 @@ class DataConfig:
             sample of the last block's rows), form the split ``valid``, cut at read time; ``train`` is the rest.
             Rounded to the nearest row (halves up), keeping at least one row of each entity on each side (an
             entity with one row gives it to ``valid``). 0 disables it; at most 0.5. The test split is untouched.
+        related_items: the related-source-items key of the batch (PGTL's prior).
     """
 
     batch_size: int = 512
@@ -276,6 +303,7 @@ class DataConfig:
     num_workers: int = 0
     seed: int = 0
     validation_fraction: float = 0.1
+    related_items: RelatedItemsConfig = field(default_factory=RelatedItemsConfig)
 
     def _validate(self, key: str) -> None:
         check(self.batch_size >= 1, f"{key}.batch_size", f"expected a positive int, got {self.batch_size}")
@@ -449,49 +477,6 @@ class TEMConfig:
 
 
 @dataclass
-class BaselinesConfig:
-    """Layer sizes of the paper's ten baselines (4.1.2; ``model.name`` other than ``mkt``), defaults from its 4.1.3.
-
-    Args:
-        dnn: DNN of the single-domain models (MLP, DIN, FiBiNet) and of Finetune's and CTNet's base model (paper:
-            [128, 64, 16, 1] public, [1024, 512, 64, 1] industrial); the last size is 1 (a logit).
-        shared: shared network of the joint models: each MMoE expert, PLE's experts (one extraction level per size),
-            STAR's star-topology layers before the towers, CoNet's two base networks, MiNet's network (paper: [128, 64]
-            public, [1024, 512] industrial).
-        tower: each entity's tower after ``shared`` (paper: [16, 1] public, [64, 1] industrial); the last size is 1.
-        mmoe_experts: MMoE's experts (paper: 3).
-        ple_specific_experts: PLE's experts per entity at each extraction level.
-        ple_shared_experts: PLE's shared experts at each extraction level.
-        attention_mlp: hidden sizes of DIN's activation unit (DIN's released code: [80, 40]) and of MiNet's
-            item-level and interest-level attention networks.
-        fibinet_reduction: reduction ratio of FiBiNet's SENET layer (FiBiNet paper: 3).
-        fibinet_bilinear: FiBiNet's bilinear interaction: ``field_all`` (one matrix), ``field_each`` (one per
-            field) or ``field_interaction`` (one per field pair).
-    """
-
-    dnn: list[int] = field(default_factory=lambda: [128, 64, 16, 1])
-    shared: list[int] = field(default_factory=lambda: [128, 64])
-    tower: list[int] = field(default_factory=lambda: [16, 1])
-    mmoe_experts: int = 3
-    ple_specific_experts: int = 1
-    ple_shared_experts: int = 1
-    attention_mlp: list[int] = field(default_factory=lambda: [80, 40])
-    fibinet_reduction: int = 3
-    fibinet_bilinear: Literal["field_all", "field_each", "field_interaction"] = "field_interaction"
-
-    def _validate(self, key: str) -> None:
-        for name in ("dnn", "shared", "tower", "attention_mlp"):
-            layers = getattr(self, name)
-            check(len(layers) > 0 and all(x >= 1 for x in layers), f"{key}.{name}",
-                   f"expected a non-empty list of positive ints, got {layers}")
-        for name in ("dnn", "tower"):
-            layers = getattr(self, name)
-            check(layers[-1] == 1, f"{key}.{name}", f"the last size must be 1 (a logit), got {layers}")
-        for name in ("mmoe_experts", "ple_specific_experts", "ple_shared_experts", "fibinet_reduction"):
-            check(getattr(self, name) >= 1, f"{key}.{name}", f"expected a positive int, got {getattr(self, name)}")
-
-
-@dataclass
 class ModelConfig:
     """MEM + TEM, or one of the paper's baselines. Layer sizes default to the paper's public set-up (4.1.3).
 
@@ -509,6 +494,8 @@ class ModelConfig:
         pdl_gamma: weight of the Polarized Distribution Loss (Eq. 11; paper 0.01).
         pdl: its per-row term: ``cosine`` (Eq. 9-10 as printed: minimised, it drives g_ind towards -g_com) or
             ``squared_cosine`` (an extension: minimised, it makes the two vectors orthogonal, i.e. independent).
+        pgtl: the PGTL baseline's settings (ignored by other models).
+        keep: the KEEP baseline's settings (ignored by other models).
     """
 
     name: str = "mkt"
@@ -522,6 +509,8 @@ class ModelConfig:
     pdl_gamma: float = 0.01
     pdl: Literal["cosine", "squared_cosine"] = "cosine"
     tem: TEMConfig = field(default_factory=TEMConfig)
+    pgtl: PGTLConfig = field(default_factory=PGTLConfig)
+    keep: KeepConfig = field(default_factory=KeepConfig)
 
     def _validate(self, key: str) -> None:
         from mkt_torchrec import registry  # no torch; plugins (MKT_MODELS) register here
@@ -753,6 +742,22 @@ class Config:
     eval: EvalConfig = field(default_factory=EvalConfig)
     # Later components keep their raw sections here until their dataclasses land.
     extra: dict[str, Any] = field(default_factory=dict)
+
+    def _validate(self, key: str) -> None:
+        related = self.data.related_items
+        if self.model.name == "pgtl" and not related.key:  # PGTL's prior reads the key (models/baselines/pgtl.py)
+            related.key = "related_items"
+        if not related.key:
+            return
+        where = "data.related_items"
+        check(related.key not in self.schema.sparse_keys and related.key not in self.schema.dense, f"{where}.key",
+               f"{related.key!r} is already a column of the schema")
+        item = self.schema.features.get(related.item_feature)
+        check(item is not None and item.group == "shared", f"{where}.item_feature",
+               f"{related.item_feature!r} must name an entity-shared feature of schema.features")
+        for name in related.relations:
+            check(name == "co_click" or name in self.schema.features, f"{where}.relations",
+                   f"{name!r} is neither co_click nor a feature of schema.features ({sorted(self.schema.features)})")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

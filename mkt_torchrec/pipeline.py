@@ -28,6 +28,7 @@ ctnet
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import shutil
@@ -38,7 +39,7 @@ from mkt_torchrec import registry
 from mkt_torchrec import storage
 from mkt_torchrec.config import Config
 from mkt_torchrec.provenance import other_code
-from mkt_torchrec.rundir import RunDir, read_json, write_json
+from mkt_torchrec.rundir import RunDir, read_json
 
 log = logging.getLogger("mkt.run")
 
@@ -46,12 +47,12 @@ def _run_dirs(out: str, name: str, seed: int = 0) -> Dict[str, RunDir]:
     """Run directories a named run needs: {"mem": ..., "tem": ...} (``OUT/runs/NAME/seedK/STAGE``; a run made as
     another, such as no_tem_finetune, is that one's directories)."""
     spec = registry.get(name)
-    root = os.path.join(out, "runs", spec.made_as or name, f"seed{seed}")
-    return {stage: RunDir(os.path.join(root, stage)) for stage in spec.stages}
+    root = storage.join(out, "runs", spec.made_as or name, f"seed{seed}")
+    return {stage: RunDir(storage.join(root, stage)) for stage in spec.stages}
 
 
 def final_run_dir(out: str, name: str, seed: int = 0) -> str:
-    return _run_dirs(out, name, seed)[registry.get(name).final_stage].path
+    return _run_dirs(out, name, seed)[registry.get(name).final_stage].location
 
 
 def _train_and_evaluate(cfg: Config, data: str, out: str, names: List[str], seeds: int) -> Dict[str, Any]:
@@ -73,10 +74,10 @@ def _train_and_evaluate(cfg: Config, data: str, out: str, names: List[str], seed
             for stage, run in dirs.items():
                 if run.done():
                     continue
-                mem_run = dirs["mem"].path if stage == "tem" and "mem" in dirs else None
-                train(run_cfg, stage, data, run.path, resume=run.has_checkpoint(), mem_run=mem_run)
+                mem_run = dirs["mem"].location if stage == "tem" and "mem" in dirs else None
+                train(run_cfg, stage, data, run.location, resume=run.has_checkpoint(), mem_run=mem_run)
                 if stage in evaluated:  # a final model (the MKT MEM is also no_tem_finetune's)
-                    evaluate(run_cfg, run.path, data)
+                    evaluate(run_cfg, run.location, data)
                 elif info.is_main:  # a pre-training stage: finished, not evaluated
                     run.mark_done()
         seconds[name] = round(time.perf_counter() - start, 1)
@@ -93,7 +94,7 @@ def run_all(cfg: Config, out: str, nproc: int = 2,
     Args:
         cfg: the job's resolved config (each run sets its model and seed: ``RunSpec.config``).
         out: output directory: ``data/`` (unless ``data_dir``), ``runs/NAME/seedK/STAGE``, ``report/``,
-            ``summary.json``.
+            ``summary.json``; a path or a URI on object storage (``s3://...``: ``data_dir`` is then required).
         nproc: local ranks.
         names: runs, by their ``registry`` names (MKT, its ablations, the baselines, plugins).
         overwrite: delete ``out`` first.
@@ -111,12 +112,24 @@ def run_all(cfg: Config, out: str, nproc: int = 2,
         raise ValueError(f"unknown runs {unknown}; choose from {list(registry.names())}")
     if seeds < 1:
         raise ValueError(f"--seeds must be at least 1, got {seeds}")
-    if overwrite and os.path.exists(out):
+    remote = not storage.is_local(out)
+    if remote and data_dir is None:
+        raise ValueError(f"--out {storage.display(out)}: a run on object storage needs --data (a dataset made by mkt "
+                         "build or mkt synth, local or on the store)")
+    if overwrite and remote:
+        ours = {"summary.json", "runs", "report"}
+        found = set(storage.listdir(out))
+        if found - ours:
+            raise ValueError(f"--overwrite {storage.display(out)}: holds {sorted(found - ours)[:3]}, which mkt run did "
+                             "not write; refusing to delete it: choose another --out")
+        storage.remove_tree(out)
+    elif overwrite and os.path.exists(out):
         from mkt_torchrec.fsutil import check_replaceable
 
         check_replaceable(out, ("summary.json", "runs", "data"), "the output of mkt run")
         shutil.rmtree(out)
-    os.makedirs(out, exist_ok=True)
+    if not remote:
+        os.makedirs(out, exist_ok=True)
     started = time.perf_counter()
     if data_dir is not None:
         from mkt_torchrec.data.dataset import open_dataset
@@ -137,16 +150,16 @@ def run_all(cfg: Config, out: str, nproc: int = 2,
             spec, final = registry.get(name), RunDir(final_run_dir(out, name, seed))
             if spec.made_as is None and spec.serves(spec.final_stage) and not final.exported():  # (a run made as
                 # another is that one's directories: it exports nothing of its own)
-                export_run(final.path, data)
+                export_run(final.location, data)
     runs = {n: [final_run_dir(out, n, k) for k in range(seeds)] for n in names}
     if baseline is None and "no_mem_pretrain" in names:
         baseline = "no_mem_pretrain"
-    write_report(runs, os.path.join(out, "report"), baseline=baseline, entity="target", eval_cfg=cfg.eval)
-    summary = {"out": out, "data": data, "seeds": seeds, "runs": runs, "report": os.path.join(out, "report"),
+    write_report(runs, storage.join(out, "report"), baseline=baseline, entity="target", eval_cfg=cfg.eval)
+    summary = {"out": out, "data": data, "seeds": seeds, "runs": runs, "report": storage.join(out, "report"),
                "seconds_per_run": seconds, "seconds": round(time.perf_counter() - started, 1),
                "target": {n: _over_seeds([_target_metrics(r) for r in d]) for n, d in runs.items()},
                "target_by_seed": {n: [_target_metrics(r) for r in d] for n, d in runs.items()}}
-    write_json(os.path.join(out, "summary.json"), summary)
+    storage.write_bytes_atomic(storage.join(out, "summary.json"), json.dumps(summary, indent=2).encode("utf-8"))
     return summary
 
 
@@ -183,13 +196,13 @@ def _check_reuse(cfg: Config, data: str, out: str, names: List[str], seeds: int,
                     record = run.record()
                     why = other_code(record)
                     if why:
-                        raise ValueError(f"{run.path}: was made {why}; its results would not be this code's: use "
+                        raise ValueError(f"{run.name}: was made {why}; its results would not be this code's: use "
                                          "another --out, or --overwrite to train again")
                     differ = [k for k in _differing(record["config"], wanted) if not k.startswith("eval.")]
                     if record.get("data") not in (None, storage.absolute(data)):
                         differ.append(f"data ({record.get('data')})")
                     if differ:
-                        raise ValueError(f"{run.path}: was made with other settings for {differ[:8]}"
+                        raise ValueError(f"{run.name}: was made with other settings for {differ[:8]}"
                                          f"{' ...' if len(differ) > 8 else ''}; use another --out, or --overwrite")
 
 

@@ -48,10 +48,14 @@ class StageSpec:
             in both stages' modules) whose tensors are loaded from the stage ``mem`` run's checkpoint before
             training. Every parameter trains in every stage; nothing is frozen. (MKT's TEM loads its frozen MEM
             whole; that is the model's own design, not a transfer list.)
+        frozen_mem: for a baseline's stage ``tem`` only: its module holds the stage ``mem`` model whole at
+            ``model.mem`` (KEEP's knowledge extractor), loaded from the ``mem`` run's checkpoint and frozen exactly as
+            MKT's TEM holds its MEM (``mkt_torchrec.training.mem_transfer``); nothing of it trains.
     """
 
     entity: Optional[str]
     transfer: Tuple[str, ...] = ()
+    frozen_mem: bool = False
 
 
 @dataclass(frozen=True)
@@ -142,6 +146,10 @@ _RUNS: Dict[str, RunSpec] = {spec.name: spec for spec in (
     _baseline("finetune", "pretrain_finetune", "Finetune", _PRETRAIN, True),
     _baseline("ctnet", "pretrain_finetune", "CTNet", {"mem": StageSpec("source"),
                                                      "tem": StageSpec("target", ("model.sparse_arch.",))}, True),
+    _baseline("keep", "pretrain_finetune", "KEEP", {"mem": StageSpec(None),
+                                                   "tem": StageSpec("target", frozen_mem=True)}, True),
+    _baseline("pgtl", "joint", "PGTL", _JOINT, False),
+    _baseline("pepnet", "joint", "PEPNet", _JOINT, False),
 )}
 _plugins_loaded = False
 

@@ -341,6 +341,79 @@ def remove_files(location: str, rel_paths: Iterable[str]) -> None:
                 pass
 
 
+def upload(local_path: str, location: str) -> None:
+    """Copy the local file ``local_path`` to ``location`` (one object write on a store: all of it or nothing)."""
+    fs, path = filesystem(location)
+    with _guard(location, "writing"), open(local_path, "rb") as src:
+        if is_local(location):
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+        with fs.open_output_stream(path) as dst:
+            shutil.copyfileobj(src, dst, 1 << 20)
+
+
+def download(location: str, local_path: str) -> None:
+    """Copy the file at ``location`` to ``local_path`` (a temporary name renamed into place)."""
+    fs, path = filesystem(location)
+    os.makedirs(os.path.dirname(os.path.abspath(local_path)), exist_ok=True)
+    tmp = f"{local_path}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    try:
+        with _guard(location, "reading"), fs.open_input_stream(path) as src, open(tmp, "wb") as dst:
+            shutil.copyfileobj(src, dst, 1 << 20)
+        os.replace(tmp, local_path)
+    finally:
+        with contextlib.suppress(OSError):
+            os.remove(tmp)
+
+
+EXCLUSIVE_SCHEMES = ("s3", "s3a")  # stores whose conditional write (If-None-Match: *) makes an exclusive create
+
+
+def create_exclusive(location: str, data: bytes) -> bool:
+    """Create the file ``location`` holding ``data`` only if no file is there; returns whether it was created.
+
+    Locally ``O_CREAT | O_EXCL``; on S3 a conditional write (``If-None-Match: *``, through s3fs's ``"xb"`` mode), so
+    of two jobs racing for the same name exactly one succeeds, as with a local file.
+
+    Raises:
+        ValueError: the store offers no exclusive create here (naming what to use instead).
+    """
+    if is_local(location):
+        fs, path = filesystem(location)
+        try:
+            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        except FileExistsError:
+            return False
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        return True
+    if _ALIASES.get(_scheme(location), _scheme(location)) != "s3":
+        raise ValueError(f"{display(location)}: a run directory needs an exclusive create for its lock, which "
+                         f"{_scheme(location)}:// does not offer here; use s3:// or a shared filesystem path")
+    import fsspec
+
+    _refuse_secrets(location)
+    fs, path = fsspec.core.url_to_fs(location)
+    with _remote_errors(location, "writing"):
+        try:
+            with fs.open(path, "xb") as f:
+                f.write(data)
+        except FileExistsError:  # (s3fs: the store answered 412 Precondition Failed)
+            return False
+    return True
+
+
+def modified(location: str) -> float | None:
+    """The time ``location`` was last written (seconds since the epoch), or None if it does not exist."""
+    import pyarrow.fs as pafs
+
+    fs, path = filesystem(location)
+    with _guard(location, "reading"):
+        info = fs.get_file_info(path)
+    if info.type == pafs.FileType.NotFound:
+        return None
+    return info.mtime.timestamp() if info.mtime is not None else None
+
+
 class StagedDirectory:
     """A directory published whole: a reader sees the previous version or the new one, never part of one.
 

@@ -65,12 +65,20 @@ def test_the_summary_gives_the_mean_and_std_over_seeds():
 
 def test_a_url_where_a_path_belongs_is_one_line_before_anything_is_made(tmp_path, capsys):
     out = tmp_path / "out"
-    assert main(["run", "--config", QUICKSTART, "--out", "s3://bucket/runs", "--data", str(out)]) == 1
+    assert main(["synth", "--config", QUICKSTART, "--out", "s3://bucket/data", "--layout", "parquet"]) == 1
     err = capsys.readouterr().err.strip().splitlines()
-    assert err == ["mkt run: error: --out s3://bucket/runs: run directories, checkpoints and exports go to a local "
-                   "or shared POSIX path (a mounted volume), not a URL; datasets (--data, mkt build --out) and reports "
-                   "(mkt report --out) may be on object storage"]
+    assert err == ["mkt synth: error: --out s3://bucket/data: this option takes a local or shared POSIX path (a "
+                   "mounted volume), not a URL; datasets (--data, mkt build --out), run directories (--run-dir, mkt "
+                   "run --out) and reports (mkt report --out) may be on object storage"]
     assert not out.exists() and not os.path.exists(os.path.join(os.getcwd(), "s3:"))
+
+
+def test_a_run_on_object_storage_needs_a_dataset(capsys):
+    assert main(["run", "--config", QUICKSTART, "--out", "s3://bucket/runs"]) == 1
+    assert capsys.readouterr().err.strip().splitlines() == [
+        "mkt run: error: --out s3://bucket/runs: a run on object storage needs --data (a dataset made by mkt build "
+        "or mkt synth, local or on the store)"]
+    assert not os.path.exists(os.path.join(os.getcwd(), "s3:"))
 
 
 def test_the_wheel_holds_the_package_its_components_and_entry_points(tmp_path):

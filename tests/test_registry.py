@@ -39,7 +39,7 @@ def test_every_entry_names_its_stages_family_and_a_module_that_builds_it():
         assert registry.of_config(spec.model, spec.ablation) is spec or spec.made_as, name
     assert registry.evaluated_stages("mkt") == ("mem", "tem")  # its MEM is no_tem_finetune's model
     assert registry.evaluated_stages("finetune") == ("tem",)  # pre-training is not evaluated
-    assert [n for n, s in registry.runs().items() if not s.served] == ["mmoe", "ple", "star", "conet"]
+    assert [n for n, s in registry.runs().items() if not s.served] == ["mmoe", "ple", "star", "conet", "pgtl", "pepnet"]
 
 
 def test_a_config_names_only_registered_models():

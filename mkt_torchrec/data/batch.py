@@ -18,7 +18,9 @@ class Batch(Pipelineable):
         sparse_features: KeyedJaggedTensor with keys ``schema.sparse_keys`` (every categorical feature, then
             every behaviour sequence). Values are table rows. A single-valued feature has length 1, or 0 when
             null (an entity-specific feature on a row of the other entity); a sequence has its true length
-            (at most its ``max_len``, the most recent elements kept, oldest first).
+            (at most its ``max_len``, the most recent elements kept, oldest first). With
+            ``data.related_items.key`` set, that key comes last: the related source items of a target row's item
+            (``mkt_torchrec.data.relations``; empty on source rows).
         dense_features: (B, F_dense) float32, null read as 0 (F_dense may be 0).
         labels: (B,) float32 in {0, 1}.
         entity: (B,) int64, 0 = source, 1 = target.

@@ -57,6 +57,7 @@ from mkt_torchrec.data.batch import Batch
 from mkt_torchrec.data.dataset import (TRAIN_SPLIT, VALID_SPLIT, Manifest, RowRange, check_entity_readable,
                                        check_split_readable, open_dataset, physical_split)
 from mkt_torchrec.data.jagged import gather_jagged, offsets_of
+from mkt_torchrec.data.relations import RelationTable, related_items
 from mkt_torchrec.data.schema import map_ids
 
 STATE_VERSION = 2
@@ -90,16 +91,19 @@ class _Window:
 
 
 class _Decoder:
-    """Turns an Arrow table of dataset rows into a permuted :class:`_Window`."""
+    """Turns an Arrow table of dataset rows into a permuted :class:`_Window`; with ``related``, the last sparse key
+    is its key, derived from each row's item (``mkt_torchrec.data.relations``)."""
 
-    def __init__(self, schema: SchemaConfig, optional_columns: list[str]) -> None:
+    def __init__(self, schema: SchemaConfig, optional_columns: list[str],
+                 related: Optional[RelationTable] = None) -> None:
         self.schema = schema
-        self.keys = schema.sparse_keys
-        self.tables = [schema.table_of(k) for k in self.keys]
-        self.max_len = [schema.max_len_of(k) for k in self.keys]
+        self.related = related
+        self.keys = schema.sparse_keys + ([related.key] if related is not None else [])
+        self.tables = [schema.table_of(k) for k in schema.sparse_keys]
+        self.max_len = [schema.max_len_of(k) for k in schema.sparse_keys]
         self.aligned = {c: schema.sequence_of(c) for c in schema.side_keys}  # side column -> its sequence
         self.optional = [c for c in ("true_prob", "activity") if c in optional_columns]
-        self.columns = ["entity", "label"] + self.keys + list(schema.dense) + self.optional
+        self.columns = ["entity", "label"] + schema.sparse_keys + list(schema.dense) + self.optional
 
     def decode(self, t: pa.Table, order: np.ndarray, locate: Callable[[int], tuple[str, int]]) -> _Window:
         """Decode rows ``order`` (indices into ``t``, in that order) of ``t``; ``locate(i)`` names the file, row
@@ -108,7 +112,7 @@ class _Decoder:
         where = locate(0)[0] if t.num_rows else "(empty window)"
         lengths, offsets, values = [], [], []
         steps: dict[str, np.ndarray] = {}  # sequence -> (rows of t,) its untruncated lengths
-        for key, table_name, max_len in zip(self.keys, self.tables, self.max_len):
+        for key, table_name, max_len in zip(self.schema.sparse_keys, self.tables, self.max_len, strict=True):
             col = t.column(key)
             arr = col.combine_chunks() if isinstance(col, pa.ChunkedArray) else col
             if max_len is None:  # single-valued, nullable
@@ -148,6 +152,14 @@ class _Decoder:
                 vals = map_ids(vals, table_name, tbl)
             except ValueError as e:
                 raise ValueError(f"{where}: column {key!r}: {e}") from None
+            lengths.append(lens)
+            offsets.append(offsets_of(lens))
+            values.append(vals)
+        if self.related is not None:  # the related source items of each target row's item
+            item = t.column(self.related.item_feature).combine_chunks()
+            target = (t.column("entity").combine_chunks().fill_null(0).to_numpy(zero_copy_only=False) == 1) \
+                & item.is_valid().to_numpy(zero_copy_only=False)
+            lens, vals = self.related.lookup(item.fill_null(0).to_numpy()[order], target[order])
             lengths.append(lens)
             offsets.append(offsets_of(lens))
             values.append(vals)
@@ -249,6 +261,7 @@ class _Plan:
     drop_last: bool
     entity: Optional[int]  # read only the row groups of this entity code (None: all)
     validation_fraction: float  # what cuts the train files into train and valid (0 for other splits)
+    related: Optional[RelationTable] = None  # data.related_items: one more key, from the train split's relations
 
 
 # A window is [a, b, k0, k1]: the rows at positions k0..k1-1 of the epoch's rows a..b-1 taken in the window's
@@ -410,7 +423,7 @@ class _SlotDataset(IterableDataset):
         info = get_worker_info()
         physical = 0 if info is None else info.id
         local = (physical + self.worker_rotation) % self.num_workers
-        decoder = _Decoder(self.plan.schema, self.plan.manifest.optional_columns)
+        decoder = _Decoder(self.plan.schema, self.plan.manifest.optional_columns, self.plan.related)
         for batch, pos in _slot_stream(self.plan, self.epoch, self.windows[local], self.positions[local], decoder):
             yield batch, local, pos
 
@@ -504,6 +517,9 @@ class ParquetReader:
             batch_size=batch_size or data.batch_size, shuffle=training and data.shuffle,
             window_rows=data.shuffle_window_rows, seed=data.seed, drop_last=drop_last,
             entity=None if entity is None else {"source": 0, "target": 1}[entity], validation_fraction=fraction,
+            # every process computes the same table from the train split (no rank waits for another)
+            related=related_items(data_dir, self.manifest, schema, data, log=rank == 0)
+            if data.related_items.key else None,
         )
         self._num_rows = self.manifest.split_rows(split, self.plan.entity, fraction)
         self.rank, self.world_size = rank, world_size
@@ -596,7 +612,7 @@ class ParquetReader:
             ValueError: the split has no row (of the entity).
         """
         plan = replace(self.plan, batch_size=1, shuffle=False)
-        decoder = _Decoder(plan.schema, plan.manifest.optional_columns)
+        decoder = _Decoder(plan.schema, plan.manifest.optional_columns, plan.related)
         windows = _fresh_windows(min(1, self.num_rows()), 1, 0, 1)  # the first row alone: decode only it
         for batch, _ in _slot_stream(plan, 0, windows, {"window": 0, "offset": 0}, decoder):
             return batch

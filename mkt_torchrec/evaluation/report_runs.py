@@ -45,11 +45,12 @@ class Run:
     history: List[Dict[str, Any]]  # metrics.jsonl
     model_name: str = "mkt"  # run.json config model.name
     seed: Optional[int] = None  # run.json config train.seed
+    local_dir: Optional[str] = None  # a run directory on object storage: the local copy its predictions are in
 
     @property
     def pred_dir(self) -> str:
-        """The run's predictions directory."""
-        return os.path.join(self.run_dir, "predictions")
+        """The run's predictions directory (local)."""
+        return os.path.join(self.local_dir or self.run_dir, "predictions")
 
     def entity(self, entity: str) -> Optional[Dict[str, Any]]:
         """metrics.json's block for ``entity``, or None if the run scored no such rows."""
@@ -120,24 +121,26 @@ def load_models(runs: RunsArg, names: Optional[Sequence[str]] = None,
 
 
 def _load_run(run_dir: str, name: Optional[str]) -> Run:
-    """Read run.json, metrics.json and metrics.jsonl of a run; check the predictions exist."""
-    metrics_path = os.path.join(run_dir, "metrics.json")
-    if not os.path.isdir(run_dir):
-        raise FileNotFoundError(f"{run_dir}: no such run directory")
-    if not os.path.isfile(metrics_path):
-        raise FileNotFoundError(f"{run_dir}: metrics.json is missing; run mkt evaluate first")
-    if not glob.glob(os.path.join(run_dir, "predictions", "part-*.parquet")):
-        raise FileNotFoundError(f"{run_dir}: no predictions (predictions/part-*.parquet); run mkt evaluate first")
+    """Read run.json, metrics.json and metrics.jsonl of a run; check the predictions exist (a run directory on
+    object storage: its predictions are copied to its local copy first)."""
     run = RunDir(run_dir)
+    if not run.remote and not os.path.isdir(run_dir):
+        raise FileNotFoundError(f"{run_dir}: no such run directory")
+    if not run.evaluated():
+        raise FileNotFoundError(f"{run.name}: metrics.json is missing; run mkt evaluate first")
+    run.pull("predictions")
+    if not glob.glob(os.path.join(run.path, "predictions", "part-*.parquet")):
+        raise FileNotFoundError(f"{run.name}: no predictions (predictions/part-*.parquet); run mkt evaluate first")
     metrics = run.metrics()
-    info = read_json(run.file(RunDir.RUN), "a run record") if run.exists() else {}
+    info = read_json(run.stored(RunDir.RUN), "a run record") if run.exists() else {}
     config = info.get("config") or {}
     model_cfg = config.get("model") or {}
     stage = metrics.get("stage") or info.get("stage") or "?"
     ablation = metrics.get("ablation") or model_cfg.get("ablation") or "none"
     seed = (config.get("train") or {}).get("seed")
     return Run(name if name is not None else default_name(run_dir, ablation), run_dir, stage, ablation, info, metrics,
-               run.history(), str(model_cfg.get("name") or "mkt"), seed if isinstance(seed, int) else None)
+               run.history(), str(model_cfg.get("name") or "mkt"), seed if isinstance(seed, int) else None,
+               run.path if run.remote else None)
 
 
 def family_of(run: Run) -> str:

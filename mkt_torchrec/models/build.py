@@ -24,9 +24,13 @@ STAGES = ("mem", "tem")
 
 
 def stage2_uses_mem(cfg: Config) -> bool:
-    """Stage 2 holds MKT's frozen MEM (loaded from a stage-1 run). Never for a baseline: its stage ``tem`` loads
-    the tensors its registry entry names (``registry.get(name).stages["tem"].transfer``), if any."""
-    return cfg.model.name == "mkt" and cfg.model.ablation != "no_mem_pretrain"
+    """Stage 2 holds a frozen stage-1 model loaded from a stage-1 run: MKT's MEM, or a baseline's pre-trained model
+    where its registry entry's stage ``tem`` says ``frozen_mem`` (KEEP's extractor). Any other baseline's stage
+    ``tem`` loads the tensors its registry entry names (``registry.get(name).stages["tem"].transfer``), if any."""
+    if cfg.model.name != "mkt":
+        tem = registry.of_config(cfg.model.name).stages.get("tem")
+        return tem is not None and tem.frozen_mem
+    return cfg.model.ablation != "no_mem_pretrain"
 
 
 def fine_tunes(cfg: Config, stage: str) -> bool:

@@ -79,13 +79,22 @@ def serving_from_run(run_dir: str) -> Tuple[Config, ServingModel]:
     if cfg.model.name == "mkt":
         serving = ServingModel(cfg.schema, model)
     else:
-        serving = baselines.serving_model(cfg.schema, model)
+        serving = baselines.serving_model(baselines.serving_schema(cfg), model)
     del model
     _materialize(serving)
     state: Dict[str, Any] = {_CKPT_PREFIX + serving.source_keys[k]: v
                              for k, v in serving.state_dict(keep_vars=True).items()}
     load_run_checkpoint(ckpt, state, no_dist=True)  # stage 2: the MEM's tensors from the MEM run's checkpoint
     return cfg, serving.eval()
+
+
+def _serving_schema(cfg: Config) -> SchemaConfig:
+    """The schema of the served model's inputs: ``cfg.schema``, or a baseline's own (PGTL: one more key)."""
+    if cfg.model.name == "mkt":
+        return cfg.schema
+    from mkt_torchrec.models import baselines
+
+    return baselines.serving_schema(cfg)
 
 
 def _materialize(module: torch.nn.Module) -> None:
@@ -144,8 +153,9 @@ def _data_example(cfg: Config, data_dir: str) -> Tuple[Dict[str, torch.Tensor], 
                            manifest=open_dataset(data_dir, cfg.schema, check_files=False))
     example = next(iter(reader), None)
     if example is None or len(example) < 2:
-        return synthetic_example(cfg.schema)
-    return padded_ids(example.sparse_features, cfg.schema, serving_keys(cfg.schema)), example.dense_features
+        return synthetic_example(_serving_schema(cfg))
+    schema = _serving_schema(cfg)
+    return padded_ids(example.sparse_features, schema, serving_keys(schema)), example.dense_features
 
 
 def export_run(run_dir: str, data_dir: Optional[str] = None, out_dir: Optional[str] = None) -> str:
@@ -160,7 +170,8 @@ def export_run(run_dir: str, data_dir: Optional[str] = None, out_dir: Optional[s
         run_dir: the run directory (its RUN/run.json config and latest checkpoint are used).
         data_dir: a dataset whose test split gives the example input for ``torch.export``; ``None``: a
             synthetic example built from the schema (:func:`synthetic_example`).
-        out_dir: where to write; default ``RUN/serving``.
+        out_dir: where to write (a local path); default ``RUN/serving`` (for a run directory on object storage, its
+            local copy, then the store's ``RUN/serving/`` with serving.json last).
 
     Returns:
         The path of the exported ``model.pt2``.
@@ -169,19 +180,25 @@ def export_run(run_dir: str, data_dir: Optional[str] = None, out_dir: Optional[s
         FileNotFoundError: ``run_dir`` is not a run directory, or has no complete checkpoint.
         ValueError: a MEM run not trained under ``model.ablation=no_tem_finetune``.
     """
+    from mkt_torchrec.rundir import RunDir
+
     cfg, serving = serving_from_run(run_dir)
-    ids, dense = _data_example(cfg, data_dir) if data_dir else synthetic_example(cfg.schema)
-    out_dir = out_dir or os.path.join(run_dir, "serving")
+    ids, dense = _data_example(cfg, data_dir) if data_dir else synthetic_example(_serving_schema(cfg))
+    run = RunDir(run_dir)
+    to_run = out_dir is None
+    out_dir = out_dir or run.serving  # (a run directory on object storage: its local copy, then the store)
     parent, name = os.path.split(os.path.abspath(out_dir))
     os.makedirs(parent, exist_ok=True)
     tmp = os.path.join(parent, f".{name}.partial-{uuid.uuid4().hex[:8]}")
     os.makedirs(tmp)
     try:
-        export_serving(cfg.schema, serving, tmp, ids, dense)
+        export_serving(_serving_schema(cfg), serving, tmp, ids, dense)
         replace_dir(tmp, out_dir)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    if to_run:
+        run.push("serving", last=("serving/serving.json",))  # serving.json marks the export complete
     return os.path.join(out_dir, SERVING_FILE)
 
 

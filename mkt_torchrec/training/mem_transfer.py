@@ -5,7 +5,6 @@
 from __future__ import annotations
 
 import logging
-import os
 from dataclasses import asdict
 from typing import Any, Dict, List, Optional
 
@@ -31,21 +30,26 @@ def _mem_digest(ckpt: str) -> str:
     a few MB where hashing the tensor files would read the whole MEM (18 GB at the industrial size) each time."""
     import hashlib
 
-    with open(os.path.join(ckpt, ".metadata"), "rb") as f:
-        return "sha256:" + hashlib.sha256(f.read()).hexdigest()
+    from mkt_torchrec import storage
+
+    return "sha256:" + hashlib.sha256(storage.read_bytes(storage.join(ckpt, ".metadata"))).hexdigest()
 
 
 def mem_record(ckpt: str) -> Dict[str, Any]:
     """What a stage-2 checkpoint records of the MEM checkpoint it was trained with: path, step and digest."""
-    return {"path": os.path.abspath(ckpt), "step": int(checkpoint.read_extra(ckpt)["step"]),
+    from mkt_torchrec import storage
+
+    return {"path": storage.absolute(ckpt), "step": int(checkpoint.read_extra(ckpt)["step"]),
             "digest": _mem_digest(ckpt)}
 
 
 def _recorded_mem(ckpt: str, record: Dict[str, Any]) -> str:
     """The MEM checkpoint the stage-2 checkpoint ``ckpt`` records; a ValueError (one line, naming both) if it is
     gone or changed since."""
+    from mkt_torchrec import storage
+
     path = str(record.get("path"))
-    now = _mem_digest(path) if os.path.isfile(os.path.join(path, ".metadata")) else None
+    now = _mem_digest(path) if storage.is_file(storage.join(path, ".metadata")) else None
     if now != record.get("digest"):
         state = "is missing" if now is None else f"has changed since (now {now})"
         raise ValueError(f"{ckpt}: was trained with the frozen MEM checkpoint {path} ({record.get('digest')}), which "
@@ -79,7 +83,11 @@ def _mem_structure(cfg: Config) -> Dict[str, Any]:
 
 
 def check_mem_run(cfg: Config, mem_run: str) -> None:
-    """Refuse a stage-1 run whose MEM is not the one this config's stage 2 builds, naming what differs."""
+    """Refuse a stage-1 run whose MEM is not the one this config's stage 2 builds, naming what differs (a baseline's
+    frozen pre-trained model: :func:`check_pretraining_run`)."""
+    if cfg.model.name != "mkt":
+        check_pretraining_run(cfg, mem_run)
+        return
     mine, theirs = _mem_structure(cfg), _mem_structure(RunDir(mem_run).config())
     differ = sorted(k for k in mine if mine[k] != theirs[k])
     if differ:

@@ -169,6 +169,7 @@ class StageRecipe:
             check_mem_run(cfg, self.mem_run)  # type: ignore[arg-type]
         if stage_transfer(cfg, stage):
             check_pretraining_run(cfg, self.mem_run)
+        self.run.check_one_node()
         self.manifest = open_dataset_shared(self.data_dir, cfg.schema)  # a bad --data fails before the run dir
         self.asm: Assembled = assemble(cfg, stage, info, manifest=self.manifest)  # so does a plan that cannot apply
         self._prepare_run_dir()
@@ -177,7 +178,8 @@ class StageRecipe:
             self.plan_record = write_plan(self.asm.plan, model.module if hasattr(model, "module") else model,
                                           self.run.file(RunDir.PLAN),
                                           {"stage": stage, "world_size": info.world_size, **self.asm.plan_meta})
-        latest = checkpoint.latest_checkpoint(self.run.path) if self.resume else None
+            self.run.push(RunDir.PLAN)
+        latest = checkpoint.latest_checkpoint(self.run.location) if self.resume else None
         self._load_starting_point(latest)
         self.entity = entity = stage_entity(cfg, stage)
         if entity and not self.manifest.split_rows("train", entity, validation_fraction=cfg.data.validation_fraction):
@@ -190,7 +192,7 @@ class StageRecipe:
         self.progress.reader_state = self.reader.state_dict()
         if info.is_main and cfg.train.tensorboard:
             self.scalars = Scalars(self.run, purge_step=self.progress.step + 1 if latest is not None else None)
-        self.saver = checkpoint.AsyncCheckpointer(self.run.path, info.is_main, cfg.train.keep_checkpoints)
+        self.saver = checkpoint.AsyncCheckpointer(self.run.location, info.is_main, cfg.train.keep_checkpoints)
         self.cadence = _Cadence(cfg.train, info.is_main)
         self.valid_entity = "source" if entity == "source" else "target"  # the target entity's GAUC is what counts
         self.validation = Validation(cfg, self.data_dir, self.run, info, self.manifest, self.valid_entity) \
@@ -203,9 +205,11 @@ class StageRecipe:
         def prepare() -> str:
             if os.path.exists(run.path) and not os.path.isdir(run.path):
                 raise ValueError(f"{run.path}: exists and is not a directory")
-            os.makedirs(run.path, exist_ok=True)
+            if not run.remote:
+                os.makedirs(run.path, exist_ok=True)
             lock = run.lock(f"mkt train --stage {stage}")
             try:
+                run.pull(RunDir.HISTORY, "tensorboard")  # a remote run's log, which a resume continues
                 record()
             except BaseException:
                 runlock.release(lock)
@@ -215,25 +219,26 @@ class StageRecipe:
         def record() -> None:
             has_ckpt = run.has_checkpoint()
             if has_ckpt and not self.resume:
-                raise ValueError(f"{run.path}: holds checkpoints already; pass --resume to continue it, or use a "
+                raise ValueError(f"{run.name}: holds checkpoints already; pass --resume to continue it, or use a "
                                  "new --run-dir")
             previous = run.record() if has_ckpt else None  # a start without a checkpoint records itself anew
             if previous is not None:
                 if previous.get("stage") != stage:
-                    raise ValueError(f"{run.path}: is a {previous.get('stage')!r} run, not {stage!r}")
+                    raise ValueError(f"{run.name}: is a {previous.get('stage')!r} run, not {stage!r}")
                 mine, theirs = cfg.to_dict(), previous.get("config", {})
                 differ = sorted(k for k in ("schema", "model") if mine.get(k) != theirs.get(k))
                 if differ:
-                    raise ValueError(f"{run.path}: its checkpoints were trained with other {' and '.join(differ)} "
+                    raise ValueError(f"{run.name}: its checkpoints were trained with other {' and '.join(differ)} "
                                      "settings than this config; resume with the run's own config or use a new "
                                      "--run-dir")
-            os.makedirs(run.checkpoints, exist_ok=True)
+            if not run.remote:
+                os.makedirs(run.checkpoints, exist_ok=True)
             made = provenance()
             if previous is not None and isinstance(previous.get("code"), dict):  # the code that made the run;
                 made = {**made, "code": previous["code"], "resumed_with": made["code"]}  # a resume's, beside it
             run.write_record({**made,
                 "stage": stage, "config": cfg.to_dict(), "data": storage.absolute(self.data_dir),
-                "mem_run": os.path.abspath(self.mem_run) if self.mem_run else None,
+                "mem_run": storage.absolute(self.mem_run) if self.mem_run else None,
                 "world_size": self.info.world_size,
                 "created": (previous or {}).get("created", time.strftime("%Y-%m-%dT%H:%M:%S")),
                 "updated": time.strftime("%Y-%m-%dT%H:%M:%S"),
@@ -251,7 +256,7 @@ class StageRecipe:
         if latest is None and cfg.train.init_at_click_rate:  # (before what a transfer loads over it)
             self._init_at_click_rate()
         if stage == "tem" and stage2_uses_mem(cfg):
-            if cfg.model.tem.init_from_mem and latest is None:
+            if cfg.model.tem.init_from_mem and latest is None and cfg.model.name == "mkt":  # (a baseline: no TEM)
                 loaded = init_tem_from_mem(model, self.mem_used["path"])
                 if self.info.is_main:
                     log.info("model.tem.init_from_mem: the TEM starts from %d tensors of %s", len(loaded),
@@ -283,7 +288,7 @@ class StageRecipe:
         self.reader.load_state_dict(extra["readers"])
         if self.info.is_main:
             self.run.truncate_history(self.progress.step)
-            log.info("resumed %s from %s (step %d, epoch %d, saved by %d ranks, now %d)", self.run.path, latest,
+            log.info("resumed %s from %s (step %d, epoch %d, saved by %d ranks, now %d)", self.run.name, latest,
                      self.progress.step, self.progress.epoch, int(extra.get("world_size", 0)), self.info.world_size)
 
     # ------------------------------------------------------------------------------------------------ train
@@ -343,7 +348,7 @@ class StageRecipe:
             last_loss, _ = self._log_step(bar)
         self.save_checkpoint(final=True)
         dist.barrier()
-        return {"run_dir": self.run.path, "stage": self.stage, "steps": p.step, "epochs": self.reader.epoch,
+        return {"run_dir": self.run.location, "stage": self.stage, "steps": p.step, "epochs": self.reader.epoch,
                 "loss": last_loss, "world_size": info.world_size, "best": p.best}
 
     def _end_epoch(self, split_rows: int) -> None:
@@ -415,7 +420,7 @@ class StageRecipe:
         p, info = self.progress, self.info
         if final:
             self.saver.wait()
-            latest = checkpoint.latest_checkpoint(self.run.path) if info.is_main else None
+            latest = checkpoint.latest_checkpoint(self.run.location) if info.is_main else None
             latest = all_gather_objects(latest, info.world_size)[0]
             if latest is not None and latest.endswith(f"step-{p.step:08d}"):
                 return
@@ -430,6 +435,16 @@ class StageRecipe:
         self.cadence.saved()
         if final:
             self.saver.wait()
+        self._push_logs()
+
+    def _push_logs(self) -> None:
+        """A remote run directory: rank 0 copies the metrics log, TensorBoard's files and the last validation's
+        predictions to the store (with each checkpoint: a resume keeps the log up to its checkpoint)."""
+        if self.info.is_main and self.run.remote:
+            if self.scalars is not None:
+                self.scalars.flush()
+            self.run.push(*(n for n in (RunDir.HISTORY, "tensorboard", "validation")
+                            if os.path.exists(self.run.file(n))))
 
     # ------------------------------------------------------------------------------------------------ cleanup
     def cleanup(self) -> None:
@@ -437,6 +452,8 @@ class StageRecipe:
         try:
             if self.scalars is not None:
                 self.scalars.close()
+            if self.lock is not None and self.run.remote:
+                self._push_logs()
         finally:
             runlock.release(self.lock)
 

@@ -206,6 +206,7 @@ def evaluate(cfg: Config, run_dir: str, data_dir: str) -> Dict[str, Any]:
     sums (:mod:`mkt_torchrec.evaluation.distributed_metrics`): no rank works while the others wait.
     """
     run = RunDir(run_dir)
+    run.check_one_node()
     stage = run.stage()
     cfg = run.config().for_evaluation(cfg)  # ``EVALUATE_KEYS`` from the job, the rest the run's own
     info = init_distributed()
@@ -244,7 +245,7 @@ def _evaluate_locked(cfg: Config, run: RunDir, data_dir: str, info: DistInfo, ma
     metrics = compute_metrics_distributed(run.predictions, cfg.eval, info.device) or {}
     if info.is_main:
         extra = checkpoint.read_extra(ckpt)
-        metrics["run_dir"] = run.path
+        metrics["run_dir"] = run.location
         metrics["checkpoint"] = os.path.basename(ckpt)
         metrics["checkpoint_epoch"] = int(extra["epoch"])  # the epoch early stopping chose, when it ran
         metrics["validation"] = extra.get("best")

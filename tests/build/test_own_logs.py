@@ -1,6 +1,7 @@
 """README "Your own data", end to end on a real S3 server (moto, on localhost): Spark-style logs in a bucket ->
 `mkt build` with DuckDB and with Spark (the same rows) -> `mkt run --data s3://...` trains MKT and a baseline ->
-`mkt report --out s3://...`."""
+the run directories (checkpoints, logs, predictions, exports) and the report on S3 too (`mkt run --out s3://...`),
+and `mkt report` reading those runs."""
 
 from __future__ import annotations
 
@@ -54,20 +55,36 @@ def test_spark_style_logs_on_s3_build_with_both_engines_and_train_from_s3(s3_buc
         assert main(["build", "--config", LOGS, *sets, "--engine", "spark", "--out", f"{s3_bucket}/ds-spark"]) == 0
         assert rows_of(f"{s3_bucket}/ds-spark") == built
     capsys.readouterr()
-    out = tmp_path / "runs"
-    assert main(["run", "--config", LOGS, *sets, "--data", f"{s3_bucket}/ds", "--out", str(out), "--runs", "mkt",
-                 "finetune", "--seeds", "1"]) == 0
-    summary = json.load(open(out / "summary.json"))
+    out = f"{s3_bucket}/exp"  # run directories, checkpoints, exports and the report: all on the store
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("MKT_RUN_CACHE", str(tmp_path / "cache"))  # the jobs' local copies
+        assert main(["run", "--config", LOGS, *sets, "--data", f"{s3_bucket}/ds", "--out", out, "--runs", "mkt",
+                     "finetune", "--seeds", "1"]) == 0
+    summary = json.loads(storage.read_bytes(f"{out}/summary.json"))
     assert summary["data"] == f"{s3_bucket}/ds"
     for name in ("mkt", "finetune"):
         assert summary["target"][name]["rows"] == sum(1 for _ in built["test"][1]), name
-    record = json.load(open(os.path.join(summary["runs"]["mkt"][0], "run.json")))
-    assert record["data"] == f"{s3_bucket}/ds" and "testing" not in json.dumps(record)  # no credentials recorded
-    assert (out / "report" / "report.md").is_file()
-    # the report itself may go to the bucket too (mkt report --out s3://...), published report.html last
     runs = summary["runs"]
-    assert main(["report", "--model", f"Finetune={runs['finetune'][0]}", "--model", f"MKT={runs['mkt'][0]}",
-                 "--out", f"{s3_bucket}/report", "--config", LOGS, "--set", "eval.bootstrap_samples=10"]) == 0
+    assert runs["mkt"] == [f"{out}/runs/mkt/seed0/tem"]
+    stored = set(storage.listdir(f"{out}/runs", recursive=True))
+    for stage in ("mkt/seed0/mem", "mkt/seed0/tem", "finetune/seed0/mem", "finetune/seed0/tem"):
+        assert {f"{stage}/run.json", f"{stage}/plan.json", f"{stage}/metrics.jsonl",
+                f"{stage}/checkpoints/latest"} <= stored, stage
+        assert f"{stage}/.lock" not in stored  # released
+    for final in ("mkt/seed0/tem", "finetune/seed0/tem"):
+        assert {f"{final}/metrics.json", f"{final}/predictions/part-00000.parquet",
+                f"{final}/predictions/part-00001.parquet", f"{final}/serving/model.pt2",
+                f"{final}/serving/serving.json"} <= stored, final
+    assert {"mkt/seed0/mem/metrics.json", "finetune/seed0/mem/DONE"} <= stored  # (MKT's MEM is evaluated too)
+    record = json.loads(storage.read_bytes(f"{runs['mkt'][0]}/run.json"))
+    assert record["data"] == f"{s3_bucket}/ds" and record["mem_run"] == f"{out}/runs/mkt/seed0/mem"
+    assert "testing" not in json.dumps(record)  # no credentials recorded
+    assert "MKT" in storage.read_bytes(f"{out}/report/report.md").decode()
+    # `mkt report` reads runs on the store (their predictions come to a local copy) and writes to it
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("MKT_RUN_CACHE", str(tmp_path / "cache2"))
+        assert main(["report", "--model", f"Finetune={runs['finetune'][0]}", "--model", f"MKT={runs['mkt'][0]}",
+                     "--out", f"{s3_bucket}/report", "--config", LOGS, "--set", "eval.bootstrap_samples=10"]) == 0
     published = set(storage.listdir(f"{s3_bucket}/report"))
     assert {"report.html", "report.md", "report.json"} <= published
     assert "MKT" in storage.read_bytes(f"{s3_bucket}/report/report.md").decode()

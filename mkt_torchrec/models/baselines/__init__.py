@@ -72,10 +72,19 @@ def build_train_module(cfg: Config, stage: str, device: Optional[torch.device] =
     return BaselineTrain(_builder(spec.name)(cfg, stage, device))
 
 
+def serving_schema(cfg: Config) -> SchemaConfig:
+    """The schema of a baseline's serving inputs: its module's ``serving_schema(cfg)`` where it has one (PGTL's
+    related items are one more input key), else ``cfg.schema``."""
+    hook = getattr(importlib.import_module(registry.get(spec_of(cfg.model.name).name).module),  # type: ignore[arg-type]
+                   "serving_schema", None)
+    return hook(cfg) if hook is not None else cfg.schema
+
+
 def serving_model(schema: SchemaConfig, model: BaselineModel) -> BaselineServing:
-    """The serving model of a trained baseline (its final stage's ``model``); see :class:`BaselineServing`."""
-    return BaselineServing(schema, model)
+    """The serving model of a trained baseline (its final stage's ``model``): its class's ``serving_class`` (a
+    :class:`BaselineServing` that serves more than one sparse arch, e.g. KEEP's), else :class:`BaselineServing`."""
+    return getattr(model, "serving_class", BaselineServing)(schema, model)
 
 
 __all__ = ["MODELS", "BaselineModel", "BaselineServing", "BaselineTrain", "ModelSpec", "StageSpec",
-           "build_train_module", "final_stage", "serving_model", "spec_of"]
+           "build_train_module", "final_stage", "serving_model", "serving_schema", "spec_of"]
