@@ -18,7 +18,7 @@ from mkt_torchrec.models.baselines import build_train_module
 from mkt_torchrec.models.baselines.pgtl import (PGTLArch, attach_loss, dann_lambda, reverse_gradient, serving_model,
                                                 serving_schema)
 from mkt_torchrec.modules.sparse import SparseFeatures
-from mkt_torchrec.training.distributed import launch
+from mkt_torchrec.training.distributed import launch, run_rank
 
 from tests.conftest import small_config
 
@@ -309,7 +309,7 @@ def test_trains_evaluates_and_exports_at_one_and_two_ranks(small_dataset, tmp_pa
     cfg = small_config(*PGTL, "train.max_steps=4", "train.log_every=2", "eval.bootstrap_samples=0",
                        "data.batch_size=256")
     run = str(tmp_path / "run")
-    out = _train_and_evaluate(cfg, small_dataset, run) if nproc == 1 else \
+    out = run_rank(_train_and_evaluate, cfg, small_dataset, run) if nproc == 1 else \
         launch(nproc, _train_and_evaluate, cfg, small_dataset, run)
     assert out["summary"]["steps"] == 4 and np.isfinite(out["summary"]["loss"])
     assert len(out["digests"]) == nproc and len(set(out["digests"])) == 1  # every rank built the same table

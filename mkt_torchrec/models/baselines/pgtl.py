@@ -72,9 +72,9 @@ Our reading (choices the paper leaves open):
 Serving: the exported model takes the related ids as one more input key (``data.related_items.key``, (B, K) table
 rows, -1 padding), built with the same relation table (:func:`mkt_torchrec.data.relations.related_items`): the
 prior is a join on the item, like any item feature. :func:`serving_schema` is the schema whose
-``serving_keys`` include it, :func:`serving_model` the serving module; see ``tests/models/test_pgtl.py``. (PGTL is
-not exported by ``mkt run``, like the other joint models; ``mkt export`` of a PGTL run needs
-``training/export.py`` to use :func:`serving_schema` where it uses ``cfg.schema``.)
+``serving_keys`` include it (``mkt export`` reads it through ``models.baselines.serving_schema``),
+:func:`serving_model` the serving module; see ``tests/models/test_pgtl.py``. (PGTL is not exported by ``mkt run``,
+like the other joint models; ``mkt export --run-dir RUN`` exports it.)
 """
 
 from __future__ import annotations
