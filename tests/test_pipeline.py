@@ -37,9 +37,10 @@ def test_the_demo_transfers_from_posts_and_products_far_beyond_seed_noise(tmp_pa
                  synthesised=True)
 
 
-def test_mkt_run_on_a_converted_tenrec_dataset_runs_every_model_for_two_seeds(tmp_path, capsys):
-    """`mkt run --data` on Tenrec-layout CSVs converted by `mkt tenrec`: MKT, its ablations and the ten baselines,
-    two seeds each, end to end (train, evaluate, export, report)."""
+def test_mkt_run_on_a_converted_tenrec_dataset_runs_every_model_then_more_seeds(tmp_path, capsys):
+    """`mkt run --data` on Tenrec-layout CSVs converted by `mkt tenrec`: MKT, its ablations and every baseline, end
+    to end (train, evaluate, export, report); then a second seed of two of them in the same --out, which reuses
+    the first seed's runs."""
     from mkt_torchrec.registry import names as all_runs
 
     from tests.data.test_tenrec import TENREC, random_rows, write_pair
@@ -53,17 +54,24 @@ def test_mkt_run_on_a_converted_tenrec_dataset_runs_every_model_for_two_seeds(tm
     sets = [w for s in small for w in ("--set", s)]
     data, out = str(tmp_path / "tenrec"), tmp_path / "grid"
     assert main(["tenrec", "--config", TENREC, *sets, "--video", v, "--article", a, "--out", data]) == 0
-    assert main(["run", "--config", TENREC, *sets, "--data", data, "--out", str(out), "--runs", "all",
-                 "--seeds", "2"]) == 0
+    assert main(["run", "--config", TENREC, *sets, "--data", data, "--out", str(out), "--runs", "all"]) == 0
     summary = json.load(open(out / "summary.json"))
     assert summary["data"] == data and not (out / "data").exists()
     assert set(summary["target_by_seed"]) == set(all_runs())
     for name, per_seed in summary["target_by_seed"].items():
-        assert len(per_seed) == 2 and all(m["rows"] > 0 and 0 <= m["auc"] <= 1 for m in per_seed), name
-    seeds = {json.load(open(os.path.join(d, "run.json")))["config"]["train"]["seed"] for d in summary["runs"]["mlp"]}
-    assert seeds == {0, 1}
+        assert len(per_seed) == 1 and all(m["rows"] > 0 and 0 <= m["auc"] <= 1 for m in per_seed), name
     table = (out / "report" / "report.md").read_text()
     for family in ("Single-domain", "Joint training", "Pre-training & fine-tuning", "MKT and ablations"):
         assert family in table
-    assert all(f"| {name} | 2 |" in table for name in all_runs() if name != "no_mem_pretrain")
-    assert os.path.isfile(out / "runs" / "finetune" / "seed1" / "tem" / "serving" / "model.pt2")
+    assert all(f"| {name} | 1 |" in table for name in all_runs() if name != "no_mem_pretrain")
+    first = {n: json.load(open(os.path.join(d[0], "metrics.json"))) for n, d in summary["runs"].items()}
+    assert main(["run", "--config", TENREC, *sets, "--data", data, "--out", str(out), "--runs", "mlp", "keep",
+                 "--seeds", "2"]) == 0
+    summary = json.load(open(out / "summary.json"))
+    assert set(summary["target_by_seed"]) == {"mlp", "keep"}
+    for name in ("mlp", "keep"):
+        assert json.load(open(os.path.join(summary["runs"][name][0], "metrics.json"))) == first[name]  # reused
+        seeds = {json.load(open(os.path.join(d, "run.json")))["config"]["train"]["seed"] for d in summary["runs"][name]}
+        assert seeds == {0, 1}, name
+    assert "| mlp | 2 |" in (out / "report" / "report.md").read_text()
+    assert os.path.isfile(out / "runs" / "keep" / "seed1" / "tem" / "serving" / "model.pt2")
