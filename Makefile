@@ -10,9 +10,9 @@ STAMP  := $(VENV)/.mkt-installed
 # the same command so torchrec's `fbgemm-gpu` requirement resolves to fbgemm-gpu-cpu (see README).
 CPU_STACK := torch==2.13.0 fbgemm-gpu-cpu==1.8.0 ./third_party/fbgemm_gpu_cpu_alias torchrec==1.8.0 torchx==0.7.0
 
-.PHONY: install java test demo experiment bench clean
+.PHONY: install java redis test demo experiment bench clean
 
-install: $(STAMP) java
+install: $(STAMP) java redis
 
 # Java for `mkt build --engine spark` (pyspark runs a JVM): Debian's headless JRE 17 where none is installed.
 # Without root or apt the Spark tests are skipped with their reason; nothing else needs Java.
@@ -23,9 +23,18 @@ java:
 		--no-install-recommends default-jre-headless >/dev/null); } || \
 		echo "warning: no Java here: the Spark engine's tests will be skipped (install a JRE 17 or 21)" >&2
 
+# Redis for the knowledge cache's serving store (tests/cache start a redis-server on localhost): Debian's package
+# where none is installed. Without root or apt the Redis tests are skipped with their reason; the SQLite store needs
+# nothing.
+redis:
+	@command -v redis-server >/dev/null 2>&1 || { command -v apt-get >/dev/null 2>&1 && [ "$$(id -u)" = 0 ] && \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
+		redis-server >/dev/null; } || \
+		echo "warning: no redis-server here: the Redis knowledge-cache tests will be skipped" >&2
+
 $(STAMP): pyproject.toml third_party/fbgemm_gpu_cpu_alias/pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV) || python3 -m venv $(VENV)
-	$(PIP) install --quiet --disable-pip-version-check $(CPU_STACK) pyarrow pandas numpy pyyaml tqdm \
+	$(PIP) install --quiet --disable-pip-version-check $(CPU_STACK) pyarrow pandas numpy pyyaml tqdm redis \
 		scikit-learn matplotlib jinja2 pytest kubernetes tensorboard fsspec s3fs 'moto[server]' duckdb sqlglot pyspark
 	$(PIP) install --quiet --disable-pip-version-check --no-build-isolation --no-deps -e .
 	$(PIP) check
