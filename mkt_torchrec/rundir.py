@@ -129,6 +129,7 @@ class RunDir:
         self.location = os.fspath(path)
         self.remote = _is_uri(self.location)
         self.path = working_copy(self.location) if self.remote else self.location
+        self._pushed: Dict[str, tuple] = {}  # local file -> (size, mtime_ns) when this object last uploaded it
 
     def __repr__(self) -> str:
         return f"RunDir({self.location!r})"
@@ -245,7 +246,7 @@ class RunDir:
             assert name.split("/")[0] not in _SKIPPED, name
             local, stored = self.file(name), self.stored(name)
             if os.path.isfile(local):
-                storage.upload(local, stored)
+                self._upload_changed(local, stored)
                 continue
             mine = set()
             for root, _, files in os.walk(local):
@@ -255,11 +256,22 @@ class RunDir:
                     rel = os.path.relpath(os.path.join(root, f), local).replace(os.sep, "/")
                     mine.add(rel)
                     if name + "/" + rel not in last:
-                        storage.upload(os.path.join(root, f), storage.join(stored, rel))
+                        self._upload_changed(os.path.join(root, f), storage.join(stored, rel))
             stale = [r for r in storage.listdir(stored, recursive=True) if r not in mine]
             storage.remove_files(stored, stale)  # e.g. the predictions of an earlier pass at another world size
         for name in last:
             storage.upload(self.file(name), self.stored(name))
+
+    def _upload_changed(self, local: str, stored: str) -> None:
+        """Upload ``local`` unless this object uploaded it unchanged before (a checkpoint's push sends only what
+        changed since the last one: TensorBoard's finished event files, a validation pass not rerun)."""
+        from mkt_torchrec import storage
+
+        st = os.stat(local)
+        if self._pushed.get(local) == (st.st_size, st.st_mtime_ns):
+            return
+        storage.upload(local, stored)
+        self._pushed[local] = (st.st_size, st.st_mtime_ns)
 
     # ---------------------------------------------------------------------------------------------- records
     def record(self) -> Dict[str, Any]:

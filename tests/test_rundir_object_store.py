@@ -86,12 +86,19 @@ def test_push_mirrors_a_directory_with_its_marker_last_and_pull_restores_it(s3_b
         f.write('{"step": 1}\n{"step": 2}\n')
     run.push("metrics.jsonl")
     assert RunDir(run.location).history() == [{"step": 1}, {"step": 2}]
+    storage.remove_files(run.location, ["metrics.jsonl"])  # (behind its back: shows what a push sends)
+    run.push("metrics.jsonl")
+    assert RunDir(run.location).history() == []  # unchanged since this object uploaded it: not sent again
+    with open(run.file("metrics.jsonl"), "a") as f:
+        f.write('{"step": 3}\n')
+    run.push("metrics.jsonl")
+    assert [r["step"] for r in RunDir(run.location).history()] == [1, 2, 3]
     other = tmp_path / "elsewhere"  # another machine: an empty local copy
     os.environ["MKT_RUN_CACHE"] = str(other)
     copy = RunDir(run.location)
     copy.pull("predictions", "metrics.jsonl", "tensorboard")
     assert sorted(os.listdir(copy.predictions)) == ["part-00000.parquet", "part-00001.parquet"]
-    assert open(copy.file("metrics.jsonl")).read().count("step") == 2
+    assert open(copy.file("metrics.jsonl")).read().count("step") == 3
     assert not os.path.exists(copy.tensorboard)  # nothing on the store: nothing here
 
 

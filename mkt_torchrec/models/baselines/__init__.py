@@ -75,8 +75,8 @@ def build_train_module(cfg: Config, stage: str, device: Optional[torch.device] =
 def serving_schema(cfg: Config) -> SchemaConfig:
     """The schema of a baseline's serving inputs: its module's ``serving_schema(cfg)`` where it has one (PGTL's
     related items are one more input key), else ``cfg.schema``."""
-    hook = getattr(importlib.import_module(registry.get(spec_of(cfg.model.name).name).module),  # type: ignore[arg-type]
-                   "serving_schema", None)
+    spec_of(cfg.model.name)  # (a baseline's name, or one line)
+    hook = getattr(importlib.import_module(registry.get(cfg.model.name).module), "serving_schema", None)  # type: ignore[arg-type]
     return hook(cfg) if hook is not None else cfg.schema
 
 
