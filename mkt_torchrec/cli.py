@@ -47,7 +47,20 @@ def _add_synth(p: argparse.ArgumentParser) -> None:
                    "logs: the same data as a marketplace's raw impression logs (Spark-style Parquet, dt= day "
                    "partitions, their own column names, string ids, no sequences) for `mkt build` with "
                    "configs/logs.yaml")
+    p.add_argument("--days", type=int, default=None, metavar="N",
+                   help="write N day datasets for daily incremental training instead of one (--layout parquet only): "
+                   "--out/day-001 ... day-N, each training on its day and testing on the next, and --out/days.json "
+                   "listing them; synth.source_rows is the total over the N+1 days generated "
+                   "(mkt_torchrec.data.synth_days)")
+    p.add_argument("--drift", type=float, default=None, metavar="RADIANS",
+                   help="with --days: how far every user's interest vector turns each day, in radians (default "
+                   f"{DEFAULT_DRIFT}; 0: every day has the same distribution)")
+    p.add_argument("--cumulative", action="store_true", help="with --days: also write --out/upto-001 ... upto-N, "
+                   "training on all days so far and testing on the next (to retrain from scratch)")
     p.add_argument("--overwrite", action="store_true", help="replace --out if it exists (once the new one is complete)")
+
+
+DEFAULT_DRIFT = 0.05  # mkt synth --days: radians per day
 
 
 def _run_synth(args: argparse.Namespace, cfg: Config) -> int:
@@ -56,6 +69,21 @@ def _run_synth(args: argparse.Namespace, cfg: Config) -> int:
     if args.seed is not None:
         cfg.synth.seed = args.seed
     total = int(cfg.synth.source_rows * (1 + cfg.synth.target_ratio))
+    if args.days is None and (args.drift is not None or args.cumulative):
+        raise ValueError(f"{'--drift' if args.drift is not None else '--cumulative'} needs --days N")
+    if args.days is not None:
+        from mkt_torchrec.data.synth_days import write_days
+
+        if args.layout != "parquet":
+            raise ValueError(f"--days writes day datasets (--layout parquet), not --layout {args.layout}")
+        if args.days < 1:
+            raise ValueError(f"--days: expected a number of days >= 1, got {args.days}")
+        drift = DEFAULT_DRIFT if args.drift is None else args.drift
+        with _progress(total, "synth") as bar:
+            summary = write_days(cfg, args.out, args.days, drift, cumulative=args.cumulative,
+                                 overwrite=args.overwrite, progress=bar.update)
+        print(json.dumps({"out": args.out, **{k: v for k, v in summary.items() if k != "out_dir"}}))
+        return 0
     if args.layout == "tenrec":
         return _synth_tenrec(args, cfg, total)
     if args.layout == "logs":
@@ -237,6 +265,67 @@ def _run_run(args: argparse.Namespace, cfg: Config) -> int:
 
 
 # --------------------------------------------------------------------------------------------------------
+# mkt daily: incremental training day by day (mkt_torchrec.daily)
+# --------------------------------------------------------------------------------------------------------
+
+
+def _add_daily(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--days", required=True, nargs="+", metavar="DATASET",
+                   help="the day datasets in date order (each trains on its train split and is tested on its test "
+                   "split, the next day), or a directory with days.json listing them (mkt synth --days)")
+    p.add_argument("--out", required=True, help="output directory: seedK/day-DDD/{mem,tem}, seedK/frozen/, "
+                   "daily.md / daily.png (the per-day table and curves), summary.json; rerun it with more days to "
+                   "continue")
+    p.add_argument("--mem-every", type=int, default=1, metavar="K",
+                   help="refresh the MEM every K days (days 1, 1+K, ...); stage 2 trains daily and moves to each new "
+                   "MEM when it appears (default 1)")
+    p.add_argument("--nproc", type=int, default=2, help="local ranks (default 2)")
+    p.add_argument("--seeds", type=int, default=1, help="day sequences, with seeds train.seed + k (default 1)")
+    p.add_argument("--overwrite", action="store_true", help="delete an earlier mkt daily output at --out first "
+                   "(default: skip the days done, resume an interrupted one)")
+    p.add_argument("--stale-lags", type=int, nargs="+", default=[], metavar="L",
+                   help="with --set model.tem.knowledge=cache (each day's stage 2 reads that day's knowledge version): "
+                   "also score each day's stage 2 with the version of L days before (what a stale cache costs)")
+
+
+def _run_daily(args: argparse.Namespace, cfg: Config) -> int:
+    from mkt_torchrec.daily import run_daily
+
+    summary = run_daily(cfg, args.days, args.out, nproc=args.nproc, seeds=args.seeds, mem_every=args.mem_every,
+                        overwrite=args.overwrite, stale_lags=args.stale_lags)
+    print(json.dumps([{"day": r["day"], "mem_day": r["mem_day"],
+                       **{f"{name}_{k}": r[name].get(k) for name in ("incremental", "frozen") for k in ("gauc", "auc")}}
+                      for r in summary["table"]], indent=1))
+    print(f"table: {os.path.join(args.out, 'daily.md')} (curves: daily.png); took {summary['seconds']:.0f}s")
+    return 0
+
+
+def _add_score(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--run", required=True, help="a stage-2 run with a serving export (RUN/serving)")
+    p.add_argument("--requests", required=True, help="a Parquet file of requests in the dataset's columns (raw ids; "
+                   "entity and label may be absent)")
+    p.add_argument("--out", required=True, help="the Parquet file to write: row, user_id, score")
+    p.add_argument("--cache", default=None, metavar="URI", help="the store holding the knowledge (a cached stage 2: "
+                   "model.tem.knowledge=cache): a path, sqlite:///PATH or redis://HOST:PORT/DB")
+    p.add_argument("--version", default=None, help="the cache version (default: the one the run trained with)")
+    p.add_argument("--batch-size", type=int, default=4096, help="requests per batch (default 4096)")
+    p.add_argument("--any-mem", action="store_true", help="accept a version built from another MEM checkpoint than "
+                   "the run trained with (a stale or newer cache; the schema must still match)")
+
+
+def _run_score(args: argparse.Namespace, cfg: Config) -> int:
+    from mkt_torchrec.cache.score import score_requests
+
+    if args.batch_size < 1:
+        raise ValueError(f"--batch-size must be at least 1, got {args.batch_size}")
+    with _progress(None, "score") as bar:
+        summary = score_requests(args.run, args.requests, args.out, cache_uri=args.cache, version=args.version,
+                                 batch_size=args.batch_size, any_mem=args.any_mem, progress=bar.update)
+    print(json.dumps(summary))
+    return 0
+
+
+# --------------------------------------------------------------------------------------------------------
 # mkt train / evaluate / plan
 # --------------------------------------------------------------------------------------------------------
 
@@ -305,12 +394,17 @@ def _add_evaluate(p: argparse.ArgumentParser) -> None:
     p.add_argument("--run-dir", required=True, help="a run directory of mkt train")
     p.add_argument("--data", required=True, help="dataset (a directory or a URI); its test split is scored")
     p.add_argument("--nproc", type=int, default=0, help="launch N local processes (see mkt train --help)")
+    p.add_argument("--cache-version", default=None, help="a stage 2 trained with model.tem.knowledge=cache: score "
+                   "with this version of the cache instead of its own (e.g. a stale one)")
+    p.add_argument("--into", default=None, help="write predictions/ and metrics.json into this directory instead of "
+                   "the run's (the run is left as it is)")
 
 
-def _evaluate_entry(cfg: Config, run_dir: str, data: str) -> dict:
+def _evaluate_entry(cfg: Config, run_dir: str, data: str, into: Optional[str] = None,
+                    cache_version: Optional[str] = None) -> dict:
     from mkt_torchrec.training.scoring import evaluate
 
-    return evaluate(cfg, run_dir, data)
+    return evaluate(cfg, run_dir, data, into=into, cache_version=cache_version)
 
 
 def _run_evaluate(args: argparse.Namespace, cfg: Config) -> int:
@@ -322,7 +416,7 @@ def _run_evaluate(args: argparse.Namespace, cfg: Config) -> int:
         raise ValueError(f"--set {', '.join(ignored)} does not apply to evaluate: the model, schema and plan come "
                          f"from {os.path.join(args.run_dir, 'run.json')}; evaluate takes only "
                          f"{', '.join(k + ('.*' if '.' not in k else '') for k in EVALUATE_KEYS)}")
-    metrics = _in_world(args.nproc, _evaluate_entry, cfg, args.run_dir, args.data)
+    metrics = _in_world(args.nproc, _evaluate_entry, cfg, args.run_dir, args.data, args.into, args.cache_version)
     if metrics:
         print(json.dumps(metrics))
     return 0
@@ -369,6 +463,18 @@ def _run_config(args: argparse.Namespace, cfg: Optional[Config]) -> int:
     return 0
 
 
+def _add_cache(p: argparse.ArgumentParser) -> None:
+    from mkt_torchrec.cache.cli import add_arguments
+
+    add_arguments(p)
+
+
+def _run_cache(args: argparse.Namespace, cfg: Optional[Config]) -> int:
+    from mkt_torchrec.cache.cli import run
+
+    return run(args, cfg)
+
+
 _COMMANDS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], None], Handler]] = {
     "synth": ("write a synthetic dataset with planted cross-entity structure (--layout tenrec: as Tenrec's CSVs)",
               _add_synth, _run_synth),
@@ -388,14 +494,21 @@ _COMMANDS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], None], Handl
                _run_config),
     "report": ("compare evaluated runs side by side: report.html, report.md, plots", _add_report, _run_report),
     "run": ("the main job: synthesise data and run the pipeline end to end", _add_run, _run_run),
+    "daily": ("incremental training day by day: both stages continue from the previous day's on each day's rows, "
+              "each day's model tested on the next day", _add_daily, _run_daily),
+    "cache": ("the knowledge cache (KEEP): build a MEM's knowledge into a snapshot, load it into a store as a "
+              "version, list versions", _add_cache, _run_cache),
+    "score": ("score a Parquet file of requests with a run's serving export, its knowledge read from a cache "
+              "version (a reference for a serving system)", _add_score, _run_score),
 }
 
 
 # Options that may be a URI (s3://bucket/ds, ...: mkt_torchrec.storage), by command: datasets and reports. Run
 # directories (checkpoints, the lock) are local or shared POSIX paths.
-_URI_OPTIONS = {"data": ("train", "evaluate", "inspect", "rewrite", "export", "plan", "run"),
-                "out": ("rewrite", "build", "report", "run"), "run_dir": ("train", "evaluate", "export"),
-                "mem_run": ("train",), "runs": ("report",), "models": ("report",)}
+_URI_OPTIONS = {"data": ("train", "evaluate", "inspect", "rewrite", "export", "plan", "run", "cache"),
+                "out": ("rewrite", "build", "report", "run", "cache"), "run_dir": ("train", "evaluate", "export"),
+                "mem_run": ("train", "cache"), "runs": ("report",), "models": ("report",), "days": ("daily",),
+                "snapshot": ("cache",), "store": ("cache",)}
 
 
 def _local_paths_only(args: argparse.Namespace) -> None:
@@ -429,10 +542,10 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name, (help_text, add, _) in _COMMANDS.items():
         p = sub.add_parser(name, help=help_text, description=help_text)
-        if name == "export":  # the model and its settings come from the run's own run.json
+        if name in ("export", "score"):  # the model and its settings come from the run's own run.json
             p.set_defaults(config=None, overrides=[])
         else:  # config lists settings; report reads the runs (a config only sets its eval.* options)
-            optional = name in ("config", "report")
+            optional = name in ("config", "report", "cache")
             p.add_argument("--config", required=not optional,
                            help="YAML config file (see configs/)" + (" (optional)" if optional else ""))
             p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",

@@ -27,6 +27,7 @@ import yaml
 
 from mkt_torchrec.baseline_config import BaselinesConfig, KeepConfig, PGTLConfig
 from mkt_torchrec.build.source import SourceConfig
+from mkt_torchrec.cache_config import CacheConfig
 from mkt_torchrec.typed import ConfigError, arg_docs, build, check, entry_type, validate_tree
 
 ENTITIES: tuple[str, str] = ("source", "target")
@@ -468,12 +469,15 @@ class TEMConfig:
             quickstart (README "Making each part of MKT pay off").
         mem_logit: (extension) the frozen MEM's target-tower logit is added to the TEM's output, and the TEM's
             last layer starts at zero: stage 2 starts as the MEM's own target model and learns a correction.
+        knowledge: ``mem``: the frozen MEM computes the knowledge; ``cache``: read from the knowledge cache
+            (``cache.uri`` / ``cache.version``, KEEP's degenerated form: ``mkt_torchrec.cache.keys``), no MEM held.
     """
 
     dnn: list[int] = field(default_factory=lambda: [128, 64, 16, 1])
     cross_layer: int = 1
     init_from_mem: bool = True
     mem_logit: bool = False
+    knowledge: Literal["mem", "cache"] = "mem"
 
 
 @dataclass
@@ -740,6 +744,7 @@ class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    cache: CacheConfig = field(default_factory=CacheConfig)  # the knowledge cache (mkt_torchrec/cache_config.py)
     # Later components keep their raw sections here until their dataclasses land.
     extra: dict[str, Any] = field(default_factory=dict)
 
@@ -889,12 +894,12 @@ def describe_keys(cfg: Optional[Config] = None) -> list[tuple[str, Any, str]]:
             else:
                 rows.append((key, value, docs.get(f.name, "")))
 
-    names = ("schema", "data", "synth", "tenrec", "source", "model", "train", "eval") if cfg is not None else \
-        ("data", "synth", "tenrec", "source", "model", "train", "eval")
+    names = ("schema", "data", "synth", "tenrec", "source", "model", "train", "eval", "cache") if cfg is not None \
+        else ("data", "synth", "tenrec", "source", "model", "train", "eval", "cache")
     for name in names:
         section = getattr(cfg, name) if cfg is not None else {
             "data": DataConfig, "synth": SynthConfig, "tenrec": TenrecConfig, "source": SourceConfig, "model": ModelConfig,
-            "train": TrainConfig, "eval": EvalConfig}[name]()
+            "train": TrainConfig, "eval": EvalConfig, "cache": CacheConfig}[name]()
         walk(section, name)
     return rows
 

@@ -37,18 +37,29 @@ from typing import Any, Dict, List, Optional, Sequence
 
 from mkt_torchrec import registry
 from mkt_torchrec import storage
+from mkt_torchrec.cache.knowledge import reads_cache
+from mkt_torchrec.cache.pipeline import ensure_cache, run_config
 from mkt_torchrec.config import Config
 from mkt_torchrec.provenance import other_code
 from mkt_torchrec.rundir import RunDir, read_json
 
 log = logging.getLogger("mkt.run")
 
+def _seed_root(out: str, name: str, seed: int) -> str:
+    spec = registry.get(name)
+    return storage.join(out, "runs", spec.made_as or name, f"seed{seed}")
+
+
 def _run_dirs(out: str, name: str, seed: int = 0) -> Dict[str, RunDir]:
     """Run directories a named run needs: {"mem": ..., "tem": ...} (``OUT/runs/NAME/seedK/STAGE``; a run made as
     another, such as no_tem_finetune, is that one's directories)."""
-    spec = registry.get(name)
-    root = storage.join(out, "runs", spec.made_as or name, f"seed{seed}")
-    return {stage: RunDir(storage.join(root, stage)) for stage in spec.stages}
+    root = _seed_root(out, name, seed)
+    return {stage: RunDir(storage.join(root, stage)) for stage in registry.get(name).stages}
+
+
+def _run_config(cfg: Config, out: str, name: str, seed: int) -> Config:
+    """The resolved config of a named run's seed (``mkt_cached``: with its own knowledge store and version)."""
+    return run_config(registry.get(name).config(cfg, seed), _seed_root(out, name, seed), name, seed)
 
 
 def final_run_dir(out: str, name: str, seed: int = 0) -> str:
@@ -68,13 +79,15 @@ def _train_and_evaluate(cfg: Config, data: str, out: str, names: List[str], seed
         start = time.perf_counter()
         spec = registry.get(name)
         for seed in range(seeds):
-            run_cfg = spec.config(cfg, seed)
+            run_cfg = _run_config(cfg, out, name, seed)
             dirs = _run_dirs(out, name, seed)
             evaluated = registry.evaluated_stages(spec.made_as or name)
             for stage, run in dirs.items():
                 if run.done():
                     continue
                 mem_run = dirs["mem"].location if stage == "tem" and "mem" in dirs else None
+                if mem_run is not None and reads_cache(run_cfg, stage):  # mkt_cached: its knowledge version first
+                    ensure_cache(run_cfg, _seed_root(out, name, seed), mem_run, data)
                 train(run_cfg, stage, data, run.location, resume=run.has_checkpoint(), mem_run=mem_run)
                 if stage in evaluated:  # a final model (the MKT MEM is also no_tem_finetune's)
                     evaluate(run_cfg, run.location, data)
@@ -190,7 +203,7 @@ def _check_reuse(cfg: Config, data: str, out: str, names: List[str], seeds: int,
                              "use another --out, or --overwrite to start over")
     for name in names:
         for seed in range(seeds):
-            wanted = registry.get(name).config(cfg, seed).to_dict()
+            wanted = _run_config(cfg, out, name, seed).to_dict()
             for run in _run_dirs(out, name, seed).values():
                 if run.exists():
                     record = run.record()

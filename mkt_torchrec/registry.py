@@ -73,6 +73,7 @@ class RunSpec:
         made_as: the run whose directories and settings are this one's, when it trains nothing of its own
             (``no_tem_finetune`` is the ``mkt`` run's MEM, evaluated on its own target tower).
         served: ``mkt run`` exports its final run for serving (``serving/model.pt2``).
+        extra: further ``(dotted key, value)`` settings of its config (``mkt_cached``: the knowledge from the cache).
     """
 
     name: str
@@ -84,6 +85,7 @@ class RunSpec:
     module: Optional[str] = None
     made_as: Optional[str] = None
     served: bool = False
+    extra: Tuple[Tuple[str, Any], ...] = ()
 
     @property
     def final_stage(self) -> str:
@@ -103,8 +105,8 @@ class RunSpec:
         """The config settings that make a run of this model (of the run it is made as, if any)."""
         spec = get(self.made_as) if self.made_as else self
         if spec.is_baseline:
-            return {"model.name": spec.model}
-        return {"model.name": "mkt", "model.ablation": spec.ablation}
+            return {"model.name": spec.model, **dict(spec.extra)}
+        return {"model.name": "mkt", "model.ablation": spec.ablation, **dict(spec.extra)}
 
     def config(self, base: "Config", seed: int = 0) -> "Config":
         """The resolved config of this model's run of seed index ``seed`` from the job's config: the model's
@@ -131,6 +133,10 @@ _RUNS: Dict[str, RunSpec] = {spec.name: spec for spec in (
     RunSpec("no_pdl", "mkt", "w/o PDL", _MKT, ablation="no_pdl", served=True),
     RunSpec("no_mem_pretrain", "single_domain", "w/o MEM pretrain", _SINGLE_DOMAIN, ablation="no_mem_pretrain",
             served=True),
+    # MKT with stage 2 reading the MEM's knowledge from a cache version (KEEP's degenerated form; ``mkt run`` builds
+    # and loads the version between the stages: mkt_torchrec/cache/pipeline.py)
+    RunSpec("mkt_cached", "mkt", "MKT (cached knowledge)", _MKT, served=True,
+            extra=(("model.tem.knowledge", "cache"),)),
     RunSpec("no_tem_finetune", "mkt", "w/o TEM finetune", {"mem": StageSpec(None)}, ablation="no_tem_finetune",
             made_as="mkt", served=True),
     # the paper's Table 2 baselines (4.1.2); joint models are compared, not exported
@@ -207,8 +213,8 @@ def names() -> Tuple[str, ...]:
 
 
 def mkt_names() -> Tuple[str, ...]:
-    """MKT and its ablations."""
-    return tuple(n for n, s in runs().items() if not s.is_baseline)
+    """MKT and its ablations (not its variants with extra settings, such as ``mkt_cached``: asked for by name)."""
+    return tuple(n for n, s in runs().items() if not s.is_baseline and not s.extra)
 
 
 def baseline_names() -> Tuple[str, ...]:

@@ -17,6 +17,8 @@ second copy to drift. It does four things:
    time, and a step's side features are the liked row's own encoded values (a missing one: ``MISSING_RAW``
    through the feature's encoding, or bucket 0). ``activity`` counts both entities' earlier positive rows.
 3. **Split**: by time cut-offs, by each user's last fraction of rows, or by each entity's (``source.split``;
+   ``by: time`` rows before ``train_from`` or from ``test_until`` on get ``__split`` = -1 and are left out of
+   the result, after the sequences and counts have read them;
    a fraction's cut ``floor((1 - f) * n + 1e-9)``: the fraction as the decimal written, in IEEE doubles that
    both engines compute alike).
 4. **Order**: rows in ``(split, time, file, row)`` order, a total order that does not depend on the engine.
@@ -32,11 +34,12 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
-from mkt_torchrec.build.source import SourceConfig, entity_code
+from mkt_torchrec.build.source import SourceConfig, check_split_order, entity_code
 
 MISSING_RAW = 2 ** 61 - 1  # a missing side value (mkt_torchrec.data.tenrec's convention): above every real id
 MISSING_BUCKET = 0
 SPLIT_CODES = {"train": 0, "valid": 1, "test": 2}
+NOT_WRITTEN = -1  # __split of a row read but not written: history before train_from, or at / after test_until
 
 
 def missing_step(mapping: Any, kind: str, entity: int) -> int:
@@ -130,17 +133,23 @@ class BuildPlan:
                 "ORDER BY n DESC, value LIMIT 5")
 
     def _split_expr(self) -> str:
+        """``__split`` of a row: :data:`SPLIT_CODES`, or :data:`NOT_WRITTEN` for a row outside ``by: time``'s
+        ``[train_from, test_until)`` (history, or after the test)."""
         s = self.source.split
         u = q(self.user)
         if s.by == "time":
-            test = time_cut(s.test_from, self.time_type, "source.split.test_from")  # type: ignore[arg-type]
-            expr = f"CASE WHEN __t >= {test!r} THEN 2"
-            if s.valid_from is not None:
-                valid = time_cut(s.valid_from, self.time_type, "source.split.valid_from")
-                if valid > test:
-                    raise ValueError(f"source.split.valid_from ({s.valid_from}) is after test_from ({s.test_from})")
-                expr += f" WHEN __t >= {valid!r} THEN 1"
-            return expr + " ELSE 0 END"
+            written = s.cuts()
+            cuts = {name: time_cut(value, self.time_type, f"source.split.{name}") for name, value in written.items()}
+            check_split_order(cuts, written)
+            whens = []
+            if "test_until" in cuts:
+                whens.append(f"WHEN __t >= {cuts['test_until']!r} THEN {NOT_WRITTEN}")
+            whens.append(f"WHEN __t >= {cuts['test_from']!r} THEN {SPLIT_CODES['test']}")
+            if "valid_from" in cuts:
+                whens.append(f"WHEN __t >= {cuts['valid_from']!r} THEN {SPLIT_CODES['valid']}")
+            if "train_from" in cuts:
+                whens.append(f"WHEN __t < {cuts['train_from']!r} THEN {NOT_WRITTEN}")
+            return f"CASE {' '.join(whens)} ELSE {SPLIT_CODES['train']} END"
         part = u if s.by == "user_fraction" else "entity"
         keep = float(1.0 - s.test_fraction)
         return (f"CASE WHEN COUNT(*) OVER {_earlier(part)} >= FLOOR(CAST({keep!r} AS DOUBLE) * COUNT(*) OVER "
@@ -157,7 +166,9 @@ class BuildPlan:
                 or self.source.sequences[n].column is None]
 
     def dataset_sql(self, order: str = "split") -> str:
-        """The whole transformation: one row per impression, with ``__split`` (0 train, 1 valid, 2 test).
+        """The whole transformation: one row per impression written, with ``__split`` (0 train, 1 valid, 2 test).
+        Rows outside ``by: time``'s ``[train_from, test_until)`` are read (their clicks make the sequences and
+        ``activity`` of the rows written) but left out here, after the windows, so neither engine writes them.
 
         Args:
             order: ``split`` (``__split, time, file, row``: the DuckDB writer's stream) or ``entity``
@@ -209,7 +220,7 @@ class BuildPlan:
         keys = "__split, entity, " if order == "entity" else "__split, "
         cols += ["c.__t AS __t", "c.__file AS __file", "c.__row AS __row"]
         return (f"WITH {', '.join(ctes)} SELECT {', '.join(cols)} FROM counted AS c {' '.join(joins)} "
-                f"ORDER BY {keys}__t, __file, __row")
+                f"WHERE c.__split <> {NOT_WRITTEN} ORDER BY {keys}__t, __file, __row")
 
 
 def _earlier(part: str) -> str:

@@ -68,9 +68,10 @@ def build_dataset(cfg: Config, out: str, engine: Optional[str] = None, overwrite
         overwrite: replace ``out`` if it holds a dataset (never what ``mkt build`` did not write).
         progress: called with the rows read, as they are read (DuckDB).
         describe: makes the manifest's ``source`` record (how the dataset was made) from the build's (kind,
-            engine, inputs, files, split; with ``time.from_position`` also ``input_rows``, each input's rows, and
-            ``users``, the distinct users), before the build runs: a preset's own description of its inputs. The
-            engine adds ``rows_read`` and ``rows_dropped`` to it.
+            engine, inputs, files, split; with ``split.by: time`` also ``split_cuts``, the cut-offs as written;
+            with ``time.from_position`` also ``input_rows``, each input's rows, and ``users``, the distinct users),
+            before the build runs: a preset's own description of its inputs. The engine adds ``rows_read`` and
+            ``rows_dropped`` to it (``rows_read`` counts history rows, read but not written, too).
     """
     engine = engine or cfg.source.engine
     if engine not in ENGINES:
@@ -82,6 +83,8 @@ def build_dataset(cfg: Config, out: str, engine: Optional[str] = None, overwrite
     record: dict[str, Any] = {"kind": "build", "engine": engine,
                               "inputs": [storage.display(i.path) for i in source.inputs],
                               "files": len(inputs.files), "split": source.split.by}
+    if source.split.by == "time":  # which times each split holds (rows outside [train_from, test_until) are history)
+        record["split_cuts"] = source.split.cuts()
     if source.time.from_position:
         record.update(input_rows=inputs.input_rows, users=inputs.users)
     if describe is not None:

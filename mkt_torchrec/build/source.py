@@ -28,6 +28,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Literal, Optional
 
+import numpy as np
+
 from mkt_torchrec.typed import ConfigError, check
 
 ENTITY_NAMES = ("source", "target")
@@ -212,35 +214,98 @@ class SequenceMap:
     side_columns: dict[str, str] = field(default_factory=dict)
 
 
+SPLIT_CUTS = ("train_from", "valid_from", "test_from", "test_until")  # by: time's cut-offs, in their order
+
+
 @dataclass
 class SplitConfig:
     """How rows are split into train / valid / test.
 
+    ``by: time``'s cut-offs must be in their order (``test_from < test_until``, so a test split can hold rows):
+    checked when the config is read where the values read alike as numbers or as ISO times, and again as the
+    time column reads them when the build starts (:func:`check_split_order`).
+
     Args:
-        by: ``time``: by cut-offs on the event time (``valid_from`` <= t < ``test_from`` is valid, t >=
-            ``test_from`` is test: train on days 1..N-1, test on day N); ``user_fraction``: each user's last
+        by: ``time``: by cut-offs on the event time, ``train_from`` <= ``valid_from`` <= ``test_from`` <
+            ``test_until`` (each optional but ``test_from``): t < ``train_from`` is history, ``train_from`` <= t <
+            ``valid_from`` is train, ``valid_from`` <= t < ``test_from`` valid, ``test_from`` <= t <
+            ``test_until`` test, t >= ``test_until`` not written (train on days 1..N-1, test on day N; or one
+            day's dataset: train on day k, test on day k+1); ``user_fraction``: each user's last
             ``test_fraction`` of rows in time order is test (valid is then cut by ``data.validation_fraction``);
             ``fraction``: each entity's last ``test_fraction`` of rows in time order is test. A row is test when
             its rank (0, 1, ... in time order) is >= ``floor((1 - test_fraction) * n)``, the fraction taken as the
             decimal written (``1e-9`` absorbs the float's rounding).
+        train_from: ``by: time``: the first train time; the rows before it are *history*: read, and used for the
+            rows' behaviour sequences and ``activity`` counts (as in a build without ``train_from``), but never
+            written. Null: every row before ``valid_from`` / ``test_from`` is train. With ``test_from`` = the next
+            day and ``test_until`` = the day after, a build is one day's dataset of daily incremental training
+            (``mkt daily``; README "Your own data").
         valid_from: ``by: time``: the first valid time (as ``source.time`` reads times: an ISO date / timestamp,
             or a number); null: no valid split written (``data.validation_fraction`` cuts one when training).
         test_from: ``by: time``: the first test time.
+        test_until: ``by: time``: the end of test (excluded): rows at or after it are not written, nor do they
+            change any written row (a sequence only looks back). Null: every row from ``test_from`` on is test.
         test_fraction: ``by: user_fraction`` / ``fraction``: the share of rows in test (0: no test rows).
     """
 
     by: Literal["time", "user_fraction", "fraction"] = "user_fraction"
+    train_from: Optional[str] = None
     valid_from: Optional[str] = None
     test_from: Optional[str] = None
+    test_until: Optional[str] = None
     test_fraction: float = 0.2
 
     def _validate(self, key: str) -> None:
         if self.by == "time":
             check(self.test_from is not None, f"{key}.test_from", "by: time needs test_from")
+            cuts = self.cuts()
+            values = _comparable(list(cuts.values()))
+            if values is not None:
+                check_split_order(dict(zip(cuts, values, strict=True)), cuts, key)
         else:
-            check(self.valid_from is None and self.test_from is None, key,
-                  f"valid_from / test_from are for by: time (by is {self.by!r})")
+            check(all(getattr(self, n) is None for n in SPLIT_CUTS), key,
+                  f"{' / '.join(SPLIT_CUTS)} are for by: time (by is {self.by!r})")
             check(0 <= self.test_fraction < 1, f"{key}.test_fraction", "expected a number in [0, 1)")
+
+    def cuts(self) -> dict[str, str]:
+        """The cut-offs given (``by: time``), in their order: name -> the value as written."""
+        return {n: str(getattr(self, n)) for n in SPLIT_CUTS if getattr(self, n) is not None}
+
+
+def check_split_order(values: dict[str, Any], written: dict[str, str], key: str = "source.split") -> None:
+    """Check ``train_from <= valid_from <= test_from < test_until`` over the cut-offs given.
+
+    Args:
+        values: cut-off name -> a comparable value (a number, or the time as the time column counts it).
+        written: cut-off name -> the value as written (for the message).
+        key: the split's dotted key.
+
+    Raises:
+        ConfigError: naming both keys, e.g. ``source.split.train_from: '2026-11-06' is after test_from
+            '2026-11-05' (expected train_from <= valid_from <= test_from < test_until)``.
+    """
+    given = [n for n in SPLIT_CUTS if values.get(n) is not None]
+    for a, b in zip(given, given[1:], strict=False):
+        if b == "test_until":
+            ok, says = values[a] < values[b], "is not after"
+        else:
+            ok, says = values[a] <= values[b], "is after"
+        first, second = (b, a) if b == "test_until" else (a, b)
+        check(ok, f"{key}.{first}", f"{written[first]!r} {says} {second} {written[second]!r} (expected "
+              f"{' <= '.join(SPLIT_CUTS[:3])} < {SPLIT_CUTS[3]})")
+
+
+def _comparable(texts: list[str]) -> Optional[list[Any]]:
+    """The cut-offs as numbers when all read as numbers, else as ISO times when all read as times, else None
+    (left to the build, which reads them as the time column does)."""
+    try:
+        return [float(t) for t in texts]
+    except ValueError:
+        pass
+    try:
+        return [np.datetime64(t.strip().replace(" ", "T").removesuffix("Z"), "us") for t in texts]
+    except ValueError:
+        return None
 
 
 @dataclass

@@ -243,6 +243,15 @@ def _make_batch(parts: list[tuple[_Window, int, int]], keys: list[str]) -> Batch
     )
 
 
+def batch_of_rows(t: pa.Table, schema: SchemaConfig, where: str) -> Batch:
+    """Rows in the dataset's columns (raw ids; ``entity`` and ``label`` as in a dataset file) -> a Batch, decoded
+    as the reader decodes a row group: what ``mkt score`` turns a Parquet file of requests into. Errors name
+    ``where`` and the row."""
+    decoder = _Decoder(schema, [])
+    window = decoder.decode(t, np.arange(t.num_rows), lambda i: (where, int(i)))
+    return _make_batch([(window, 0, t.num_rows)], decoder.keys)
+
+
 # --------------------------------------------------------------------------------------------------------
 # One slot's stream
 # --------------------------------------------------------------------------------------------------------
@@ -526,6 +535,9 @@ class ParquetReader:
         self.num_workers = data.num_workers
         self._slots = max(1, self.num_workers)
         self._warn_if_windows_are_small()
+        # a hook each batch goes through on its way out (in this process): the cached stage 2's knowledge lookup
+        # (mkt_torchrec.cache.knowledge); None: batches as read
+        self.augment: Optional[Callable[[Batch], Batch]] = None
         self.set_epoch(0)
 
     @property
@@ -615,7 +627,7 @@ class ParquetReader:
         decoder = _Decoder(plan.schema, plan.manifest.optional_columns, plan.related)
         windows = _fresh_windows(min(1, self.num_rows()), 1, 0, 1)  # the first row alone: decode only it
         for batch, _ in _slot_stream(plan, 0, windows, {"window": 0, "offset": 0}, decoder):
-            return batch
+            return batch if self.augment is None else self.augment(batch)
         what = {None: "", 0: "source ", 1: "target "}[plan.entity]
         raise ValueError(f"{plan.data_dir}: split {plan.split!r} has no {what}rows")
 
@@ -631,7 +643,7 @@ class ParquetReader:
             self._positions[local] = pos
             self._rotation = (local + 1) % self._slots
             self._steps += 1
-            yield batch
+            yield batch if self.augment is None else self.augment(batch)
         self.set_epoch(self._epoch + 1)
 
     def set_epoch(self, epoch: int) -> None:

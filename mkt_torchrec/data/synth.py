@@ -41,7 +41,7 @@ from __future__ import annotations
 import math
 import os
 import tempfile
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from typing import Callable, Optional
 
 import numpy as np
@@ -155,26 +155,63 @@ def _jagged_list(lengths: np.ndarray, values: np.ndarray) -> pa.Array:
     return pa.ListArray.from_arrays(pa.array(offsets, pa.int32()), pa.array(values, pa.int64()))
 
 
+@dataclass
+class _Users:
+    """One chunk's users: who they are (``mkt synth --days`` keeps them on every day and moves only ``z``)."""
+
+    z: np.ndarray  # (U, k) latent interests
+    age: np.ndarray  # (U,)
+    gender: np.ndarray
+    price_pref: np.ndarray  # informative, tied to age
+    style_pref: np.ndarray
+    user_bias: np.ndarray
+    activity: np.ndarray  # lognormal: impressions and history length scale with it
+
+    @classmethod
+    def draw(cls, rng: np.random.Generator, n_users: int, k: int) -> "_Users":
+        z = rng.normal(size=(n_users, k))
+        age = rng.integers(0, 7, size=n_users)
+        gender = rng.integers(0, 2, size=n_users)
+        price_pref = np.clip(age * 2 + rng.integers(-2, 3, size=n_users), 0, 15)
+        style_pref = rng.integers(0, 8, size=n_users)
+        user_bias = 0.3 * rng.normal(size=n_users)
+        activity = rng.lognormal(mean=0.0, sigma=0.8, size=n_users)
+        return cls(z, age, gender, price_pref, style_pref, user_bias, activity)
+
+
 def _chunk_rows(world: _World, cfg: Config, chunk: int, user_lo: int, user_hi: int) -> tuple[pa.Table, np.ndarray]:
     """Rows of users [user_lo, user_hi): returns (table, phase) with phase per row: ``EARLY`` / ``RECENT`` train
     rows (a user's most recent ``RECENT_TRAIN_FRACTION`` of train rows are ``RECENT``), or ``TEST``."""
+    rng = np.random.default_rng([cfg.synth.seed, 2, chunk])
+    people = _Users.draw(rng, user_hi - user_lo, world.k)
+    return _user_rows(world, cfg, rng, people, user_lo)
+
+
+def _user_rows(world: _World, cfg: Config, rng: np.random.Generator, people: _Users, user_lo: int,
+               share: float = 1.0, test_fraction: Optional[float] = None) -> tuple[pa.Table, np.ndarray]:
+    """The rows of :func:`_chunk_rows` for ``people`` (users ``user_lo, user_lo + 1, ...``), drawn from ``rng``:
+    impressions, histories, labels, time order.
+
+    Args:
+        share: the fraction of ``synth.source_rows`` (and target rows) these rows are drawn for: each user's
+            expected impressions scale with it (``mkt synth --days``: one day's share).
+        test_fraction: the last fraction of each user's rows that is ``TEST``; None: ``synth.test_fraction``.
+    """
     sc = cfg.synth
-    rng = np.random.default_rng([sc.seed, 2, chunk])
-    n_users = user_hi - user_lo
+    test_fraction = sc.test_fraction if test_fraction is None else test_fraction
+    n_users = len(people.z)
     k = world.k
-    z = rng.normal(size=(n_users, k))  # (U, k) latent interests
-    age = rng.integers(0, 7, size=n_users)
-    gender = rng.integers(0, 2, size=n_users)
-    price_pref = np.clip(age * 2 + rng.integers(-2, 3, size=n_users), 0, 15)  # informative, tied to age
-    style_pref = rng.integers(0, 8, size=n_users)
-    user_bias = 0.3 * rng.normal(size=n_users)
-    activity = rng.lognormal(mean=0.0, sigma=0.8, size=n_users)
+    z, age, gender, price_pref, style_pref, user_bias, activity = (
+        people.z, people.age, people.gender, people.price_pref, people.style_pref, people.user_bias,
+        people.activity)
     mean_act = math.exp(0.8 ** 2 / 2)
 
     # impressions per user and entity
     src_rate = sc.source_rows / sc.users * activity / mean_act
     tgt_w = activity ** 1.5
     tgt_rate = sc.source_rows * sc.target_ratio / sc.users * tgt_w / math.exp(1.5 ** 2 * 0.8 ** 2 / 2)
+    if share != 1.0:
+        src_rate, tgt_rate = src_rate * share, tgt_rate * share
     counts = {0: rng.poisson(src_rate), 1: rng.poisson(tgt_rate)}
 
     # behaviour sequences (before the logging window)
@@ -252,7 +289,7 @@ def _chunk_rows(world: _World, cfg: Config, chunk: int, user_lo: int, user_hi: i
     first = np.searchsorted(sorted_users, sorted_users, side="left")
     rank_in_user = np.arange(len(users)) - first
     n_user = np.bincount(users, minlength=n_users)[sorted_users]
-    n_train = np.ceil((1.0 - sc.test_fraction) * n_user - 1e-9)  # 1-row users: train
+    n_train = np.ceil((1.0 - test_fraction) * n_user - 1e-9)  # 1-row users: train
     phase_sorted = np.where(rank_in_user >= n_train, TEST,
                             np.where(rank_in_user >= np.ceil((1.0 - RECENT_TRAIN_FRACTION) * n_train - 1e-9),
                                      RECENT, EARLY))
@@ -261,6 +298,15 @@ def _chunk_rows(world: _World, cfg: Config, chunk: int, user_lo: int, user_hi: i
     # rows of a chunk are written in random order, so row groups mix users and entities
     shuffle = rng.permutation(len(users))
     return table.take(pa.array(shuffle)), phase[shuffle]
+
+
+def _user_chunks(cfg: Config) -> list[tuple[int, int, int]]:
+    """``(chunk, user_lo, user_hi)`` of each chunk of users: about ``row_group_rows * 10`` rows each."""
+    sc = cfg.synth
+    rows_per_user = sc.source_rows * (1 + sc.target_ratio) / sc.users
+    users_per_chunk = max(1, int(sc.row_group_rows * 10 / max(rows_per_user, 1e-9)))
+    return [(chunk, lo, min(sc.users, lo + users_per_chunk))
+            for chunk, lo in enumerate(range(0, sc.users, users_per_chunk))]
 
 
 def generate(cfg: Config, out_dir: str, overwrite: bool = False,
@@ -272,8 +318,6 @@ def generate(cfg: Config, out_dir: str, overwrite: bool = False,
     """
     _check_schema(cfg)
     sc = cfg.synth
-    rows_per_user = sc.source_rows * (1 + sc.target_ratio) / sc.users
-    users_per_chunk = max(1, int(sc.row_group_rows * 10 / max(rows_per_user, 1e-9)))
     parent = os.path.dirname(os.path.abspath(out_dir))
     os.makedirs(parent, exist_ok=True)
     with DatasetWriter(out_dir, cfg.schema, optional=("true_prob", "activity"), rows_per_file=sc.rows_per_file,
@@ -283,8 +327,7 @@ def generate(cfg: Config, out_dir: str, overwrite: bool = False,
         world = _World(cfg)
         spill_path = os.path.join(spill_dir, "recent.parquet")
         spill: Optional[pq.ParquetWriter] = None
-        for chunk, lo in enumerate(range(0, sc.users, users_per_chunk)):
-            hi = min(sc.users, lo + users_per_chunk)
+        for chunk, lo, hi in _user_chunks(cfg):
             table, phase = _chunk_rows(world, cfg, chunk, lo, hi)
             if table.num_rows == 0:
                 continue

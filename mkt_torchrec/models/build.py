@@ -33,6 +33,13 @@ def stage2_uses_mem(cfg: Config) -> bool:
     return cfg.model.ablation != "no_mem_pretrain"
 
 
+def stage2_holds_mem(cfg: Config) -> bool:
+    """Stage 2 holds the frozen stage-1 model itself: :func:`stage2_uses_mem`, unless MKT's knowledge comes from
+    the cache (``model.tem.knowledge: cache``: the MEM run is then only checked against the cache version and, with
+    ``model.tem.init_from_mem``, the TEM's starting tables)."""
+    return stage2_uses_mem(cfg) and not (cfg.model.name == "mkt" and cfg.model.tem.knowledge == "cache")
+
+
 def fine_tunes(cfg: Config, stage: str) -> bool:
     """``stage`` starts from a stage-1 model: MKT's TEM beside its frozen MEM, or a baseline's stage ``tem`` that
     loads tensors of its pre-training (not a model trained from scratch on target rows)."""
@@ -78,6 +85,12 @@ def build_train_module(cfg: Config, stage: str, device: Optional[torch.device] =
         if cfg.model.ablation == "no_tem_finetune":
             raise ValueError("model.ablation=no_tem_finetune: there is no stage 2; the MEM's target tower is the "
                              "final model (evaluate the MEM run)")
+        if stage2_uses_mem(cfg) and cfg.model.tem.knowledge == "cache":  # the knowledge read from a cache version
+            from mkt_torchrec.cache.knowledge import knowledge_widths
+
+            widths = knowledge_widths(cfg)
+            return TEMTrain(MKTTarget(TEM(cfg.schema, cfg.model, widths, device=device, embedding_precision=precision),
+                                      cached=widths))
         mem = MEM(cfg.schema, cfg.model, device=device, embedding_precision=precision) if stage2_uses_mem(cfg) else None
         tem = TEM(cfg.schema, cfg.model, knowledge_dims(mem) if mem is not None else None, device=device,
                   embedding_precision=precision)

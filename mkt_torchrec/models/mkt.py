@@ -264,26 +264,41 @@ def knowledge_dims(mem: MEM) -> Knowledge:
     return Knowledge(user=ga.user_dim, seq=ga.seq_dim, shared=ga.shared_dim, cross=mem.cke.out_dim)  # type: ignore[arg-type]
 
 
+def split_knowledge(dense: torch.Tensor, widths: Knowledge) -> tuple:
+    """``[dense || v_u || v_seq || v_shared || g_com^t]`` (the cached stage 2's input, ``mkt_torchrec.cache.knowledge``)
+    -> (dense, Knowledge); ``widths`` holds the four widths as ints."""
+    sizes = [int(widths.user), int(widths.seq), int(widths.shared), int(widths.cross)]
+    own = dense.shape[1] - sum(sizes)
+    parts = torch.split(dense, [own, *sizes], dim=1)
+    return parts[0], Knowledge(user=parts[1], seq=parts[2], shared=parts[3], cross=parts[4])
+
+
 class MKTTarget(nn.Module):
     """The stage-2 model: a frozen MEM's target path plugged into a trainable TEM.
 
     The MEM never trains here: its parameters have ``requires_grad=False``, it stays in eval mode whatever
     ``train()`` is called with, and its forward runs under ``torch.no_grad()``, so no gradient or optimizer
-    state ever exists for it. With ``mem=None`` it is the TEM alone (``no_mem_pretrain``).
+    state ever exists for it. With ``mem=None`` it is the TEM alone (``no_mem_pretrain``), or, with ``cached``, the
+    TEM fed the MEM's knowledge from a cache version: the knowledge arrives appended to the dense features
+    (:func:`split_knowledge`) and no MEM is held (``model.tem.knowledge: cache``).
 
     Args:
         tem: the target entity model (built with ``knowledge_dims(mem)`` when ``mem`` is given).
         mem: the pre-trained MEM, or None.
+        cached: the knowledge widths (a Knowledge of ints) when the knowledge comes from the cache.
 
     Example:
         >>> model = MKTTarget(TEM(schema, cfg, knowledge_dims(mem)), mem)     # doctest: +SKIP
         >>> model(batch.sparse_features, batch.dense_features).shape          # (B,)
     """
 
-    def __init__(self, tem: TEM, mem: Optional[MEM] = None) -> None:
+    def __init__(self, tem: TEM, mem: Optional[MEM] = None, cached: Optional[Knowledge] = None) -> None:
         super().__init__()
+        if mem is not None and cached is not None:
+            raise ValueError("MKTTarget: the knowledge comes from the MEM or from the cache, not both")
         self.tem = tem
         self.mem = mem
+        self.cached = cached
         if mem is not None:
             mem.requires_grad_(False)
             mem.eval()
@@ -301,7 +316,9 @@ class MKTTarget(nn.Module):
     def forward(self, kjt: KeyedJaggedTensor, dense: torch.Tensor) -> torch.Tensor:
         """kjt: jagged sparse features of target rows; dense (B, F_dense) -> logits (B,)."""
         knowledge = None
-        if self.mem is not None:
+        if self.cached is not None:
+            dense, knowledge = split_knowledge(dense, self.cached)
+        elif self.mem is not None:
             with torch.no_grad():
                 knowledge = self.mem.knowledge_from(self.mem.sparse_arch(kjt), dense, self.tem.mem_logit)
         return self.tem(kjt, dense, knowledge)

@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 from mkt_torchrec.config import SchemaConfig
-from mkt_torchrec.models.mkt import MEM, TEM, MKTTarget
+from mkt_torchrec.models.mkt import MEM, TEM, Knowledge, MKTTarget, split_knowledge
 from mkt_torchrec.modules.sparse import PaddedLookup, SparseArch, padded_ids
 
 SERVING_FILE = "model.pt2"
@@ -83,6 +83,7 @@ class ServingModel(nn.Module):
         self.mem: Optional[MEM] = None
         self.tem_lookup: Optional[PaddedLookup] = None
         self.tem: Optional[TEM] = None
+        self.cached: Optional[Knowledge] = None  # the knowledge arrives with the dense features (a cache version)
         self.source_keys: Dict[str, str] = {}
         if isinstance(model, MEM):
             self.mem_lookup, keys = _target_lookup(schema, model)
@@ -94,6 +95,7 @@ class ServingModel(nn.Module):
             self._record("tem_lookup.", "tem.", keys)
             self.tem = _dense_only(model.tem)  # type: ignore[assignment]
             self._record("tem.", "tem.", {k: k for k in self.tem.state_dict()})
+            self.cached = model.cached
             if model.mem is not None:
                 self.mem_lookup, keys = _target_lookup(schema, model.mem)
                 self._record("mem_lookup.", "mem.", keys)
@@ -113,7 +115,9 @@ class ServingModel(nn.Module):
             return torch.sigmoid(self.mem.target_logits_from(self.mem_lookup(ids), dense))
         assert self.tem_lookup is not None
         knowledge = None
-        if self.mem is not None:
+        if self.cached is not None:  # dense (B, F_dense + knowledge widths): see knowledge_inputs
+            dense, knowledge = split_knowledge(dense, self.cached)
+        elif self.mem is not None:
             assert self.mem_lookup is not None
             knowledge = self.mem.knowledge_from(self.mem_lookup(ids), dense, self.tem.mem_logit)
         return torch.sigmoid(self.tem.dense_forward(self.tem_lookup(ids), dense, knowledge))
@@ -138,8 +142,15 @@ def _target_lookup(schema: SchemaConfig, mem: MEM) -> Tuple[PaddedLookup, Dict[s
     return _shared_lookup(schema, mem.sparse_arch, set(serving_keys(schema)))
 
 
+def knowledge_inputs(widths: Knowledge) -> list[str]:
+    """Names of the dense input columns a cached stage 2's serving model takes after the dense features: the
+    cache's vectors in :class:`Knowledge` order (``mkt_torchrec.cache.knowledge``)."""
+    return [f"knowledge.{name}[{i}]" for name in Knowledge._fields[:4] for i in range(int(getattr(widths, name)))]
+
+
 def export_serving(schema: SchemaConfig, model: Union[MKTTarget, MEM, ServingModel], out_dir: str,
-                   example_ids: Dict[str, torch.Tensor], example_dense: torch.Tensor) -> str:
+                   example_ids: Dict[str, torch.Tensor], example_dense: torch.Tensor,
+                   knowledge: Optional[Dict[str, Any]] = None) -> str:
     """Export :class:`ServingModel` with ``torch.export`` to ``out_dir/model.pt2`` (atomically).
 
     Also writes ``out_dir/serving.json`` describing the inputs.
@@ -149,7 +160,9 @@ def export_serving(schema: SchemaConfig, model: Union[MKTTarget, MEM, ServingMod
         model: a trained :class:`MKTTarget` / :class:`MEM` (wrapped in a ServingModel here), or a ServingModel.
         out_dir: directory to write (created if missing).
         example_ids: example input, key -> (B,) / (B, L) int64 (see :func:`padded_ids`), with B >= 2.
-        example_dense: (B, F_dense) float32.
+        example_dense: (B, F_dense) float32 (a cached stage 2: (B, F_dense + knowledge widths)).
+        knowledge: a cached stage 2: how its extra dense columns are looked up (cache version, kinds, keys), written
+            to serving.json's ``knowledge``.
 
     Returns:
         The path of ``model.pt2``.
@@ -168,7 +181,9 @@ def export_serving(schema: SchemaConfig, model: Union[MKTTarget, MEM, ServingMod
         "inputs": {k: {"shape": ["B", schema.max_len_of(k)] if schema.max_len_of(k) is not None else ["B"],
                        "dtype": "int64", "table": schema.table_of(k), "null_or_padding": -1}
                    for k in example_ids},
-        "dense": {"shape": ["B", len(schema.dense)], "columns": list(schema.dense), "null": 0.0},
+        "dense": {"shape": ["B", int(example_dense.shape[1])],
+                  "columns": list(schema.dense) + (knowledge["columns"] if knowledge else []), "null": 0.0},
+        **({"knowledge": {k: v for k, v in knowledge.items() if k != "columns"}} if knowledge else {}),
         "output": "click probability, shape (B,)",
         "id_mapping": "raw ids -> table rows with mkt_torchrec.data.schema.map_ids (per table)",
     }

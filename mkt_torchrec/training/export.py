@@ -158,6 +158,24 @@ def _data_example(cfg: Config, data_dir: str) -> Tuple[Dict[str, torch.Tensor], 
     return padded_ids(example.sparse_features, schema, serving_keys(schema)), example.dense_features
 
 
+def _knowledge_spec(cfg: Config, widths: Any) -> Dict[str, Any]:
+    """serving.json's ``knowledge`` of a cached stage 2: the version it was trained with, how the keys are made and
+    which kind fills which columns (``mkt_torchrec.cache.keys``; ``mkt score`` is the reference client)."""
+    from mkt_torchrec.cache.keys import key_spec
+    from mkt_torchrec.models.serving import knowledge_inputs
+    from mkt_torchrec.storage import display
+
+    spec = key_spec(cfg.schema, cfg.cache.category_feature)
+    dseq = int(widths.seq)
+    return {"columns": knowledge_inputs(widths), "cache_version": cfg.cache.version,
+            "store": display(str(cfg.cache.uri)) if cfg.cache.uri else None,
+            "keys": {**spec.to_dict(), "definition": "mkt_torchrec.cache.keys.keys_of over the table rows"},
+            "layout": [["user", "user", 0, int(widths.user)], ["seq", "user_category", 0, dseq],
+                       ["shared", "item", 0, int(widths.shared)],
+                       ["cross", "user_category", dseq, dseq + int(widths.cross)]],
+            "missing_key": "zeros"}
+
+
 def export_run(run_dir: str, data_dir: Optional[str] = None, out_dir: Optional[str] = None) -> str:
     """Export a run's final model (a stage ``tem`` run, or a ``no_tem_finetune`` MEM run) for serving.
 
@@ -184,6 +202,11 @@ def export_run(run_dir: str, data_dir: Optional[str] = None, out_dir: Optional[s
 
     cfg, serving = serving_from_run(run_dir)
     ids, dense = _data_example(cfg, data_dir) if data_dir else synthetic_example(_serving_schema(cfg))
+    knowledge = None
+    if getattr(serving, "cached", None) is not None:  # the cached stage 2: the knowledge is an input
+        knowledge = _knowledge_spec(cfg, serving.cached)  # type: ignore[arg-type]
+        dense = torch.cat([dense, torch.randn(dense.shape[0], len(knowledge["columns"]),
+                                              generator=torch.Generator().manual_seed(0))], dim=1)
     run = RunDir(run_dir)
     to_run = out_dir is None
     out_dir = out_dir or run.serving  # (a run directory on object storage: its local copy, then the store)
@@ -192,7 +215,7 @@ def export_run(run_dir: str, data_dir: Optional[str] = None, out_dir: Optional[s
     tmp = os.path.join(parent, f".{name}.partial-{uuid.uuid4().hex[:8]}")
     os.makedirs(tmp)
     try:
-        export_serving(_serving_schema(cfg), serving, tmp, ids, dense)
+        export_serving(_serving_schema(cfg), serving, tmp, ids, dense, knowledge)
         replace_dir(tmp, out_dir)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -43,11 +43,12 @@ from mkt_torchrec.provenance import provenance
 from mkt_torchrec.rundir import RunDir, Scalars
 from mkt_torchrec.training import checkpoint, runlock
 from mkt_torchrec.training.assembly import Assembled, assemble, configure_dense_math, state_of
-from mkt_torchrec.models.build import dense_lr, stage2_uses_mem, stage_entity, stage_transfer
+from mkt_torchrec.cache.knowledge import attach, check_cache_version, reads_cache
+from mkt_torchrec.models.build import dense_lr, stage2_holds_mem, stage2_uses_mem, stage_entity, stage_transfer
 from mkt_torchrec.training.distributed import all_gather_objects, all_sum, init_distributed
 from mkt_torchrec.training.feed import Feed, make_pipeline
 from mkt_torchrec.training.mem_transfer import (MEM_RECORD, check_mem_run, check_pretraining_run, init_tem_from_mem,
-                                                load_mem_into_stage2, transfer_from_pretraining)
+                                                load_mem_into_stage2, mem_record, transfer_from_pretraining)
 from mkt_torchrec.training.resume import load_train_state
 from mkt_torchrec.training.scoring import Validation, progress_bar
 
@@ -55,11 +56,11 @@ log = logging.getLogger("mkt.train")
 
 
 def train(cfg: Config, stage: str, data_dir: str, run_dir: str, resume: bool = False,
-          mem_run: Optional[str] = None) -> Dict[str, Any]:
+          mem_run: Optional[str] = None, init_from: Optional[str] = None) -> Dict[str, Any]:
     """Train one stage in the current process group (every rank calls it). Returns a summary (rank 0's is
     complete). The serving export of stage 2 is a separate step (:func:`mkt_torchrec.training.export.export_run`),
-    run after the process group is released."""
-    recipe = StageRecipe(cfg, stage, data_dir, run_dir, resume=resume, mem_run=mem_run)
+    run after the process group is released. ``init_from``: see :class:`StageRecipe`."""
+    recipe = StageRecipe(cfg, stage, data_dir, run_dir, resume=resume, mem_run=mem_run, init_from=init_from)
     try:
         recipe.setup()
         return recipe.train()
@@ -142,12 +143,19 @@ class StageRecipe:
         run_dir: the run directory (created; locked while the recipe runs).
         resume: continue from the run directory's latest checkpoint.
         mem_run: stage ``tem``: the stage-1 run whose MEM is plugged in (or a baseline's pre-training run).
+        init_from: a finished run of the same stage, model and schema (the previous day's, ``mkt daily``): a new
+            run starts from its final checkpoint's model *and optimizer* state (incremental training: every
+            parameter inherited) instead of its initialisation; a resumed run continues from its own checkpoint.
+            Stage 2's frozen MEM is still ``mem_run``'s (it may be a newer MEM than the one ``init_from`` used).
     """
 
     def __init__(self, cfg: Config, stage: str, data_dir: str, run_dir: str, resume: bool = False,
-                 mem_run: Optional[str] = None) -> None:
+                 mem_run: Optional[str] = None, init_from: Optional[str] = None) -> None:
         self.cfg, self.stage, self.data_dir = cfg, stage, data_dir
         self.run, self.resume, self.mem_run = RunDir(run_dir), resume, mem_run
+        self.init_from = init_from
+        self.inherited: Optional[Dict[str, Any]] = None  # ``init_from``'s checkpoint: path, step, digest
+        self.cache_used: Optional[Dict[str, Any]] = None  # the cached stage 2's version: store, version, digests
         self.lock: Optional[str] = None
         self.scalars: Optional[Scalars] = None
         self.progress = TrainingProgress()
@@ -167,8 +175,12 @@ class StageRecipe:
             raise ValueError("stage tem needs --mem-run MEM_RUN_DIR (or model.ablation=no_mem_pretrain)")
         if stage == "tem" and stage2_uses_mem(cfg):
             check_mem_run(cfg, self.mem_run)  # type: ignore[arg-type]
+        if reads_cache(cfg, stage):  # the cache version must hold this MEM's knowledge, of this schema
+            self.cache_used = check_cache_version(cfg, self.mem_run)  # type: ignore[arg-type]
         if stage_transfer(cfg, stage):
             check_pretraining_run(cfg, self.mem_run)
+        if self.init_from is not None:
+            self.inherited = _check_init_from(cfg, stage, self.init_from)
         self.run.check_one_node()
         self.manifest = open_dataset_shared(self.data_dir, cfg.schema)  # a bad --data fails before the run dir
         self.asm: Assembled = assemble(cfg, stage, info, manifest=self.manifest)  # so does a plan that cannot apply
@@ -185,8 +197,9 @@ class StageRecipe:
         if entity and not self.manifest.split_rows("train", entity, validation_fraction=cfg.data.validation_fraction):
             raise ValueError(f"{self.data_dir}: the train split has no {entity}-entity rows: stage {stage} has "
                              "nothing to learn from")
-        self.reader = ParquetReader(self.data_dir, "train", cfg.schema, cfg.data, rank=info.rank,
-                                    world_size=info.world_size, entity=entity, manifest=self.manifest)
+        self.reader = attach(ParquetReader(self.data_dir, "train", cfg.schema, cfg.data, rank=info.rank,
+                                           world_size=info.world_size, entity=entity, manifest=self.manifest),
+                             cfg, stage)
         if latest is not None:
             self._restore(latest)
         self.progress.reader_state = self.reader.state_dict()
@@ -195,8 +208,8 @@ class StageRecipe:
         self.saver = checkpoint.AsyncCheckpointer(self.run.location, info.is_main, cfg.train.keep_checkpoints)
         self.cadence = _Cadence(cfg.train, info.is_main)
         self.valid_entity = "source" if entity == "source" else "target"  # the target entity's GAUC is what counts
-        self.validation = Validation(cfg, self.data_dir, self.run, info, self.manifest, self.valid_entity) \
-            if cfg.train.patience > 0 else None
+        self.validation = Validation(cfg, self.data_dir, self.run, info, self.manifest, self.valid_entity,
+                                     stage) if cfg.train.patience > 0 else None
 
     def _prepare_run_dir(self) -> None:
         """Rank 0 locks, checks and records the run directory; every rank gets its verdict (a collective)."""
@@ -239,6 +252,8 @@ class StageRecipe:
             run.write_record({**made,
                 "stage": stage, "config": cfg.to_dict(), "data": storage.absolute(self.data_dir),
                 "mem_run": storage.absolute(self.mem_run) if self.mem_run else None,
+                **({"init_from": self.inherited} if self.inherited else {}),
+                **({"cache": self.cache_used} if self.cache_used else {}),
                 "world_size": self.info.world_size,
                 "created": (previous or {}).get("created", time.strftime("%Y-%m-%dT%H:%M:%S")),
                 "updated": time.strftime("%Y-%m-%dT%H:%M:%S"),
@@ -251,16 +266,22 @@ class StageRecipe:
         """Stage 2's frozen MEM (always; the one a resumed checkpoint records), and what a new stage starts from:
         ``model.tem.init_from_mem``, a baseline's pre-trained model (else they are in the checkpoint)."""
         cfg, stage, model = self.cfg, self.stage, self.asm.model
-        if stage == "tem" and stage2_uses_mem(cfg):
+        if stage == "tem" and stage2_holds_mem(cfg):
             self.mem_used = load_mem_into_stage2(model, self.mem_run, latest)  # type: ignore[arg-type]
+        if latest is None and self.inherited is not None:  # incremental: everything from the previous run
+            ckpt = self.inherited["path"]
+            load_train_state(self.asm, cfg, ckpt, checkpoint.read_extra(ckpt).get("plan") or {})
+            if self.info.is_main:
+                log.info("init_from: %s starts from %s (step %d)", self.run.name, ckpt, self.inherited["step"])
+            return
         if latest is None and cfg.train.init_at_click_rate:  # (before what a transfer loads over it)
             self._init_at_click_rate()
         if stage == "tem" and stage2_uses_mem(cfg):
             if cfg.model.tem.init_from_mem and latest is None and cfg.model.name == "mkt":  # (a baseline: no TEM)
-                loaded = init_tem_from_mem(model, self.mem_used["path"])
+                mem_ckpt = self.mem_used["path"] if self.mem_used else self.cache_used["mem_checkpoint"]  # type: ignore
+                loaded = init_tem_from_mem(model, mem_ckpt)
                 if self.info.is_main:
-                    log.info("model.tem.init_from_mem: the TEM starts from %d tensors of %s", len(loaded),
-                             self.mem_used["path"])
+                    log.info("model.tem.init_from_mem: the TEM starts from %d tensors of %s", len(loaded), mem_ckpt)
         if stage_transfer(cfg, stage) and latest is None:
             transfer_from_pretraining(model, self.mem_run, stage_transfer(cfg, stage))  # type: ignore[arg-type]
 
@@ -456,6 +477,24 @@ class StageRecipe:
                 self._push_logs()
         finally:
             runlock.release(self.lock)
+
+
+def _check_init_from(cfg: Config, stage: str, init_from: str) -> Dict[str, Any]:
+    """``init_from``: a finished run of this stage, model and schema; returns its final checkpoint's record (path,
+    step, digest). One-line errors naming the run."""
+    prev = RunDir(init_from)
+    record = prev.record()
+    if record.get("stage") != stage:
+        raise ValueError(f"{prev.name}: is a {record.get('stage')!r} run; init_from needs a {stage!r} run")
+    theirs = prev.config()
+    differ = [k for k in ("schema", "model") if getattr(theirs, k) != getattr(cfg, k)]
+    if differ:
+        raise ValueError(f"{prev.name}: was trained with other {' and '.join(differ)} settings; a run continues only "
+                         "a run of the same model and schema")
+    ckpt = checkpoint.final_checkpoint(init_from)
+    if ckpt is None:
+        raise FileNotFoundError(f"{prev.name}: no complete checkpoint to continue from")
+    return {**mem_record(ckpt), "run": storage.absolute(init_from)}
 
 
 def is_eligible(metrics: Dict[str, Any], stop_on: str, lowest_logloss: Optional[float] = None,

@@ -16,7 +16,7 @@ import pyarrow.parquet as pq
 import torch
 import torch.distributed as dist
 
-from mkt_torchrec import faults, logs
+from mkt_torchrec import faults, logs, storage
 from mkt_torchrec.collective import Collective
 from mkt_torchrec.config import Config
 from mkt_torchrec.evaluation.report_flags import base_rate_logloss
@@ -155,14 +155,17 @@ class Validation:
     ``data.validation_fraction`` of the train split in time order), scored after each epoch through the training
     pipeline, with the exact distributed metrics (no bootstrap). Predictions go to ``RUN/validation/``."""
 
-    def __init__(self, cfg: Config, data_dir: str, run: RunDir, info: DistInfo, manifest: Any, entity: str) -> None:
+    def __init__(self, cfg: Config, data_dir: str, run: RunDir, info: DistInfo, manifest: Any, entity: str,
+                 stage: str = "mem") -> None:
+        from mkt_torchrec.cache.knowledge import attach
         from mkt_torchrec.models.losses import hfa_feature_names
 
         if cfg.data.validation_fraction <= 0 and not manifest.has_valid_files:
             raise ValueError("train.patience > 0 needs a validation split: set data.validation_fraction > 0 (or "
                              "train.patience=0 to train train.epochs epochs without early stopping)")
-        self.reader = ParquetReader(data_dir, "valid", cfg.schema, cfg.data, rank=info.rank,
-                                    world_size=info.world_size, training=False, entity=entity, manifest=manifest)
+        self.reader = attach(ParquetReader(data_dir, "valid", cfg.schema, cfg.data, rank=info.rank,
+                                           world_size=info.world_size, training=False, entity=entity,
+                                           manifest=manifest), cfg, stage)
         if self.reader.num_rows() == 0:
             what = ("its valid files" if manifest.has_valid_files
                     else f"data.validation_fraction={cfg.data.validation_fraction}")
@@ -197,8 +200,15 @@ def _number(v: Any) -> float:
     return float("nan") if v is None else float(v)
 
 
-def evaluate(cfg: Config, run_dir: str, data_dir: str) -> Dict[str, Any]:
+def evaluate(cfg: Config, run_dir: str, data_dir: str, into: Optional[str] = None,
+             cache_version: Optional[str] = None) -> Dict[str, Any]:
     """Score the test split with the run's latest checkpoint; write predictions and RUN/metrics.json.
+
+    ``into``: write them to that directory instead (``predictions/``, ``metrics.json`` and a copy of the run's
+    ``run.json`` marked ``scored_from``, so ``mkt report`` reads it as a run), leaving the run as it is: a model
+    scored on other data (``mkt daily``'s model frozen after day 1, scored on every later day).
+    ``cache_version``: a stage 2 that reads its knowledge from the cache is scored with that version of it instead of
+    the one it trained with (what a stale cache costs); the version must come from a MEM of the same structure.
 
     The model (schema, layers, ablation) is the run's own, from RUN/run.json; ``cfg`` contributes the evaluation
     settings (``eval``), batch size, workers and threads. Every rank scores its share of the test rows and writes
@@ -209,6 +219,10 @@ def evaluate(cfg: Config, run_dir: str, data_dir: str) -> Dict[str, Any]:
     run.check_one_node()
     stage = run.stage()
     cfg = run.config().for_evaluation(cfg)  # ``EVALUATE_KEYS`` from the job, the rest the run's own
+    if cache_version is not None:
+        if cfg.model.tem.knowledge != "cache":
+            raise ValueError(f"{run_dir}: --cache-version applies to a stage 2 trained with model.tem.knowledge=cache")
+        cfg = cfg.with_settings({"cache.version": cache_version})
     info = init_distributed()
     torch.set_num_threads(cfg.train.threads)
     configure_dense_math(cfg)
@@ -216,16 +230,31 @@ def evaluate(cfg: Config, run_dir: str, data_dir: str) -> Dict[str, Any]:
     if ckpt is None:
         raise FileNotFoundError(f"{run_dir}: no complete checkpoint to evaluate")
     manifest = open_dataset_shared(data_dir, cfg.schema)
-    lock = Collective(info.device).on_root(lambda: run.lock("mkt evaluate"))
+    target = run
+    if into is not None:
+        target = RunDir(into)
+        record = {**run.record(), "scored_from": run.location, "data": storage.absolute(data_dir)}
+        Collective(info.device).on_root(lambda: _start_scored_copy(target, record))
+    lock = Collective(info.device).on_root(lambda: target.lock("mkt evaluate"))
     try:
-        return _evaluate_locked(cfg, run, data_dir, info, manifest, stage, ckpt)
+        return _evaluate_locked(cfg, run, data_dir, info, manifest, stage, ckpt, target)
     finally:
         runlock.release(lock if info.is_main else None)
 
 
+def _start_scored_copy(target: RunDir, record: Dict[str, Any]) -> None:
+    """``evaluate(into=...)``: the directory with the run's record (rank 0, before the lock)."""
+    if not target.remote:
+        os.makedirs(target.path, exist_ok=True)
+    target.write_record(record)
+
+
 def _evaluate_locked(cfg: Config, run: RunDir, data_dir: str, info: DistInfo, manifest: Any, stage: str,
-                     ckpt: str) -> Dict[str, Any]:
-    """:func:`evaluate` once the run directory is locked."""
+                     ckpt: str, target: Optional[RunDir] = None) -> Dict[str, Any]:
+    """:func:`evaluate` once the run directory (or ``target``, where the results go) is locked."""
+    from mkt_torchrec.cache.knowledge import attach
+
+    target = target or run
     from mkt_torchrec.evaluation.distributed_metrics import compute_metrics_distributed
     from mkt_torchrec.models.losses import hfa_feature_names
 
@@ -234,15 +263,16 @@ def _evaluate_locked(cfg: Config, run: RunDir, data_dir: str, info: DistInfo, ma
     load_run_checkpoint(ckpt, train_state(model, None))  # stage 2: its frozen MEM from the MEM run's checkpoint
     model.eval()
     entity = "target" if stage_entity(cfg, stage) == "target" else None  # joint models: both entities
-    reader = ParquetReader(data_dir, "test", cfg.schema, cfg.data, rank=info.rank, world_size=info.world_size,
-                           training=False, entity=entity, manifest=manifest)
+    reader = attach(ParquetReader(data_dir, "test", cfg.schema, cfg.data, rank=info.rank,
+                                  world_size=info.world_size, training=False, entity=entity, manifest=manifest),
+                    cfg, stage)
     wanted = manifest.rows.get("test", {}).get("target", 0) if entity else reader.num_rows()
     if wanted == 0:
         raise ValueError(f"{data_dir}: the test split has no {'target ' if entity else ''}rows to evaluate")
     faults.fault_point("evaluate", info.rank)
     pipeline = make_pipeline(model, asm.optimizer, info.device)
-    hfa_scores = score_split(pipeline, reader, info, run.predictions, "evaluate", hfa_feature_names(cfg.schema))
-    metrics = compute_metrics_distributed(run.predictions, cfg.eval, info.device) or {}
+    hfa_scores = score_split(pipeline, reader, info, target.predictions, "evaluate", hfa_feature_names(cfg.schema))
+    metrics = compute_metrics_distributed(target.predictions, cfg.eval, info.device) or {}
     if info.is_main:
         extra = checkpoint.read_extra(ckpt)
         metrics["run_dir"] = run.location
@@ -254,6 +284,10 @@ def _evaluate_locked(cfg: Config, run: RunDir, data_dir: str, info: DistInfo, ma
         metrics["world_size"] = info.world_size
         if hfa_scores is not None:  # MKT's MEM with HFA: {entity: {specific feature: mean score on its rows}}
             metrics["hfa_scores"] = hfa_scores
-        run.write_metrics(metrics)
+        if target is not run:
+            metrics["scored_from"], metrics["data"] = run.location, storage.absolute(data_dir)
+        if reader.augment is not None:  # the cached stage 2: which version, and how much of it the rows found
+            metrics["cache"] = {"version": cfg.cache.version, "found_rank0": reader.augment.coverage()}
+        target.write_metrics(metrics)
     dist.barrier()
     return metrics

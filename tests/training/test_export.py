@@ -129,7 +129,7 @@ def test_mem_run_is_exported_only_under_no_tem_finetune(runs, small_dataset, tmp
 def test_interrupted_export_leaves_no_serving_dir_and_keeps_the_previous(runs, tmp_path, monkeypatch):
     out = tmp_path / "serving"
 
-    def failing(schema, model, out_dir, ids, dense):
+    def failing(schema, model, out_dir, ids, dense, knowledge=None):
         open(os.path.join(out_dir, "model.pt2"), "w").close()
         raise KeyboardInterrupt
 
