@@ -36,7 +36,9 @@ def test_every_entry_names_its_stages_family_and_a_module_that_builds_it():
         if spec.is_baseline:
             module = importlib.import_module(spec.module)
             assert callable(module.build_model) and module.PAPER, name
-        assert registry.of_config(spec.model, spec.ablation) is spec or spec.made_as, name
+        # (a variant with extra settings, such as mkt_cached, trains as its model's entry)
+        assert registry.of_config(spec.model, spec.ablation) is spec or spec.made_as or spec.extra, name
+    assert "mkt_cached" not in registry.mkt_names()  # asked for by name: not among the default runs
     assert registry.evaluated_stages("mkt") == ("mem", "tem")  # its MEM is no_tem_finetune's model
     assert registry.evaluated_stages("finetune") == ("tem",)  # pre-training is not evaluated
     assert [n for n, s in registry.runs().items() if not s.served] == ["mmoe", "ple", "star", "conet", "pgtl", "pepnet"]

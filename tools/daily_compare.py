@@ -6,7 +6,8 @@ one ``mkt run --runs mkt`` per day on the cumulative datasets (``--retrain``: da
 For each day and method: the target entity's GAUC, AUC and log loss (mean over seeds), and for each method against
 the incremental model the seed-paired difference with its Student-t interval over seeds (the report's seed-level
 interval, :mod:`mkt_torchrec.evaluation.seed_intervals`); "pooled" averages each seed's difference over days 2..N
-first. Checks that the paired runs scored the same rows. Time: each method's seconds per day (incremental: the
+(the days it exists) first. A cached stage 2's run (``mkt daily --set model.tem.knowledge=cache --stale-lags L``)
+adds the same model scored with a cache version L days old: paired with the fresh version on the same rows. Checks that the paired runs scored the same rows. Time: each method's seconds per day (incremental: the
 day's two stages, their evaluation and the frozen model's scoring; retrain: one seed's share of the day's ``mkt
 run``, data preparation excluded).
 
@@ -46,6 +47,11 @@ def _runs(daily: str, retrain: List[str], seeds: int, day: int) -> Dict[str, Lis
     if retrain:
         out["retrain from scratch"] = [os.path.join(retrain[day - 1], "runs", "mkt", f"seed{s}", "tem")
                                        for s in range(seeds)]
+    for lag in sorted(int(n[len("stale-"):]) for n in os.listdir(os.path.join(daily, "seed0"))
+                      if n.startswith("stale-")):
+        stale = [os.path.join(daily, f"seed{s}", f"stale-{lag}", f"day-{day:03d}") for s in range(seeds)]
+        if all(os.path.isfile(os.path.join(d, "metrics.json")) for d in stale):
+            out[f"cache version {lag} day(s) old"] = stale
     return out
 
 
@@ -65,10 +71,10 @@ def compare(daily: str, retrain: List[str], confidence: float = 0.95) -> Dict[st
             row[method] = {k: statistics.fmean(m[k] for m in per_seed) for k in METRICS}
             row[method]["by_seed"] = per_seed
             if method != "incremental":
-                for s, (a, b) in enumerate(zip(dirs, runs["incremental"])):
+                for a, b in zip(dirs, runs["incremental"], strict=True):
                     if a != b:
                         check_same_rows(os.path.join(a, "predictions"), os.path.join(b, "predictions"), "target")
-                gauc = [m["gauc"] - i["gauc"] for m, i in zip(per_seed, row["incremental"]["by_seed"])]
+                gauc = [m["gauc"] - i["gauc"] for m, i in zip(per_seed, row["incremental"]["by_seed"], strict=True)]
                 row[method]["gauc_diff"] = seed_interval(gauc, confidence)
                 if d > 1:
                     for s in range(seeds):
@@ -87,7 +93,9 @@ def compare(daily: str, retrain: List[str], confidence: float = 0.95) -> Dict[st
 
 
 def render(result: Dict[str, Any]) -> str:
-    methods = [m for m in ("incremental", "retrain from scratch", "frozen after day 1") if m in result["days"][0]]
+    names = [m for r in result["days"] for m in r if isinstance(r[m], dict)]
+    methods = [m for m in ("incremental", "retrain from scratch", "frozen after day 1") if m in names]
+    methods += sorted({m for m in names if m.startswith("cache version")})
 
     def ci(block: Optional[Dict[str, Any]]) -> str:
         if not block or block.get("ci") is None:
@@ -95,15 +103,17 @@ def render(result: Dict[str, Any]) -> str:
         lo, hi = block["ci"]
         return f"{block['mean']:+.4f} [{lo:+.4f}, {hi:+.4f}]{'*' if block['excludes_zero'] else ''}"
 
+    timed = [m for m in ("incremental", "retrain from scratch") if m in methods]
     head = "| day | " + " | ".join(f"{m} GAUC" for m in methods) + " | " + " | ".join(
-        f"{m} - incremental" for m in methods[1:]) + " | " + " | ".join(f"{m} s/day" for m in methods[:2]) + " |"
-    lines = [head, "|" + "---|" * (1 + len(methods) + len(methods) - 1 + 2)]
+        f"{m} - incremental" for m in methods[1:]) + " | " + " | ".join(f"{m} s/day" for m in timed) + " |"
+    lines = [head, "|" + "---|" * (1 + len(methods) + len(methods) - 1 + len(timed))]
     for row in result["days"]:
-        lines.append(f"| {row['day']} | " + " | ".join(f"{row[m]['gauc']:.4f}" for m in methods) + " | "
-                     + " | ".join(ci(row[m].get("gauc_diff")) for m in methods[1:]) + " | "
-                     + " | ".join(f"{row[m].get('seconds', float('nan')):.0f}" for m in methods[:2]) + " |")
+        lines.append(f"| {row['day']} | " + " | ".join(f"{row[m]['gauc']:.4f}" if m in row else "n/a" for m in methods)
+                     + " | " + " | ".join(ci(row[m].get("gauc_diff")) if m in row else "n/a" for m in methods[1:])
+                     + " | " + " | ".join(f"{row[m].get('seconds', float('nan')):.0f}" if m in row else "n/a"
+                                          for m in timed) + " |")
     lines.append("| days 2..N pooled | " + " | " * len(methods) + " | ".join(
-        ci(result["pooled_gauc_diff_days_2_on"].get(m)) for m in methods[1:]) + " | | |")
+        ci(result["pooled_gauc_diff_days_2_on"].get(m)) for m in methods[1:]) + " |" + " |" * len(timed))
     return "\n".join(lines)
 
 

@@ -157,6 +157,15 @@ def test_a_version_that_does_not_fit_the_run_is_refused_in_one_line(setup, tmp_p
     code = main([*args, *set_flags(*SMALL, *STEPS, *_cached(db, setup["version-mem"]), "model.tem.mem_logit=true"),
                  "--mem-run", setup["mem"]])
     assert code == 1 and "mem_logit" in capsys.readouterr().err
+    # a store that cannot be reached; a password in the URI (every run.json would keep it)
+    unreachable = f"redis://127.0.0.1:{_free_port()}/0"
+    code = main([*args, *set_flags(*SMALL, *STEPS, *_cached(unreachable, "v")), "--mem-run", setup["mem"]])
+    err = capsys.readouterr().err
+    assert code == 1 and unreachable in err and len(err.strip().splitlines()) == 1, err
+    code = main([*args, *set_flags(*SMALL, *STEPS, *_cached("redis://u:hunter2@127.0.0.1:1/0", "v")), "--mem-run",
+                 setup["mem"]])
+    err = capsys.readouterr().err
+    assert code == 2 and "REDISCLI_AUTH" in err and "hunter2" not in err, err
     assert not os.path.exists(str(tmp_path / "tem" / "checkpoints"))
 
 
