@@ -25,10 +25,11 @@ from typing import Any, Literal, Mapping, Optional, Sequence
 
 import yaml
 
+from mkt_torchrec import safe_yaml
 from mkt_torchrec.baseline_config import BaselinesConfig, KeepConfig, PGTLConfig
 from mkt_torchrec.build.source import SourceConfig
 from mkt_torchrec.cache_config import CacheConfig
-from mkt_torchrec.typed import ConfigError, arg_docs, build, check, entry_type, validate_tree
+from mkt_torchrec.typed import ConfigError, arg_docs, build, check, entry_type, short, validate_tree
 
 ENTITIES: tuple[str, str] = ("source", "target")
 GROUPS: tuple[str, ...] = ("user", "shared", "specific")
@@ -636,7 +637,8 @@ class TrainConfig:
         embedding_precision: storage of the trainable embedding tables: ``fp16`` halves their memory (and the
             lookup traffic); the fused optimizer's state stays fp32. A frozen stage-1 MEM keeps its precision.
         seed: seed of parameter initialisation.
-        threads: intra-op threads per rank (1 avoids oversubscribing small machines).
+        threads: intra-op threads per rank (1 avoids oversubscribing small machines); at most 1024, on any machine
+            (the config may be written on another one): 2048 and more crashed torch's thread pool (rc 139).
         tf32: on a CUDA device, matrix products and convolutions of the dense part in TensorFloat-32 (Ampere and
             later: about 8x the fp32 matmul rate, 10-bit mantissa products with fp32 accumulation). No effect on CPU.
         compile: ``torch.compile`` (dynamic batch) of the dense modules the pipeline's tracer leaves whole (HFA,
@@ -676,6 +678,8 @@ class TrainConfig:
         for name in ("epochs", "threads", "keep_checkpoints", "log_every", "max_epochs"):
             v = getattr(self, name)
             check(v >= 1, f"{key}.{name}", f"expected a positive int, got {v}")
+        check(self.threads <= 1024, f"{key}.threads", f"{self.threads} threads per rank; at most 1024 (more crashed "
+               f"torch's thread pool; this machine has {os.cpu_count()} CPUs)")
         for name in ("max_steps", "checkpoint_every", "patience"):
             v = getattr(self, name)
             check(v >= 0, f"{key}.{name}", f"expected an int >= 0, got {v}")
@@ -694,7 +698,8 @@ class EvalConfig:
     Args:
         activity_bounds: user-activity group edges by number of past behaviours (paper Table 3: 0-10, 10-30,
             >30 -> ``[10, 30]``).
-        bootstrap_samples: user-level bootstrap resamples for confidence intervals (0: none).
+        bootstrap_samples: user-level bootstrap resamples for confidence intervals (0: none); at most 100,000
+            (each costs a pass over the users; 1,000-2,000 already make the interval's ends stable).
         confidence: two-sided confidence level of the intervals.
         partitions: hash partitions by user for out-of-core GAUC (bounded memory).
         seed: bootstrap seed.
@@ -719,7 +724,8 @@ class EvalConfig:
         b = self.activity_bounds
         check(all(x > 0 for x in b) and b == sorted(set(b)), f"{key}.activity_bounds",
                f"expected increasing positive ints, got {b}")
-        check(self.bootstrap_samples >= 0, f"{key}.bootstrap_samples", "expected an int >= 0")
+        check(0 <= self.bootstrap_samples <= 100_000, f"{key}.bootstrap_samples",
+               f"expected an int in [0, 100000], got {self.bootstrap_samples}")
         check(0 < self.confidence < 1, f"{key}.confidence", "expected a number in (0, 1)")
         check(self.partitions >= 1, f"{key}.partitions", "expected a positive int")
         check(self.calibration_bins >= 1, f"{key}.calibration_bins", "expected a positive int")
@@ -745,8 +751,6 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     cache: CacheConfig = field(default_factory=CacheConfig)  # the knowledge cache (mkt_torchrec/cache_config.py)
-    # Later components keep their raw sections here until their dataclasses land.
-    extra: dict[str, Any] = field(default_factory=dict)
 
     def _validate(self, key: str) -> None:
         related = self.data.related_items
@@ -770,7 +774,6 @@ class Config:
     def with_settings(self, settings: Mapping[str, Any]) -> "Config":
         """A new, validated config with ``{"dotted.key": value}`` set (typed values: nothing is parsed)."""
         raw = self.to_dict()
-        raw.update(raw.pop("extra"))
         for key, value in settings.items():
             node = raw
             *parents, leaf = key.split(".")
@@ -804,8 +807,6 @@ class Config:
 # what ``mkt evaluate`` takes from its --config / --set: the model, schema and planner come from the run itself
 EVALUATE_KEYS = ("eval", "data.batch_size", "data.num_workers", "train.threads")
 
-_SECTIONS_LATER = ("report",)
-
 
 def load_config(path: str | os.PathLike, overrides: Sequence[str] = ()) -> Config:
     """Read a YAML config, apply ``dotted.key=value`` overrides, validate.
@@ -816,7 +817,7 @@ def load_config(path: str | os.PathLike, overrides: Sequence[str] = ()) -> Confi
     path = os.fspath(path)
     try:
         with open(path, encoding="utf-8") as f:
-            raw = yaml.safe_load(f)
+            raw = safe_yaml.load(f, path)  # duplicate keys, aliases, deep or huge values: a ConfigError
     except FileNotFoundError:
         raise ConfigError(f"{path}: config file not found") from None
     except IsADirectoryError:
@@ -844,12 +845,13 @@ def apply_overrides(raw: dict[str, Any], overrides: Sequence[str]) -> None:
             raise ConfigError(f"override {item!r}: expected dotted.key=value")
         key, _, text = item.partition("=")
         parts = key.strip().split(".")
-        if not all(parts):
-            raise ConfigError(f"override {item!r}: empty key segment")
+        problem = "empty key segment" if not all(parts) else f"more than {safe_yaml.MAX_DEPTH} key segments"
+        if not all(parts) or len(parts) > safe_yaml.MAX_DEPTH:
+            raise ConfigError(f"override {short(key)}: {problem}")
         try:
-            value = yaml.safe_load(text)
+            value = safe_yaml.load(text, f"override {key}")
         except yaml.YAMLError as e:
-            raise ConfigError(f"override {key}: value is not valid YAML: {e}") from None
+            raise ConfigError(f"override {key}: value is not valid YAML: {' '.join(str(e).split())}") from None
         node: Any = raw
         for i, p in enumerate(parts[:-1]):
             nxt = node.get(p) if isinstance(node, dict) else None
@@ -863,11 +865,10 @@ def apply_overrides(raw: dict[str, Any], overrides: Sequence[str]) -> None:
 
 
 def config_from_dict(raw: Mapping[str, Any]) -> Config:
-    extra = {k: raw[k] for k in _SECTIONS_LATER if k in raw}
-    rest = {k: v for k, v in raw.items() if k not in _SECTIONS_LATER}
+    rest = {k: v for k, v in raw.items() if not (k == "extra" and v == {})}  # older run.json: an empty "extra"
     if "schema" not in rest:
         raise ConfigError("schema: missing required section")
-    cfg = build(Config, {**rest, "extra": extra}, "")
+    cfg = build(Config, rest, "")
     validate_tree(cfg, "")
     return cfg
 

@@ -14,6 +14,7 @@ Memory sizes are GB (10^9 bytes); ``--cluster`` (or ``train.planner.cluster``) s
 bandwidths the planner costs with (:mod:`mkt_torchrec.planning.cluster`).
 The planner's cost model scales with the ids looked up per row: ``--data DIR`` takes them from the dataset's
 manifest, ``train.planner.pooling_factors`` overrides them (see :func:`mkt_torchrec.planning.plan.resolve_pooling`).
+World sizes are at most :data:`MAX_WORLD_SIZE` ranks.
 Exit codes: 0 planned (or compared), 1 the model does not fit (nothing written), 2 bad arguments.
 """
 
@@ -35,6 +36,10 @@ if TYPE_CHECKING:
 SHARDING_CHOICES = ("auto", "data_parallel", "table_wise", "column_wise", "table_column_wise", "row_wise",
                     "table_row_wise", "grid_shard")
 COMPARE_AXES = ("world_size", "cluster", "sharding")
+# TorchRec's planner costs every table's shards on every rank, so its time grows with the ranks: the quickstart
+# planned 1,024 ranks in 21 s and 4,096 in 55 s on a 2-core machine, and 100,000 ran for minutes printing nothing.
+# 4,096 is 32 times the largest topology this project plans for (configs/industrial.yaml: 16 nodes x 8 GPUs).
+MAX_WORLD_SIZE = 4096
 CLUSTER_HELP = (
     "the GPU nodes to plan for (default: train.planner.cluster; without one TorchRec's default bandwidths). "
     "Presets, datasheet figures per GPU (HBM, HBM bandwidth, NVLink and PCIe per direction, one InfiniBand NIC): "
@@ -85,7 +90,8 @@ def _table(rows: Sequence[Dict[str, Any]], columns: Sequence[tuple[str, str]]) -
     """A plain fixed-width table: columns are (key, header)."""
     cells = [[h for _, h in columns]] + [[_fmt(r.get(k)) for k, _ in columns] for r in rows]
     widths = [max(len(row[i]) for row in cells) for i in range(len(columns))]
-    lines = ["  ".join(c.rjust(w) if i and _numeric(c) else c.ljust(w) for i, (c, w) in enumerate(zip(row, widths)))
+    lines = ["  ".join(c.rjust(w) if i and _numeric(c) else c.ljust(w)
+                       for i, (c, w) in enumerate(zip(row, widths, strict=True)))
              for row in cells]
     return "\n".join(line.rstrip() for line in lines)
 
@@ -152,9 +158,11 @@ def parse_compare(items: Sequence[str]) -> Dict[str, List[Any]]:
         if not values:
             raise ValueError(f"--compare {item!r}: no values after {name}=")
         if name == "world_size":
-            bad = [v for v in values if not v.isdigit() or int(v) < 1]
+            bad = [v for v in values
+                   if not (v.isascii() and v.isdigit() and len(v) < 9 and 1 <= int(v) <= MAX_WORLD_SIZE)]
             if bad:
-                raise ValueError(f"--compare {item!r}: world sizes must be positive ints, got {bad[0]!r}")
+                raise ValueError(f"--compare {item[:80]!r}: world sizes must be positive ints, at most "
+                                 f"{MAX_WORLD_SIZE} (mkt plan's limit), got {bad[0][:20]!r}")
             values = [int(v) for v in values]
         elif name == "cluster":
             for v in values:
@@ -252,6 +260,9 @@ def run(args: argparse.Namespace, cfg: Config) -> int:
                              "--compare to write it")
         if args.world_size is None and not (axes and "world_size" in axes):
             raise ValueError("--world-size is required (or --compare world_size=N,...)")
+        if args.world_size is not None and args.world_size > MAX_WORLD_SIZE:
+            raise ValueError(f"--world-size {args.world_size}: at most {MAX_WORLD_SIZE} ranks (mkt plan's limit: "
+                             "planning time grows with the ranks)")
         if args.batch_size is not None and args.batch_size < 1:
             raise ValueError(f"--batch-size must be positive, got {args.batch_size}")
     except ValueError as e:
