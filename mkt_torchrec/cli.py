@@ -311,6 +311,7 @@ def _add_score(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch-size", type=int, default=4096, help="requests per batch (default 4096)")
     p.add_argument("--any-mem", action="store_true", help="accept a version built from another MEM checkpoint than "
                    "the run trained with (a stale or newer cache; the schema must still match)")
+    p.add_argument("--threads", type=int, default=None, help="torch intra-op threads for the model (default: torch's)")
 
 
 def _run_score(args: argparse.Namespace, cfg: Config) -> int:
@@ -320,7 +321,8 @@ def _run_score(args: argparse.Namespace, cfg: Config) -> int:
         raise ValueError(f"--batch-size must be at least 1, got {args.batch_size}")
     with _progress(None, "score") as bar:
         summary = score_requests(args.run, args.requests, args.out, cache_uri=args.cache, version=args.version,
-                                 batch_size=args.batch_size, any_mem=args.any_mem, progress=bar.update)
+                                 batch_size=args.batch_size, any_mem=args.any_mem, progress=bar.update,
+                                 threads=args.threads)
     print(json.dumps(summary))
     return 0
 

@@ -37,6 +37,8 @@ import os
 import shutil
 from typing import TYPE_CHECKING, Any, Dict, Iterable, Iterator, List, Optional, Sequence
 
+from mkt_torchrec.fsutil import make_dirs
+
 if TYPE_CHECKING:
     from mkt_torchrec.config import Config
 
@@ -219,7 +221,7 @@ class RunDir:
 
         if not self.remote:
             return
-        os.makedirs(self.path, exist_ok=True)
+        make_dirs(self.path)
         for name in names:
             local, stored = self.file(name), self.stored(name)
             if storage.is_file(stored):
@@ -368,7 +370,7 @@ class RunDir:
 
         lock = runlock.acquire(self.location, what)
         if self.remote:
-            os.makedirs(self.path, exist_ok=True)
+            make_dirs(self.path)
         return lock
 
     def check_one_node(self) -> None:

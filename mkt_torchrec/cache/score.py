@@ -70,9 +70,11 @@ def _knowledge_hook(run: RunDir, spec: Dict[str, Any], cfg: Any, uri: Optional[s
 
 def score_requests(run_dir: str, requests: str, out: str, cache_uri: Optional[str] = None,
                    version: Optional[str] = None, batch_size: int = 4096, any_mem: bool = False,
-                   progress: Optional[Callable[[int], None]] = None) -> Dict[str, Any]:
+                   progress: Optional[Callable[[int], None]] = None, threads: Optional[int] = None) -> Dict[str, Any]:
     """Score ``requests`` (a Parquet file) with ``run_dir``'s serving export into ``out`` (a Parquet file); returns
-    the summary (rows, rows/s, per-batch latency percentiles of the lookups and the model, keys found).
+    the summary (rows, rows/s, per-batch latency percentiles and totals of the lookups and the model, keys found).
+    ``threads``: torch's intra-op threads for the model (None: torch's default; on a busy machine 1 is steadier:
+    ``tools/bench_score.py``).
 
     Raises:
         FileNotFoundError: the run has no serving export, or ``requests`` does not exist.
@@ -101,6 +103,8 @@ def score_requests(run_dir: str, requests: str, out: str, cache_uri: Optional[st
               if c not in file.schema_arrow.names]
     if needed:
         raise ValueError(f"{requests}: lacks the columns {sorted(set(needed))[:6]} the run's schema reads")
+    if threads is not None:
+        torch.set_num_threads(threads)
     model = load_serving(os.path.join(run.serving, SERVING_FILE))
     keys = serving_keys(cfg.schema)
     lookup_ms: List[float] = []
@@ -141,5 +145,6 @@ def score_requests(run_dir: str, requests: str, out: str, cache_uri: Optional[st
     return {"out": out, "rows": rows, "batches": len(model_ms), "batch_size": batch_size,
             "seconds": round(seconds, 3), "rows_per_s": round(rows / seconds, 1) if seconds > 0 else None,
             "lookup_ms": _percentiles(lookup_ms), "model_ms": _percentiles(model_ms),
+            "lookup_ms_total": round(sum(lookup_ms), 3), "model_ms_total": round(sum(model_ms), 3),
             "cache": None if hook is None else {"store": hook.store.display, "version": hook.version,
                                                 "found": hook.coverage()}}

@@ -10,7 +10,8 @@ them), read in file-name order, with the columns
 * optionally ``activity`` (integer >= 0, the user's past behaviours, for the activity groups) and
   ``true_prob`` (float32, the true click probability of synthetic data), in every part file or in none.
 
-:func:`read_layout` checks the columns from the files' footers; :func:`iter_batches` streams validated
+:func:`read_layout` checks the columns from the files' footers; :func:`check_parts` that the part files are those
+``mkt evaluate`` wrote (one per rank of the world size ``metrics.json`` records, with the rows it counted); :func:`iter_batches` streams validated
 :class:`Rows` (:func:`validate_batch`: errors name the file, column and row); :func:`iter_entity_rows` and
 :func:`iter_entity_columns` stream one entity's rows.
 """
@@ -27,8 +28,8 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-__all__ = ["ENTITIES", "REQUIRED_COLUMNS", "Layout", "Rows", "read_layout", "iter_batches", "validate_batch",
-           "iter_entity_rows", "iter_entity_columns"]
+__all__ = ["ENTITIES", "REQUIRED_COLUMNS", "Layout", "Rows", "read_layout", "check_parts", "iter_batches",
+           "validate_batch", "iter_entity_rows", "iter_entity_columns"]
 
 ENTITIES = ("source", "target")
 REQUIRED_COLUMNS = ("user_id", "entity", "label", "score")
@@ -71,10 +72,47 @@ def read_layout(pred_dir: str) -> Layout:
         row_groups.append(tuple(meta.row_group(i).num_rows for i in range(meta.num_row_groups)))
     for c, flags in present.items():
         if any(flags) and not all(flags):
-            lacking = [f for f, has in zip(files, flags) if not has]
+            lacking = [f for f, has in zip(files, flags, strict=True) if not has]
             raise ValueError(f"{lacking[0]}: no column {c!r} while other part files have it; "
                              "all part files of a run must have the same columns")
     return Layout(files, rows, all(present["activity"]), all(present["true_prob"]), tuple(row_groups))
+
+
+def part_name(rank: int) -> str:
+    """The predictions file rank ``rank`` writes (``mkt evaluate``, ``training.scoring.score_split``)."""
+    return f"part-{rank:05d}.parquet"
+
+
+def check_parts(pred_dir: str, metrics: Dict[str, object]) -> None:
+    """The part files of ``pred_dir`` are the ones ``mkt evaluate`` wrote with ``metrics`` (its metrics.json): one per
+    rank of its ``world_size`` (``part-00000.parquet`` ...), holding the rows its entity blocks count. A run whose
+    part files were deleted or added since would otherwise be compared on other rows than it was scored on. Reads
+    footers only; metrics.json without ``world_size`` (older releases) is checked by rows alone.
+
+    Raises:
+        FileNotFoundError: a part file of the recorded world size is missing (naming it).
+        ValueError: part files beyond the world size, or other row counts than metrics.json's (naming both).
+    """
+    again = "run mkt evaluate on the run again"
+    present = sorted(os.path.basename(f) for f in glob.glob(os.path.join(pred_dir, "part-*.parquet")))
+    world = metrics.get("world_size")
+    if isinstance(world, int) and world > 0:
+        expected = [part_name(r) for r in range(world)]
+        missing = [n for n in expected if n not in present]
+        if missing:
+            raise FileNotFoundError(f"{os.path.join(pred_dir, missing[0])}: missing ({len(missing)} of the {world} part "
+                                    f"files metrics.json's world_size={world} says mkt evaluate wrote are gone: "
+                                    f"{', '.join(missing[:4])}{' ...' if len(missing) > 4 else ''}); {again}")
+        extra = [n for n in present if n not in expected]
+        if extra:
+            raise ValueError(f"{os.path.join(pred_dir, extra[0])}: not written by the mkt evaluate of metrics.json "
+                             f"(world_size={world}: {expected[0]} .. {expected[-1]}); remove it, or {again}")
+    counted = [m.get("rows") for e, m in metrics.items() if e in ENTITIES and isinstance(m, dict)]
+    if counted and all(isinstance(n, int) for n in counted):
+        held = read_layout(pred_dir).rows
+        if held != sum(counted):  # type: ignore[arg-type]
+            raise ValueError(f"{pred_dir}: the part files hold {held} rows but metrics.json counts "
+                             f"{sum(counted)} (the predictions changed since mkt evaluate); {again}")  # type: ignore[arg-type]
 
 
 @dataclass
@@ -101,13 +139,13 @@ class Rows:
     @staticmethod
     def concat(parts: Sequence["Rows"]) -> "Rows":
         """The rows of ``parts``, one after the other."""
-        cols = list(zip(*[p._arrays() for p in parts]))
+        cols = list(zip(*[p._arrays() for p in parts], strict=True))
         return Rows(*[None if c[0] is None else np.concatenate(c) for c in cols])
 
     def to_table(self) -> pa.Table:
         """The present columns as a pyarrow table (spill files)."""
         names = ["user_id", "entity", "label", "score", "group", "true_prob"]
-        return pa.table({n: a for n, a in zip(names, self._arrays()) if a is not None})
+        return pa.table({n: a for n, a in zip(names, self._arrays(), strict=True) if a is not None})
 
     @staticmethod
     def from_table(t: pa.Table) -> "Rows":

@@ -19,7 +19,7 @@ import numpy as np
 from mkt_torchrec import registry
 from mkt_torchrec.evaluation.bootstrap import mix64
 from mkt_torchrec.evaluation.paired import RunReplicates, check_same_rows, pooled_paired_difference, run_replicates
-from mkt_torchrec.evaluation.predictions import iter_entity_columns
+from mkt_torchrec.evaluation.predictions import check_parts, iter_entity_columns
 from mkt_torchrec.evaluation.seed_intervals import seed_paired_difference
 from mkt_torchrec.evaluation.streaming import SpillLimits
 from mkt_torchrec.rundir import RunDir, read_json
@@ -132,6 +132,7 @@ def _load_run(run_dir: str, name: Optional[str]) -> Run:
     if not glob.glob(os.path.join(run.path, "predictions", "part-*.parquet")):
         raise FileNotFoundError(f"{run.name}: no predictions (predictions/part-*.parquet); run mkt evaluate first")
     metrics = run.metrics()
+    check_parts(os.path.join(run.path, "predictions"), metrics)  # deleted / added part files: named here
     info = read_json(run.stored(RunDir.RUN), "a run record") if run.exists() else {}
     config = info.get("config") or {}
     model_cfg = config.get("model") or {}
@@ -218,7 +219,7 @@ def pair_runs(model: Model, base: Model) -> Tuple[List[Tuple[Run, Run]], str]:
     if by_seed:
         base_by_seed = {r.seed: r for r in base.runs}
         return [(r, base_by_seed[r.seed]) for r in model.runs if r.seed in base_by_seed], "seed"
-    return list(zip(model.runs, base.runs)), "position"
+    return list(zip(model.runs, base.runs, strict=False)), "position"
 
 
 @dataclass
@@ -251,19 +252,45 @@ def usable_pairs(model: Model, base: Model, entity: str, scans: Dict[int, Scan])
 
 
 def _why_not_paired(run: Run, base: Run, entity: str, scans: Dict[int, Scan]) -> Optional[str]:
-    """Why two runs cannot be compared on the entity's rows, or None if they can."""
+    """Why two runs cannot be compared on the entity's rows (what differs, and what to do), or None if they can."""
     if run.entity(entity) is None or base.entity(entity) is None:
         return f"no {entity} rows"
     sr, sb = scans.get(id(run)), scans.get(id(base))
     if sr is not None and sb is not None and sr.digest and sb.digest:
         if sr.rows == 0 or sb.rows == 0:
             return f"no {entity} rows"
-        return None if (sr.rows, sr.digest) == (sb.rows, sb.digest) else _rows_differ(base, run, entity)
-    counts = [tuple(x.entity(entity).get(k) for k in ("rows", "users", "positives")) for x in (run, base)]
-    if counts[0] != counts[1]:
-        return (f"not on the same rows: metrics.json (rows, users, positives) {counts[0]} in {run.run_dir}, "
-                f"{counts[1]} in {base.run_dir}")
+        if (sr.rows, sr.digest) == (sb.rows, sb.digest):
+            return None
+        return _counts_differ(run, base, entity) if sr.rows != sb.rows else _rows_differ(base, run, entity)
+    keys = ("rows", "users", "positives")
+    if [run.entity(entity).get(k) for k in keys] != [base.entity(entity).get(k) for k in keys]:
+        return _counts_differ(run, base, entity)
     return None
+
+
+_SCORE_ALIKE = "evaluate both runs on the same --data (the same test split) and report again"
+
+
+def _short(run: Run) -> str:
+    """A run directory's last component (what a table cell has room for)."""
+    return os.path.basename(os.path.normpath(run.run_dir)) or run.run_dir
+
+
+def _counts_differ(run: Run, base: Run, entity: str) -> str:
+    """Runs scored on different rows, by metrics.json's counts: rows, users and clicks of each."""
+
+    def counts(r: Run) -> str:
+        m = r.entity(entity) or {}
+        return f"{m.get('rows')} {entity} rows of {m.get('users')} users ({m.get('positives')} clicks)"
+
+    return (f"not on the same rows: {_short(run)} was scored on {counts(run)}, {_short(base)} on {counts(base)}; "
+            f"{_SCORE_ALIKE}")
+
+
+def _not_paired(pairing: Pairing) -> str:
+    """A table cell for a model with no usable pair: why (the first left-out pair's reason, which says what differs
+    and what to do)."""
+    return f"n/a ({pairing.left_out[0]['reason']})" if pairing.left_out else _NOT_SAME_ROWS
 
 
 def paired_difference(pairing: Pairing, entity: str, eval_cfg: Any, cache: Dict[str, RunReplicates],
@@ -278,7 +305,7 @@ def paired_difference(pairing: Pairing, entity: str, eval_cfg: Any, cache: Dict[
     if int(eval_cfg.bootstrap_samples) <= 0:
         return {"error": "n/a (no bootstrap)"}
     if not pairing.used:
-        return {"error": _NOT_SAME_ROWS, "left_out": pairing.left_out, "paired_by": pairing.paired_by,
+        return {"error": _not_paired(pairing), "left_out": pairing.left_out, "paired_by": pairing.paired_by,
                 "detail": pairing.left_out[0]["reason"] if pairing.left_out else None}
 
     def replicates_of(run: Run) -> RunReplicates:
@@ -301,7 +328,7 @@ def seed_difference(pairing: Pairing, entity: str, eval_cfg: Any) -> Dict[str, A
     if not pairing.any_rows:
         return {"error": f"n/a (no {entity} rows)", "pairs": 0}
     if not pairing.used:
-        return {"error": _NOT_SAME_ROWS, "pairs": 0, "left_out": pairing.left_out, "paired_by": pairing.paired_by,
+        return {"error": _not_paired(pairing), "pairs": 0, "left_out": pairing.left_out, "paired_by": pairing.paired_by,
                 "detail": pairing.left_out[0]["reason"] if pairing.left_out else None}
     confidence = float(eval_cfg.confidence)
     blocks = [(r.entity(entity), b.entity(entity)) for r, b in pairing.used]
@@ -324,9 +351,11 @@ def _group(block: Dict[str, Any], name: str) -> Optional[Dict[str, Any]]:
 
 
 def _rows_differ(base: Run, run: Run, entity: str) -> str:
-    """Why two runs' rows differ, in words (streams both once more; only called when the digests differ)."""
+    """Why two runs' rows differ when their counts agree, in words: the first row that differs (streams both once
+    more; only called when the digests differ)."""
     try:
         check_same_rows(base.pred_dir, run.pred_dir, entity)
     except ValueError as e:
-        return str(e).replace("paired_comparison: ", "")
-    return "the (user_id, label) sequences differ"
+        detail = str(e).replace("paired_comparison: the runs are not on the same rows: ", "")
+        return f"not on the same rows ({_short(run)} vs {_short(base)}, as many rows but other ones: {detail}); {_SCORE_ALIKE}"
+    return f"not on the same rows ({_short(run)} vs {_short(base)}: the (user_id, label) sequences differ); {_SCORE_ALIKE}"

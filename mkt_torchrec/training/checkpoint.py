@@ -29,10 +29,12 @@ write (an upload is invisible until it completes).
 from __future__ import annotations
 
 import copy
+import errno
 import io
 import json
 import os
 import pickle
+import re
 import shutil
 from typing import Any, Dict, Optional
 
@@ -45,6 +47,7 @@ from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.metadata import Metadata
 
 from mkt_torchrec import storage
+from mkt_torchrec.fsutil import make_dirs
 from mkt_torchrec.rundir import LATEST, read_json
 
 BEST = "best"  # the checkpoint with the best validation metric (early stopping); kept by pruning
@@ -182,14 +185,35 @@ def checkpoint_dir(run_dir: str, step: int) -> str:
     return storage.join(run_dir, "checkpoints", f"step-{step:08d}")
 
 
+_STEP_NAME = re.compile(r"step-\d{8,}")  # what :func:`checkpoint_dir` names: a pointer may name nothing else
+
+
 def latest_checkpoint(run_dir: str, pointer: str = LATEST) -> Optional[str]:
     """Path (or URI) of the newest complete checkpoint of a run (``pointer=BEST``: the best-validated one), or
-    None."""
+    None.
+
+    A pointer resolves inside the run's own ``checkpoints/`` only: it must hold one ``step-NNNNNNNN`` name, never a
+    path (``../other``, ``/abs``, ``s3://...``), so a run directory never has another run's weights scored or
+    exported under its name.
+
+    Raises:
+        ValueError: the pointer names anything but a step directory of this run, or an incomplete one.
+    """
     path = storage.join(run_dir, "checkpoints", pointer)
     if not storage.is_file(path):
         return None
-    name = _read_text(path).strip()
+    try:
+        name = _read_text(path).strip()
+    except UnicodeDecodeError:
+        name = "<not text>"
+    if not _STEP_NAME.fullmatch(name):
+        raise ValueError(f"{storage.display(path)} names {name[:80]!r}, not a checkpoint of this run "
+                         "(a pointer holds one step-NNNNNNNN name inside its checkpoints/ directory); rewrite it "
+                         "with a step directory of this run, or remove it")
     ckpt = storage.join(run_dir, "checkpoints", name)
+    if storage.is_local(ckpt) and os.path.dirname(os.path.realpath(ckpt)) != os.path.realpath(os.path.dirname(ckpt)):
+        raise ValueError(f"{storage.display(ckpt)}: a link to {os.path.realpath(ckpt)}, outside this run's "
+                         "checkpoints/; a run is scored and exported from its own checkpoints only")
     if not storage.is_file(storage.join(ckpt, EXTRA)):
         raise ValueError(f"{storage.display(path)} names {name!r}, which is incomplete or missing")
     return ckpt
@@ -214,17 +238,27 @@ def save(run_dir: str, step: int, state: Dict[str, Any], extra: Dict[str, Any], 
          keep: int) -> str:
     """Collective: every rank calls it. Writes the checkpoint, then (rank 0) publishes it as latest."""
     ckpt = checkpoint_dir(run_dir, step)
-    if is_main and storage.exists(ckpt):
-        storage.remove_tree(ckpt)  # a leftover of an interrupted save of the same step
+    if is_main:
+        _clear(ckpt)
     dist.barrier()
     try:
         dcp.save(state, **_write_target(ckpt))
-    except Exception as e:  # noqa: BLE001 - reported in one line, naming the checkpoint
-        raise _write_failed(ckpt, e) from None
+    except (Exception, CheckpointException) as e:  # noqa: BLE001 - one line, naming the checkpoint
+        raise _write_failed(run_dir, ckpt, e, is_main) from None
     if is_main:
         _publish(run_dir, ckpt, extra, keep)
     dist.barrier()
     return ckpt
+
+
+def _clear(ckpt: str) -> None:
+    """Rank 0 before a save: remove a leftover of an interrupted save of the same step, and (locally) make the
+    directory, so a file in the way is named in one line (DCP would raise ``[Errno 17] File exists`` inside pages of
+    per-rank traces)."""
+    if storage.exists(ckpt):
+        storage.remove_tree(ckpt)
+    if not storage.is_uri(ckpt):
+        make_dirs(ckpt)
 
 
 class _HostStager:
@@ -292,8 +326,8 @@ class AsyncCheckpointer:
     def save(self, step: int, state: Dict[str, Any], extra: Dict[str, Any]) -> str:
         self.wait()
         ckpt = checkpoint_dir(self.run_dir, step)
-        if self.is_main and storage.exists(ckpt):
-            storage.remove_tree(ckpt)  # a leftover of an interrupted save of the same step
+        if self.is_main:
+            _clear(ckpt)
         dist.barrier(group=self.group)
         future = dcp.async_save(state, **_write_target(ckpt), process_group=self.group, async_stager=_HostStager())
         self._pending = (future, ckpt, extra)
@@ -311,9 +345,9 @@ class AsyncCheckpointer:
         future, ckpt, extra = self._pending
         self._pending = None
         try:
-            future.result()  # the writer's error (e.g. no space left) on this rank
-        except Exception as e:  # noqa: BLE001 - reported in one line, naming the checkpoint
-            raise _write_failed(ckpt, e) from None
+            future.result()  # the writer's error (e.g. no space left), every rank's (DCP gathers them)
+        except (Exception, CheckpointException) as e:  # noqa: BLE001 - one line, naming the checkpoint
+            raise _write_failed(self.run_dir, ckpt, e, self.is_main) from None
         if self.is_main:
             _publish(self.run_dir, ckpt, extra, self.keep)
         return ckpt
@@ -380,15 +414,65 @@ def _last_line(e: BaseException) -> str:
     return lines[-1] if lines else type(e).__name__
 
 
-def _write_failed(ckpt: str, e: BaseException) -> OSError:
-    """A one-line error for a failed checkpoint write, saying so when the disk is (nearly) full: torch's own
-    message for a short write is ``unexpected pos ... vs ...``. An object store has no disk to ask about."""
+_DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
+
+
+def _causes(e: BaseException) -> list:
+    """The exceptions behind ``e``: a ``CheckpointException``'s per-rank failures (DCP wraps each rank's error with
+    its traceback text), each one's ``__cause__`` / ``__context__`` chain, and ``e`` itself."""
+    out, todo = [], [e]
+    while todo:
+        x = todo.pop()
+        if x is None or any(x is y for y in out):
+            continue
+        out.append(x)
+        if isinstance(x, CheckpointException):
+            todo += [f[0] if isinstance(f, tuple) else f for f in x.failures.values()]
+        todo += [x.__cause__, x.__context__]
+    return out
+
+
+def _no_space(e: BaseException) -> bool:
+    """Whether a failed write ran out of space for certain: an ``OSError`` ENOSPC / EDQUOT anywhere behind it. (Torch's
+    zip writer says only ``unexpected pos ... vs ...`` when a file kept fewer bytes than were written: probably.)"""
+    return any(isinstance(x, OSError) and x.errno in _DISK_FULL for x in _causes(e))
+
+
+def _write_failed(run_dir: str, ckpt: str, e: BaseException, is_main: bool) -> OSError:
+    """The one-line error of a failed checkpoint write, after rank 0 removed the partial step directory (DCP reports
+    a failure to every rank only after each rank's write returned, so nothing writes there any more).
+
+    Why this is not left to DCP's exception: ``CheckpointException`` derives from ``BaseException``, so an
+    ``except Exception`` lets it through as pages of per-rank tracebacks, and its last line for a full disk is
+    often torch's ``unexpected pos 704 vs 598``. The message says when the disk is full (an ENOSPC / EDQUOT behind
+    it; probably full: a short write, or under 1 GiB left; an object store has no disk to ask about), names the
+    checkpoint and the underlying error, and says which checkpoint is still the latest.
+    """
+    if is_main:
+        try:
+            storage.remove_tree(ckpt)
+            removed = "the partial checkpoint was removed"
+        except OSError:
+            removed = "the partial checkpoint could not be removed (delete it)"
+    else:
+        removed = "rank 0 removes the partial checkpoint"
+    try:
+        latest = latest_checkpoint(run_dir)
+    except (OSError, ValueError):
+        latest = None
+    kept = (f"{latest.rsplit('/', 1)[-1]} is still the latest checkpoint" if latest is not None
+            else "no earlier checkpoint")
     free = None
     if not storage.is_uri(ckpt):
         try:
             free = shutil.disk_usage(os.path.dirname(ckpt) or ".").free
         except OSError:
             free = None
-    hint = f"; only {free / 2**20:.0f} MiB free there: the disk is probably full" if free is not None and \
-        free < 1 << 30 else ""
-    return OSError(f"{storage.display(ckpt)}: writing the checkpoint failed ({_last_line(e)}){hint}")
+    low = free is not None and free < 1 << 30
+    room = f"; {free / 2**20:.0f} MiB free there" if low else ""
+    full = ("the disk is full" if _no_space(e) else
+            "the disk is probably full" if low or "unexpected pos" in str(e) else None)
+    if full is None:
+        return OSError(f"{storage.display(ckpt)}: writing the checkpoint failed ({_last_line(e)}); {removed}; {kept}")
+    return OSError(f"{storage.display(ckpt)}: writing the checkpoint failed: {full} ({_last_line(e)}{room}); "
+                   f"{removed}; {kept}: free space, then resume with mkt train --resume")

@@ -30,12 +30,14 @@ from typing import Any, Dict, Optional, Tuple
 import torch
 
 from mkt_torchrec.config import Config, SchemaConfig
-from mkt_torchrec.fsutil import replace_dir
+from mkt_torchrec.fsutil import check_replaceable, make_dirs, replace_output
 from mkt_torchrec.models.serving import SERVING_FILE, ServingModel, export_serving, padded_ids, serving_keys
 from mkt_torchrec.training import checkpoint
 from mkt_torchrec.models.build import build_train_module
 
 EXAMPLE_ROWS = 8
+_EXPORT_MARKERS = ("serving.json",)  # what makes a directory an export: an output directory is replaced only if so
+_EXPORT_WHAT = "a serving export of mkt export"
 _CKPT_PREFIX = "model.model."  # train_state's "model." + the loss wrapper's ``.model``
 
 
@@ -181,8 +183,8 @@ def export_run(run_dir: str, data_dir: Optional[str] = None, out_dir: Optional[s
 
     Single process, no process group: run it after training, not inside it. Writes ``model.pt2`` and
     ``serving.json`` (see :func:`~mkt_torchrec.models.serving.export_serving`) into a temporary sibling
-    directory and renames it to ``out_dir`` when complete (replacing a previous export), so an interrupted
-    export never leaves a finished-looking serving directory.
+    directory and renames it to ``out_dir`` when complete (replacing a previous export, never anything else), so an
+    interrupted export never leaves a finished-looking serving directory.
 
     Args:
         run_dir: the run directory (its RUN/run.json config and latest checkpoint are used).
@@ -197,9 +199,15 @@ def export_run(run_dir: str, data_dir: Optional[str] = None, out_dir: Optional[s
     Raises:
         FileNotFoundError: ``run_dir`` is not a run directory, or has no complete checkpoint.
         ValueError: a MEM run not trained under ``model.ablation=no_tem_finetune``.
+        FileExistsError: ``out_dir`` exists and is not an earlier export (a file, or a directory without
+            serving.json): it is never replaced (:func:`mkt_torchrec.fsutil.replace_output`).
     """
     from mkt_torchrec.rundir import RunDir
 
+    run = RunDir(run_dir)
+    to_run = out_dir is None
+    out_dir = out_dir or run.serving  # (a run directory on object storage: its local copy, then the store)
+    check_replaceable(os.path.abspath(out_dir), _EXPORT_MARKERS, _EXPORT_WHAT)  # before the work, and at the rename
     cfg, serving = serving_from_run(run_dir)
     ids, dense = _data_example(cfg, data_dir) if data_dir else synthetic_example(_serving_schema(cfg))
     knowledge = None
@@ -207,16 +215,13 @@ def export_run(run_dir: str, data_dir: Optional[str] = None, out_dir: Optional[s
         knowledge = _knowledge_spec(cfg, serving.cached)  # type: ignore[arg-type]
         dense = torch.cat([dense, torch.randn(dense.shape[0], len(knowledge["columns"]),
                                               generator=torch.Generator().manual_seed(0))], dim=1)
-    run = RunDir(run_dir)
-    to_run = out_dir is None
-    out_dir = out_dir or run.serving  # (a run directory on object storage: its local copy, then the store)
     parent, name = os.path.split(os.path.abspath(out_dir))
-    os.makedirs(parent, exist_ok=True)
+    make_dirs(parent)
     tmp = os.path.join(parent, f".{name}.partial-{uuid.uuid4().hex[:8]}")
     os.makedirs(tmp)
     try:
         export_serving(_serving_schema(cfg), serving, tmp, ids, dense, knowledge)
-        replace_dir(tmp, out_dir)
+        replace_output(tmp, os.path.abspath(out_dir), _EXPORT_MARKERS, _EXPORT_WHAT)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -36,6 +36,7 @@ from mkt_torchrec import storage
 from mkt_torchrec.collective import Collective
 from mkt_torchrec.config import Config
 from mkt_torchrec.data.dataset import open_dataset_shared
+from mkt_torchrec.fsutil import make_dirs
 from mkt_torchrec.data.reader import ParquetReader
 from mkt_torchrec.models.base_rate import init_at_click_rate
 from mkt_torchrec.planning.plan_file import write_plan
@@ -219,7 +220,7 @@ class StageRecipe:
             if os.path.exists(run.path) and not os.path.isdir(run.path):
                 raise ValueError(f"{run.path}: exists and is not a directory")
             if not run.remote:
-                os.makedirs(run.path, exist_ok=True)
+                make_dirs(run.path)
             lock = run.lock(f"mkt train --stage {stage}")
             try:
                 run.pull(RunDir.HISTORY, "tensorboard")  # a remote run's log, which a resume continues
@@ -245,7 +246,7 @@ class StageRecipe:
                                      "settings than this config; resume with the run's own config or use a new "
                                      "--run-dir")
             if not run.remote:
-                os.makedirs(run.checkpoints, exist_ok=True)
+                make_dirs(run.checkpoints)
             made = provenance()
             if previous is not None and isinstance(previous.get("code"), dict):  # the code that made the run;
                 made = {**made, "code": previous["code"], "resumed_with": made["code"]}  # a resume's, beside it
@@ -414,6 +415,7 @@ class StageRecipe:
         model.eval()
         metrics = self.validation.run(self.pipeline, p.epoch)
         model.train()
+        _check_criterion(metrics, self.cfg.train.stop_on, self.valid_entity, self.validation.what, p.epoch)
         if math.isfinite(metrics["logloss"]):
             p.lowest_logloss = min(metrics["logloss"], p.lowest_logloss or math.inf)
         eligible = is_eligible(metrics, self.cfg.train.stop_on, p.lowest_logloss, self.cfg.train.logloss_slack)
@@ -502,9 +504,11 @@ def is_eligible(metrics: Dict[str, Any], stop_on: str, lowest_logloss: Optional[
     """Whether a validated epoch may be the best: any epoch by log loss; by GAUC, one that ranks better than
     chance (AUC >= 0.5), predicts better than the constant base rate (log loss <= the click rate's entropy) and
     whose log loss is at most ``1 + slack`` times the lowest of the epochs so far (``lowest_logloss``, this one
-    included): GAUC may not be bought with calibration."""
+    included): GAUC may not be bought with calibration. A NaN criterion is never eligible."""
+    if not math.isfinite(metrics[stop_on]):  # (recipe.validate stops a run before this: never a result)
+        return False
     if stop_on == "logloss":
-        return math.isfinite(metrics["logloss"])
+        return True
     guarded = lowest_logloss is None or metrics["logloss"] <= (1 + slack) * lowest_logloss
     return metrics["auc"] >= 0.5 and metrics["logloss"] <= metrics["base_logloss"] and guarded
 
@@ -514,6 +518,20 @@ def is_better(metrics: Dict[str, Any], best: Optional[Dict[str, Any]], stop_on: 
     if best is None or best.get(stop_on) is None:  # (a checkpoint of an older release records only gauc / auc)
         return True
     return metrics[stop_on] < best[stop_on] if stop_on == "logloss" else metrics[stop_on] > best[stop_on]
+
+
+def _check_criterion(metrics: Dict[str, Any], stop_on: str, entity: str, what: str, epoch: int) -> None:
+    """A validation whose criterion is NaN measured nothing (GAUC: no validation user has both a click and a
+    non-click; AUC: one class only): it must not pick or stop anything, so the run stops here, every rank alike
+    (the metrics are all-reduced)."""
+    if math.isfinite(metrics[stop_on]):
+        return
+    why = ("no user there has both a click and a non-click" if stop_on == "gauc" else "no row was scored")
+    fix = "raise data.validation_fraction" if what.startswith("data.") else "give its valid files more users"
+    raise ValueError(f"validation after epoch {epoch}: {stop_on} is NaN on the {entity} validation rows of {what} "
+                     f"({metrics.get('rows', 0)} rows, {metrics.get('users', 0)} users, click rate "
+                     f"{metrics.get('click_rate', float('nan')):.3g}): {why}; {fix}, or set train.patience=0 to "
+                     "train train.epochs epochs without early stopping")
 
 
 def _check_finite(loss: float, after: int, upto: int) -> None:

@@ -19,6 +19,7 @@ import torch.distributed as dist
 from mkt_torchrec import faults, logs, storage
 from mkt_torchrec.collective import Collective
 from mkt_torchrec.config import Config
+from mkt_torchrec.fsutil import make_dirs
 from mkt_torchrec.evaluation.report_flags import base_rate_logloss
 from mkt_torchrec.rundir import RunDir
 from mkt_torchrec.data.dataset import open_dataset_shared
@@ -141,7 +142,7 @@ def score_split(pipeline: Any, reader: ParquetReader, info: DistInfo, pred_dir: 
         arrays["true_prob"] = pa.array(column("true_prob", np.float32))
     if info.is_main:  # predictions of an earlier pass (perhaps at another world size) go first
         shutil.rmtree(pred_dir, ignore_errors=True)
-        os.makedirs(pred_dir)
+        make_dirs(pred_dir)
     dist.barrier()
     path = os.path.join(pred_dir, f"part-{info.rank:05d}.parquet")
     pq.write_table(pa.table(arrays), path + ".tmp")
@@ -153,7 +154,11 @@ def score_split(pipeline: Any, reader: ParquetReader, info: DistInfo, pred_dir: 
 class Validation:
     """The early-stopping metric: GAUC (and AUC) of ``entity``'s rows of the validation split (the last
     ``data.validation_fraction`` of the train split in time order), scored after each epoch through the training
-    pipeline, with the exact distributed metrics (no bootstrap). Predictions go to ``RUN/validation/``."""
+    pipeline, with the exact distributed metrics (no bootstrap). Predictions go to ``RUN/validation/``.
+
+    A split too small to compute the criterion is refused before training where the manifest shows it (fewer than
+    2 rows, or one class: :func:`_check_validation_size`); a NaN criterion at a validation stops the run
+    (``recipe.validate``)."""
 
     def __init__(self, cfg: Config, data_dir: str, run: RunDir, info: DistInfo, manifest: Any, entity: str,
                  stage: str = "mem") -> None:
@@ -166,10 +171,12 @@ class Validation:
         self.reader = attach(ParquetReader(data_dir, "valid", cfg.schema, cfg.data, rank=info.rank,
                                            world_size=info.world_size, training=False, entity=entity,
                                            manifest=manifest), cfg, stage)
+        what = ("its valid files" if manifest.has_valid_files
+                else f"data.validation_fraction={cfg.data.validation_fraction}")
         if self.reader.num_rows() == 0:
-            what = ("its valid files" if manifest.has_valid_files
-                    else f"data.validation_fraction={cfg.data.validation_fraction}")
             raise ValueError(f"{data_dir}: the validation split ({what}) has no {entity} rows to stop early on")
+        _check_validation_size(data_dir, manifest, entity, self.reader.num_rows(), what, cfg.train.stop_on)
+        self.what = what
         self.info, self.entity = info, entity
         self.eval_cfg = replace(cfg.eval, bootstrap_samples=0)
         self.pred_dir = run.validation
@@ -194,6 +201,35 @@ class Validation:
                 "mean_score": _number(calibration.get("mean_score")),
                 "rows": int(metrics.get("rows", 0)), "users": int(metrics.get("users", 0)),
                 **({"hfa_scores": hfa} if hfa is not None else {})}
+
+
+def _check_validation_size(data_dir: str, manifest: Any, entity: str, rows: int, what: str, stop_on: str) -> None:
+    """Before training, what the manifest alone can tell about the validation split: early stopping by GAUC needs
+    a user with both a click and a non-click among its rows, so at least 2 rows and both classes; by log loss, a
+    row. Clicks are counted per split: exact for a dataset with valid files of its own, and for a validation cut
+    of the train rows the train split's own (no click at all, or only clicks, leaves none in the cut either).
+    Whether a user has both classes is known only once the rows are scored: :meth:`Validation.run`'s caller
+    stops the run on a NaN criterion (``recipe.validate``).
+
+    Raises:
+        ValueError: too few rows or a single class, naming the setting to raise.
+    """
+    if stop_on == "logloss":
+        return
+    clicks = (manifest.clicks or {}).get("valid" if manifest.has_valid_files else "train", {}).get(entity)
+    of = manifest.split_rows("valid" if manifest.has_valid_files else "train", entity)
+    one_class = clicks is not None and (clicks == 0 or clicks == of)
+    if rows >= 2 and not one_class:
+        return
+    if one_class:
+        why = f"can only hold {'non-clicks' if clicks == 0 else 'clicks'} ({clicks} clicks in {of} {entity} rows)"
+        fix = "check the dataset's labels"
+    else:
+        why = f"has {rows} {entity} row"
+        fix = "raise data.validation_fraction" if not manifest.has_valid_files else "give its valid files more rows"
+    raise ValueError(f"{data_dir}: the validation split ({what}) {why}: train.stop_on={stop_on} needs at least one "
+                     f"user with both a click and a non-click among the {entity} validation rows; {fix} (or set "
+                     "train.patience=0 to train train.epochs epochs)")
 
 
 def _number(v: Any) -> float:
@@ -243,9 +279,13 @@ def evaluate(cfg: Config, run_dir: str, data_dir: str, into: Optional[str] = Non
 
 
 def _start_scored_copy(target: RunDir, record: Dict[str, Any]) -> None:
-    """``evaluate(into=...)``: the directory with the run's record (rank 0, before the lock)."""
+    """``evaluate(into=...)``: the directory with the run's record (rank 0, before the lock); only a directory
+    ``evaluate`` (or a run) wrote is written over."""
+    from mkt_torchrec.fsutil import check_replaceable
+
     if not target.remote:
-        os.makedirs(target.path, exist_ok=True)
+        check_replaceable(target.path, ("run.json", "metrics.json"), "a run directory or an mkt evaluate --into output")
+        make_dirs(target.path)
     target.write_record(record)
 
 

@@ -139,9 +139,11 @@ def test_interrupted_export_leaves_no_serving_dir_and_keeps_the_previous(runs, t
     assert os.listdir(tmp_path) == []
     out.mkdir()
     (out / "model.pt2").write_text("previous")
+    (out / "serving.json").write_text("{}")  # an export of ours (only those are replaced)
     with pytest.raises(KeyboardInterrupt):
         export_run(runs["tem"], out_dir=str(out))
     assert sorted(os.listdir(tmp_path)) == ["serving"] and (out / "model.pt2").read_text() == "previous"
+    assert (out / "serving.json").read_text() == "{}"
 
 
 def test_run_without_checkpoint_is_refused(runs, tmp_path):
