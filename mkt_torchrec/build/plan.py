@@ -6,7 +6,10 @@ second copy to drift. It does four things:
 
 1. **Encode** (``enc``): keep the entities' integer ids apart where ``by_entity`` says (``2 * x + e``; text ids
    arrive hashed, ``ENTITY|value`` included), null an entity-specific feature on the other entity's rows, and
-   drop rows whose entity is outside ``source.entity.values`` (the build counts them first).
+   drop rows whose entity is outside ``source.entity.values`` (the build counts them first), and (``source.
+   duplicates: drop``) every copy of an exact duplicate impression (a row equal in every column the build reads,
+   :meth:`BuildPlan._read_columns`, to an earlier row of the same time, or, in logs without a time, to the line
+   before it in its file), so a liked copy never puts its own item in its twin's sequence.
 2. **Sequences built from the events.** For a sequence of entity ``E`` (shared feature ``F``), the user's
    positive rows of ``E`` with a value of ``F`` (a row without one is no step) are numbered ``k = 1, 2, ...`` in
    time order and each carries the list of its own and
@@ -125,7 +128,29 @@ class BuildPlan:
         cols += [f"CAST({q('d_' + n)} AS FLOAT) AS {q(n)}" for n in self.schema.dense]
         if self.source.true_prob:
             cols.append("CAST(__true_prob AS FLOAT) AS true_prob")
-        return f"SELECT {', '.join(cols)} FROM ev WHERE __entity IS NOT NULL"
+        if self.source.duplicates == "keep":
+            return f"SELECT {', '.join(cols)} FROM ev WHERE __entity IS NOT NULL"
+        read = self._read_columns()
+        if self.source.time.from_position:  # no time: a copy is the line right after its twin, in the same file
+            w = "OVER (PARTITION BY __file ORDER BY __row)"
+            same = " AND ".join(f"{c} IS NOT DISTINCT FROM LAG({c}) {w}" for c in read)
+            copies = f"SELECT *, CASE WHEN LAG(__row) {w} IS NOT NULL AND {same} THEN 2 ELSE 1 END AS __copy FROM ev"
+        else:  # the same time and values, anywhere: the first in (time, file, row) order stays
+            copies = (f"SELECT *, ROW_NUMBER() OVER (PARTITION BY {', '.join(read)} ORDER BY __t, __file, __row) "
+                      "AS __copy FROM ev")
+        return f"SELECT {', '.join(cols)} FROM ({copies}) AS ev WHERE __entity IS NOT NULL AND __copy = 1"
+
+    def _read_columns(self) -> list[str]:
+        """The prepared columns of what the build reads of a row, which ``source.duplicates`` compares: the time
+        (unless ``time.from_position``, where it is the row's position), label, entity, each feature, dense
+        feature, list column and ``true_prob``."""
+        cols = [] if self.source.time.from_position else ["__t"]
+        cols += ["__label", "__entity", *(q(f"f_{n}") for n in self.schema.features)]
+        cols += [q(f"d_{n}") for n in self.schema.dense]
+        for name in self.schema.sequences:
+            if name not in self.event_sequences():
+                cols += [q(f"s_{c}") for c in [name, *self.schema.sequences[name].side_features.values()]]
+        return cols + (["__true_prob"] if self.source.true_prob else [])
 
     def unknown_entities_sql(self) -> str:
         """The values outside ``source.entity.values`` with their counts, most frequent first (at most 5)."""

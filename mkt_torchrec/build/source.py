@@ -323,6 +323,13 @@ class SourceConfig:
         sequences: each sequence of ``schema.sequences`` -> a list column; a sequence not named here is built
             from the events.
         true_prob: optional: a column of each row's true click probability (simulated logs).
+        duplicates: exact duplicate impressions: a row equal in every column the build reads to an earlier row
+            of the same time (anywhere in the logs), or, in ``time.from_position`` logs, which have no time, to the
+            line right before it in its file (a writer's retry, a line written twice; equal rows apart from each
+            other there may be a user seeing an item again, and are kept). ``drop`` keeps the first and leaves the
+            copies out (``mkt tenrec`` prints how many), ``keep`` writes them all: a kept liked copy puts its own
+            item in its twin's behaviour sequence, a label leak. Rows of one user at one time never see each other
+            either way (a step is strictly before the row's time).
         engine: ``duckdb`` (one machine) or ``spark`` (a cluster; ``mkt build --engine`` overrides).
         memory_limit: DuckDB's memory limit (e.g. ``4GB``); what does not fit spills to ``temp_dir``.
         temp_dir: DuckDB's spill directory; null: a temporary directory removed afterwards.
@@ -344,6 +351,7 @@ class SourceConfig:
     sequences: dict[str, SequenceMap] = field(default_factory=dict)
     split: SplitConfig = field(default_factory=SplitConfig)
     true_prob: Optional[str] = None
+    duplicates: Literal["drop", "keep"] = "drop"
     engine: Literal["duckdb", "spark"] = "duckdb"
     memory_limit: str = "4GB"
     temp_dir: Optional[str] = None

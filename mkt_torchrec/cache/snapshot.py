@@ -38,22 +38,27 @@ import numpy as np
 from mkt_torchrec import storage
 from mkt_torchrec.cache.keys import KINDS
 from mkt_torchrec.cache.store import DEFAULT_KEEP, check_dims, check_name, open_store
+from mkt_torchrec.manifest_schema import validate
 
 FORMAT = "mkt-knowledge-cache"
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
 READ_BATCH_ROWS = 65536  # rows per put when loading: a few MB of vectors at the widths MKT uses
 
-# key -> the JSON types it must have (bool is refused where int is expected)
-_REQUIRED: Dict[str, Tuple[type, ...]] = {
-    "format": (str,), "format_version": (int,), "version": (str,), "mem_run": (str,), "mem_checkpoint": (str,),
-    "mem_digest": (str,), "schema_digest": (str,), "dims": (dict,), "keys": (dict,), "splits": (list,),
-    "data": (str,), "rows": (dict,), "files": (dict,),
+# The manifest's structure (mkt_torchrec.manifest_schema: one validator for the project's JSON manifests).
+_STRING = {"type": "string"}
+MANIFEST_SCHEMA: Dict[str, Any] = {
+    "type": "object",
+    "required": ["format", "format_version", "version", "mem_run", "mem_checkpoint", "mem_digest", "schema_digest",
+                 "dims", "keys", "splits", "data", "rows", "files"],
+    "properties": {
+        "format": _STRING, "format_version": {"type": "integer"}, "version": _STRING, "mem_run": _STRING,
+        "mem_checkpoint": _STRING, "mem_digest": _STRING, "schema_digest": _STRING, "dims": {"type": "object"},
+        "keys": {"type": "object"}, "splits": {"type": "array"}, "data": _STRING,
+        "rows": {"type": "object", "additionalProperties": {"type": "integer", "minimum": 0}},
+        "files": {"type": "object", "additionalProperties": {"type": "array"}},
+    },
 }
-
-
-def _type_name(types: Tuple[type, ...]) -> str:
-    return {dict: "an object", list: "a list", str: "a string", int: "an integer"}[types[0]]
 
 
 def _bad(path: str, key: str, what: str) -> ValueError:
@@ -83,11 +88,7 @@ def parse_manifest(data: bytes, path: str) -> Dict[str, Any]:
     if m.get("format") != FORMAT:
         raise _bad(path, "format", f"{m.get('format')!r}, expected {FORMAT!r}: not a knowledge-cache snapshot of "
                    "mkt cache build")
-    for key, types in _REQUIRED.items():
-        value = m.get(key)
-        if key not in m or not isinstance(value, types) or isinstance(value, bool):
-            found = "missing" if key not in m else f"{type(value).__name__} {value!r}"[:80]
-            raise _bad(path, key, f"expected {_type_name(types)}, found {found}")
+    validate(m, MANIFEST_SCHEMA, storage.display(path))
     if m["format_version"] != FORMAT_VERSION:
         newer = m["format_version"] > FORMAT_VERSION
         raise _bad(path, "format_version", f"{m['format_version']}; this code reads {FORMAT_VERSION}"
@@ -106,12 +107,7 @@ def parse_manifest(data: bytes, path: str) -> Dict[str, Any]:
     for key in ("rows", "files"):
         if set(m[key]) != set(m["dims"]):
             raise _bad(path, key, f"kinds {sorted(m[key])} differ from those of 'dims' {sorted(m['dims'])}")
-    for kind, n in m["rows"].items():
-        if not isinstance(n, int) or isinstance(n, bool) or n < 0:
-            raise _bad(path, f"rows.{kind}", f"expected a non-negative integer, found {n!r}")
     for kind, files in m["files"].items():
-        if not isinstance(files, list):
-            raise _bad(path, f"files.{kind}", f"expected a list of relative paths, found {files!r}"[:160])
         for rel in files:
             _check_relative(path, kind, rel)
     for name in ("user", "item", "category"):

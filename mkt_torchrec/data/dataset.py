@@ -31,14 +31,18 @@ store, which cannot rename, it writes files named with the attempt's token under
 last, so a reader that finds a manifest finds every file it names. Another writer (the Spark engine of
 ``mkt build``, whose executors write the files) publishes a manifest it assembled with :func:`stage_dataset`
 and :func:`publish_manifest`.
-:func:`open_dataset` reads the manifest and checks every file's footer against the config's schema;
-:func:`open_dataset_shared` does the same for all ranks of a process group, reading each footer once in total.
+:func:`open_dataset` reads the manifest (its structure checked by :data:`MANIFEST_SCHEMA`, each file listed once,
+the entities' row counts those of the row groups) and checks every file's footer against the config's schema and
+against the manifest (rows, row groups, each row group's entity); :func:`open_dataset_shared` does the same for
+all ranks of a process group, reading each footer once in total. So a manifest that lists a train file under test,
+or lies about a file, fails every reader alike with one line naming the file and the key.
 """
 
 from __future__ import annotations
 
 import json
 import math
+import posixpath
 from dataclasses import dataclass, field
 from fractions import Fraction
 from typing import Any, NamedTuple, Optional, Union
@@ -51,6 +55,7 @@ import pyarrow.parquet as pq
 from mkt_torchrec import storage
 from mkt_torchrec.config import SchemaConfig
 from mkt_torchrec.data.schema import ENTITY_CODES, arrow_schema, check_columns
+from mkt_torchrec.manifest_schema import validate
 
 FORMAT_VERSION = 2  # 2: entity-pure row groups, FileInfo.row_group_entity, Manifest.mean_lengths
 READABLE_VERSIONS = (1, 2)
@@ -58,6 +63,34 @@ MANIFEST = "manifest.json"
 TRAIN_SPLIT, VALID_SPLIT = "train", "valid"  # read splits cut from the train files by a validation fraction
 REWRITE_HINT = ("rewrite it with `mkt rewrite --config CONFIG --data {data} --out NEW` (mkt_torchrec.data.dataset."
                 "rewrite_dataset), or regenerate it with `mkt synth` / `mkt tenrec` of this release")
+
+
+_COUNT = {"type": "integer", "minimum": 0}
+_PER_ENTITY = {"type": "object", "additionalProperties": _COUNT}
+# The manifest's structure (mkt_torchrec.manifest_schema); what a schema cannot state is Manifest.from_json's.
+MANIFEST_SCHEMA: dict[str, Any] = {
+    "type": "object",
+    "required": ["format_version", "schema_digest", "columns", "splits", "rows"],
+    "properties": {
+        "format_version": {"type": "integer"},
+        "schema_digest": {"type": "string"},
+        "columns": {"type": "array", "items": {"type": "string"}},
+        "optional_columns": {"type": "array", "items": {"type": "string"}},
+        "splits": {"type": "object", "additionalProperties": {"type": "array", "items": {
+            "type": "object", "required": ["path", "rows", "row_groups"], "additionalProperties": False,
+            "properties": {
+                "path": {"type": "string", "minLength": 1},
+                "rows": _COUNT,
+                "row_groups": {"type": "array", "items": _COUNT},
+                "row_group_entity": {"type": ["array", "null"], "items": {"enum": sorted(ENTITY_CODES.values())}},
+            }}}},
+        "rows": {"type": "object", "additionalProperties": _PER_ENTITY},
+        "source": {"type": "object"},
+        "mean_lengths": {"type": "object", "additionalProperties": {
+            "type": "object", "additionalProperties": {"type": "number", "minimum": 0}}},
+        "clicks": {"type": "object", "additionalProperties": _PER_ENTITY},
+    },
+}
 
 
 class RowRange(NamedTuple):
@@ -151,7 +184,14 @@ class Manifest:
         }
 
     @classmethod
-    def from_json(cls, d: dict[str, Any], where: str) -> "Manifest":
+    def from_json(cls, d: Any, where: str) -> "Manifest":
+        """Parse a manifest document: its structure (:data:`MANIFEST_SCHEMA`), then what a schema cannot state (row
+        groups add up, each file listed once, the entities' row counts those of the row groups).
+
+        Raises:
+            ValueError: one line naming ``where`` and the key at fault.
+        """
+        validate(d, MANIFEST_SCHEMA, where)
         try:
             version = d["format_version"]
             if version not in READABLE_VERSIONS:
@@ -159,7 +199,7 @@ class Manifest:
             splits = {s: [FileInfo(**f) for f in fs] for s, fs in d["splits"].items()}
             for fi in (fi for fs in splits.values() for fi in fs):
                 _check_file_info(fi, version)
-            return cls(
+            manifest = cls(
                 format_version=version,
                 schema_digest=d["schema_digest"],
                 columns=list(d["columns"]),
@@ -172,6 +212,9 @@ class Manifest:
             )
         except (KeyError, TypeError, ValueError) as e:
             raise ValueError(f"{where}: not a valid manifest ({type(e).__name__}: {e})") from None
+        _check_listed_once(manifest, where)
+        _check_entity_rows(manifest, where)
+        return manifest
 
     @property
     def entity_pure(self) -> bool:
@@ -225,7 +268,7 @@ class Manifest:
         seen = dict.fromkeys(ENTITY_CODES.values(), 0)  # rows of each entity before the row group
         out = []
         for fi, f in enumerate(files):
-            for rg, (n, c) in enumerate(zip(f.row_groups, f.row_group_entity)):  # type: ignore[arg-type]
+            for rg, (n, c) in enumerate(zip(f.row_groups, f.row_group_entity, strict=True)):  # type: ignore[arg-type]
                 first, seen[c] = seen[c], seen[c] + n
                 if code is not None and c != code:
                     continue
@@ -266,6 +309,44 @@ def _check_file_info(fi: FileInfo, version: int) -> None:
                          f"{len(fi.row_groups)} row groups, got {codes!r}")
     if any(c not in ENTITY_CODES.values() for c in codes):
         raise ValueError(f"{fi.path}: row_group_entity holds a code other than {sorted(ENTITY_CODES.values())}")
+
+
+def _keyed_files(manifest: Manifest) -> list[tuple[str, FileInfo]]:
+    """Every file of every split with its manifest key (``splits.train[3]``), in manifest order."""
+    return [(f"splits.{split}[{i}]", fi) for split, files in manifest.splits.items() for i, fi in enumerate(files)]
+
+
+def _check_listed_once(manifest: Manifest, where: str) -> None:
+    """A file is listed once in the whole manifest: listed twice its rows count twice, and a train file listed under
+    test makes training rows test rows (paths compared as normalised relative paths: ``./a`` is ``a``)."""
+    seen: dict[str, str] = {}
+    for key, fi in _keyed_files(manifest):
+        norm = posixpath.normpath(fi.path)
+        if norm in seen:
+            raise ValueError(f"{where}: key '{key}.path': {fi.path!r} is listed twice (also at '{seen[norm]}'); a "
+                             "file belongs to one split, once")
+        seen[norm] = key
+
+
+def _check_entity_rows(manifest: Manifest, where: str) -> None:
+    """``rows`` (split -> entity -> rows) is what the files hold: per entity from ``row_group_entity`` (format 2),
+    per split from the files' rows (format 1)."""
+    names = {c: name for name, c in ENTITY_CODES.items()}
+    for split in sorted(set(manifest.splits) | set(manifest.rows)):
+        files = manifest.splits.get(split, [])
+        said = manifest.rows.get(split, {})
+        if manifest.entity_pure:
+            held = dict.fromkeys(ENTITY_CODES, 0)
+            for fi in files:
+                for n, c in zip(fi.row_groups, fi.row_group_entity or [], strict=True):
+                    held[names[c]] += n
+            for entity in sorted(set(held) | set(said)):
+                if said.get(entity, 0) != held.get(entity, 0):
+                    raise ValueError(f"{where}: key 'rows.{split}.{entity}': {said.get(entity, 0)}, but the split's "
+                                     f"row groups of that entity (row_group_entity) hold {held.get(entity, 0)} rows")
+        elif sum(said.values()) != sum(fi.rows for fi in files):
+            raise ValueError(f"{where}: key 'rows.{split}': {sum(said.values())} rows in all, but the split's files "
+                             f"hold {sum(fi.rows for fi in files)}")
 
 
 class DatasetWriter:
@@ -560,19 +641,43 @@ def _files_in_order(manifest: Manifest) -> list[FileInfo]:
     return [fi for files in manifest.splits.values() for fi in files]
 
 
-def _check_file(data_dir: str, fi: FileInfo, expected: pa.Schema) -> None:
-    """Read one file's footer and check its columns; raise ``ValueError`` naming the file and column."""
+def _check_file(data_dir: str, key: str, fi: FileInfo, expected: pa.Schema) -> None:
+    """Read one file's footer, once, and check its columns and that it holds what the manifest says at ``key``
+    (its rows, row groups and, format 2, each row group's entity: the footer's min / max statistics of ``entity``,
+    or, where a writer left none, that row group's ``entity`` column); raise a one-line ``ValueError`` naming the
+    file and the key (or column)."""
     fpath = storage.display(storage.join(data_dir, fi.path))
     try:
         fs, path = storage.filesystem(storage.join(data_dir, fi.path))
-        file_schema = pq.read_schema(path, filesystem=fs)
+        meta = pq.read_metadata(path, filesystem=fs)
+        file_schema = meta.schema.to_arrow_schema()
     except (OSError, pa.ArrowException) as e:
         raise ValueError(f"{fpath}: unreadable Parquet file: {e}") from None
     check_columns(file_schema, expected, fpath)
+    lie = f"{fpath}: the manifest's key '{key}.{{}}' says {{}} but the file {{}}"
+    if meta.num_rows != fi.rows:
+        raise ValueError(lie.format("rows", fi.rows, f"holds {meta.num_rows} rows (its footer)"))
+    groups = [meta.row_group(i).num_rows for i in range(meta.num_row_groups)]
+    if groups != fi.row_groups:
+        raise ValueError(lie.format("row_groups", fi.row_groups, f"has row groups of {groups} rows (its footer)"))
+    if fi.row_group_entity is None:
+        return
+    column = file_schema.get_field_index("entity")
+    for i, code in enumerate(fi.row_group_entity):
+        stats = meta.row_group(i).column(column).statistics
+        if stats is not None and stats.has_min_max:
+            held, how = sorted({int(stats.min), int(stats.max)}), "its footer's statistics"
+        else:  # no statistics: read the row group's entity column (a byte a row)
+            table = pq.ParquetFile(path, filesystem=fs, metadata=meta).read_row_group(i, columns=["entity"])
+            held, how = sorted(pc.unique(table.column(0)).to_pylist()), "its entity column"
+        if held != [code] and set(held) <= set(ENTITY_CODES.values()):  # a code outside them: the reader names its row
+            raise ValueError(lie.format(f"row_group_entity[{i}]", code, f"holds entity code(s) {held} in row group "
+                                        f"{i} ({how}; an entity-pure row group holds one)"))
 
 
 def open_dataset(data_dir: str, schema: SchemaConfig, check_files: bool = True) -> Manifest:
-    """Read ``DIR/manifest.json`` and check that every file has the columns ``schema`` needs.
+    """Read ``DIR/manifest.json`` and check that every file has the columns ``schema`` needs and holds the rows,
+    row groups and row-group entities the manifest says (:func:`_check_file`; one footer read per file).
 
     Every call reads every file's footer; in a process group use :func:`open_dataset_shared`, which reads
     each footer once in total.
@@ -587,8 +692,8 @@ def open_dataset(data_dir: str, schema: SchemaConfig, check_files: bool = True) 
     manifest = _read_manifest(data_dir)
     if check_files:
         expected = arrow_schema(schema)
-        for fi in _files_in_order(manifest):
-            _check_file(data_dir, fi, expected)
+        for key, fi in _keyed_files(manifest):
+            _check_file(data_dir, key, fi, expected)
     return manifest
 
 
@@ -630,13 +735,13 @@ def open_dataset_shared(data_dir: str, schema: SchemaConfig, group: Any = None) 
         return open_dataset(data_dir, schema)
     comm = Collective(group=group)
     manifest = comm.on_root(lambda: _read_manifest(data_dir))
-    files = _files_in_order(manifest)
+    files = _keyed_files(manifest)
     lo, hi = len(files) * comm.rank // comm.world, len(files) * (comm.rank + 1) // comm.world
 
     def check_share() -> None:  # a contiguous share: the lowest failing rank holds the first bad file
         expected = arrow_schema(schema)
-        for fi in files[lo:hi]:
-            _check_file(data_dir, fi, expected)
+        for key, fi in files[lo:hi]:
+            _check_file(data_dir, key, fi, expected)
 
     comm.phase(check_share)
     return manifest

@@ -60,6 +60,14 @@ which ``mkt synth --layout tenrec`` writes). When both files have it, it becomes
 missing value or one outside [0, 1] is an error naming the file, column and row. When only one file has it, the
 conversion fails before reading any row, naming both. Any other column outside Tenrec's layout is an error.
 
+**Duplicates.** A line equal to the line right before it in its file, in every column the conversion reads (the
+label and every mapped feature), is an exact duplicate impression (a line written twice): a copy of a liked row
+would put its own item in its twin's behaviour sequence, the label leaking into a feature. ``source.duplicates:
+drop`` (the default) leaves the copies out and prints how many; ``keep`` writes them. Equal lines apart from each
+other are kept: without a time they may be a user seeing an item again (``mkt synth --layout tenrec`` writes
+such repeats), and a file appended to itself is not detected. A file without a data row (a header only) is an
+error naming it: its entity would have nothing to train or test on.
+
 **Parsing.** Headers are checked here (missing, unexpected or duplicate columns, an empty file, a header that is
 not UTF-8). Values are read as text and converted by the builder: integer columns must hold whole numbers
 (QK-article writes integers as ``1.0``; ids are exact below 2**53), and an unparsable or missing value, or a
@@ -71,6 +79,7 @@ from __future__ import annotations
 import collections
 import dataclasses
 import os
+import sys
 from typing import Any, Callable, Optional
 
 import numpy as np
@@ -246,6 +255,7 @@ def tenrec_source(cfg: Config, video_csv: str, article_csv: str, true_prob: bool
         split=SplitConfig(by="user_fraction" if tc.split == "per_user" else "fraction",
                           test_fraction=tc.test_fraction),
         true_prob=TRUE_PROB if true_prob else None,
+        duplicates=cfg.source.duplicates,
         engine="duckdb",
         memory_limit=cfg.source.memory_limit,  # the engine's settings are the config's source: section's
         temp_dir=cfg.source.temp_dir,
@@ -300,6 +310,10 @@ def convert(video_csv: str, article_csv: str, cfg: Config, out_dir: str, overwri
     tc = cfg.tenrec
 
     def describe(build: dict[str, Any]) -> dict[str, Any]:
+        for path, kind, n in zip((video_csv, article_csv), ("video", "article"), build["input_rows"], strict=True):
+            if n == 0:  # each file is one entity: without rows, that entity's stage has nothing to train or test
+                raise ValueError(f"{path}: no data rows (a header only): the QK-{kind} file gives the "
+                                 f"{'source' if kind == 'video' else 'target'} entity's impressions")
         return {
             "kind": "tenrec",
             "video_csv": os.path.abspath(video_csv), "article_csv": os.path.abspath(article_csv),
@@ -313,5 +327,10 @@ def convert(video_csv: str, article_csv: str, cfg: Config, out_dir: str, overwri
         }
 
     source = tenrec_source(cfg, video_csv, article_csv, true_prob=bool(video))
-    return build_dataset(dataclasses.replace(cfg, source=source), out_dir, engine="duckdb", overwrite=overwrite,
-                         progress=progress, describe=describe)
+    manifest = build_dataset(dataclasses.replace(cfg, source=source), out_dir, engine="duckdb", overwrite=overwrite,
+                             progress=progress, describe=describe)
+    copies = manifest.source["rows_read"] - sum(n for split in manifest.rows.values() for n in split.values())
+    if copies:  # every row read is written but a duplicate's copies (Tenrec has no time split, no entity column)
+        print(f"mkt tenrec: dropped {copies} exact duplicate rows (each equal to the line before it in every column "
+              "read; source.duplicates: keep writes them)", file=sys.stderr)
+    return manifest

@@ -27,6 +27,7 @@ from torchrec.distributed.types import (
     ShardMetadata,
 )
 
+from mkt_torchrec.manifest_schema import validate
 from mkt_torchrec.planning.describe import estimate_usage, plan_device, shards_of
 from mkt_torchrec.planning.plan import (
     FORMAT,
@@ -36,6 +37,29 @@ from mkt_torchrec.planning.plan import (
     table_shapes,
 )
 from mkt_torchrec.rundir import read_json
+
+
+_INDEX = {"type": "integer", "minimum": 0}
+# A plan file's structure (mkt_torchrec.manifest_schema): what load_plan indexes; other keys are kept as written.
+PLAN_SCHEMA: Dict[str, Any] = {
+    "type": "object",
+    "required": ["format", "world_size", "compute_device", "modules"],
+    "properties": {
+        "format": {"type": "string"},
+        "world_size": {"type": "integer", "minimum": 1},
+        "local_world_size": {"type": ["integer", "null"], "minimum": 1},
+        "compute_device": {"type": "string"},
+        "modules": {"type": "object", "additionalProperties": {"type": "object", "additionalProperties": {
+            "type": "object", "required": ["sharding_type", "compute_kernel", "ranks", "rows", "dim", "shards"],
+            "properties": {
+                "sharding_type": {"type": "string"}, "compute_kernel": {"type": "string"},
+                "ranks": {"type": "array", "items": _INDEX, "minItems": 1},
+                "rows": {"type": "integer", "minimum": 1}, "dim": {"type": "integer", "minimum": 1},
+                "shards": {"type": ["array", "null"], "items": {  # [row offset, column offset, rows, columns, rank]
+                    "type": "array", "items": _INDEX, "minItems": 5, "maxItems": 5}},
+            }}}},
+    },
+}
 
 
 def plan_to_dict(plan: ShardingPlan, module: nn.Module, meta: Mapping[str, Any]) -> Dict[str, Any]:
@@ -151,7 +175,8 @@ def load_plan(path: str, module: nn.Module, world_size: int, local_world_size: O
 
     Raises:
         FileNotFoundError: no such file.
-        ValueError: naming the file and what does not match: format, world size, local world size, compute
+        ValueError: naming the file and what does not match: format, a key of the wrong type or bounds
+            (:data:`PLAN_SCHEMA`, naming the dotted key), world size, local world size, compute
             device, a sharded table of the module missing from the file or one in the file the module does not
             have, a table's rows / dim, or ranks out of range.
     """
@@ -160,6 +185,7 @@ def load_plan(path: str, module: nn.Module, world_size: int, local_world_size: O
     if doc.get("format") != FORMAT:
         got = doc.get("format")
         raise ValueError(f"plan file {path}: format {got!r}, expected {FORMAT!r}")
+    validate(doc, PLAN_SCHEMA, f"plan file {path}")
     stage = doc.get("stage")
     remedy = f"(re-run mkt plan for this topology{' and stage' if stage else ''})"
     if doc.get("world_size") != world_size:

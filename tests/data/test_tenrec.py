@@ -500,12 +500,13 @@ def test_a_side_feature_the_converter_cannot_fill(tmp_path, sequence, feature, a
 
 
 def test_one_empty_file(tmp_path):
+    # a header-only article file gives the target entity nothing: refused, naming it (issue 27, case 7)
     video, article = random_rows(8, 30, 0)
     v, a = write_pair(tmp_path, video, article)
     cfg = tenrec_config("tenrec.chunk_rows=7")
-    m = convert(v, a, cfg, str(tmp_path / "out"))
-    assert m.rows["train"]["target"] == 0 and m.split_rows("train") + m.split_rows("test") == 30
-    check_against_reference(str(tmp_path / "out"), reference(video, article, 50, 50, "per_user", 0.2), cfg.schema)
+    with pytest.raises(ValueError, match="no data rows"):
+        convert(v, a, cfg, str(tmp_path / "out"))
+    assert not os.path.exists(tmp_path / "out")
 
 
 def test_large_and_negative_user_ids(tmp_path):
