@@ -6,6 +6,8 @@ RecursionError, ``train.threads=100000`` segfaulted, ``mkt plan --world-size 100
 hang cases are tested by their bound (planning is replaced by a function that fails), never by waiting.
 """
 
+import os
+
 import pytest
 import yaml
 
@@ -203,6 +205,12 @@ def test_a_file_larger_than_the_bound_is_refused_before_parsing(tmp_path):
 
 
 # ------------------------------------------------------------------------------------ where the config is used
+
+
+def test_duckdb_threads_are_bounded():
+    logs = os.path.join(os.path.dirname(QUICKSTART), "logs.yaml")
+    assert load_config(logs, ["source.threads=1024"]).source.threads == 1024
+    assert "source.threads: expected an int in [0, 1024]" in _error(logs, ["source.threads=100000"])
 
 
 def test_train_threads_is_bounded_on_any_machine():

@@ -366,7 +366,7 @@ class SourceConfig:
         if not self.inputs:  # a config without logs: checked when `mkt build` needs them (check_source)
             return
         check(self.rows_per_file >= 1 and self.row_group_rows >= 1, key, "rows_per_file / row_group_rows >= 1")
-        check(self.threads >= 0, f"{key}.threads", "expected an int >= 0")
+        check(0 <= self.threads <= 1024, f"{key}.threads", "expected an int in [0, 1024] (0: every core)")
         check(self.batch_rows >= 1, f"{key}.batch_rows", "expected a positive int")
 
 
