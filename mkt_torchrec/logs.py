@@ -11,8 +11,14 @@ import sys
 
 
 def configure() -> None:
-    """Give the ``mkt`` logger its own stderr handler at INFO (idempotent)."""
+    """Give the ``mkt`` logger its own stderr handler at INFO (idempotent). A handler made by an earlier call writes
+    to today's ``sys.stderr`` (``main`` called again in one process, after something replaced stderr: a closed
+    stream would turn every log line into a logging error)."""
     mkt = logging.getLogger("mkt")
+    for handler in mkt.handlers:
+        if type(handler) is logging.StreamHandler and handler.stream is not sys.stderr:
+            with handler.lock:  # (not setStream: it flushes the old stream, which may be closed)
+                handler.stream = sys.stderr
     if not mkt.handlers:
         handler = logging.StreamHandler(sys.stderr)
         handler.setFormatter(logging.Formatter("%(asctime)s %(name)s %(message)s", "%H:%M:%S"))

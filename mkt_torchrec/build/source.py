@@ -28,8 +28,6 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Literal, Optional
 
-import numpy as np
-
 from mkt_torchrec.typed import ConfigError, check
 
 ENTITY_NAMES = ("source", "target")
@@ -302,6 +300,8 @@ def _comparable(texts: list[str]) -> Optional[list[Any]]:
         return [float(t) for t in texts]
     except ValueError:
         pass
+    import numpy as np  # (here: the config module, and so `mkt --help`, does not import numpy)
+
     try:
         return [np.datetime64(t.strip().replace(" ", "T").removesuffix("Z"), "us") for t in texts]
     except ValueError:

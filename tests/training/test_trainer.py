@@ -217,15 +217,16 @@ def test_a_diverging_run_stops_naming_the_steps_and_saves_nothing(small_dataset,
 
 
 def test_stage2_without_target_rows_is_an_error(small_dataset, tmp_path, capsys):
-    import shutil
+    import pyarrow.compute as pc
+    import pyarrow.dataset as ds
 
-    data = str(tmp_path / "data")
-    shutil.copytree(small_dataset, data)
-    manifest = json.load(open(os.path.join(data, "manifest.json")))
-    manifest["rows"]["train"]["target"] = 0
-    for f in manifest["splits"]["train"]:  # the row groups say which entity they hold: claim none is a target's
-        f["row_group_entity"] = [0] * len(f["row_groups"])
-    json.dump(manifest, open(os.path.join(data, "manifest.json"), "w"))
+    from mkt_torchrec.data.dataset import DatasetWriter
+
+    data = str(tmp_path / "data")  # the small dataset with its train split's target rows left out (written whole)
+    with DatasetWriter(data, small_config().schema) as writer:
+        for split in ("train", "test"):
+            table = ds.dataset(os.path.join(small_dataset, split), format="parquet").to_table()
+            writer.write(split, table.filter(pc.equal(table["entity"], 0)) if split == "train" else table)
     code = main(["train", "--config", QUICKSTART, *_sets("model.ablation=no_mem_pretrain"), "--stage", "tem",
                  "--data", data, "--run-dir", str(tmp_path / "tem")])
     assert code == 1 and "no target-entity rows" in capsys.readouterr().err
