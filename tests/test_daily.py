@@ -14,7 +14,6 @@ from mkt_torchrec.training.mem_transfer import load_unsharded
 from mkt_torchrec.rundir import RunDir
 
 from tests.conftest import QUICKSTART, set_flags, small_config
-from tests.training.test_cluster import _mkt
 
 DAY = ["synth.users=200", "synth.source_rows=2400", "synth.source_items=800", "synth.target_items=300",
        "synth.row_group_rows=300", "synth.rows_per_file=1200"]
@@ -49,23 +48,22 @@ def _state(run):
     return state
 
 
-def test_three_days_at_two_ranks_killed_and_rerun_end_bit_equal(days, tmp_path):
+def test_three_days_at_two_ranks_killed_and_rerun_end_bit_equal(days, tmp_path, monkeypatch, capsys):
     """Day 2's stage 2 killed at its step 3 (after day 1 ran alone, as yesterday's job): the rerun with all three
     days resumes it and ends with the same tensors, predictions and metrics as an uninterrupted sequence. The MEM is
-    refreshed every 2 days, so day 3's stage 2 moves to a new MEM."""
+    refreshed every 2 days, so day 3's stage 2 moves to a new MEM. (In-process launcher, 2 real rank processes.)"""
     day_sets = [os.path.join(days, f"day-{d:03d}") for d in (1, 2, 3)]
     straight, killed = str(tmp_path / "straight"), str(tmp_path / "killed")
     job = ["daily", *_flags(), "--nproc", "2", "--mem-every", "2"]
-    code, err, _ = _mkt(*job, "--days", days, "--out", straight)
-    assert code == 0, err[-3000:]
-    code, err, _ = _mkt(*job, "--days", day_sets[0], "--out", killed)  # yesterday: day 1 alone
-    assert code == 0, err[-3000:]
-    code, err, _ = _mkt(*job, "--days", *day_sets, "--out", killed, env={"MKT_FAIL_AT_STEP": "tem:3"})
-    assert code == 1 and "without a message" in err, err[-3000:]
+    assert main([*job, "--days", days, "--out", straight]) == 0, capsys.readouterr().err[-3000:]
+    assert main([*job, "--days", day_sets[0], "--out", killed]) == 0  # yesterday: day 1 alone
+    monkeypatch.setenv("MKT_FAIL_AT_STEP", "tem:3")
+    assert main([*job, "--days", *day_sets, "--out", killed]) == 1
+    assert "without a message" in capsys.readouterr().err
+    monkeypatch.delenv("MKT_FAIL_AT_STEP")
     assert RunDir(os.path.join(killed, "seed0", "day-002", "tem")).has_checkpoint()
     assert not RunDir(os.path.join(killed, "seed0", "day-002", "tem")).evaluated()
-    code, err, _ = _mkt(*job, "--days", *day_sets, "--out", killed)
-    assert code == 0, err[-3000:]
+    assert main([*job, "--days", *day_sets, "--out", killed]) == 0, capsys.readouterr().err[-3000:]
 
     runs = [("day-001", "mem"), ("day-003", "mem"), ("day-001", "tem"), ("day-002", "tem"), ("day-003", "tem")]
     for day, stage in runs:
@@ -94,21 +92,28 @@ def test_three_days_at_two_ranks_killed_and_rerun_end_bit_equal(days, tmp_path):
 
 
 def test_a_day_continues_the_previous_days_parameters(days, tmp_path):
-    """Day 2 starts from day 1's final state: after training day 2 with a learning rate of 1e-30 (updates below
-    any weight's float32 resolution), the tensors are day 1's (nothing re-initialised), and the day-2 record names
-    day 1's checkpoint."""
-    out = str(tmp_path / "out")
-    args = ["daily", *_flags("train.dense_lr=1e-30", "train.embedding_lr=1e-30", "train.finetune_dense_lr=1e-30"),
-            "--nproc", "1", "--days", *(os.path.join(days, f"day-{d:03d}") for d in (1, 2)), "--out", out]
-    assert main(args) == 0
+    """A day starts from the previous day's final state (``init_from``, what mkt daily passes each day after the
+    first): trained on with a learning rate of 1e-30 (updates below any weight's float32 resolution), every tensor
+    is still the previous day's (nothing re-initialised, the click-rate bias start included), in both stages, and
+    the run records the checkpoint it started from."""
+    from mkt_torchrec.daily import day_config
+    from mkt_torchrec.training.distributed import run_rank
+    from mkt_torchrec.training.recipe import train
+
+    tiny = "train.dense_lr=1e-30", "train.embedding_lr=1e-30", "train.finetune_dense_lr=1e-30", "train.max_steps=2"
+    d1, d2 = (os.path.join(days, f"day-00{d}") for d in (1, 2))
     for stage in ("mem", "tem"):
-        day1, day2 = (os.path.join(out, "seed0", f"day-00{d}", stage) for d in (1, 2))
-        a, b = load_unsharded(RunDir(day1).config(), stage, checkpoint.final_checkpoint(day1)), \
-            load_unsharded(RunDir(day2).config(), stage, checkpoint.final_checkpoint(day2))
-        sa, sb = a.state_dict(), b.state_dict()
-        for k in sa:
-            assert torch.allclose(sa[k], sb[k], rtol=0, atol=1e-25), f"{stage}: {k}"
-        assert json.load(open(os.path.join(day2, "run.json")))["init_from"]["run"] == day1
+        first, second = str(tmp_path / f"{stage}1"), str(tmp_path / f"{stage}2")
+        mem = (str(tmp_path / "mem1"), str(tmp_path / "mem2")) if stage == "tem" else (None, None)
+        run_rank(train, day_config(small_config(*DAY, *TRAIN, "train.max_steps=2"), 0), stage, d1, first, False,
+                 mem[0])
+        run_rank(train, day_config(small_config(*DAY, *TRAIN, *tiny), 0), stage, d2, second, False, mem[1], first)
+        a, b = (load_unsharded(RunDir(r).config(), stage, checkpoint.final_checkpoint(r)).state_dict()
+                for r in (first, second))
+        assert a.keys() == b.keys()
+        for k in a:
+            assert torch.allclose(a[k], b[k], rtol=0, atol=1e-25), f"{stage}: {k}"
+        assert RunDir(second).record()["init_from"]["run"] == first
 
 
 def test_bad_days_are_refused_before_training(days, tmp_path, capsys):
