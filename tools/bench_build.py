@@ -9,13 +9,15 @@ conversion's own, read from /proc/self/status VmHWM):
 * ``baseline``: the two-pass converter as it was at ``--baseline-commit`` (its source taken from git, the last
   commit that had it), on the Tenrec CSVs;
 * ``tenrec``: today's ``mkt tenrec`` (a preset of ``mkt build``) on the same CSVs;
-* ``logs``: ``mkt build`` with ``configs/logs.yaml`` on the Spark-style logs.
+* ``logs``: ``mkt build`` with ``configs/logs.yaml`` on the Spark-style logs;
+* ``logs_keep``: the same with ``source.duplicates: keep`` (no search for exact duplicate impressions), so
+  ``dedup_cost`` (``logs_keep`` rows/s over ``logs``') is what finding the copies costs.
 
 DuckDB runs under ``--memory-limit`` (spilling beyond it), so its peak memory should not grow with the input.
 Prints one line per conversion, then one JSON object on the last line:
 
     {"sizes": [{"rows": ..., "baseline": {"rows_per_s": ..., "peak_rss_mb": ...}, "tenrec": {...}, "logs": {...},
-     "speedup_tenrec": ...}, ...], ...}
+     "logs_keep": {...}, "speedup_tenrec": ..., "dedup_cost": ...}, ...], ...}
 
 Usage:
     python tools/bench_build.py                               # 1M rows (a few minutes on 2 cores)
@@ -115,9 +117,11 @@ def main() -> None:
         result: dict = {"rows": rows}
         for kind, config, extra in (("baseline", TENREC, {"module": module, "video": video, "article": article}),
                                     ("tenrec", TENREC, {"video": video, "article": article}),
-                                    ("logs", LOGS, {})):
+                                    ("logs", LOGS, {}), ("logs_keep", LOGS, {})):
             sets = tenrec_sets if config == TENREC else [f"source.memory_limit={args.memory_limit}",
                                                          f"source.inputs=[{{path: {paths['logs']}}}]"]
+            if kind == "logs_keep":
+                sets = [*sets, "source.duplicates=keep"]
             if kind == "baseline":
                 sets = list(QUICKSTART_SCHEMA_SETTINGS)
             out = os.path.join(paths["base"], f"out-{kind}")
@@ -126,6 +130,7 @@ def main() -> None:
             print(f"{rows} rows  {kind:8s} {json.dumps(result[kind])}  ({time.time() - started:.0f} s with start-up)",
                   flush=True)
         result["speedup_tenrec"] = round(result["tenrec"]["rows_per_s"] / result["baseline"]["rows_per_s"], 2)
+        result["dedup_cost"] = round(result["logs_keep"]["rows_per_s"] / result["logs"]["rows_per_s"], 2)
         sizes.append(result)
     print(json.dumps({"sizes": sizes, "memory_limit": args.memory_limit, "baseline_commit": args.baseline_commit,
                       "cpus": os.cpu_count()}))

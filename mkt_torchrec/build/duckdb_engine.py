@@ -118,8 +118,8 @@ class _BackgroundWriter:
 
 
 def build(plan: BuildPlan, inputs: LogInputs, out: str, writer_args: dict[str, Any], source_record: dict[str, Any],
-          check: Callable[[list[tuple[Any, int]]], int], progress: Optional[Callable[[int], None]] = None
-          ) -> Manifest:
+          check: Callable[[list[tuple[Any, int]]], int], copies: Callable[[list[tuple[Any, ...]]], int],
+          progress: Optional[Callable[[int], None]] = None) -> Manifest:
     """Run the build with DuckDB and write the dataset to ``out`` (see the module docstring).
 
     Args:
@@ -129,6 +129,7 @@ def build(plan: BuildPlan, inputs: LogInputs, out: str, writer_args: dict[str, A
         writer_args: :class:`DatasetWriter`'s keyword arguments (schema, optional, sizes, overwrite, digest).
         source_record: the manifest's ``source`` record.
         check: given the unknown entity values with counts, raises or returns the rows dropped.
+        copies: given :meth:`BuildPlan.duplicates_sql`'s rows, raises or returns the copies left out.
         progress: called with rows as they are read.
     """
     scratch_root = plan.source.temp_dir
@@ -146,6 +147,9 @@ def build(plan: BuildPlan, inputs: LogInputs, out: str, writer_args: dict[str, A
                         "memory_limit %s)", rows, len(inputs.files), time.perf_counter() - started,
                         plan.source.memory_limit)
             dropped = check(con.execute(plan.unknown_entities_sql()).fetchall()) if plan.source.entity.column else 0
+            duplicate = 0
+            if plan.source.duplicates != "keep":
+                duplicate = copies(con.execute(render(plan.duplicates_sql(), "duckdb")).fetchall())
             names = split_names()
             stream = con.sql(render(plan.dataset_sql(order="split"), "duckdb")).to_arrow_reader(OUT_BATCH_ROWS)
             columns = None
@@ -163,7 +167,8 @@ def build(plan: BuildPlan, inputs: LogInputs, out: str, writer_args: dict[str, A
                         start = stop
             finally:
                 background.finish()
-            writer.set_source({**source_record, "rows_read": rows, "rows_dropped": dropped})
+            writer.set_source({**source_record, "rows_read": rows, "rows_dropped": dropped,
+                              "rows_duplicate": duplicate})
             manifest = writer.close()
             logger.info("build: %s written in %.1f s", storage.display(writer.out_dir), time.perf_counter() - started)
             return manifest

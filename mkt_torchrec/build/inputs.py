@@ -123,6 +123,11 @@ def list_files(source: SourceConfig) -> list[LogFile]:
     return files
 
 
+def _row_name(fmt: str, row: int) -> str:
+    """0-based row ``row`` of a file of format ``fmt`` as a user finds it (a CSV's line 1 is its header)."""
+    return f"data row {row + 1} (line {row + 2})" if fmt == "csv" else f"row {row + 1}"
+
+
 class LogInputs:
     """The logs of a ``source:`` mapping, read file by file as prepared batches (picklable: Spark executors
     unpickle it and call :meth:`read`).
@@ -348,6 +353,11 @@ class LogInputs:
         except pa.ArrowInvalid as e:
             raise ValueError(_csv_error(storage.display(f.uri), str(e), done)) from None
 
+    def row_name(self, index: int, row: int) -> str:
+        """Row ``row`` (0-based, ``__row``) of file ``index`` as a user finds it: ``data row N (line M)`` in a CSV
+        (line 1 is the header), ``row N`` elsewhere."""
+        return _row_name(self.source.inputs[self.files[index].input].format, row)
+
     def _failer(self, f: LogFile, start: int) -> Callable[[str, int, str], None]:
         """``fail(column, i, what)``: raise a ValueError naming the file, the input's column and row ``start + i``
         (a CSV's data row and line)."""
@@ -355,8 +365,7 @@ class LogInputs:
         inp = self.source.inputs[f.input]
 
         def fail(column: str, i: int, what: str) -> None:
-            row = f"data row {start + i + 1} (line {start + i + 2})" if inp.format == "csv" else f"row {start + i + 1}"
-            raise ValueError(f"{where}: column {inp.column(column)!r}, {row}: {what}")
+            raise ValueError(f"{where}: column {inp.column(column)!r}, {_row_name(inp.format, start + i)}: {what}")
 
         return fail
 

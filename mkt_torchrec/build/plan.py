@@ -7,7 +7,7 @@ second copy to drift. It does four things:
 1. **Encode** (``enc``): keep the entities' integer ids apart where ``by_entity`` says (``2 * x + e``; text ids
    arrive hashed, ``ENTITY|value`` included), null an entity-specific feature on the other entity's rows, and
    drop rows whose entity is outside ``source.entity.values`` (the build counts them first), and (``source.
-   duplicates: drop``) every copy of an exact duplicate impression (a row equal in every column the build reads,
+   duplicates: drop``; ``refuse`` stops the build before, naming the first) every copy of an exact duplicate impression (a row equal in every column the build reads,
    :meth:`BuildPlan._read_columns`, to an earlier row of the same time, or, in logs without a time, to the line
    before it in its file), so a liked copy never puts its own item in its twin's sequence.
 2. **Sequences built from the events.** For a sequence of entity ``E`` (shared feature ``F``), the user's
@@ -130,15 +130,30 @@ class BuildPlan:
             cols.append("CAST(__true_prob AS FLOAT) AS true_prob")
         if self.source.duplicates == "keep":
             return f"SELECT {', '.join(cols)} FROM ev WHERE __entity IS NOT NULL"
+        # refuse: the build has already refused any copy (duplicates_sql); drop: the copies are left out here
+        return f"SELECT {', '.join(cols)} FROM ({self._copies()}) AS ev WHERE __entity IS NOT NULL AND __copy = 1"
+
+    def _copies(self, twin: bool = False) -> str:
+        """``ev`` with ``__copy``: 1 for a row, more for a copy of an exact duplicate impression (and with ``twin``
+        its twin's ``__twin_file`` and ``__twin_row``)."""
         read = self._read_columns()
         if self.source.time.from_position:  # no time: a copy is the line right after its twin, in the same file
             w = "OVER (PARTITION BY __file ORDER BY __row)"
             same = " AND ".join(f"{c} IS NOT DISTINCT FROM LAG({c}) {w}" for c in read)
-            copies = f"SELECT *, CASE WHEN LAG(__row) {w} IS NOT NULL AND {same} THEN 2 ELSE 1 END AS __copy FROM ev"
-        else:  # the same time and values, anywhere: the first in (time, file, row) order stays
-            copies = (f"SELECT *, ROW_NUMBER() OVER (PARTITION BY {', '.join(read)} ORDER BY __t, __file, __row) "
-                      "AS __copy FROM ev")
-        return f"SELECT {', '.join(cols)} FROM ({copies}) AS ev WHERE __entity IS NOT NULL AND __copy = 1"
+            extra = f", LAG(__file) {w} AS __twin_file, LAG(__row) {w} AS __twin_row" if twin else ""
+            return (f"SELECT *, CASE WHEN LAG(__row) {w} IS NOT NULL AND {same} THEN 2 ELSE 1 END AS __copy{extra} "
+                    "FROM ev")
+        # the same time and values, anywhere: the first in (time, file, row) order stays
+        w = f"OVER (PARTITION BY {', '.join(read)} ORDER BY __t, __file, __row)"
+        extra = f", FIRST_VALUE(__file) {w} AS __twin_file, FIRST_VALUE(__row) {w} AS __twin_row" if twin else ""
+        return f"SELECT *, ROW_NUMBER() {w} AS __copy{extra} FROM ev"
+
+    def duplicates_sql(self) -> str:
+        """The copies of exact duplicate impressions among the rows of known entities: their number ``n`` and the
+        first 3 in (file, row) order with their twins (``file``, ``row_index``, ``twin_file``, ``twin_row``)."""
+        return ("SELECT COUNT(*) OVER () AS n, __file AS file, __row AS row_index, __twin_file AS twin_file, "
+                f"__twin_row AS twin_row FROM ({self._copies(twin=True)}) AS ev WHERE __entity IS NOT NULL AND "
+                "__copy > 1 ORDER BY __file, __row LIMIT 3")
 
     def _read_columns(self) -> list[str]:
         """The prepared columns of what the build reads of a row, which ``source.duplicates`` compares: the time

@@ -9,6 +9,7 @@ the same SQL text, so they write the same rows in the same order per split and e
 from __future__ import annotations
 
 import os
+import sys
 from typing import Any, Callable, Optional
 
 import pyarrow as pa
@@ -56,9 +57,37 @@ def _unknown_entities(source: Any, found: list[tuple[Any, int]]) -> int:
     return total
 
 
+def _duplicates(source: Any, inputs: LogInputs, found: list[tuple[Any, ...]], tool: str) -> int:
+    """Refuse exact duplicate impressions (``source.duplicates: refuse``), or print how many were dropped.
+
+    Args:
+        found: :meth:`BuildPlan.duplicates_sql`'s rows: (count, file, row, twin's file, twin's row).
+        tool: the command named in what is printed.
+    """
+    if not found:
+        return 0
+    total = int(found[0][0])
+
+    def where(file: int, row: int) -> str:
+        return f"{storage.display(inputs.files[file].uri)}: {inputs.row_name(file, row)}"
+
+    n, file, row, twin_file, twin_row = found[0]
+    first = (f"{where(file, row)} repeats "
+             + (inputs.row_name(twin_file, twin_row) if twin_file == file else where(twin_file, twin_row)))
+    rule = ("the line before it in its file" if source.time.from_position
+            else "an earlier row of the same time")
+    if source.duplicates == "refuse":
+        raise ValueError(f"source.duplicates: refuse: {total} rows are exact copies of {rule} in every column read "
+                         f"(first: {first}); fix the logs, or set source.duplicates: drop to leave the copies out")
+    print(f"{tool}: dropped {total} exact duplicate rows (each equal to {rule} in every column read; first: {first}; "
+          "source.duplicates: keep writes them, refuse stops)", file=sys.stderr)
+    return total
+
+
 def build_dataset(cfg: Config, out: str, engine: Optional[str] = None, overwrite: bool = False,
                   progress: Optional[Callable[[int], None]] = None,
-                  describe: Optional[Callable[[dict[str, Any]], dict[str, Any]]] = None) -> Manifest:
+                  describe: Optional[Callable[[dict[str, Any]], dict[str, Any]]] = None,
+                  tool: str = "mkt build") -> Manifest:
     """Build the dataset of ``cfg.source`` into ``out`` (a directory or URI), published only when complete.
 
     Args:
@@ -71,7 +100,9 @@ def build_dataset(cfg: Config, out: str, engine: Optional[str] = None, overwrite
             engine, inputs, files, split; with ``split.by: time`` also ``split_cuts``, the cut-offs as written;
             with ``time.from_position`` also ``input_rows``, each input's rows, and ``users``, the distinct users),
             before the build runs: a preset's own description of its inputs. The engine adds ``rows_read`` and
-            ``rows_dropped`` to it (``rows_read`` counts history rows, read but not written, too).
+            ``rows_dropped`` to it (``rows_read`` counts history rows, read but not written, too), and
+            ``rows_duplicate`` (the copies of exact duplicate impressions left out, ``source.duplicates``).
+        tool: the command named in what the build prints.
     """
     engine = engine or cfg.source.engine
     if engine not in ENGINES:
@@ -93,11 +124,14 @@ def build_dataset(cfg: Config, out: str, engine: Optional[str] = None, overwrite
     def check(found: list[tuple[Any, int]]) -> int:
         return _unknown_entities(source, found)
 
+    def copies(found: list[tuple[Any, ...]]) -> int:
+        return _duplicates(source, inputs, found, tool)
+
     if engine == "duckdb":
         from mkt_torchrec.build import duckdb_engine
 
-        return duckdb_engine.build(plan, inputs, out, writer_args, record, check, progress)
+        return duckdb_engine.build(plan, inputs, out, writer_args, record, check, copies, progress)
     from mkt_torchrec.build import spark_engine
 
     master = source.spark_master or os.environ.get("SPARK_MASTER") or "local[*]"
-    return spark_engine.build(plan, inputs, out, writer_args, record, check, master)
+    return spark_engine.build(plan, inputs, out, writer_args, record, check, copies, master)

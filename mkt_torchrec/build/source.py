@@ -327,8 +327,10 @@ class SourceConfig:
             of the same time (anywhere in the logs), or, in ``time.from_position`` logs, which have no time, to the
             line right before it in its file (a writer's retry, a line written twice; equal rows apart from each
             other there may be a user seeing an item again, and are kept). ``drop`` keeps the first and leaves the
-            copies out (``mkt tenrec`` prints how many), ``keep`` writes them all: a kept liked copy puts its own
-            item in its twin's behaviour sequence, a label leak. Rows of one user at one time never see each other
+            copies out (the build prints how many and records ``rows_duplicate`` in the manifest's ``source``),
+            ``refuse`` stops the build naming the first copy and its twin (file and row) before anything is
+            written (logs that must be clean: a copy is an upstream bug), ``keep`` writes them all: a kept liked
+            copy puts its own item in its twin's behaviour sequence, a label leak. Rows of one user at one time never see each other
             either way (a step is strictly before the row's time).
         engine: ``duckdb`` (one machine) or ``spark`` (a cluster; ``mkt build --engine`` overrides).
         memory_limit: DuckDB's memory limit (e.g. ``4GB``); what does not fit spills to ``temp_dir``.
@@ -351,7 +353,7 @@ class SourceConfig:
     sequences: dict[str, SequenceMap] = field(default_factory=dict)
     split: SplitConfig = field(default_factory=SplitConfig)
     true_prob: Optional[str] = None
-    duplicates: Literal["drop", "keep"] = "drop"
+    duplicates: Literal["drop", "refuse", "keep"] = "drop"
     engine: Literal["duckdb", "spark"] = "duckdb"
     memory_limit: str = "4GB"
     temp_dir: Optional[str] = None

@@ -225,7 +225,8 @@ def _one_line(e: Exception) -> str:
 
 
 def build(plan: BuildPlan, inputs: LogInputs, out: str, writer_args: dict[str, Any], source_record: dict[str, Any],
-          check: Callable[[list[tuple[Any, int]]], int], master: str) -> Manifest:
+          check: Callable[[list[tuple[Any, int]]], int], copies: Callable[[list[tuple[Any, ...]]], int],
+          master: str) -> Manifest:
     """Run the build on Spark at ``master`` and publish the dataset at ``out`` (see the module docstring)."""
     from py4j.protocol import Py4JJavaError
     from pyspark.errors import PySparkException
@@ -245,9 +246,13 @@ def build(plan: BuildPlan, inputs: LogInputs, out: str, writer_args: dict[str, A
         if plan.source.entity.column:
             found = [(r["value"], r["n"]) for r in spark.sql(render(plan.unknown_entities_sql(), "spark")).collect()]
             dropped = check(found)
+        duplicate = 0
+        if plan.source.duplicates != "keep":
+            duplicate = copies([tuple(r) for r in spark.sql(render(plan.duplicates_sql(), "spark")).collect()])
         manifest_args = {"schema_digest": writer_args["schema_digest"], "columns": out_schema.names,
                          "optional": list(writer_args["optional"]),
-                         "source": {**source_record, "rows_read": rows, "rows_dropped": dropped, "master": master}}
+                         "source": {**source_record, "rows_read": rows, "rows_dropped": dropped,
+                                    "rows_duplicate": duplicate, "master": master}}
         spark.dataSource.register(_dataset_sink(staged, out_schema, max_len, writer_args["row_group_rows"],
                                                 manifest_args))
         result = spark.sql(render(plan.dataset_sql(order="entity"), "spark"))

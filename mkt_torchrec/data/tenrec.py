@@ -79,7 +79,6 @@ from __future__ import annotations
 import collections
 import dataclasses
 import os
-import sys
 from typing import Any, Callable, Optional
 
 import numpy as np
@@ -328,9 +327,5 @@ def convert(video_csv: str, article_csv: str, cfg: Config, out_dir: str, overwri
 
     source = tenrec_source(cfg, video_csv, article_csv, true_prob=bool(video))
     manifest = build_dataset(dataclasses.replace(cfg, source=source), out_dir, engine="duckdb", overwrite=overwrite,
-                             progress=progress, describe=describe)
-    copies = manifest.source["rows_read"] - sum(n for split in manifest.rows.values() for n in split.values())
-    if copies:  # every row read is written but a duplicate's copies (Tenrec has no time split, no entity column)
-        print(f"mkt tenrec: dropped {copies} exact duplicate rows (each equal to the line before it in every column "
-              "read; source.duplicates: keep writes them)", file=sys.stderr)
+                             progress=progress, describe=describe, tool="mkt tenrec")
     return manifest

@@ -6,6 +6,7 @@ import os
 import shutil
 
 import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 
 from mkt_torchrec.build.run import build_dataset
@@ -18,6 +19,11 @@ pytestmark = pytest.mark.skipif(shutil.which("java") is None, reason="Spark need
 
 def test_spark_and_duckdb_write_the_same_rows(tmp_path, capsys):
     write_logs(str(tmp_path / "logs"), rows=1500, seed=3)
+    day = sorted(os.listdir(tmp_path / "logs"))[1]  # a writer's retry: 5 rows again in another file of their day
+    first = pq.read_table(tmp_path / "logs" / day / "part-00000-5a1b.c000.snappy.parquet").slice(3, 5)
+    retry = first.set_column(first.schema.get_field_index("spark_noise"), "spark_noise",  # a column nobody maps
+                             pa.array([0.5] * 5))
+    pq.write_table(retry, tmp_path / "logs" / day / "part-00002-5a1b.c000.snappy.parquet")
     cfg = _config(tmp_path, row_group_rows=97, entity={"column": "item_type", "unknown": "drop",
                                                         "values": {"product": "source", "post": "target"}})
     duck = build_dataset(cfg, str(tmp_path / "duck"), engine="duckdb")
@@ -27,7 +33,8 @@ def test_spark_and_duckdb_write_the_same_rows(tmp_path, capsys):
         assert spark.mean_lengths[split] == pytest.approx(means)
     assert dataset_rows(str(tmp_path / "spark")) == dataset_rows(str(tmp_path / "duck"))
     assert max(n for f in spark.splits["train"] for n in f.row_groups) <= 97
-    assert spark.source["engine"] == "spark" and spark.source["rows_read"] == 1500
+    assert spark.source["engine"] == "spark" and spark.source["rows_read"] == duck.source["rows_read"] == 1505
+    assert spark.source["rows_duplicate"] == duck.source["rows_duplicate"] == 5
 
 
 def test_bad_logs_on_spark_are_the_same_one_line_error_and_publish_nothing(tmp_path):

@@ -100,3 +100,53 @@ def test_logs_with_a_time_column_drop_equal_rows_of_one_time_and_never_see_a_tie
     kept = build_dataset(_entity_csv_config(tmp_path, time={"column": "ts"}, duplicates="keep",
                                             split={"by": "fraction", "test_fraction": 0.0}), str(tmp_path / "kept"))
     assert kept.rows["train"]["source"] == 4
+
+
+def test_refuse_names_the_first_copy_and_its_twin_and_writes_nothing(tmp_path):
+    """``source.duplicates: refuse``: logs that must be clean stop the build at their first copy (file and row)."""
+    video, article = _clean()
+    dup_video = video[:5] + [video[4]] + video[5:] + [video[-1], video[-1]]  # data rows 6 (= 5) and the last two
+    video_csv, article_csv = write_pair(tmp_path, dup_video, article)
+    out = str(tmp_path / "out")
+    with pytest.raises(ValueError) as e:
+        convert(video_csv, article_csv, tenrec_config("source.duplicates=refuse"), out)
+    text = str(e.value)
+    assert text.startswith("source.duplicates: refuse: 3 rows are exact copies of the line before it"), text
+    assert f"(first: {video_csv}: data row 6 (line 7) repeats data row 5 (line 6))" in text and "\n" not in text
+    assert not os.path.exists(out) and not [p for p in os.listdir(tmp_path) if p.startswith("out")]
+    convert(*write_pair(tmp_path, video, article, "clean_in"), tenrec_config("source.duplicates=refuse"), out)
+    assert len(_rows(out)) == len(video) + len(article)  # clean logs build as with drop
+
+
+def test_mkt_build_prints_and_records_what_it_dropped_and_refuses_across_files(tmp_path, capsys):
+    """A copy of the same time may be in another file: it is found there, counted, and named when refused."""
+    from mkt_torchrec.build.run import build_dataset
+
+    from tests.build.test_build import _entity_csv_config
+
+    t = "2026-11-01 08:00:{}"
+    header = "uid,item,clicked,cat_a,price,ts\n"
+    (tmp_path / "products.csv").write_text(header + "".join(
+        f"u1,{item},{c},3,5,{t.format(s)}\n" for item, c, s in (("a", 1, 10), ("b", 0, 11), ("a", 1, 10))))
+    (tmp_path / "posts.csv").write_text(f"uid,item,clicked,cat_b,style,ts\nu1,x,1,7,2,{t.format(15)}\n"
+                                        f"u1,a,1,3,0,{t.format(10)}\n")  # not a copy of product a: another entity
+    kwargs = dict(time={"column": "ts"}, split={"by": "fraction", "test_fraction": 0.0})
+    manifest = build_dataset(_entity_csv_config(tmp_path, **kwargs), str(tmp_path / "ds"))
+    assert manifest.source["rows_duplicate"] == 1 and manifest.rows["train"] == {"source": 2, "target": 2}
+    said = [line for line in capsys.readouterr().err.splitlines() if "exact duplicate" in line]
+    products = str(tmp_path / "products.csv")
+    assert said == [f"mkt build: dropped 1 exact duplicate rows (each equal to an earlier row of the same time in "
+                    f"every column read; first: {products}: data row 3 (line 4) repeats data row 1 (line 2); "
+                    "source.duplicates: keep writes them, refuse stops)"], said
+
+    (tmp_path / "products.csv").write_text(header + f"u1,a,1,3,5,{t.format(10)}\nu1,b,0,3,5,{t.format(11)}\n")
+    (tmp_path / "products_late.csv").write_text(header + f"u1,b,0,3,5,{t.format(11)}\n")  # a copy, another file
+    cfg = _entity_csv_config(tmp_path, **kwargs, duplicates="refuse")
+    cfg.source.inputs[0].path = str(tmp_path / "products*.csv")
+    with pytest.raises(ValueError) as e:
+        build_dataset(cfg, str(tmp_path / "refused"))
+    assert str(e.value) == (
+        f"source.duplicates: refuse: 1 rows are exact copies of an earlier row of the same time in every column "
+        f"read (first: {tmp_path / 'products_late.csv'}: data row 1 (line 2) repeats {products}: data row 2 "
+        "(line 3)); fix the logs, or set source.duplicates: drop to leave the copies out"), str(e.value)
+    assert not [p for p in os.listdir(tmp_path) if p.startswith("refused")]
