@@ -148,7 +148,8 @@ def build(plan: BuildPlan, inputs: LogInputs, out: str, writer_args: dict[str, A
                         plan.source.memory_limit)
             dropped = check(con.execute(plan.unknown_entities_sql()).fetchall()) if plan.source.entity.column else 0
             duplicate = 0
-            if plan.source.duplicates != "keep":
+            count = plan.duplicates_count_sql()
+            if plan.source.duplicates != "keep" and (count is None or con.execute(count).fetchall()[0][0]):
                 duplicate = copies(con.execute(render(plan.duplicates_sql(), "duckdb")).fetchall())
             names = split_names()
             stream = con.sql(render(plan.dataset_sql(order="split"), "duckdb")).to_arrow_reader(OUT_BATCH_ROWS)

@@ -247,7 +247,8 @@ def build(plan: BuildPlan, inputs: LogInputs, out: str, writer_args: dict[str, A
             found = [(r["value"], r["n"]) for r in spark.sql(render(plan.unknown_entities_sql(), "spark")).collect()]
             dropped = check(found)
         duplicate = 0
-        if plan.source.duplicates != "keep":
+        count = plan.duplicates_count_sql()
+        if plan.source.duplicates != "keep" and (count is None or spark.sql(render(count, "spark")).collect()[0][0]):
             duplicate = copies([tuple(r) for r in spark.sql(render(plan.duplicates_sql(), "spark")).collect()])
         manifest_args = {"schema_digest": writer_args["schema_digest"], "columns": out_schema.names,
                          "optional": list(writer_args["optional"]),
