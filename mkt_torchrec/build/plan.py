@@ -7,9 +7,10 @@ second copy to drift. It does four things:
 1. **Encode** (``enc``): keep the entities' integer ids apart where ``by_entity`` says (``2 * x + e``; text ids
    arrive hashed, ``ENTITY|value`` included), null an entity-specific feature on the other entity's rows, and
    drop rows whose entity is outside ``source.entity.values`` (the build counts them first), and (``source.
-   duplicates: drop``; ``refuse`` stops the build before, naming the first) every copy of an exact duplicate impression (a row equal in every column the build reads,
-   :meth:`BuildPlan._read_columns`, to an earlier row of the same time, or, in logs without a time, to the line
-   before it in its file), so a liked copy never puts its own item in its twin's sequence.
+   duplicates: drop``; ``refuse`` stops the build before, naming the first) every copy of an exact duplicate
+   impression (a row equal in every column the build reads, :meth:`BuildPlan._read_columns`, to an earlier row of
+   the same time, or, in logs without a time, to the line before it in its file), so a liked copy never puts its
+   own item in its twin's sequence.
 2. **Sequences built from the events.** For a sequence of entity ``E`` (shared feature ``F``), the user's
    positive rows of ``E`` with a value of ``F`` (a row without one is no step) are numbered ``k = 1, 2, ...`` in
    time order and each carries the list of its own and
@@ -160,10 +161,11 @@ class BuildPlan:
 
     def duplicates_sql(self) -> str:
         """The copies of exact duplicate impressions among the rows of known entities: their number ``n`` and the
-        first 3 in (file, row) order with their twins (``file``, ``row_index``, ``twin_file``, ``twin_row``)."""
+        first in (file, row) order with its twin (``file``, ``row_index``, ``twin_file``, ``twin_row``); no row
+        when there is none."""
         return ("SELECT COUNT(*) OVER () AS n, __file AS file, __row AS row_index, __twin_file AS twin_file, "
                 f"__twin_row AS twin_row FROM ({self._copies(twin=True)}) AS ev WHERE __entity IS NOT NULL AND "
-                "__copy > 1 ORDER BY __file, __row LIMIT 3")
+                "__copy > 1 ORDER BY __file, __row LIMIT 1")
 
     def _read_columns(self) -> list[str]:
         """The prepared columns of what the build reads of a row, which ``source.duplicates`` compares: the time

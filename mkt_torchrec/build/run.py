@@ -66,21 +66,22 @@ def _duplicates(source: Any, inputs: LogInputs, found: list[tuple[Any, ...]], to
     """
     if not found:
         return 0
-    total = int(found[0][0])
+    total, file, row, twin_file, twin_row = (int(v) for v in found[0])
 
     def where(file: int, row: int) -> str:
         return f"{storage.display(inputs.files[file].uri)}: {inputs.row_name(file, row)}"
 
-    n, file, row, twin_file, twin_row = found[0]
     first = (f"{where(file, row)} repeats "
              + (inputs.row_name(twin_file, twin_row) if twin_file == file else where(twin_file, twin_row)))
     rule = ("the line before it in its file" if source.time.from_position
             else "an earlier row of the same time")
     if source.duplicates == "refuse":
-        raise ValueError(f"source.duplicates: refuse: {total} rows are exact copies of {rule} in every column read "
+        rows = "1 row is an exact copy" if total == 1 else f"{total} rows are exact copies"
+        raise ValueError(f"source.duplicates: refuse: {rows} of {rule} in every column read "
                          f"(first: {first}); fix the logs, or set source.duplicates: drop to leave the copies out")
-    print(f"{tool}: dropped {total} exact duplicate rows (each equal to {rule} in every column read; first: {first}; "
-          "source.duplicates: keep writes them, refuse stops)", file=sys.stderr)
+    rows = "row" if total == 1 else "rows"
+    print(f"{tool}: dropped {total} exact duplicate {rows} (each equal to {rule} in every column read; first: "
+          f"{first}; source.duplicates: keep writes them, refuse stops)", file=sys.stderr)
     return total
 
 

@@ -330,8 +330,8 @@ class SourceConfig:
             copies out (the build prints how many and records ``rows_duplicate`` in the manifest's ``source``),
             ``refuse`` stops the build naming the first copy and its twin (file and row) before anything is
             written (logs that must be clean: a copy is an upstream bug), ``keep`` writes them all: a kept liked
-            copy puts its own item in its twin's behaviour sequence, a label leak. Rows of one user at one time never see each other
-            either way (a step is strictly before the row's time).
+            copy puts its own item in its twin's behaviour sequence, a label leak. Rows of one user at one time
+            never see each other either way (a step is strictly before the row's time).
         engine: ``duckdb`` (one machine) or ``spark`` (a cluster; ``mkt build --engine`` overrides).
         memory_limit: DuckDB's memory limit (e.g. ``4GB``); what does not fit spills to ``temp_dir``.
         temp_dir: DuckDB's spill directory; null: a temporary directory removed afterwards.

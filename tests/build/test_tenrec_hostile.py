@@ -135,7 +135,7 @@ def test_mkt_build_prints_and_records_what_it_dropped_and_refuses_across_files(t
     assert manifest.source["rows_duplicate"] == 1 and manifest.rows["train"] == {"source": 2, "target": 2}
     said = [line for line in capsys.readouterr().err.splitlines() if "exact duplicate" in line]
     products = str(tmp_path / "products.csv")
-    assert said == [f"mkt build: dropped 1 exact duplicate rows (each equal to an earlier row of the same time in "
+    assert said == [f"mkt build: dropped 1 exact duplicate row (each equal to an earlier row of the same time in "
                     f"every column read; first: {products}: data row 3 (line 4) repeats data row 1 (line 2); "
                     "source.duplicates: keep writes them, refuse stops)"], said
 
@@ -146,7 +146,7 @@ def test_mkt_build_prints_and_records_what_it_dropped_and_refuses_across_files(t
     with pytest.raises(ValueError) as e:
         build_dataset(cfg, str(tmp_path / "refused"))
     assert str(e.value) == (
-        f"source.duplicates: refuse: 1 rows are exact copies of an earlier row of the same time in every column "
+        f"source.duplicates: refuse: 1 row is an exact copy of an earlier row of the same time in every column "
         f"read (first: {tmp_path / 'products_late.csv'}: data row 1 (line 2) repeats {products}: data row 2 "
         "(line 3)); fix the logs, or set source.duplicates: drop to leave the copies out"), str(e.value)
     assert not [p for p in os.listdir(tmp_path) if p.startswith("refused")]
