@@ -10,14 +10,16 @@ conversion's own, read from /proc/self/status VmHWM):
   commit that had it), on the Tenrec CSVs;
 * ``tenrec``: today's ``mkt tenrec`` (a preset of ``mkt build``) on the same CSVs;
 * ``logs``: ``mkt build`` with ``configs/logs.yaml`` on the Spark-style logs;
-* ``logs_keep``: the same with ``source.duplicates: keep`` (no search for exact duplicate impressions), so
-  ``dedup_cost`` (``logs_keep`` rows/s over ``logs``') is what finding the copies costs.
+* ``logs_keep`` / ``tenrec_keep``: the same with ``source.duplicates: keep`` (no search for exact duplicate
+  impressions), so ``dedup_cost`` / ``dedup_cost_tenrec`` (rows/s without the search over rows/s with it) is what
+  finding the copies costs (by time in the logs, by position in Tenrec's CSVs).
 
 DuckDB runs under ``--memory-limit`` (spilling beyond it), so its peak memory should not grow with the input.
 Prints one line per conversion, then one JSON object on the last line:
 
     {"sizes": [{"rows": ..., "baseline": {"rows_per_s": ..., "peak_rss_mb": ...}, "tenrec": {...}, "logs": {...},
-     "logs_keep": {...}, "speedup_tenrec": ..., "dedup_cost": ...}, ...], ...}
+     "logs_keep": {...}, "tenrec_keep": {...}, "speedup_tenrec": ..., "dedup_cost": ...,
+     "dedup_cost_tenrec": ...}, ...], ...}
 
 Usage:
     python tools/bench_build.py                               # 1M rows (a few minutes on 2 cores)
@@ -51,7 +53,7 @@ if kind == "baseline":
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
     manifest = mod.convert(args["video"], args["article"], cfg, args["out"], overwrite=True)
-elif kind == "tenrec":
+elif kind in ("tenrec", "tenrec_keep"):
     from mkt_torchrec.data.tenrec import convert
     manifest = convert(args["video"], args["article"], cfg, args["out"], overwrite=True)
 else:
@@ -117,10 +119,11 @@ def main() -> None:
         result: dict = {"rows": rows}
         for kind, config, extra in (("baseline", TENREC, {"module": module, "video": video, "article": article}),
                                     ("tenrec", TENREC, {"video": video, "article": article}),
+                                    ("tenrec_keep", TENREC, {"video": video, "article": article}),
                                     ("logs", LOGS, {}), ("logs_keep", LOGS, {})):
             sets = tenrec_sets if config == TENREC else [f"source.memory_limit={args.memory_limit}",
                                                          f"source.inputs=[{{path: {paths['logs']}}}]"]
-            if kind == "logs_keep":
+            if kind in ("logs_keep", "tenrec_keep"):
                 sets = [*sets, "source.duplicates=keep"]
             if kind == "baseline":
                 sets = list(QUICKSTART_SCHEMA_SETTINGS)
@@ -131,6 +134,7 @@ def main() -> None:
                   flush=True)
         result["speedup_tenrec"] = round(result["tenrec"]["rows_per_s"] / result["baseline"]["rows_per_s"], 2)
         result["dedup_cost"] = round(result["logs_keep"]["rows_per_s"] / result["logs"]["rows_per_s"], 2)
+        result["dedup_cost_tenrec"] = round(result["tenrec_keep"]["rows_per_s"] / result["tenrec"]["rows_per_s"], 2)
         sizes.append(result)
     print(json.dumps({"sizes": sizes, "memory_limit": args.memory_limit, "baseline_commit": args.baseline_commit,
                       "cpus": os.cpu_count()}))
