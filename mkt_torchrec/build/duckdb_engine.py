@@ -118,7 +118,7 @@ class _BackgroundWriter:
 
 
 def build(plan: BuildPlan, inputs: LogInputs, out: str, writer_args: dict[str, Any], source_record: dict[str, Any],
-          check: Callable[[list[tuple[Any, int]]], int], copies: Callable[[list[tuple[Any, ...]]], int],
+          check: Callable[[list[tuple[Any, int]]], int], copies: Callable[[Callable[[str], list]], int],
           progress: Optional[Callable[[int], None]] = None) -> Manifest:
     """Run the build with DuckDB and write the dataset to ``out`` (see the module docstring).
 
@@ -129,7 +129,7 @@ def build(plan: BuildPlan, inputs: LogInputs, out: str, writer_args: dict[str, A
         writer_args: :class:`DatasetWriter`'s keyword arguments (schema, optional, sizes, overwrite, digest).
         source_record: the manifest's ``source`` record.
         check: given the unknown entity values with counts, raises or returns the rows dropped.
-        copies: given :meth:`BuildPlan.duplicates_sql`'s rows, raises or returns the copies left out.
+        copies: given a function running SQL, raises or returns the copies of duplicate impressions left out.
         progress: called with rows as they are read.
     """
     scratch_root = plan.source.temp_dir
@@ -147,12 +147,10 @@ def build(plan: BuildPlan, inputs: LogInputs, out: str, writer_args: dict[str, A
                         "memory_limit %s)", rows, len(inputs.files), time.perf_counter() - started,
                         plan.source.memory_limit)
             dropped = check(con.execute(plan.unknown_entities_sql()).fetchall()) if plan.source.entity.column else 0
-            duplicate = 0
-            count = plan.duplicates_count_sql()
-            if plan.source.duplicates != "keep" and (count is None or con.execute(count).fetchall()[0][0]):
-                duplicate = copies(con.execute(render(plan.duplicates_sql(), "duckdb")).fetchall())
+            duplicate = copies(lambda sql: con.execute(render(sql, "duckdb")).fetchall())
             names = split_names()
-            stream = con.sql(render(plan.dataset_sql(order="split"), "duckdb")).to_arrow_reader(OUT_BATCH_ROWS)
+            sql = plan.dataset_sql(order="split", drop_copies=duplicate > 0)
+            stream = con.sql(render(sql, "duckdb")).to_arrow_reader(OUT_BATCH_ROWS)
             columns = None
             background = _BackgroundWriter(writer)
             try:

@@ -120,7 +120,7 @@ class BuildPlan:
         """The encoded value a step takes when the liked row's ``name`` is null."""
         return missing_step(self.source.features[name], self.kinds[name], entity)
 
-    def encode_sql(self) -> str:
+    def encode_sql(self, drop_copies: bool = True) -> str:
         cols = ["__file", "__row", "__t", "CAST(__label AS TINYINT) AS label", "CAST(__entity AS TINYINT) AS entity"]
         for name in self.schema.sequences:
             if name not in self.event_sequences():
@@ -129,9 +129,8 @@ class BuildPlan:
         cols += [f"CAST({q('d_' + n)} AS FLOAT) AS {q(n)}" for n in self.schema.dense]
         if self.source.true_prob:
             cols.append("CAST(__true_prob AS FLOAT) AS true_prob")
-        if self.source.duplicates == "keep":
+        if not drop_copies or self.source.duplicates != "drop":  # refuse: the build has refused any copy already
             return f"SELECT {', '.join(cols)} FROM ev WHERE __entity IS NOT NULL"
-        # refuse: the build has already refused any copy (duplicates_sql); drop: the copies are left out here
         return f"SELECT {', '.join(cols)} FROM ({self._copies()}) AS ev WHERE __entity IS NOT NULL AND __copy = 1"
 
     def _copies(self, twin: bool = False) -> str:
@@ -217,7 +216,7 @@ class BuildPlan:
         return [n for n in self.schema.sequences if self.source.sequences.get(n) is None
                 or self.source.sequences[n].column is None]
 
-    def dataset_sql(self, order: str = "split") -> str:
+    def dataset_sql(self, order: str = "split", drop_copies: bool = True) -> str:
         """The whole transformation: one row per impression written, with ``__split`` (0 train, 1 valid, 2 test).
         Rows outside ``by: time``'s ``[train_from, test_until)`` are read (their clicks make the sequences and
         ``activity`` of the rows written) but left out here, after the windows, so neither engine writes them.
@@ -225,10 +224,12 @@ class BuildPlan:
         Args:
             order: ``split`` (``__split, time, file, row``: the DuckDB writer's stream) or ``entity``
                 (``__split, entity, time, file, row``: Spark's range-partitioned files, one entity each).
+            drop_copies: leave out the copies of exact duplicate impressions (``source.duplicates: drop``); false
+                when the build found none (:meth:`duplicates_count_sql`), which spares a window over all rows.
         """
         u = q(self.user)
         seqs = self.event_sequences()
-        ctes = [f"enc AS ({self.encode_sql()})"]
+        ctes = [f"enc AS ({self.encode_sql(drop_copies)})"]
         flags = []
         for i, name in enumerate(seqs):
             flags.append(f"CASE WHEN {self._step(name)} THEN 1 ELSE 0 END AS __p{i}")

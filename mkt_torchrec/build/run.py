@@ -57,13 +57,21 @@ def _unknown_entities(source: Any, found: list[tuple[Any, int]]) -> int:
     return total
 
 
-def _duplicates(source: Any, inputs: LogInputs, found: list[tuple[Any, ...]], tool: str) -> int:
-    """Refuse exact duplicate impressions (``source.duplicates: refuse``), or print how many were dropped.
+def _duplicates(plan: BuildPlan, inputs: LogInputs, query: Callable[[str], list[tuple[Any, ...]]], tool: str) -> int:
+    """Count the copies of exact duplicate impressions (none looked for with ``source.duplicates: keep``): refuse
+    them (``refuse``), or print how many the build leaves out (``drop``), naming the first.
 
     Args:
-        found: :meth:`BuildPlan.duplicates_sql`'s rows: (count, file, row, twin's file, twin's row).
+        query: runs a SQL text (DuckDB's dialect) on the engine and returns its rows.
         tool: the command named in what is printed.
     """
+    source = plan.source
+    if source.duplicates == "keep":
+        return 0
+    count = plan.duplicates_count_sql()  # cheap; positional copies are counted with the window that names them
+    if count is not None and not query(count)[0][0]:
+        return 0
+    found = query(plan.duplicates_sql())
     if not found:
         return 0
     total, file, row, twin_file, twin_row = (int(v) for v in found[0])
@@ -125,8 +133,8 @@ def build_dataset(cfg: Config, out: str, engine: Optional[str] = None, overwrite
     def check(found: list[tuple[Any, int]]) -> int:
         return _unknown_entities(source, found)
 
-    def copies(found: list[tuple[Any, ...]]) -> int:
-        return _duplicates(source, inputs, found, tool)
+    def copies(query: Callable[[str], list[tuple[Any, ...]]]) -> int:
+        return _duplicates(plan, inputs, query, tool)
 
     if engine == "duckdb":
         from mkt_torchrec.build import duckdb_engine

@@ -225,7 +225,7 @@ def _one_line(e: Exception) -> str:
 
 
 def build(plan: BuildPlan, inputs: LogInputs, out: str, writer_args: dict[str, Any], source_record: dict[str, Any],
-          check: Callable[[list[tuple[Any, int]]], int], copies: Callable[[list[tuple[Any, ...]]], int],
+          check: Callable[[list[tuple[Any, int]]], int], copies: Callable[[Callable[[str], list]], int],
           master: str) -> Manifest:
     """Run the build on Spark at ``master`` and publish the dataset at ``out`` (see the module docstring)."""
     from py4j.protocol import Py4JJavaError
@@ -246,17 +246,14 @@ def build(plan: BuildPlan, inputs: LogInputs, out: str, writer_args: dict[str, A
         if plan.source.entity.column:
             found = [(r["value"], r["n"]) for r in spark.sql(render(plan.unknown_entities_sql(), "spark")).collect()]
             dropped = check(found)
-        duplicate = 0
-        count = plan.duplicates_count_sql()
-        if plan.source.duplicates != "keep" and (count is None or spark.sql(render(count, "spark")).collect()[0][0]):
-            duplicate = copies([tuple(r) for r in spark.sql(render(plan.duplicates_sql(), "spark")).collect()])
+        duplicate = copies(lambda sql: [tuple(r) for r in spark.sql(render(sql, "spark")).collect()])
         manifest_args = {"schema_digest": writer_args["schema_digest"], "columns": out_schema.names,
                          "optional": list(writer_args["optional"]),
                          "source": {**source_record, "rows_read": rows, "rows_dropped": dropped,
                                     "rows_duplicate": duplicate, "master": master}}
         spark.dataSource.register(_dataset_sink(staged, out_schema, max_len, writer_args["row_group_rows"],
                                                 manifest_args))
-        result = spark.sql(render(plan.dataset_sql(order="entity"), "spark"))
+        result = spark.sql(render(plan.dataset_sql(order="entity", drop_copies=duplicate > 0), "spark"))
         result.write.format("mkt_dataset").mode("append").save()
     except (PySparkException, Py4JJavaError) as e:
         staged.abort()
